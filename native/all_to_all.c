@@ -1,0 +1,107 @@
+/* all_to_all.c: all_to_all, all_to_allv and scatter.
+ *
+ * Per step each sender's slot holds n pieces of k = slot/n elements, piece j bound for
+ * rank j; after the step, rank r copies piece r out of every sender's slot (scatter: out
+ * of the root's only).  all_to_allv first spends one step publishing each rank's send and
+ * receive counts, so that every rank checks the whole count matrix (and raises the same
+ * error if a send count differs from the matching receive count) and knows how many
+ * steps the largest block needs. */
+#include <string.h>
+
+#include "internal.h"
+
+int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype) {
+    NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, -1, -1));
+    const uint8_t* send = send_;
+    uint8_t* recv = recv_;
+    size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
+    ncl_fingerprint fp = {.coll = NCL_COLL_ALL_TO_ALL, .dtype = (uint8_t)dtype, .root = -1, .count = count};
+    size_t nsteps = count ? ncl_div_up(count, k) : 1;
+    for (size_t i = 0; i < nsteps; i++) {
+        size_t off = i * k, m = ncl_min(k, count - off);
+        uint8_t* slot = ncl_step_begin(c);
+        for (size_t j = 0; j < n; j++) memcpy(slot + j * m * es, send + (j * count + off) * es, m * es);
+        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        for (size_t j = 0; j < n; j++)
+            memcpy(recv + (j * count + off) * es, ncl_step_peer_slot(c, (int)j) + (size_t)c->rank * m * es, m * es);
+    }
+    return NCL_OK;
+}
+
+int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_check_args(c, c->rank == root ? send_ : recv_, recv_, count, dtype, -1, root));
+    if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
+    const uint8_t* send = send_;
+    uint8_t* recv = recv_;
+    size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
+    ncl_fingerprint fp = {.coll = NCL_COLL_SCATTER, .dtype = (uint8_t)dtype, .root = root, .count = count};
+    size_t nsteps = count ? ncl_div_up(count, k) : 1;
+    for (size_t i = 0; i < nsteps; i++) {
+        size_t off = i * k, m = ncl_min(k, count - off);
+        if (c->rank == root) {
+            uint8_t* slot = ncl_step_begin(c);
+            for (size_t j = 0; j < n; j++) memcpy(slot + j * m * es, send + (j * count + off) * es, m * es);
+        }
+        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        memcpy(recv + off * es, ncl_step_peer_slot(c, root) + (size_t)c->rank * m * es, m * es);
+    }
+    return NCL_OK;
+}
+
+/* Check every rank's sends against the receivers' expectations; return the largest block. */
+static int check_count_matrix(ncl_comm* c, uint64_t* max_count) {
+    int n = c->nranks;
+    *max_count = 0;
+    for (int src = 0; src < n; src++) {
+        const uint64_t* sends = (const uint64_t*)ncl_step_peer_slot(c, src);
+        for (int dst = 0; dst < n; dst++) {
+            uint64_t expected = ((const uint64_t*)ncl_step_peer_slot(c, dst))[n + src];
+            if (sends[dst] != expected)
+                return ncl_error(NCL_ERR_MISMATCH,
+                                 "all_to_allv counts disagree: rank %d sends %llu elements to rank %d, "
+                                 "which expects %llu from it",
+                                 src, (unsigned long long)sends[dst], dst, (unsigned long long)expected);
+            if (sends[dst] > *max_count) *max_count = sends[dst];
+        }
+    }
+    return NCL_OK;
+}
+
+static int all_to_allv_impl(ncl_comm* c, const uint8_t* send, const uint64_t* send_counts, uint8_t* recv,
+                            const uint64_t* recv_counts, int dtype) {
+    size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
+    ncl_fingerprint fp = {.coll = NCL_COLL_ALL_TO_ALLV, .dtype = (uint8_t)dtype, .root = -1};
+    uint64_t* counts = (uint64_t*)ncl_step_begin(c); /* [send counts | recv counts] */
+    memcpy(counts, send_counts, n * sizeof *counts);
+    memcpy(counts + n, recv_counts, n * sizeof *counts);
+    NCL_CHECK(ncl_step_sync(c, &fp));
+    uint64_t max_count;
+    NCL_CHECK(check_count_matrix(c, &max_count));
+    for (size_t lo = 0; lo < max_count; lo += k) {
+        uint8_t* slot = ncl_step_begin(c);
+        size_t displ = 0;
+        for (size_t j = 0; j < n; j++) {
+            size_t m = send_counts[j] > lo ? ncl_min(k, send_counts[j] - lo) : 0;
+            memcpy(slot + j * k * es, send + (displ + lo) * es, m * es);
+            displ += send_counts[j];
+        }
+        NCL_CHECK(ncl_step_sync(c, &fp));
+        displ = 0;
+        for (size_t j = 0; j < n; j++) {
+            size_t m = recv_counts[j] > lo ? ncl_min(k, recv_counts[j] - lo) : 0;
+            memcpy(recv + (displ + lo) * es, ncl_step_peer_slot(c, (int)j) + (size_t)c->rank * k * es, m * es);
+            displ += recv_counts[j];
+        }
+    }
+    return NCL_OK;
+}
+
+int ncl_all_to_allv(ncl_comm* c, const void* send, const uint64_t* send_counts, void* recv,
+                    const uint64_t* recv_counts, int dtype) {
+    NCL_CHECK(ncl_check_args(c, send, recv, 0, dtype, -1, -1));
+    if (!send_counts || !recv_counts) return ncl_error(NCL_ERR_ARGUMENT, "all_to_allv needs both count arrays");
+    uint64_t sent = 0, received = 0;
+    for (int j = 0; j < c->nranks; j++) sent += send_counts[j], received += recv_counts[j];
+    if ((sent && !send) || (received && !recv)) return ncl_error(NCL_ERR_ARGUMENT, "NULL buffer with nonzero counts");
+    return ncl_fail(c, all_to_allv_impl(c, send, send_counts, recv, recv_counts, dtype));
+}

@@ -1,0 +1,62 @@
+/* broadcast.c: broadcast, all_gather and gather.
+ *
+ * broadcast, per slot-sized chunk: the root copies in, 1 step, every other rank copies
+ *   the root's slot out.
+ * all_gather / gather, per chunk of each rank's piece: every rank copies its piece in,
+ *   1 step, every rank (gather: the root) copies all n pieces out to their places. */
+#include <string.h>
+
+#include "internal.h"
+
+static void copy(void* dst, const void* src, size_t bytes) {
+    if (dst != src && bytes) memcpy(dst, src, bytes);
+}
+
+int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, -1, root));
+    if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
+    const uint8_t* send = send_;
+    uint8_t* recv = recv_;
+    size_t bytes = count * (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes;
+    ncl_fingerprint fp = {.coll = NCL_COLL_BROADCAST, .dtype = (uint8_t)dtype, .root = root, .count = count};
+    size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
+    for (size_t i = 0; i < nsteps; i++) {
+        size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
+        if (c->rank == root) memcpy(ncl_step_begin(c), send + off, m);
+        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        if (c->rank == root)
+            copy(recv + off, send + off, m);
+        else
+            memcpy(recv + off, ncl_step_peer_slot(c, root), m);
+    }
+    return NCL_OK;
+}
+
+/* root < 0: every rank receives (all_gather); else only the root does (gather). */
+static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int root,
+                       const ncl_fingerprint* fp) {
+    size_t es = (size_t)ncl_dtype_size(dtype), bytes = count * es, chunk = c->slot_bytes;
+    size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
+    bool receives = root < 0 || root == c->rank;
+    for (size_t i = 0; i < nsteps; i++) {
+        size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
+        memcpy(ncl_step_begin(c), send + off, m);
+        NCL_CHECK(ncl_step_sync(c, fp));
+        if (!receives) continue;
+        for (int r = 0; r < c->nranks; r++) memcpy(recv + (size_t)r * bytes + off, ncl_step_peer_slot(c, r), m);
+    }
+    return NCL_OK;
+}
+
+int ncl_all_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype) {
+    NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, -1, -1));
+    ncl_fingerprint fp = {.coll = NCL_COLL_ALL_GATHER, .dtype = (uint8_t)dtype, .root = -1, .count = count};
+    return ncl_fail(c, gather_impl(c, send, recv, count, dtype, -1, &fp));
+}
+
+int ncl_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_check_args(c, send, c->rank == root ? recv : send, count, dtype, -1, root));
+    if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
+    ncl_fingerprint fp = {.coll = NCL_COLL_GATHER, .dtype = (uint8_t)dtype, .root = root, .count = count};
+    return ncl_fail(c, gather_impl(c, send, recv, count, dtype, root, &fp));
+}

@@ -1,0 +1,86 @@
+/* ncl.h: the C core's public interface, the only header the cffi binding reads.
+ *
+ * Contract (as in NCCL's nccl.h): every function returns an ncl_status; on failure
+ * ncl_last_error() holds a message for the calling thread.  Nothing aborts or prints.
+ * Buffers are plain pointers with element counts; send == recv means in place.
+ * The text between the CDEF markers must stay plain C that cffi's cdef can parse. */
+#ifndef NCL_H
+#define NCL_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* BEGIN CDEF */
+typedef enum {
+    NCL_OK = 0,
+    NCL_ERR_ARGUMENT = 1,  /* a bad argument that Python should have caught */
+    NCL_ERR_SYSTEM = 2,    /* an OS call failed (shm_open, mmap, ...) */
+    NCL_ERR_TIMEOUT = 3,   /* a peer did not arrive before the deadline */
+    NCL_ERR_PEER = 4,      /* a peer died or aborted */
+    NCL_ERR_MISMATCH = 5,  /* ranks called different collectives or arguments */
+    NCL_ERR_STATE = 6      /* the communicator is broken or closed */
+} ncl_status;
+
+typedef enum {
+    NCL_INT8 = 0, NCL_UINT8 = 1, NCL_INT32 = 2, NCL_INT64 = 3,
+    NCL_FLOAT16 = 4, NCL_BFLOAT16 = 5, NCL_FLOAT32 = 6, NCL_FLOAT64 = 7,
+    NCL_NUM_DTYPES = 8
+} ncl_dtype;
+
+typedef enum {
+    NCL_SUM = 0, NCL_PROD = 1, NCL_MIN = 2, NCL_MAX = 3, NCL_AVG = 4,
+    NCL_NUM_OPS = 5
+} ncl_op;
+
+typedef enum {
+    NCL_ALGO_AUTO = 0,      /* let the core pick (Python normally picks) */
+    NCL_ALGO_ONE_SHOT = 1,  /* every rank reduces the whole message */
+    NCL_ALGO_TWO_SHOT = 2   /* reduce-scatter in rank order, then all-gather */
+} ncl_algo;
+
+typedef struct ncl_comm ncl_comm;
+
+/* Options fixed when a communicator is created; every rank must pass the same ones. */
+typedef struct {
+    size_t staging_bytes;   /* per rank, split into two slots (double buffering) */
+    size_t p2p_bytes;       /* per ordered pair of ranks, split into two slots */
+    double timeout_s;       /* deadline of every wait */
+    int32_t spin_us;        /* busy-wait this long before yielding */
+    int32_t yield_us;       /* then sched_yield this long before sleeping on a futex */
+} ncl_options;
+
+const char* ncl_last_error(void);
+int ncl_dtype_size(int dtype);
+const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx512", "avx2", "generic" */
+
+/* Reduce nsrc buffers element by element, strictly left to right (srcs[0] op srcs[1] op ...);
+ * 16-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
+ * (integers truncate toward zero).  dst may alias any source. */
+int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
+
+/* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
+ * Returns once all nranks have attached; the segment is unlinked at that moment. */
+int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out);
+int ncl_comm_destroy(ncl_comm* comm);
+int ncl_comm_abort(ncl_comm* comm);          /* mark this rank failed so that peers stop waiting */
+int ncl_comm_set_timeout(ncl_comm* comm, double timeout_s);
+uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
+
+int ncl_barrier(ncl_comm* comm);
+int ncl_all_reduce(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int algo);
+int ncl_reduce(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int root);
+int ncl_broadcast(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int root);
+/* count is per rank: send holds count elements, recv holds nranks * count */
+int ncl_all_gather(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype);
+int ncl_gather(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int root);
+/* count is per rank: send holds nranks * count elements, recv holds count */
+int ncl_reduce_scatter(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op);
+int ncl_scatter(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int root);
+int ncl_all_to_all(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype);
+/* counts in elements, one per peer; blocks are packed in peer order in both buffers */
+int ncl_all_to_allv(ncl_comm* comm, const void* send, const uint64_t* send_counts,
+                    void* recv, const uint64_t* recv_counts, int dtype);
+int ncl_send(ncl_comm* comm, const void* buf, size_t count, int dtype, int peer);
+int ncl_recv(ncl_comm* comm, void* buf, size_t count, int dtype, int peer);
+/* END CDEF */
+
+#endif

@@ -1,0 +1,83 @@
+/* reduce_body.h: the reduction kernels, included once per instruction set by
+ * reduce_kernels.c with KERNEL_ISA set to a suffix (and a `#pragma GCC target` around it),
+ * so the compiler vectorises the same loops for AVX-512, AVX2 and plain x86-64.
+ *
+ * Each kernel walks the message in blocks that stay in L1: the block's accumulator is
+ * loaded from source 0, combined with sources 1..n-1 in order, finished (AVG divides) and
+ * stored once.  16-bit floats accumulate in float32 and round once at the store.  Integer
+ * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB. */
+#define KCAT_(a, b) a##_##b
+#define KCAT(a, b) KCAT_(a, b)
+#define BLOCK 512
+
+#define DEFINE_KERNEL(NAME, T, A, LOAD, STORE, COMBINE, FINISH)                       \
+    static void KCAT(NAME, KERNEL_ISA)(void* dst_, const void** srcs, int nsrc, size_t count) { \
+        T* dst = dst_;                                                                \
+        A acc[BLOCK];                                                                 \
+        for (size_t base = 0; base < count; base += BLOCK) {                          \
+            size_t m = count - base < BLOCK ? count - base : BLOCK;                   \
+            const T* s0 = (const T*)srcs[0] + base;                                   \
+            for (size_t i = 0; i < m; i++) acc[i] = LOAD(s0[i]);                      \
+            for (int s = 1; s < nsrc; s++) {                                          \
+                const T* p = (const T*)srcs[s] + base;                                \
+                for (size_t i = 0; i < m; i++) {                                      \
+                    A b = LOAD(p[i]);                                                 \
+                    acc[i] = COMBINE(acc[i], b);                                      \
+                }                                                                     \
+            }                                                                         \
+            for (size_t i = 0; i < m; i++) dst[base + i] = STORE(FINISH(acc[i]));     \
+        }                                                                             \
+    }
+
+#define K_ID(x) (x)
+#define K_MIN(a, b) ((b) < (a) ? (b) : (a))
+#define K_MAX(a, b) ((b) > (a) ? (b) : (a))
+#define K_ADD(a, b) ((a) + (b))
+#define K_MUL(a, b) ((a) * (b))
+#define K_AVG(x) ((x) / nsrc)
+
+/* One dtype: all five ops.  U is the unsigned twin for wrapping integer arithmetic. */
+#define DEFINE_INT_KERNELS(TAG, T, U)                                                              \
+    DEFINE_KERNEL(TAG##_sum, T, T, K_ID, K_ID, (T)(U) K_WADD_##TAG, K_ID)                         \
+    DEFINE_KERNEL(TAG##_prod, T, T, K_ID, K_ID, (T)(U) K_WMUL_##TAG, K_ID)                        \
+    DEFINE_KERNEL(TAG##_min, T, T, K_ID, K_ID, K_MIN, K_ID)                                        \
+    DEFINE_KERNEL(TAG##_max, T, T, K_ID, K_ID, K_MAX, K_ID)                                        \
+    DEFINE_KERNEL(TAG##_avg, T, T, K_ID, K_ID, (T)(U) K_WADD_##TAG, (T)K_AVG)
+
+#define DEFINE_FLOAT_KERNELS(TAG, T, A, LOAD, STORE)                                          \
+    DEFINE_KERNEL(TAG##_sum, T, A, LOAD, STORE, K_ADD, K_ID)                                  \
+    DEFINE_KERNEL(TAG##_prod, T, A, LOAD, STORE, K_MUL, K_ID)                                 \
+    DEFINE_KERNEL(TAG##_min, T, A, LOAD, STORE, K_MIN, K_ID)                                  \
+    DEFINE_KERNEL(TAG##_max, T, A, LOAD, STORE, K_MAX, K_ID)                                  \
+    DEFINE_KERNEL(TAG##_avg, T, A, LOAD, STORE, K_ADD, (A)K_AVG)
+
+/* wrapping add/multiply through the unsigned type */
+#define K_WADD_i8(a, b) ((uint8_t)((uint8_t)(a) + (uint8_t)(b)))
+#define K_WMUL_i8(a, b) ((uint8_t)((uint32_t)(uint8_t)(a) * (uint8_t)(b)))
+#define K_WADD_u8(a, b) ((uint8_t)((a) + (b)))
+#define K_WMUL_u8(a, b) ((uint8_t)((uint32_t)(a) * (b)))
+#define K_WADD_i32(a, b) ((uint32_t)(a) + (uint32_t)(b))
+#define K_WMUL_i32(a, b) ((uint32_t)(a) * (uint32_t)(b))
+#define K_WADD_i64(a, b) ((uint64_t)(a) + (uint64_t)(b))
+#define K_WMUL_i64(a, b) ((uint64_t)(a) * (uint64_t)(b))
+
+DEFINE_INT_KERNELS(i8, int8_t, uint8_t)
+DEFINE_INT_KERNELS(u8, uint8_t, uint8_t)
+DEFINE_INT_KERNELS(i32, int32_t, uint32_t)
+DEFINE_INT_KERNELS(i64, int64_t, uint64_t)
+DEFINE_FLOAT_KERNELS(f16, _Float16, float, (float), (_Float16))
+DEFINE_FLOAT_KERNELS(bf16, uint16_t, float, bf16_to_float, float_to_bf16)
+DEFINE_FLOAT_KERNELS(f32, float, float, K_ID, K_ID)
+DEFINE_FLOAT_KERNELS(f64, double, double, K_ID, K_ID)
+
+/* [dtype][op], in the order of ncl_dtype and ncl_op */
+#define KROW(TAG) {KCAT(TAG##_sum, KERNEL_ISA), KCAT(TAG##_prod, KERNEL_ISA), KCAT(TAG##_min, KERNEL_ISA), \
+                   KCAT(TAG##_max, KERNEL_ISA), KCAT(TAG##_avg, KERNEL_ISA)}
+static const kernel_fn KCAT(kernels, KERNEL_ISA)[NCL_NUM_DTYPES][NCL_NUM_OPS] = {
+    KROW(i8), KROW(u8), KROW(i32), KROW(i64), KROW(f16), KROW(bf16), KROW(f32), KROW(f64)};
+
+#undef DEFINE_KERNEL
+#undef DEFINE_INT_KERNELS
+#undef DEFINE_FLOAT_KERNELS
+#undef KROW
+#undef BLOCK

@@ -1,0 +1,89 @@
+/* reduce_kernels.c: element-wise reduction of n buffers, strictly left to right, with the
+ * best instruction set this CPU has, chosen once at run time (never -march=native: the
+ * build must run on any x86-64).  Every variant computes the same bits: same operations
+ * in the same order per element, no FP contraction, vectorised across elements only.
+ * NCL_KERNEL_ISA=generic|avx2|avx512 forces a variant (capped at what the CPU has). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+typedef void (*kernel_fn)(void* dst, const void** srcs, int nsrc, size_t count);
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even; NaN stays a (quiet) NaN */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#define KERNEL_ISA generic
+#include "reduce_body.h"
+#undef KERNEL_ISA
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c,fma")
+#define KERNEL_ISA avx2
+#include "reduce_body.h"
+#undef KERNEL_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c,fma")
+#define KERNEL_ISA avx512
+#include "reduce_body.h"
+#undef KERNEL_ISA
+#pragma GCC pop_options
+#endif
+
+static const kernel_fn (*chosen)[NCL_NUM_OPS];
+static const char* chosen_name;
+
+static void choose(void) {
+    const char* want = getenv("NCL_KERNEL_ISA");
+    int cap = 2; /* 0 generic, 1 avx2, 2 avx512 */
+    if (want && strcmp(want, "generic") == 0) cap = 0;
+    if (want && strcmp(want, "avx2") == 0) cap = 1;
+    chosen = kernels_generic;
+    chosen_name = "generic";
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (cap >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+        chosen = kernels_avx512;
+        chosen_name = "avx512";
+    } else if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+               __builtin_cpu_supports("fma")) {
+        chosen = kernels_avx2;
+        chosen_name = "avx2";
+    }
+#endif
+}
+
+const char* ncl_kernel_isa(void) {
+    if (!chosen) choose();
+    return chosen_name;
+}
+
+int ncl_dtype_size(int dtype) {
+    static const int sizes[NCL_NUM_DTYPES] = {1, 1, 4, 8, 2, 2, 4, 8};
+    return dtype >= 0 && dtype < NCL_NUM_DTYPES ? sizes[dtype] : 0;
+}
+
+int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op) {
+    if (dtype < 0 || dtype >= NCL_NUM_DTYPES) return ncl_error(NCL_ERR_ARGUMENT, "unknown dtype code %d", dtype);
+    if (op < 0 || op >= NCL_NUM_OPS) return ncl_error(NCL_ERR_ARGUMENT, "unknown reduction op code %d", op);
+    if (nsrc < 1) return ncl_error(NCL_ERR_ARGUMENT, "reduction needs at least one source, got %d", nsrc);
+    if (!chosen) choose(); /* idempotent: a race only writes the same values twice */
+    chosen[dtype][op](dst, srcs, nsrc, count);
+    return NCL_OK;
+}

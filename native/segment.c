@@ -1,0 +1,234 @@
+/* segment.c: a communicator's shared-memory segment, from creation to unmapping.
+ *
+ * Rank 0 creates the segment (O_EXCL, mode 0600) under a name every rank derives from
+ * the job's secret unique id; the others open it once it exists and is sized.  Each rank
+ * counts itself in; the last one to attach unlinks the name, so after setup nothing is
+ * left in /dev/shm even if a rank is killed with SIGKILL later.  The launcher removes
+ * what a crash during setup leaves behind. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+/* Lay the segment out; every rank computes the same layout from the same options. */
+static void layout(ncl_header* h, int nranks, size_t slot, size_t pslot) {
+    size_t n = (size_t)nranks;
+    h->nranks = (uint32_t)nranks;
+    h->slot_bytes = slot;
+    h->p2p_slot_bytes = pslot;
+    h->rank_ctrl_off = align_up(sizeof(ncl_header), NCL_PAGE);
+    h->pair_ctrl_off = align_up(h->rank_ctrl_off + n * sizeof(ncl_rank_ctrl), NCL_PAGE);
+    h->staging_off = align_up(h->pair_ctrl_off + n * n * sizeof(ncl_pair_ctrl), NCL_PAGE);
+    h->p2p_off = align_up(h->staging_off + n * 2 * slot, NCL_PAGE);
+    h->total_bytes = align_up(h->p2p_off + (nranks > 1 ? n * n * 2 * pslot : 0), NCL_PAGE);
+}
+
+uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step) {
+    return c->base + c->hdr->staging_off + ((size_t)rank * 2 + (step & 1)) * c->slot_bytes;
+}
+
+uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk) {
+    size_t pair = (size_t)src * (size_t)c->nranks + (size_t)dst;
+    return c->base + c->hdr->p2p_off + (pair * 2 + (chunk & 1)) * c->p2p_slot_bytes;
+}
+
+static int check_free_space(size_t need) {
+    struct statvfs st;
+    if (statvfs("/dev/shm", &st) != 0) return NCL_OK; /* no /dev/shm to inspect: let shm_open speak */
+    size_t avail = (size_t)st.f_bavail * st.f_frsize;
+    if (avail < need)
+        return ncl_error(NCL_ERR_SYSTEM,
+                         "/dev/shm has %.1f MiB free but this communicator needs %.1f MiB; "
+                         "free space there, lower NCL_BUFFSIZE / NCL_P2P_BUFFSIZE, or give the "
+                         "container more shared memory (docker run --shm-size=...)",
+                         avail / 1048576.0, need / 1048576.0);
+    return NCL_OK;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {0, ms * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Rank 0: create, size and initialise; returns the open descriptor. */
+static int create_segment(const char* name, const ncl_header* want, int* fd_out) {
+    NCL_CHECK(check_free_space(want->total_bytes));
+    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0)
+        return ncl_error(NCL_ERR_SYSTEM, "cannot create shared-memory segment %s: %s%s", name,
+                         strerror(errno),
+                         errno == EEXIST ? " (a unique id was reused: take a fresh ncl.get_unique_id())" : "");
+    if (ftruncate(fd, (off_t)want->total_bytes) != 0) {
+        int err = errno;
+        close(fd);
+        shm_unlink(name);
+        return ncl_error(NCL_ERR_SYSTEM, "cannot size shared-memory segment %s to %zu bytes: %s", name,
+                         (size_t)want->total_bytes, strerror(err));
+    }
+    *fd_out = fd;
+    return NCL_OK;
+}
+
+/* Other ranks: open once rank 0 has created and sized it. */
+static int open_segment(const char* name, const ncl_header* want, double deadline, int* fd_out) {
+    for (;;) {
+        int fd = shm_open(name, O_RDWR, 0600);
+        if (fd >= 0) {
+            struct stat st;
+            if (fstat(fd, &st) == 0 && st.st_size > 0) {
+                if ((uint64_t)st.st_size != want->total_bytes) {
+                    close(fd);
+                    return ncl_error(NCL_ERR_MISMATCH,
+                                     "shared-memory segment %s has %lld bytes but this rank expects %llu: "
+                                     "ranks disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE",
+                                     name, (long long)st.st_size, (unsigned long long)want->total_bytes);
+                }
+                *fd_out = fd;
+                return NCL_OK;
+            }
+            close(fd);
+        } else if (errno != ENOENT) {
+            return ncl_error(NCL_ERR_SYSTEM, "cannot open shared-memory segment %s: %s", name, strerror(errno));
+        }
+        if (ncl_now() > deadline)
+            return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time", name);
+        sleep_ms(1);
+    }
+}
+
+static int count_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* Wait until every rank is counted in; name the missing ones otherwise. */
+static int wait_all_attached(ncl_comm* c, double deadline) {
+    for (;;) {
+        if (atomic_load(&c->hdr->attached) >= (uint32_t)c->nranks) return NCL_OK;
+        if (ncl_now() > deadline) {
+            char missing[512] = "";
+            size_t len = 0;
+            for (int r = 0; r < c->nranks && len < sizeof missing - 16; r++)
+                if (atomic_load(&c->ranks[r].pid) == 0)
+                    len += (size_t)snprintf(missing + len, sizeof missing - len, "%s%d", len ? ", " : "", r);
+            return ncl_error(NCL_ERR_TIMEOUT, "communicator setup timed out after %.0f s: ranks [%s] never attached",
+                             c->timeout_s, missing);
+        }
+        sleep_ms(1);
+    }
+}
+
+int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out) {
+    if (!name || name[0] != '/' || strlen(name) >= sizeof(((ncl_comm*)0)->name) || strchr(name + 1, '/'))
+        return ncl_error(NCL_ERR_ARGUMENT, "segment name must be '/' followed by at most 254 characters, no '/'");
+    if (nranks < 1 || nranks > NCL_MAX_RANKS || rank < 0 || rank >= nranks)
+        return ncl_error(NCL_ERR_ARGUMENT, "rank %d of %d is out of range (1..%d ranks)", rank, nranks, NCL_MAX_RANKS);
+    if (!opts || opts->staging_bytes < 4096 || opts->p2p_bytes < 4096 || !(opts->timeout_s > 0))
+        return ncl_error(NCL_ERR_ARGUMENT, "options: staging and p2p buffers need >= 4096 bytes, timeout > 0");
+    size_t slot = opts->staging_bytes / 2 / NCL_CACHE_LINE * NCL_CACHE_LINE;
+    size_t pslot = opts->p2p_bytes / 2 / NCL_CACHE_LINE * NCL_CACHE_LINE;
+    if (slot < 16 * (size_t)nranks)
+        return ncl_error(NCL_ERR_ARGUMENT, "NCL_BUFFSIZE of %zu bytes is too small for %d ranks (need %zu)",
+                         opts->staging_bytes, nranks, 32 * (size_t)nranks);
+    ncl_header want;
+    memset(&want, 0, sizeof want);
+    layout(&want, nranks, slot, pslot);
+
+    double deadline = ncl_now() + opts->timeout_s;
+    int fd = -1;
+    NCL_CHECK(rank == 0 ? create_segment(name, &want, &fd) : open_segment(name, &want, deadline, &fd));
+    void* base = mmap(NULL, want.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int map_err = errno;
+    close(fd);
+    if (base == MAP_FAILED) {
+        if (rank == 0) shm_unlink(name);
+        return ncl_error(NCL_ERR_SYSTEM, "cannot map shared-memory segment %s (%zu bytes): %s", name,
+                         (size_t)want.total_bytes, strerror(map_err));
+    }
+    ncl_comm* c = calloc(1, sizeof *c);
+    uint32_t* counters = calloc(2 * (size_t)nranks, sizeof *counters);
+    if (!c || !counters) {
+        free(c);
+        free(counters);
+        munmap(base, want.total_bytes);
+        if (rank == 0) shm_unlink(name);
+        return ncl_error(NCL_ERR_SYSTEM, "out of memory creating a communicator");
+    }
+    c->rank = rank;
+    c->nranks = nranks;
+    c->base = base;
+    c->map_bytes = want.total_bytes;
+    c->hdr = base;
+    c->slot_bytes = slot;
+    c->p2p_slot_bytes = pslot;
+    c->p2p_sent = counters;
+    c->p2p_recvd = counters + nranks;
+    c->timeout_s = opts->timeout_s;
+    c->spin_us = opts->spin_us;
+    c->yield_us = opts->yield_us;
+    c->oversubscribed = nranks > count_cpus();
+    strcpy(c->name, name);
+
+    if (rank == 0) {
+        memcpy((char*)c->hdr + sizeof(uint32_t), (char*)&want + sizeof(uint32_t), sizeof want - sizeof(uint32_t));
+        atomic_store_explicit(&c->hdr->magic, NCL_MAGIC, memory_order_release);
+    } else {
+        while (atomic_load_explicit(&c->hdr->magic, memory_order_acquire) != NCL_MAGIC) {
+            if (ncl_now() > deadline) {
+                ncl_comm_destroy(c);
+                return ncl_error(NCL_ERR_TIMEOUT, "rank 0 never initialised segment %s", name);
+            }
+            sleep_ms(1);
+        }
+    }
+    c->ranks = (ncl_rank_ctrl*)(c->base + c->hdr->rank_ctrl_off);
+    c->pairs = (ncl_pair_ctrl*)(c->base + c->hdr->pair_ctrl_off);
+    memset(ncl_slot(c, rank, 0), 0, 2 * slot); /* fault our own staging pages in now, not mid-collective */
+    atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
+    if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
+    int rc = wait_all_attached(c, deadline);
+    if (rc != NCL_OK) {
+        snprintf(c->ranks[rank].abort_reason, sizeof c->ranks[rank].abort_reason, "setup failed");
+        atomic_store(&c->ranks[rank].aborted, NCL_ABORTED);
+        shm_unlink(name); /* nobody else may attach now */
+        ncl_comm_destroy(c);
+        return rc;
+    }
+    *out = c;
+    return NCL_OK;
+}
+
+int ncl_comm_destroy(ncl_comm* c) {
+    if (!c) return NCL_OK;
+    if (c->ranks) { /* peers still waiting for this rank learn at once that it left */
+        uint32_t none = 0;
+        atomic_compare_exchange_strong(&c->ranks[c->rank].aborted, &none, NCL_CLOSED);
+        ncl_post_word(&c->ranks[c->rank].step, &c->ranks[c->rank].waiters, atomic_load(&c->ranks[c->rank].step));
+    }
+    if (c->base) munmap(c->base, c->map_bytes);
+    free(c->p2p_sent);
+    free(c);
+    return NCL_OK;
+}
+
+uint64_t ncl_comm_segment_bytes(const ncl_comm* c) { return c ? c->map_bytes : 0; }
+
+int ncl_comm_set_timeout(ncl_comm* c, double timeout_s) {
+    if (!c || !(timeout_s > 0)) return ncl_error(NCL_ERR_ARGUMENT, "timeout must be > 0 seconds");
+    c->timeout_s = timeout_s;
+    return NCL_OK;
+}

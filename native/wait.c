@@ -1,0 +1,135 @@
+/* wait.c: waiting for a peer's counter, fit for idle and oversubscribed hosts alike.
+ *
+ * Three phases: spin (cheapest wake-up, but steals the core a peer may need), then
+ * sched_yield (lets a runnable peer have the core), then sleep on a futex with the
+ * counter as the futex word.  A poster wakes sleepers only when one is registered, so
+ * the common path costs one atomic load.  Every phase checks the deadline and, about
+ * every 50 ms, that the peers are still alive (pid exists and is not a zombie, and has
+ * not set its aborted flag), so a dead peer is reported within a fraction of a second. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define LIVENESS_PERIOD_S 0.05
+#define FUTEX_SLICE_NS 20000000L /* re-check liveness and deadline at least this often */
+
+double ncl_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static bool reached(_Atomic uint32_t* word, uint32_t target) {
+    return (int32_t)(atomic_load_explicit(word, memory_order_acquire) - target) >= 0;
+}
+
+/* A pid that exists may still be a zombie (dead, parent has not reaped it yet). */
+static bool pid_running(pid_t pid) {
+    if (pid <= 0) return true; /* not attached yet: not ours to judge */
+    if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE* f = fopen(path, "r");
+    if (!f) return true;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    const char* close_paren = strrchr(buf, ')'); /* the command name may contain spaces */
+    return !(close_paren && (close_paren[2] == 'Z' || close_paren[2] == 'X'));
+}
+
+/* NCL_OK while `peer` (or, for peer < 0, every other rank) is alive and in the group.  Dead
+ * ranks are looked for first: they are the root cause of the abort flags others raise. */
+int ncl_peer_alive(ncl_comm* c, int peer) {
+    int lo = peer < 0 ? 0 : peer, hi = peer < 0 ? c->nranks : peer + 1;
+    for (int r = lo; r < hi; r++) {
+        pid_t pid = atomic_load(&c->ranks[r].pid);
+        if (r != c->rank && !pid_running(pid)) return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", r, (int)pid);
+    }
+    for (int r = lo; r < hi; r++) {
+        uint32_t gone = r == c->rank ? 0 : atomic_load(&c->ranks[r].aborted);
+        if (gone == NCL_CLOSED) return ncl_error(NCL_ERR_PEER, "rank %d closed its communicator", r);
+        if (gone) { /* a peer that timed out makes this a timeout too: the cause is the same */
+            char reason[sizeof c->ranks[r].abort_reason];
+            memcpy(reason, c->ranks[r].abort_reason, sizeof reason);
+            reason[sizeof reason - 1] = 0; /* never trust shared memory to be terminated */
+            int status = c->ranks[r].abort_status == NCL_ERR_TIMEOUT ? NCL_ERR_TIMEOUT : NCL_ERR_PEER;
+            return ncl_error(status, "rank %d aborted the group: %s", r, reason[0] ? reason : "no reason given");
+        }
+    }
+    return NCL_OK;
+}
+
+static void futex_wait(_Atomic uint32_t* word, uint32_t seen) {
+    struct timespec ts = {0, FUTEX_SLICE_NS};
+    syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
+}
+
+void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value) {
+    atomic_store(word, value); /* seq_cst: ordered before the waiters load (Dekker with the waiter) */
+    if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters. */
+static int check_peers(ncl_comm* c, int watch, double now, double deadline, double* next_check, const char* what) {
+    if (now < *next_check) return NCL_OK;
+    *next_check = now + LIVENESS_PERIOD_S;
+    int rc = ncl_peer_alive(c, watch);
+    if (rc != NCL_OK) {
+        char msg[768];
+        snprintf(msg, sizeof msg, "%s", ncl_last_error());
+        return ncl_error(rc, "%s: %s", what, msg);
+    }
+    if (now > deadline) return ncl_error(NCL_ERR_TIMEOUT, "%s: timed out after %.1f s", what, c->timeout_s);
+    return NCL_OK;
+}
+
+int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t target,
+                  double deadline, const char* what) {
+    if (reached(word, target)) return NCL_OK;
+    double start = ncl_now(), now = start, next_check = start + LIVENESS_PERIOD_S;
+    /* Phase 1: spin (short when the host is oversubscribed: the peer needs our core). */
+    double spin_until = start + (c->oversubscribed ? 2e-6 : c->spin_us * 1e-6);
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        if (reached(word, target)) return NCL_OK;
+        if ((i & 63) == 0 && (now = ncl_now()) > spin_until) break;
+    }
+    /* Phase 2: yield the core to whoever is runnable. */
+    double yield_until = now + c->yield_us * 1e-6;
+    while (now < yield_until) {
+        sched_yield();
+        if (reached(word, target)) return NCL_OK;
+        now = ncl_now();
+        NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
+    }
+    /* Phase 3: sleep on the futex; register first so that the poster knows to wake us. */
+    for (;;) {
+        atomic_fetch_add(waiters, 1);
+        uint32_t seen = atomic_load(word);
+        if ((int32_t)(seen - target) < 0) futex_wait(word, seen);
+        atomic_fetch_sub(waiters, 1);
+        if (reached(word, target)) return NCL_OK;
+        now = ncl_now();
+        NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
+    }
+}

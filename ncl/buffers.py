@@ -1,0 +1,146 @@
+"""Buffers: what ncl accepts (numpy arrays, torch CPU tensors), how they map to the C core's
+dtypes, and the checks that turn a malformed argument into a precise ValueError/TypeError
+before any rank communicates.  torch is never imported here: a tensor is recognised only
+if the caller already imported torch."""
+import enum
+import numbers
+import sys
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._native import lib
+
+
+class ReduceOp(enum.IntEnum):
+    SUM = lib.NCL_SUM
+    PROD = lib.NCL_PROD
+    MIN = lib.NCL_MIN
+    MAX = lib.NCL_MAX
+    AVG = lib.NCL_AVG
+
+
+_NUMPY_DTYPES = {
+    np.dtype(np.int8): lib.NCL_INT8,
+    np.dtype(np.uint8): lib.NCL_UINT8,
+    np.dtype(np.int32): lib.NCL_INT32,
+    np.dtype(np.int64): lib.NCL_INT64,
+    np.dtype(np.float16): lib.NCL_FLOAT16,
+    np.dtype(np.float32): lib.NCL_FLOAT32,
+    np.dtype(np.float64): lib.NCL_FLOAT64,
+}
+_TORCH_DTYPE_NAMES = {
+    "torch.int8": lib.NCL_INT8, "torch.uint8": lib.NCL_UINT8, "torch.int32": lib.NCL_INT32,
+    "torch.int64": lib.NCL_INT64, "torch.float16": lib.NCL_FLOAT16, "torch.bfloat16": lib.NCL_BFLOAT16,
+    "torch.float32": lib.NCL_FLOAT32, "torch.float64": lib.NCL_FLOAT64,
+}
+SUPPORTED = "float32, float64, float16, bfloat16, int8, uint8, int32, int64"
+
+
+def _numpy_dtype_code(dtype: np.dtype) -> Optional[int]:
+    code = _NUMPY_DTYPES.get(dtype)
+    if code is None and dtype.name == "bfloat16" and dtype.itemsize == 2:  # ml_dtypes.bfloat16
+        code = lib.NCL_BFLOAT16
+    return code
+
+
+class Buffer(NamedTuple):
+    """A validated buffer: the object plus what the C core needs."""
+    obj: Any
+    ptr: int
+    count: int          # elements
+    nbytes: int
+    dtype: int          # NCL_* dtype code
+    shape: Tuple[int, ...]
+    is_torch: bool
+
+
+def _torch_tensor_type():
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else None
+
+
+def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
+    """Validate `x` as a communication buffer; `writable` when ncl will write into it."""
+    if isinstance(x, np.ndarray):
+        code = _numpy_dtype_code(x.dtype)
+        if code is None:
+            raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (got strides {x.strides}); pass np.ascontiguousarray({name})")
+        if writable and not x.flags.writeable:
+            raise ValueError(f"{name} is read-only, but this call writes into it")
+        return Buffer(x, x.__array_interface__["data"][0], x.size, x.nbytes, code, x.shape, False)
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(x, tensor_type):
+        code = _TORCH_DTYPE_NAMES.get(str(x.dtype))
+        if code is None:
+            raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} is on device {x.device}; ncl works on CPU tensors")
+        if x.is_sparse or not x.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous dense tensor; pass {name}.contiguous()")
+        return Buffer(x, x.data_ptr(), x.numel(), x.numel() * x.element_size(), code, tuple(x.shape), True)
+    raise TypeError(f"{name} must be a numpy array or a torch CPU tensor, not {type(x).__name__}")
+
+
+def empty_like(like: Buffer, shape: Tuple[int, ...]) -> Any:
+    """A new output of `like`'s kind and dtype."""
+    if like.is_torch:
+        return sys.modules["torch"].empty(shape, dtype=like.obj.dtype)
+    return np.empty(shape, dtype=like.obj.dtype)
+
+
+def output(out: Any, like: Buffer, shape: Tuple[int, ...], name: str = "out", *, rows_known: bool = True) -> Buffer:
+    """Validate a caller's `out` (or allocate one) of exactly `shape` and `like`'s dtype;
+    with rows_known=False only the dims after the first are checked."""
+    if out is None:
+        return as_buffer(empty_like(like, shape), name, writable=True)
+    buf = as_buffer(out, name, writable=True)
+    if buf.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but must match the input's {like.obj.dtype}")
+    if (buf.shape if rows_known else buf.shape[1:]) != (tuple(shape) if rows_known else tuple(shape[1:])):
+        raise ValueError(f"{name} has shape {buf.shape} but must have shape {tuple(shape)}")
+    return buf
+
+
+def check_rank(value: Any, name: str, size: int, *, other_than: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int rank, not {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < size:
+        raise ValueError(f"{name}={value} is out of range: this communicator has ranks 0..{size - 1}")
+    if other_than is not None and value == other_than:
+        raise ValueError(f"{name}={value} is this rank itself; send/recv need another rank")
+    return value
+
+
+def check_op(op: Any) -> ReduceOp:
+    if isinstance(op, ReduceOp):
+        return op
+    raise TypeError(f"op must be an ncl.ReduceOp (ncl.SUM, PROD, MIN, MAX, AVG), not {op!r}")
+
+
+def rows(buf: Buffer, name: str) -> int:
+    """Length of dim 0, for the collectives that split or stack along it."""
+    if not buf.shape:
+        raise ValueError(f"{name} must have at least one dimension (the one split among ranks)")
+    return buf.shape[0]
+
+
+def check_counts(counts: Any, name: str, size: int) -> Tuple[int, ...]:
+    """Per-peer row counts for all_to_allv: `size` non-negative ints."""
+    if isinstance(counts, np.ndarray):
+        counts = counts.tolist()
+    elif _torch_tensor_type() is not None and isinstance(counts, _torch_tensor_type()):
+        counts = counts.tolist()
+    if not isinstance(counts, Sequence) or isinstance(counts, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {size} ints, not {type(counts).__name__}")
+    if len(counts) != size:
+        raise ValueError(f"{name} has {len(counts)} entries but the communicator has {size} ranks")
+    for i, c in enumerate(counts):
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"{name}[{i}] must be an int, not {type(c).__name__}")
+        if c < 0:
+            raise ValueError(f"{name}[{i}] = {c} is negative")
+    return tuple(int(c) for c in counts)

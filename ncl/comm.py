@@ -1,0 +1,283 @@
+"""The Communicator: the public API of a group of ranks.
+
+Every method follows the same path: validate every argument (ValueError/TypeError before
+any rank communicates), allocate the output, then hand one native call to `_launch`, which
+runs it now or, with async_op=True, on the communicator's single worker thread (so calls
+stay in program order).  The C core releases the GIL while it waits and copies.
+A communicator is not safe to use from several threads at once (as in NCCL).
+"""
+import concurrent.futures
+import hashlib
+import math
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import tuning
+from ._native import check, ffi, lib
+from .buffers import Buffer, ReduceOp, as_buffer, check_counts, check_op, check_rank, output, rows
+from .errors import NclStateError
+from .launch import shm_prefix
+from .work import Work
+
+
+def segment_name(unique_id: str, label: str) -> str:
+    """Shared-memory name of a communicator: the job's prefix (so that ncl-run can clean up
+    after a crash) plus a digest of the secret id, so that nobody can guess it."""
+    digest = hashlib.sha256(f"{unique_id}/{label}".encode()).hexdigest()[:32]
+    return "/" + shm_prefix(unique_id) + digest
+
+
+def _ptr(buf: Optional[Buffer]):
+    return ffi.cast("void *", buf.ptr) if buf is not None else ffi.NULL
+
+
+class Communicator:
+    """A group of ranks; see the README for the API tour."""
+
+    def __init__(self, handle, rank: int, size: int, *, unique_id: str, name: str, options):
+        self._handle = handle
+        self._rank = rank
+        self._size = size
+        self._unique_id = unique_id
+        self._name = name
+        self._options = options
+        self._forced_algo = tuning.forced_all_reduce_algorithm()
+        self._splits = 0
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._last_future: Optional[concurrent.futures.Future] = None
+        self._destroy = weakref.finalize(self, lib.ncl_comm_destroy, handle)
+
+    @classmethod
+    def _create(cls, name: str, rank: int, size: int, unique_id: str, options) -> "Communicator":
+        out = ffi.new("ncl_comm **")
+        check(lib.ncl_comm_create(name.encode(), rank, size, options, out))
+        return cls(out[0], rank, size, unique_id=unique_id, name=name, options=options)
+
+    # ---- identity and lifetime -------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return not self._destroy.alive
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<ncl.Communicator rank {self._rank} of {self._size}, {state}>"
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish outstanding async work and release the communicator (idempotent)."""
+        if self.closed:
+            return
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._destroy()
+
+    def abort(self) -> None:
+        """Give up the group: peers waiting for this rank fail at once with NclPeerError."""
+        if not self.closed:
+            lib.ncl_comm_abort(self._handle)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is closed")
+
+    def _launch(self, name: str, call: Callable[[], int], result: Any, async_op: bool) -> Any:
+        """Run one native call now, or queued behind earlier async work."""
+        self._check_open()
+        pending = self._last_future is not None and not self._last_future.done()
+        if not (async_op or pending):
+            check(call())
+            return result
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ncl-rank{self._rank}")
+
+        def run():
+            check(call())
+            return result
+
+        future = self._executor.submit(run)
+        self._last_future = future
+        return Work(future, name) if async_op else future.result()
+
+    # ---- reductions ---------------------------------------------------------------------------
+    def all_reduce(self, x, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False):
+        """Reduce x over all ranks (in rank order); the result lands in x, or in out if given."""
+        op = check_op(op)
+        src = as_buffer(x, "x", writable=out is None)
+        dst = src if out is None else output(out, src, src.shape)
+        algo = tuning.all_reduce_algorithm(src.nbytes, self._size, self._forced_algo)
+        h = self._handle
+        call = lambda: lib.ncl_all_reduce(h, _ptr(src), _ptr(dst), src.count, src.dtype, op, algo)  # noqa: E731
+        return self._launch("all_reduce", call, dst.obj, async_op)
+
+    def reduce(self, x, root: int = 0, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False):
+        """Reduce x over all ranks into root's x (or out); other ranks' buffers are untouched."""
+        op = check_op(op)
+        root = check_rank(root, "root", self._size)
+        is_root = root == self._rank
+        src = as_buffer(x, "x", writable=is_root and out is None)
+        dst = (src if out is None else output(out, src, src.shape)) if is_root else None
+        h = self._handle
+        call = lambda: lib.ncl_reduce(h, _ptr(src), _ptr(dst), src.count, src.dtype, op, root)  # noqa: E731
+        return self._launch("reduce", call, dst.obj if is_root else x, async_op)
+
+    def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False):
+        """Reduce x over all ranks; rank r gets block r of dim 0."""
+        op = check_op(op)
+        src = as_buffer(x, "x", writable=False)
+        n = rows(src, "x")
+        if n % self._size:
+            raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
+        dst = output(out, src, (n // self._size,) + src.shape[1:])
+        h = self._handle
+        call = lambda: lib.ncl_reduce_scatter(h, _ptr(src), _ptr(dst), dst.count, src.dtype, op)  # noqa: E731
+        return self._launch("reduce_scatter", call, dst.obj, async_op)
+
+    # ---- data movement ------------------------------------------------------------------------
+    def broadcast(self, x, root: int = 0, *, async_op: bool = False):
+        """Copy root's x into every rank's x."""
+        root = check_rank(root, "root", self._size)
+        buf = as_buffer(x, "x", writable=root != self._rank)
+        h = self._handle
+        call = lambda: lib.ncl_broadcast(h, _ptr(buf), _ptr(buf), buf.count, buf.dtype, root)  # noqa: E731
+        return self._launch("broadcast", call, x, async_op)
+
+    def _stacked_shape(self, src: Buffer):
+        return (self._size * src.shape[0],) + src.shape[1:] if src.shape else (self._size,)
+
+    def all_gather(self, x, out=None, *, async_op: bool = False):
+        """Concatenate every rank's x along dim 0 (rank order)."""
+        src = as_buffer(x, "x", writable=False)
+        dst = output(out, src, self._stacked_shape(src))
+        h = self._handle
+        call = lambda: lib.ncl_all_gather(h, _ptr(src), _ptr(dst), src.count, src.dtype)  # noqa: E731
+        return self._launch("all_gather", call, dst.obj, async_op)
+
+    def gather(self, x, root: int = 0, out=None, *, async_op: bool = False):
+        """Like all_gather, but only root receives (others get None)."""
+        root = check_rank(root, "root", self._size)
+        src = as_buffer(x, "x", writable=False)
+        dst = output(out, src, self._stacked_shape(src)) if root == self._rank else None
+        h = self._handle
+        call = lambda: lib.ncl_gather(h, _ptr(src), _ptr(dst), src.count, src.dtype, root)  # noqa: E731
+        return self._launch("gather", call, dst.obj if dst is not None else None, async_op)
+
+    def scatter(self, x, root: int = 0, out=None, *, async_op: bool = False):
+        """Split root's x into `size` blocks along dim 0; rank r gets block r.  On other ranks x
+        only gives the shape (it may be None when out is given)."""
+        root = check_rank(root, "root", self._size)
+        if x is None and (root == self._rank or out is None):
+            raise ValueError("scatter needs x on the root, and x or out on the other ranks")
+        src = as_buffer(x, "x", writable=False) if x is not None else None
+        if src is not None:
+            n = rows(src, "x")
+            if n % self._size:
+                raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
+            dst = output(out, src, (n // self._size,) + src.shape[1:])
+        else:
+            dst = as_buffer(out, "out", writable=True)
+        h = self._handle
+        send = src if root == self._rank else None
+        call = lambda: lib.ncl_scatter(h, _ptr(send), _ptr(dst), dst.count, dst.dtype, root)  # noqa: E731
+        return self._launch("scatter", call, dst.obj, async_op)
+
+    def all_to_all(self, x, out=None, *, async_op: bool = False):
+        """Block j of x (along dim 0) goes to rank j; block i of the result came from rank i."""
+        src = as_buffer(x, "x", writable=False)
+        n = rows(src, "x")
+        if n % self._size:
+            raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
+        dst = output(out, src, src.shape)
+        h = self._handle
+        call = lambda: lib.ncl_all_to_all(h, _ptr(src), _ptr(dst), src.count // self._size, src.dtype)  # noqa: E731
+        return self._launch("all_to_all", call, dst.obj, async_op)
+
+    def all_to_allv(self, x, send_counts: Sequence[int], recv_counts: Optional[Sequence[int]] = None, out=None,
+                    *, async_op: bool = False):
+        """Rows send_counts[j] of x (consecutive, in peer order) go to rank j.  recv_counts, when
+        None, are learned from the peers first; the result stacks the received rows by source."""
+        src = as_buffer(x, "x", writable=False)
+        n = rows(src, "x")
+        send = check_counts(send_counts, "send_counts", self._size)
+        if sum(send) != n:
+            raise ValueError(f"send_counts sum to {sum(send)} rows but x has {n} rows")
+        if recv_counts is not None:
+            recv = check_counts(recv_counts, "recv_counts", self._size)
+        else:
+            if out is not None:  # check what can be checked before talking to peers
+                output(out, src, (0,) + src.shape[1:], rows_known=False)
+            exchanged = self.all_to_all(np.asarray(send, dtype=np.int64))
+            recv = tuple(int(c) for c in exchanged)
+        dst_shape = (sum(recv),) + src.shape[1:]
+        if out is not None and recv_counts is None and tuple(getattr(out, "shape", ())) != dst_shape:
+            self.abort()  # the peers already expect this rank in the exchange
+            raise ValueError(f"out has shape {tuple(out.shape)} but the exchanged recv_counts need {dst_shape}; "
+                             "this communicator was aborted")
+        dst = output(out, src, dst_shape)
+        row = math.prod(src.shape[1:])
+        send_c = ffi.new("uint64_t[]", [c * row for c in send])
+        recv_c = ffi.new("uint64_t[]", [c * row for c in recv])
+        h = self._handle
+        call = lambda: lib.ncl_all_to_allv(h, _ptr(src), send_c, _ptr(dst), recv_c, src.dtype)  # noqa: E731
+        return self._launch("all_to_allv", call, dst.obj, async_op)
+
+    # ---- point to point and synchronisation ------------------------------------------------------
+    def send(self, x, dst: int, *, async_op: bool = False):
+        """Send x to rank dst (returns once x may be reused)."""
+        dst = check_rank(dst, "dst", self._size, other_than=self._rank)
+        buf = as_buffer(x, "x", writable=False)
+        h = self._handle
+        call = lambda: lib.ncl_send(h, _ptr(buf), buf.count, buf.dtype, dst)  # noqa: E731
+        return self._launch("send", call, None, async_op)
+
+    def recv(self, x, src: int, *, async_op: bool = False):
+        """Receive from rank src into x (same count and dtype as the matching send)."""
+        src = check_rank(src, "src", self._size, other_than=self._rank)
+        buf = as_buffer(x, "x", writable=True)
+        h = self._handle
+        call = lambda: lib.ncl_recv(h, _ptr(buf), buf.count, buf.dtype, src)  # noqa: E731
+        return self._launch("recv", call, x, async_op)
+
+    def barrier(self, *, async_op: bool = False):
+        """Return once every rank has entered the barrier."""
+        h = self._handle
+        return self._launch("barrier", lambda: lib.ncl_barrier(h), None, async_op)
+
+    def split(self, color: Optional[int], key: Optional[int] = None) -> Optional["Communicator"]:
+        """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
+        (key, old rank).  color None (MPI_UNDEFINED) joins none and returns None."""
+        if color is not None:
+            if isinstance(color, bool) or not isinstance(color, (int, np.integer)):
+                raise TypeError(f"color must be an int >= 0 or None, not {type(color).__name__}")
+            if color < 0:
+                raise ValueError(f"color must be >= 0 or None, not {color}")
+        key = self._rank if key is None else key
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise TypeError(f"key must be an int, not {type(key).__name__}")
+        self._check_open()
+        table = self.all_gather(np.array([-1 if color is None else color, key], dtype=np.int64)).reshape(-1, 2)
+        self._splits += 1
+        if color is None:
+            return None
+        members = sorted((int(k), r) for r, (c, k) in enumerate(table.tolist()) if c == color)
+        new_rank = members.index((int(key), self._rank))
+        name = segment_name(self._unique_id, f"{self._name}/split{self._splits}/color{color}")
+        return Communicator._create(name, new_rank, len(members), self._unique_id, self._options)
+
+
+__all__ = ["Communicator", "segment_name"]

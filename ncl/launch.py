@@ -1,0 +1,185 @@
+"""ncl-run: start N local ranks of a program, as mpirun or torchrun do, with no MPI needed.
+
+Guarantees:
+- every rank gets NCL_RANK, NCL_WORLD_SIZE, NCL_LOCAL_RANK, NCL_LOCAL_WORLD_SIZE,
+  NCL_UNIQUE_ID (the job's secret id) and torch's RANK, WORLD_SIZE, LOCAL_RANK,
+  LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (so env:// initialisation works);
+- SIGINT and SIGTERM are forwarded to the ranks (a second SIGINT kills them);
+- when a rank fails, the others are stopped (SIGTERM, then SIGKILL after a grace period)
+  and ncl-run exits with the failing rank's code (128 + signal for a signal);
+- whatever shared memory the job left in /dev/shm is removed on the way out.
+Standard library only, so it starts fast and works even if the C core does not.
+"""
+import argparse
+import glob
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+GRACE_S = 3.0
+POLL_S = 0.02
+
+
+def shm_prefix(unique_id: str) -> str:
+    """Name prefix (in /dev/shm) of every shared-memory segment of the job `unique_id`."""
+    return f"ncl-{unique_id[:12]}-"
+
+
+def remove_job_segments(unique_id: str) -> None:
+    for path in glob.glob(os.path.join("/dev/shm", shm_prefix(unique_id) + "*")):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ncl-run", description="Start N local ranks of a program.")
+    p.add_argument("-n", "--nproc", type=int, required=True, help="number of ranks")
+    p.add_argument("--tag-output", action="store_true", help="prefix every output line with [rank]")
+    p.add_argument("--topology", help="topology file of the emulated interconnect (exported as NCL_TOPOLOGY)")
+    p.add_argument("--hosts", type=int, default=1, help="emulated hosts the ranks are split into")
+    p.add_argument("--timeout", type=float, help="NCL_TIMEOUT for the ranks, in seconds")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="program and its arguments")
+    return p
+
+
+def _rank_env(rank: int, n: int, uid: str, port: int, args) -> dict:
+    env = dict(os.environ)
+    for names, value in ((("NCL_RANK", "RANK", "NCL_LOCAL_RANK", "LOCAL_RANK"), rank),
+                         (("NCL_WORLD_SIZE", "WORLD_SIZE", "NCL_LOCAL_WORLD_SIZE", "LOCAL_WORLD_SIZE"), n)):
+        env.update({name: str(value) for name in names})
+    env.update(NCL_UNIQUE_ID=uid, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if args.hosts > 1:
+        env["NCL_HOSTS"] = str(args.hosts)
+    if args.topology:
+        env["NCL_TOPOLOGY"] = os.path.abspath(args.topology)
+    if args.timeout is not None:
+        env["NCL_TIMEOUT"] = str(args.timeout)
+    return env
+
+
+class _Tagger:
+    """Re-emit each line of a rank's pipe with a [rank] prefix, whole lines only."""
+    lock = threading.Lock()
+
+    def __init__(self, rank: int, pipe, sink):
+        self.thread = threading.Thread(target=self._pump, args=(rank, pipe, sink), daemon=True)
+        self.thread.start()
+
+    def _pump(self, rank, pipe, sink):
+        for line in iter(pipe.readline, b""):
+            with self.lock:
+                sink.buffer.write(f"[{rank}]: ".encode() + line if line.endswith(b"\n") else
+                                  f"[{rank}]: ".encode() + line + b"\n")
+                sink.flush()
+        pipe.close()
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _stop(procs: List[subprocess.Popen]) -> None:
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for p in alive:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _supervise(procs: List[subprocess.Popen]) -> int:
+    """Wait for all ranks; on the first failure stop the rest. Returns the exit code."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            others = sum(c is None for c in codes)
+            print(f"ncl-run: rank {rank} (pid {procs[rank].pid}) {_describe(code)}; stopping the other {others} "
+                  f"rank{'s' if others != 1 else ''}", file=sys.stderr, flush=True)
+            _stop(procs)
+            return 128 - code if code < 0 else code
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(POLL_S)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.nproc < 1:
+        parser.error(f"-n must be at least 1, not {args.nproc}")
+    if not command:
+        parser.error("no program given: ncl-run -n N prog args...")
+    if not 1 <= args.hosts <= args.nproc or args.nproc % args.hosts:
+        parser.error(f"--hosts {args.hosts} must divide -n {args.nproc}")
+    if args.topology and not os.path.isfile(args.topology):
+        parser.error(f"--topology {args.topology}: no such file")
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error("--timeout must be positive")
+
+    uid, port, n = secrets.token_hex(16), _free_port(), args.nproc
+    procs: List[subprocess.Popen] = []
+    interrupts = [0]
+
+    def forward(signum, _frame):
+        if signum == signal.SIGINT:
+            interrupts[0] += 1
+        for p in procs:
+            if p.poll() is None:
+                if interrupts[0] > 1:
+                    p.kill()
+                else:
+                    p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    taggers = []
+    try:
+        pipe = subprocess.PIPE if args.tag_output else None
+        for rank in range(n):
+            try:
+                p = subprocess.Popen(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe)
+            except OSError as exc:
+                print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
+                _stop(procs)
+                return 127
+            procs.append(p)
+            if args.tag_output:
+                taggers += [_Tagger(rank, p.stdout, sys.stdout), _Tagger(rank, p.stderr, sys.stderr)]
+        code = _supervise(procs)
+        for t in taggers:
+            t.thread.join(timeout=5)
+        return code
+    finally:
+        _stop(procs)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        remove_job_segments(uid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

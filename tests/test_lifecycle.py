@@ -1,0 +1,140 @@
+"""Whole jobs under ncl-run: the issue's acceptance command, a rank killed with SIGKILL,
+mismatched and missing ranks.  Each job is a real launcher with real ranks; every check
+ends with /dev/shm holding nothing of the job's."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ncl_files():
+    return {f for f in os.listdir("/dev/shm") if f.startswith("ncl-")}
+
+
+def spawn(n, code, *, timeout=60, env=None):
+    """Start n ranks directly (no launcher, so nobody stops the survivors for us); return
+    their (exit codes, stdout lines, seconds)."""
+    import ncl
+    uid = ncl.get_unique_id()
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(n),
+                                                 NCL_UNIQUE_ID=uid, **(env or {})))
+             for r in range(n)]
+    start = time.monotonic()
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "".join(outs).splitlines(), time.monotonic() - start
+
+
+def launch(n, code, *, timeout=60, env=None, extra=()):
+    """Run `code` on n ranks under ncl-run; return (exit code, stdout, stderr, seconds)."""
+    full_env = dict(os.environ, **(env or {}))
+    cmd = [sys.executable, "-m", "ncl.run", "-n", str(n), *extra, sys.executable, "-c", textwrap.dedent(code)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_segments():
+    before = ncl_files()
+    yield
+    assert ncl_files() - before == set(), "a job left shared-memory segments behind"
+
+
+@pytest.mark.timeout(60)
+def test_acceptance_all_reduce_five_ranks():
+    code = "import ncl, numpy as np; c=ncl.init(); x=np.full(3, c.rank, np.float32); c.all_reduce(x); print(x)"
+    rc, out, err, _ = launch(5, code)
+    assert rc == 0, err
+    # ranks share one stdout, so lines may interleave (as under mpirun): count them
+    assert out.count("[10. 10. 10.]") == 5 and not out.replace("[10. 10. 10.]", "").strip(), out
+
+
+KILL_ONE_RANK = """
+    import os, signal, sys, time, numpy as np, ncl
+    c = ncl.init()
+    x = np.ones({nbytes} // 4, np.float32)
+    try:
+        for i in range(10**6):
+            if c.rank == 1 and i == 3:
+                t = time.monotonic()
+                os.kill(os.getpid(), signal.SIGKILL)
+            c.all_reduce(x)
+            x[:] = 1
+    except ncl.NclPeerError as e:
+        sys.stdout.write(f"PeerError rank {{c.rank}} at {{time.monotonic():.3f}}: {{e}}\\n")
+        raise SystemExit(7)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("nbytes", [8, 1 << 20, 64 << 20])
+def test_kill_9_mid_collective_every_survivor_raises(nbytes):
+    """Rank 1 SIGKILLs itself in the middle of a stream of all_reduces; every survivor must
+    raise NclPeerError naming rank 1 well before the (60 s) timeout."""
+    codes, lines, seconds = spawn(4, KILL_ONE_RANK.format(nbytes=nbytes), env={"NCL_TIMEOUT": "60"})
+    assert codes[1] == -9
+    assert [codes[r] for r in (0, 2, 3)] == [7, 7, 7], lines
+    assert len(lines) == 3 and all("rank 1 (pid" in line and "died" in line for line in lines), lines
+    assert seconds < 10, f"detection took {seconds:.1f} s"
+
+
+@pytest.mark.timeout(60)
+def test_launcher_stops_the_job_when_a_rank_is_killed():
+    rc, out, err, seconds = launch(4, KILL_ONE_RANK.format(nbytes=1 << 20))
+    assert rc == 137, err
+    assert "rank 1" in err and "SIGKILL" in err
+
+
+@pytest.mark.timeout(60)
+def test_mismatched_collectives_raise_on_every_rank():
+    code = """
+        import numpy as np, ncl
+        c = ncl.init()
+        x = np.zeros(3 if c.rank != 2 else 5, np.float32)
+        try:
+            c.all_reduce(x)
+        except ncl.NclMismatchError as e:
+            import sys; sys.stdout.write(f"mismatch {c.rank} {e}\\n")
+    """
+    rc, out, err, _ = launch(3, code)
+    assert rc == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("mismatch")]
+    assert sorted(int(line.split()[1]) for line in lines) == [0, 1, 2], out
+    assert all(re.search(r"rank 2 called all_reduce\(float32, count=5", line) for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_missing_rank_times_out_with_its_name():
+    code = """
+        import time, numpy as np, ncl
+        c = ncl.init(timeout=2)
+        if c.rank == 2:
+            time.sleep(6)   # never joins the barrier in time
+        else:
+            try:
+                c.barrier()
+            except ncl.NclTimeoutError as e:
+                import sys; sys.stdout.write(f"timeout {c.rank} {e}\\n")
+    """
+    rc, out, err, _ = launch(3, code)
+    lines = [line for line in out.splitlines() if line.startswith("timeout")]
+    assert len(lines) == 2, (out, err)
+    assert all("waiting for ranks [2]" in line for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_closed_communicator_refuses_use():
+    import numpy as np
+
+    import ncl
+    comm = ncl.init()
+    comm.close()
+    with pytest.raises(ncl.NclStateError, match="closed"):
+        comm.all_reduce(np.ones(2, np.float32))
