@@ -1,0 +1,112 @@
+"""The reduction kernels alone (no communication): every dtype x op x number of sources
+against a numpy reduction done left to right, and every instruction-set variant
+(NCL_KERNEL_ISA) bitwise identical to the portable one."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from ncl._native import ffi, lib
+
+DTYPES = {
+    lib.NCL_INT8: np.int8, lib.NCL_UINT8: np.uint8, lib.NCL_INT32: np.int32, lib.NCL_INT64: np.int64,
+    lib.NCL_FLOAT16: np.float16, lib.NCL_BFLOAT16: ml_dtypes.bfloat16, lib.NCL_FLOAT32: np.float32,
+    lib.NCL_FLOAT64: np.float64,
+}
+OPS = {lib.NCL_SUM: "sum", lib.NCL_PROD: "prod", lib.NCL_MIN: "min", lib.NCL_MAX: "max", lib.NCL_AVG: "avg"}
+COUNTS = (0, 1, 7, 31, 1000, 100003)
+
+
+def make_sources(dtype, op, nsrc, count, seed):
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = (-3, 4) if op == lib.NCL_PROD else (info.min, info.max)
+        return [rng.integers(max(lo, info.min), min(hi, info.max), count, endpoint=True).astype(dtype)
+                for _ in range(nsrc)]
+    scale = 2.0 if op == lib.NCL_PROD else 100.0
+    return [(rng.standard_normal(count) * scale).astype(dtype) for _ in range(nsrc)]
+
+
+def reference(srcs, op):
+    """Left-to-right reduction in numpy; 16-bit floats in float32, rounded once."""
+    dtype = srcs[0].dtype
+    wide = np.float32 if dtype in (np.float16, ml_dtypes.bfloat16) else dtype
+    acc = srcs[0].astype(wide)
+    with np.errstate(over="ignore"):
+        for s in srcs[1:]:
+            s = s.astype(wide)
+            acc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum,
+                   "max": np.maximum}[OPS[op]](acc, s).astype(wide)
+    if OPS[op] == "avg":
+        n = len(srcs)
+        if np.issubdtype(dtype, np.integer):  # C division truncates toward zero
+            acc = np.where(acc >= 0, acc // n, -((-acc.astype(np.int64)) // n)).astype(dtype)
+        else:
+            acc = (acc / np.array(n, dtype=wide)).astype(wide)
+    return acc.astype(dtype)
+
+
+def reduce_local(srcs, op):
+    dst = np.empty_like(srcs[0])
+    code = next(c for c, t in DTYPES.items() if np.dtype(t) == srcs[0].dtype)
+    ptrs = ffi.new("const void *[]", [ffi.cast("void *", s.ctypes.data) for s in srcs])
+    rc = lib.ncl_reduce_local(ffi.cast("void *", dst.ctypes.data), ptrs, len(srcs), dst.size, code, op)
+    assert rc == lib.NCL_OK
+    return dst
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda c: np.dtype(DTYPES[c]).name)
+@pytest.mark.parametrize("op", list(OPS), ids=lambda o: OPS[o])
+def test_matches_numpy_left_to_right(dtype, op):
+    for nsrc in (1, 2, 3, 5, 8):
+        for count in COUNTS:
+            srcs = make_sources(DTYPES[dtype], op, nsrc, count, seed=nsrc * 1000 + count)
+            got, want = reduce_local(srcs, op), reference(srcs, op)
+            assert got.tobytes() == want.tobytes(), f"nsrc={nsrc} count={count}: {got[:8]} != {want[:8]}"
+
+
+def test_in_place_destination_may_alias_a_source():
+    a, b = make_sources(np.float32, lib.NCL_SUM, 2, 5000, seed=1)
+    want = reference([a, b], lib.NCL_SUM)
+    ptrs = ffi.new("const void *[]", [ffi.cast("void *", a.ctypes.data), ffi.cast("void *", b.ctypes.data)])
+    assert lib.ncl_reduce_local(ffi.cast("void *", a.ctypes.data), ptrs, 2, a.size, lib.NCL_FLOAT32, lib.NCL_SUM) == 0
+    assert a.tobytes() == want.tobytes()
+
+
+def test_bad_codes_are_errors_not_crashes():
+    x = np.zeros(4, np.float32)
+    p = ffi.cast("void *", x.ctypes.data)
+    srcs = ffi.new("const void *[]", [p])
+    assert lib.ncl_reduce_local(p, srcs, 1, 4, 99, lib.NCL_SUM) == lib.NCL_ERR_ARGUMENT
+    assert lib.ncl_reduce_local(p, srcs, 1, 4, lib.NCL_FLOAT32, 99) == lib.NCL_ERR_ARGUMENT
+    assert lib.ncl_reduce_local(p, srcs, 0, 4, lib.NCL_FLOAT32, lib.NCL_SUM) == lib.NCL_ERR_ARGUMENT
+
+
+DIGEST = """
+import hashlib, sys
+sys.path.insert(0, {tests!r})
+import test_kernels as t, ncl
+h = hashlib.sha256()
+for dtype in t.DTYPES:
+    for op in t.OPS:
+        for nsrc in (1, 3, 8):
+            h.update(t.reduce_local(t.make_sources(t.DTYPES[dtype], op, nsrc, 4099, seed=nsrc), op).tobytes())
+print(ncl.kernel_isa(), h.hexdigest())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_every_instruction_set_gives_the_same_bits():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        out = subprocess.run([sys.executable, "-c", DIGEST.format(tests=tests)], capture_output=True, text=True,
+                             env=dict(os.environ, NCL_KERNEL_ISA=isa), check=True).stdout.split()
+        results[out[0]] = out[1]  # the CPU may lack an ISA: then it falls back, and the key says so
+    assert "generic" in results
+    assert len(set(results.values())) == 1, results
