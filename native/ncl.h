@@ -54,7 +54,7 @@ const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx
 
 /* Reduce nsrc buffers element by element, strictly left to right (srcs[0] op srcs[1] op ...);
  * 16-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
- * (integers truncate toward zero).  dst may alias any source. */
+ * (integers: the exact sum, truncated toward zero).  dst may alias any source. */
 int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
 
 /* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.

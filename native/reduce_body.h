@@ -5,7 +5,9 @@
  * Each kernel walks the message in blocks that stay in L1: the block's accumulator is
  * loaded from source 0, combined with sources 1..n-1 in order, finished (AVG divides) and
  * stored once.  16-bit floats accumulate in float32 and round once at the store.  Integer
- * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB. */
+ * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
+ * integer AVG sums exactly in a wider type W, so an average never overflows, then divides
+ * (truncating toward zero). */
 #define KCAT_(a, b) a##_##b
 #define KCAT(a, b) KCAT_(a, b)
 #define BLOCK 512
@@ -36,13 +38,13 @@
 #define K_MUL(a, b) ((a) * (b))
 #define K_AVG(x) ((x) / nsrc)
 
-/* One dtype: all five ops.  U is the unsigned twin for wrapping integer arithmetic. */
-#define DEFINE_INT_KERNELS(TAG, T, U)                                                              \
+/* One dtype: all five ops.  U is the unsigned twin for wrapping arithmetic, W the exact sum's. */
+#define DEFINE_INT_KERNELS(TAG, T, U, W)                                                           \
     DEFINE_KERNEL(TAG##_sum, T, T, K_ID, K_ID, (T)(U) K_WADD_##TAG, K_ID)                         \
     DEFINE_KERNEL(TAG##_prod, T, T, K_ID, K_ID, (T)(U) K_WMUL_##TAG, K_ID)                        \
     DEFINE_KERNEL(TAG##_min, T, T, K_ID, K_ID, K_MIN, K_ID)                                        \
     DEFINE_KERNEL(TAG##_max, T, T, K_ID, K_ID, K_MAX, K_ID)                                        \
-    DEFINE_KERNEL(TAG##_avg, T, T, K_ID, K_ID, (T)(U) K_WADD_##TAG, (T)K_AVG)
+    DEFINE_KERNEL(TAG##_avg, T, W, (W), (T), K_ADD, K_AVG)
 
 #define DEFINE_FLOAT_KERNELS(TAG, T, A, LOAD, STORE)                                          \
     DEFINE_KERNEL(TAG##_sum, T, A, LOAD, STORE, K_ADD, K_ID)                                  \
@@ -61,10 +63,10 @@
 #define K_WADD_i64(a, b) ((uint64_t)(a) + (uint64_t)(b))
 #define K_WMUL_i64(a, b) ((uint64_t)(a) * (uint64_t)(b))
 
-DEFINE_INT_KERNELS(i8, int8_t, uint8_t)
-DEFINE_INT_KERNELS(u8, uint8_t, uint8_t)
-DEFINE_INT_KERNELS(i32, int32_t, uint32_t)
-DEFINE_INT_KERNELS(i64, int64_t, uint64_t)
+DEFINE_INT_KERNELS(i8, int8_t, uint8_t, int64_t)
+DEFINE_INT_KERNELS(u8, uint8_t, uint8_t, int64_t)
+DEFINE_INT_KERNELS(i32, int32_t, uint32_t, int64_t)
+DEFINE_INT_KERNELS(i64, int64_t, uint64_t, __int128) /* 1024 int64 sources cannot overflow it */
 DEFINE_FLOAT_KERNELS(f16, _Float16, float, (float), (_Float16))
 DEFINE_FLOAT_KERNELS(bf16, uint16_t, float, bf16_to_float, float_to_bf16)
 DEFINE_FLOAT_KERNELS(f32, float, float, K_ID, K_ID)

@@ -35,6 +35,10 @@ def make_sources(dtype, op, nsrc, count, seed):
 def reference(srcs, op):
     """Left-to-right reduction in numpy; 16-bit floats in float32, rounded once."""
     dtype = srcs[0].dtype
+    if OPS[op] == "avg" and np.issubdtype(dtype, np.integer):  # exact sum, truncated toward zero
+        total = sum(s.astype(object) for s in srcs) if dtype == np.int64 else sum(s.astype(np.int64) for s in srcs)
+        n = len(srcs)
+        return np.array([t // n if t >= 0 else -((-t) // n) for t in np.ravel(total)], dtype=dtype)
     wide = np.float32 if dtype in (np.float16, ml_dtypes.bfloat16) else dtype
     acc = srcs[0].astype(wide)
     with np.errstate(over="ignore"):
@@ -43,11 +47,7 @@ def reference(srcs, op):
             acc = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum,
                    "max": np.maximum}[OPS[op]](acc, s).astype(wide)
     if OPS[op] == "avg":
-        n = len(srcs)
-        if np.issubdtype(dtype, np.integer):  # C division truncates toward zero
-            acc = np.where(acc >= 0, acc // n, -((-acc.astype(np.int64)) // n)).astype(dtype)
-        else:
-            acc = (acc / np.array(n, dtype=wide)).astype(wide)
+        acc = (acc / np.array(len(srcs), dtype=wide)).astype(wide)
     return acc.astype(dtype)
 
 

@@ -1,0 +1,723 @@
+"""Every collective against a numpy reference, on live pools of 1, 2, 3, 4, 5 and 8 ranks.
+
+Each rank's data is a pure function of (case seed, rank), so every worker recomputes its
+peers' data and checks its own result bitwise against a reference built with numpy alone.
+A test sends one request that loops over many cases and returns the failures as text (plus
+digests of the results where ranks must agree), so that one round trip covers a whole sweep.
+Most pools use tiny staging (NCL_BUFFSIZE=8192, NCL_P2P_BUFFSIZE=4096) so that the larger
+counts span tens of pipelined chunks.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from harness import (DTYPES, FLOATS, OPS, SMALL_STAGING, as_numpy, as_torch, case_seed, digest, garbage_like,
+                     mismatch, rank_data, reference_reduce, report)
+
+SIZES = (1, 2, 3, 4, 5, 8)
+BIG = 50_000        # elements: many chunks with 8 KiB of staging
+COUNTS = (0, 1, 7, 1001, BIG)
+ALL_DTYPES = tuple(DTYPES)
+TORCH_DTYPES = ("float32", "bfloat16", "int64")
+INTEGERS = tuple(d for d in DTYPES if d not in FLOATS)
+
+
+def _ops(dtype):
+    """The sweeps' ops: integer AVG has its own test (test_integer_avg_exact_sum)."""
+    return OPS if dtype in FLOATS else tuple(op for op in OPS if op != "AVG")
+
+
+def _op(name):
+    import ncl
+    return getattr(ncl, name)
+
+
+def _datas(seed, n, shape, dtype, op=None):
+    return [rank_data(seed, r, shape, dtype, op) for r in range(n)]
+
+
+def _wrap(a, kind):
+    return as_torch(a) if kind == "torch" else a
+
+
+def _check_same_object(label, got, expected, failures):
+    if got is not expected:
+        failures.append(f"{label}: returned {type(got).__name__} {id(got):#x}, not the result buffer")
+
+
+def _check_kind(label, got, kind, failures):
+    if kind == "torch":
+        import torch
+        if not isinstance(got, torch.Tensor):
+            failures.append(f"{label}: torch input gave a {type(got).__name__}")
+    elif not isinstance(got, np.ndarray):
+        failures.append(f"{label}: numpy input gave a {type(got).__name__}")
+
+
+# ---- all_reduce -------------------------------------------------------------------------------
+def _all_reduce_sweep(comm, tag, dtypes, ops=OPS, counts=COUNTS, kind="numpy"):
+    """Every dtype x op x count, in place and into out; (failures, {case: digest})."""
+    n, me = comm.size, comm.rank
+    failures, digests = [], {}
+    for dtype in dtypes:
+        for op in ops:
+            for count in counts:
+                for mode in ("inplace", "out"):
+                    label = f"all_reduce {kind} {dtype} {op} count={count} {mode} rank={me}/{n}"
+                    datas = _datas(case_seed(tag, dtype, op, count, mode), n, (count,), dtype, op)
+                    want = reference_reduce(datas, op)
+                    mine = datas[me].copy()
+                    x = _wrap(mine, kind)
+                    if mode == "inplace":
+                        res = comm.all_reduce(x, op=_op(op))
+                        _check_same_object(label, res, x, failures)
+                        got = x
+                    else:
+                        out = _wrap(garbage_like(mine), kind)
+                        res = comm.all_reduce(x, op=_op(op), out=out)
+                        _check_same_object(label, res, out, failures)
+                        got = out
+                        if (bad := mismatch(label + " (input changed)", x, datas[me])):
+                            failures.append(bad)
+                    _check_kind(label, got, kind, failures)
+                    if (bad := mismatch(label, got, want)):
+                        failures.append(bad)
+                    digests[(dtype, op, count, mode)] = digest(got)
+    return failures, digests
+
+
+def _assert_sweep(results, what="results"):
+    """Per-rank (failures, digests): no failure, and every rank's digests identical."""
+    failures = [f for rank_failures, _ in results for f in rank_failures]
+    first = results[0][1]
+    for r, (_, digests) in enumerate(results[1:], 1):
+        differ = sorted(str(k) for k in first if digests.get(k) != first[k])
+        if differ:
+            failures.append(f"rank {r}'s {what} differ bitwise from rank 0's in {len(differ)} cases: {differ[:5]}")
+    assert not failures, report(failures)
+    return first
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_all_reduce(pool_factory, size, dtype):
+    pool = pool_factory(size, SMALL_STAGING)
+    _assert_sweep(pool.run(_all_reduce_sweep, "all_reduce", [dtype], _ops(dtype), timeout=180))
+
+
+ALGO_ENVS = {"auto": SMALL_STAGING, "one_shot": SMALL_STAGING + (("NCL_ALGO", "one_shot"),),
+             "two_shot": SMALL_STAGING + (("NCL_ALGO", "two_shot"),)}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("size", (3, 5))
+def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
+    """NCL_ALGO=one_shot and =two_shot (and the automatic choice) give the reference, bitwise
+    identical across ranks and across algorithms."""
+    by_algo = {}
+    for algo, env in ALGO_ENVS.items():
+        by_algo[algo] = _assert_sweep(pool_factory(size, env).run(_all_reduce_sweep, "algo", [dtype], _ops(dtype),
+                                                                       timeout=90))
+    differ = [k for k in by_algo["auto"] if len({d[k] for d in by_algo.values()}) > 1]
+    assert not differ, f"algorithms disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
+
+
+def _integer_avg_sweep(comm, tag):
+    failures, digests = _all_reduce_sweep(comm, tag, INTEGERS, ("AVG",), (1, 7, 1001, BIG))
+    failures += _reduce_sweep(comm, tag, INTEGERS, ("AVG",), (7, 1001))
+    failures += _reduce_scatter_sweep(comm, tag, INTEGERS, ("AVG",))
+    return failures, digests
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", SIZES)
+def test_integer_avg_exact_sum(pool_factory, size):
+    """Integer AVG is the exact sum divided by the size, truncated toward zero, for all_reduce,
+    reduce and reduce_scatter; full-range int8/uint8/int32 data, so a sum that wraps in the
+    element type before the division shows."""
+    _assert_sweep(pool_factory(size, SMALL_STAGING).run(_integer_avg_sweep, "int-avg", timeout=180))
+
+
+# ---- reduce -----------------------------------------------------------------------------------
+def _reduce_sweep(comm, tag, dtypes, ops=OPS, counts=(0, 1, 7, 1001), roots=None, kind="numpy"):
+    n, me = comm.size, comm.rank
+    failures = []
+    for dtype in dtypes:
+        for op in ops:
+            for count in counts:
+                for root in (range(n) if roots is None else roots):
+                    for mode in ("inplace", "out"):
+                        label = f"reduce {kind} {dtype} {op} count={count} root={root} {mode} rank={me}/{n}"
+                        datas = _datas(case_seed(tag, dtype, op, count, root, mode), n, (count,), dtype, op)
+                        x = _wrap(datas[me].copy(), kind)
+                        out = _wrap(garbage_like(datas[me]), kind) if mode == "out" else None
+                        res = comm.reduce(x, root=root, op=_op(op), out=out)
+                        if me == root:
+                            got = x if out is None else out
+                            _check_same_object(label, res, got, failures)
+                            want = reference_reduce(datas, op)
+                            if (bad := mismatch(label, got, want)):
+                                failures.append(bad)
+                        if me != root or out is not None:
+                            if (bad := mismatch(label + " (x changed)", x, datas[me])):
+                                failures.append(bad)
+    return failures
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_reduce(pool_factory, size, dtype):
+    """Every op x count 0/1/7/1001 x every root x in place/out."""
+    failures = pool_factory(size, SMALL_STAGING).run(_reduce_sweep, "reduce", [dtype], _ops(dtype), timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", SIZES)
+def test_reduce_large_every_root(pool_factory, size):
+    pool = pool_factory(size, SMALL_STAGING)
+    failures = pool.run(_reduce_sweep, "reduce-large", ["float32", "float16"], ("SUM", "MAX", "AVG"), (BIG,),
+                        timeout=180)
+    failures += pool.run(_reduce_sweep, "reduce-large", ["int8"], ("SUM", "MAX"), (BIG,), timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- reduce_scatter ---------------------------------------------------------------------------
+def _block_shapes(n):
+    """Per-rank block shapes for the dim-0 collectives: x has n * block[0] rows."""
+    return [(0,), (1,), (7,), (3, 5), (0, 4), (BIG // n,)]
+
+
+def _reduce_scatter_sweep(comm, tag, dtypes, ops=OPS, kind="numpy"):
+    n, me = comm.size, comm.rank
+    failures = []
+    for dtype in dtypes:
+        for op in ops:
+            for block in _block_shapes(n):
+                for mode in ("new", "out"):
+                    shape = (n * block[0],) + block[1:]
+                    label = f"reduce_scatter {kind} {dtype} {op} x.shape={shape} {mode} rank={me}/{n}"
+                    datas = _datas(case_seed(tag, dtype, op, shape, mode), n, shape, dtype, op)
+                    want = reference_reduce(datas, op)[me * block[0]:(me + 1) * block[0]]
+                    x = _wrap(datas[me].copy(), kind)
+                    out = _wrap(garbage_like(datas[me], block), kind) if mode == "out" else None
+                    res = comm.reduce_scatter(x, op=_op(op), out=out)
+                    if out is not None:
+                        _check_same_object(label, res, out, failures)
+                    _check_kind(label, res, kind, failures)
+                    for bad in (mismatch(label, res, want), mismatch(label + " (x changed)", x, datas[me])):
+                        if bad:
+                            failures.append(bad)
+    return failures
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_reduce_scatter(pool_factory, size, dtype):
+    failures = pool_factory(size, SMALL_STAGING).run(_reduce_scatter_sweep, "reduce_scatter", [dtype], _ops(dtype),
+                                                     timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- all_gather, all_to_all, broadcast, gather, scatter ---------------------------------------------
+def _data_movement_sweep(comm, tag, dtypes, kind="numpy"):
+    """all_gather, all_to_all, broadcast (every root), gather and scatter (every root)."""
+    n, me = comm.size, comm.rank
+    failures = []
+
+    def check(label, got, want):
+        if (bad := mismatch(f"{label} rank={me}/{n}", got, want)):
+            failures.append(bad)
+
+    for dtype in dtypes:
+        for block in _block_shapes(n):
+            rows = block[0]
+            for mode in ("new", "out"):
+                # all_gather: rank r's x is block-shaped; the result stacks them in rank order
+                label = f"all_gather {kind} {dtype} x.shape={block} {mode}"
+                datas = _datas(case_seed(tag, "ag", dtype, block), n, block, dtype)
+                want = np.concatenate(datas)
+                x = _wrap(datas[me].copy(), kind)
+                out = _wrap(garbage_like(want), kind) if mode == "out" else None
+                res = comm.all_gather(x, out=out)
+                if out is not None:
+                    _check_same_object(label, res, out, failures)
+                _check_kind(label, res, kind, failures)
+                check(label, res, want)
+                check(label + " (x changed)", x, datas[me])
+
+                # all_to_all: block j of rank i's x lands in block i of rank j's result
+                shape = (n * rows,) + block[1:]
+                label = f"all_to_all {kind} {dtype} x.shape={shape} {mode}"
+                datas = _datas(case_seed(tag, "a2a", dtype, shape), n, shape, dtype)
+                want = np.concatenate([d[me * rows:(me + 1) * rows] for d in datas])
+                x = _wrap(datas[me].copy(), kind)
+                out = _wrap(garbage_like(datas[me]), kind) if mode == "out" else None
+                res = comm.all_to_all(x, out=out)
+                if out is not None:
+                    _check_same_object(label, res, out, failures)
+                _check_kind(label, res, kind, failures)
+                check(label, res, want)
+                check(label + " (x changed)", x, datas[me])
+
+            for root in range(n):
+                label = f"broadcast {kind} {dtype} x.shape={block} root={root}"
+                datas = _datas(case_seed(tag, "bc", dtype, block, root), n, block, dtype)
+                x = _wrap(datas[me].copy(), kind)
+                res = comm.broadcast(x, root=root)
+                if res is not None:
+                    _check_same_object(label, res, x, failures)
+                check(label, x, datas[root])
+
+                for mode in ("new", "out"):
+                    label = f"gather {kind} {dtype} x.shape={block} root={root} {mode}"
+                    datas = _datas(case_seed(tag, "g", dtype, block, root, mode), n, block, dtype)
+                    want = np.concatenate(datas)
+                    x = _wrap(datas[me].copy(), kind)
+                    out = _wrap(garbage_like(want), kind) if mode == "out" and me == root else None
+                    res = comm.gather(x, root=root, out=out)
+                    if me == root:
+                        if out is not None:
+                            _check_same_object(label, res, out, failures)
+                        check(label, res, want)
+                    elif res is not None:
+                        failures.append(f"{label} rank={me}/{n}: a non-root got {type(res).__name__}, not None")
+                    check(label + " (x changed)", x, datas[me])
+
+                # scatter: root's x is split in n blocks; non-roots pass None + out ("out"),
+                # or an x of the right shape whose content is ignored ("new")
+                for mode in ("new", "out"):
+                    shape = (n * rows,) + block[1:]
+                    label = f"scatter {kind} {dtype} x.shape={shape} root={root} {mode}"
+                    datas = _datas(case_seed(tag, "s", dtype, shape, root, mode), n, shape, dtype)
+                    want = datas[root][me * rows:(me + 1) * rows]
+                    x = _wrap(datas[me].copy(), kind) if me == root or mode == "new" else None
+                    out = _wrap(garbage_like(datas[me], block), kind) if mode == "out" else None
+                    res = comm.scatter(x, root=root, out=out)
+                    if out is not None:
+                        _check_same_object(label, res, out, failures)
+                    _check_kind(label, res, kind, failures)
+                    check(label, res, want)
+                    if x is not None:
+                        check(label + " (x changed)", x, datas[me])
+    return failures
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_data_movement(pool_factory, size, dtype):
+    """all_gather, all_to_all, broadcast, gather, scatter: every root, counts 0/1/7/(3,5)/large."""
+    failures = pool_factory(size, SMALL_STAGING).run(_data_movement_sweep, "move", [dtype], timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- all_to_allv ------------------------------------------------------------------------------------
+def _counts_matrix(n, trial, seed):
+    """counts[i][j] = rows rank i sends to rank j, for a named trial."""
+    rng = np.random.default_rng(seed)
+    if trial == "uneven":  # random, with a rank sending nothing and a rank receiving nothing
+        c = rng.integers(0, 6, (n, n))
+        c[0, :] = 0
+        c[:, n - 1] = 0
+        if n > 2:
+            c[1, 2] = 0
+    elif trial == "large":  # more than the staging buffer per peer for most pairs
+        c = rng.integers(0, 3000, (n, n))
+        c[n // 2, :] = 0
+    elif trial == "zeros":
+        c = np.zeros((n, n), np.int64)
+    else:  # "diagonal": every rank only keeps rows for itself
+        c = np.diag(rng.integers(1, 20, n))
+    return c
+
+
+def _all_to_allv_sweep(comm, tag, dtypes, kind="numpy"):
+    n, me = comm.size, comm.rank
+    failures = []
+    for dtype in dtypes:
+        for trial in ("uneven", "large", "zeros", "diagonal"):
+            for tail in ((), (3,), (2, 5)):
+                if trial == "large" and tail == (2, 5):
+                    continue
+                counts = _counts_matrix(n, trial, case_seed(tag, trial, n))
+                datas = [rank_data(case_seed(tag, dtype, trial, tail), r, (int(counts[r].sum()),) + tail, dtype)
+                         for r in range(n)]
+                offsets = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+                want = np.concatenate([datas[i][offsets[i, me]:offsets[i, me] + counts[i, me]] for i in range(n)])
+                send = [int(c) for c in counts[me]]
+                recv_given = [int(c) for c in counts[:, me]]
+                for recv_mode in ("given", "exchanged"):
+                    for out_mode in ("new", "out"):
+                        label = (f"all_to_allv {kind} {dtype} {trial} tail={tail} recv_counts={recv_mode} "
+                                 f"{out_mode} rank={me}/{n} send={send} recv={recv_given}")
+                        x = _wrap(datas[me].copy(), kind)
+                        out = _wrap(garbage_like(want), kind) if out_mode == "out" else None
+                        res = comm.all_to_allv(x, send, recv_given if recv_mode == "given" else None, out=out)
+                        if out is not None:
+                            _check_same_object(label, res, out, failures)
+                        _check_kind(label, res, kind, failures)
+                        for bad in (mismatch(label, res, want), mismatch(label + " (x changed)", x, datas[me])):
+                            if bad:
+                                failures.append(bad)
+    return failures
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", SIZES)
+def test_all_to_allv(pool_factory, size):
+    """Uneven counts with zeros (a rank sending nothing, one receiving nothing), counts above
+    the staging size, all zeros, diagonal only; recv_counts given and exchanged; out or not."""
+    failures = pool_factory(size, SMALL_STAGING).run(
+        _all_to_allv_sweep, "a2av", ["float32", "int8", "bfloat16", "int64"], timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- send / recv ---------------------------------------------------------------------------------------
+P2P_SHAPES = ((0,), (1,), (7,), (3, 5), (10_000,))   # 10_000 float64 = 80 KB, 20x the P2P buffer
+
+
+def _p2p_sweep(comm, tag, dtypes):
+    """A ring (everyone sends right, receives from the left), then every pair both ways, then
+    three back-to-back messages to one peer; receivers start from garbage."""
+    n, me = comm.size, comm.rank
+    failures = []
+
+    def check(label, got, want):
+        if (bad := mismatch(f"{label} rank={me}/{n}", got, want)):
+            failures.append(bad)
+
+    for dtype in dtypes:
+        for shape in P2P_SHAPES:
+            data = lambda r, *what: rank_data(case_seed(tag, dtype, shape, *what), r, shape, dtype)  # noqa: E731
+            # ring: odd ranks receive first, so that blocking sends never wait in a cycle
+            right, left = (me + 1) % n, (me - 1) % n
+            x, buf = data(me, "ring"), garbage_like(data(me, "ring"))
+            for step in ((0, 1) if me % 2 == 0 else (1, 0)):
+                if step == 0:
+                    comm.send(x, right)
+                else:
+                    res = comm.recv(buf, left)
+                    if res is not None:
+                        _check_same_object(f"recv {dtype}", res, buf, failures)
+            check(f"ring send/recv {dtype} shape={shape} from {left}", buf, data(left, "ring"))
+            check(f"ring send {dtype} shape={shape} (x changed)", x, data(me, "ring"))
+            # pairwise: pairs in one global order; the lower rank sends first
+            for i in range(n):
+                for j in range(i + 1, n):
+                    if me not in (i, j):
+                        continue
+                    peer = j if me == i else i
+                    buf = garbage_like(data(peer, "pair", i, j))
+                    if me == i:
+                        comm.send(data(me, "pair", i, j), peer)
+                        comm.recv(buf, peer)
+                    else:
+                        comm.recv(buf, peer)
+                        comm.send(data(me, "pair", i, j), peer)
+                    check(f"pairwise send/recv {dtype} shape={shape} {i}<->{j}", buf, data(peer, "pair", i, j))
+        # back to back: rank 0 sends three messages of different sizes to the last rank
+        if n > 1:
+            shapes = [(5000,), (1,), (0,), (3000, 2)]
+            if me == 0:
+                for k, s in enumerate(shapes):
+                    comm.send(rank_data(case_seed(tag, dtype, "b2b", k), 0, s, dtype), n - 1)
+            elif me == n - 1:
+                for k, s in enumerate(shapes):
+                    want = rank_data(case_seed(tag, dtype, "b2b", k), 0, s, dtype)
+                    buf = garbage_like(want)
+                    comm.recv(buf, 0)
+                    check(f"back-to-back message {k} {dtype} shape={s}", buf, want)
+    return failures
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", [s for s in SIZES if s > 1])
+def test_send_recv(pool_factory, size):
+    failures = pool_factory(size, SMALL_STAGING).run(
+        _p2p_sweep, "p2p", ["float64", "bfloat16", "uint8", "int32"], timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- barrier -----------------------------------------------------------------------------------------------
+def _barrier_times(comm, rounds):
+    """Rank r sleeps r*20 ms before each barrier; returns [(entered, left)] per round."""
+    times = []
+    for _ in range(rounds):
+        time.sleep(0.02 * comm.rank)
+        entered = time.monotonic()
+        comm.barrier()
+        times.append((entered, time.monotonic()))
+    return times
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", SIZES)
+def test_barrier(pool_factory, size):
+    """No rank leaves a barrier before the last one entered it (CLOCK_MONOTONIC is system-wide)."""
+    per_rank = pool_factory(size, SMALL_STAGING).run(_barrier_times, 3, timeout=60)
+    for k in range(3):
+        last_in = max(t[k][0] for t in per_rank)
+        first_out = min(t[k][1] for t in per_rank)
+        assert first_out >= last_in, f"round {k}: a rank left at {first_out} before the last entered at {last_in}"
+
+
+# ---- split -----------------------------------------------------------------------------------------------------
+SPLITS = {
+    # name: (color(rank, n), key(rank, n)); key None means keep the parent's order
+    "even_odd": (lambda r, n: r % 2, lambda r, n: None),
+    "even_odd_reversed": (lambda r, n: r % 2, lambda r, n: -r),
+    "halves_key_reversed": (lambda r, n: int(r >= n // 2), lambda r, n: n - r),
+    "rank0_out": (lambda r, n: None if r == 0 else 7, lambda r, n: None),
+    "all_same_reversed": (lambda r, n: 3, lambda r, n: n - 1 - r),
+}
+
+
+def _members(rule, n, color):
+    """World ranks of a color's sub-communicator, in sub-rank order (key, then world rank)."""
+    color_of, key_of = SPLITS[rule]
+    keyed = [(r if key_of(r, n) is None else key_of(r, n), r) for r in range(n) if color_of(r, n) == color]
+    return [r for _, r in sorted(keyed)]
+
+
+def _split_and_check(comm, tag, rule):
+    n, me = comm.size, comm.rank
+    color_of, key_of = SPLITS[rule]
+    color = color_of(me, n)
+    sub = comm.split(color, key=key_of(me, n))
+    failures = []
+    if color is None:
+        if sub is not None:
+            failures.append(f"{rule} rank={me}: color None returned {sub!r}, not None")
+    else:
+        members = _members(rule, n, color)
+        if (sub.rank, sub.size) != (members.index(me), len(members)):
+            failures.append(f"{rule} rank={me}: sub is rank {sub.rank} of {sub.size}, want "
+                            f"{members.index(me)} of {len(members)} (members {members})")
+        else:
+            m, sr = len(members), sub.rank
+            # data depend on the world rank; references follow the sub-communicator's order
+            datas = _datas(case_seed(tag, rule, color, "ar"), n, (1001,), "float32")
+            x = datas[me].copy()
+            sub.all_reduce(x)
+            if (bad := mismatch(f"{rule} rank={me} sub all_reduce", x, reference_reduce([datas[r] for r in members], "SUM"))):
+                failures.append(bad)
+            datas = _datas(case_seed(tag, rule, color, "ag"), n, (5, 2), "int32")
+            if (bad := mismatch(f"{rule} rank={me} sub all_gather", sub.all_gather(datas[me]),
+                                np.concatenate([datas[r] for r in members]))):
+                failures.append(bad)
+            datas = _datas(case_seed(tag, rule, color, "rs"), n, (m * 3,), "bfloat16")
+            want = reference_reduce([datas[r] for r in members], "SUM")[sr * 3:(sr + 1) * 3]
+            if (bad := mismatch(f"{rule} rank={me} sub reduce_scatter", sub.reduce_scatter(datas[me]), want)):
+                failures.append(bad)
+            datas = _datas(case_seed(tag, rule, color, "bc"), n, (BIG // 10,), "float64")
+            x = datas[me].copy()
+            sub.broadcast(x, root=m - 1)
+            if (bad := mismatch(f"{rule} rank={me} sub broadcast from sub rank {m - 1}", x, datas[members[-1]])):
+                failures.append(bad)
+        sub.close()
+    # the parent communicator still works after the split
+    datas = _datas(case_seed(tag, rule, "world"), n, (33,), "int64")
+    x = datas[me].copy()
+    comm.all_reduce(x)
+    if (bad := mismatch(f"{rule} rank={me} world all_reduce after split", x, reference_reduce(datas, "SUM"))):
+        failures.append(bad)
+    return failures
+
+
+def _nested_split(comm, tag):
+    """Split in halves, split each half again in even/odd, all_reduce on the innermost."""
+    n, me = comm.size, comm.rank
+    half = comm.split(int(me >= n // 2))
+    quarter = half.split(half.rank % 2, key=-half.rank)
+    members = [r for r in range(n) if (r >= n // 2) == (me >= n // 2)]
+    inner = [r for i, r in enumerate(members) if i % 2 == members.index(me) % 2][::-1]
+    datas = _datas(case_seed(tag, "nested"), n, (257,), "float16")
+    x = datas[me].copy()
+    quarter.all_reduce(x)
+    failures = []
+    if (bad := mismatch(f"nested rank={me} members={inner}", x, reference_reduce([datas[r] for r in inner], "SUM"))):
+        failures.append(bad)
+    quarter.close()
+    half.close()
+    return failures
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("rule", sorted(SPLITS))
+@pytest.mark.parametrize("size", SIZES)
+def test_split(pool_factory, size, rule):
+    failures = pool_factory(size, SMALL_STAGING).run(_split_and_check, "split", rule, timeout=60)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", (4, 5, 8))
+def test_nested_split(pool_factory, size):
+    failures = pool_factory(size, SMALL_STAGING).run(_nested_split, "split", timeout=60)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- async_op ----------------------------------------------------------------------------------------------------
+def _async_works(comm, tag):
+    """Six outstanding works of different collectives, waited in order."""
+    n, me = comm.size, comm.rank
+    d = lambda what, shape, dtype, op=None: _datas(case_seed(tag, what), n, shape, dtype, op)  # noqa: E731
+    ar1, ar2 = d("ar1", (BIG,), "float32"), d("ar2", (7,), "int8", "PROD")
+    ag, rs = d("ag", (1001,), "float16"), d("rs", (n * 2000,), "bfloat16")
+    bc, a2a = d("bc", (3, 5), "int64"), d("a2a", (n * 3, 2), "uint8")
+    x1, x2, x4 = ar1[me].copy(), ar2[me].copy(), None
+    x5 = bc[me].copy()
+    works = [
+        ("all_reduce SUM", comm.all_reduce(x1, async_op=True), reference_reduce(ar1, "SUM"), x1),
+        ("all_reduce PROD", comm.all_reduce(x2, op=_op("PROD"), async_op=True), reference_reduce(ar2, "PROD"), x2),
+        ("all_gather", comm.all_gather(ag[me], async_op=True), np.concatenate(ag), x4),
+        ("reduce_scatter", comm.reduce_scatter(rs[me], async_op=True),
+         reference_reduce(rs, "SUM")[me * 2000:(me + 1) * 2000], x4),
+        ("broadcast", comm.broadcast(x5, root=n - 1, async_op=True), bc[n - 1], x5),
+        ("all_to_all", comm.all_to_all(a2a[me], async_op=True),
+         np.concatenate([a[me * 3:(me + 1) * 3] for a in a2a]), x4),
+    ]
+    failures = []
+    for name, work, want, inplace in works:
+        res = work.wait(timeout=50)
+        if not work.is_completed():
+            failures.append(f"async {name} rank={me}: is_completed() is False after wait()")
+        got = res if inplace is None or res is not None else inplace
+        if inplace is not None and res is not None and res is not inplace:
+            failures.append(f"async {name} rank={me}: wait() returned a different object than the in-place buffer")
+        if (bad := mismatch(f"async {name} rank={me}/{n}", got, want)):
+            failures.append(bad)
+        if inplace is not None and (bad := mismatch(f"async {name} rank={me}/{n} (in place)", inplace, want)):
+            failures.append(bad)
+    # a synchronous call after async ones is ordered after them
+    x = ar2[me].copy()
+    comm.all_reduce(x, op=_op("PROD"))
+    if (bad := mismatch(f"sync after async rank={me}", x, reference_reduce(ar2, "PROD"))):
+        failures.append(bad)
+    return failures
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", SIZES)
+def test_async_outstanding_works(pool_factory, size):
+    failures = pool_factory(size, SMALL_STAGING).run(_async_works, "async", timeout=60)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+# ---- torch tensors -----------------------------------------------------------------------------------------------
+def _torch_sweep(comm, tag):
+    import torch  # noqa: F401  (imported in the worker only when needed)
+    failures, digests = _all_reduce_sweep(comm, tag, TORCH_DTYPES, counts=(0, 1, 7, 5000), kind="torch")
+    failures += _reduce_sweep(comm, tag, TORCH_DTYPES, counts=(1, 1001), roots=[comm.size - 1], kind="torch")
+    failures += _reduce_scatter_sweep(comm, tag, TORCH_DTYPES, ops=("SUM", "AVG"), kind="torch")
+    failures += _data_movement_sweep(comm, tag, TORCH_DTYPES, kind="torch")
+    failures += _all_to_allv_sweep(comm, tag, ["bfloat16"], kind="torch")
+    return failures, digests
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", (1, 2, 3, 5))
+def test_torch_tensors(pool_factory, size):
+    """torch CPU tensors (float32, bfloat16, int64) in, torch tensors out, same references."""
+    pytest.importorskip("torch")
+    _assert_sweep(pool_factory(size, SMALL_STAGING).run(_torch_sweep, "torch", timeout=180))
+
+
+# ---- default staging, and the 1 GiB case ---------------------------------------------------------------------------
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", (2, 3))
+def test_all_reduce_default_staging(pool_factory, size):
+    """The default 4 MiB staging: counts up to a few times the buffer."""
+    pool = pool_factory(size, ())
+    counts = (0, 1001, 1 << 20, 3_000_001)
+    _assert_sweep(pool.run(_all_reduce_sweep, "default", ["float32", "bfloat16"], ("SUM", "AVG"), counts, timeout=180))
+    _assert_sweep(pool.run(_all_reduce_sweep, "default", ["int32"], ("SUM", "MAX"), counts, timeout=180))
+
+
+ONE_GIB_COUNT = (1 << 28) + 1   # float32: 1 GiB + 4 bytes
+
+
+def _all_reduce_1gib(comm):
+    """x[i] = (i % 1024) * (rank + 1) (exact in float32), summed; memory stays near 1 GiB + 64 MiB."""
+    n, me = comm.size, comm.rank
+    pattern = np.arange(1024, dtype=np.float32)
+    x = np.empty(ONE_GIB_COUNT, np.float32)
+    full = ONE_GIB_COUNT // 1024 * 1024
+    x[:full].reshape(-1, 1024)[...] = pattern * (me + 1)
+    x[full:] = pattern[:ONE_GIB_COUNT - full] * (me + 1)
+    start = time.monotonic()
+    comm.all_reduce(x)
+    seconds = time.monotonic() - start
+    scale = np.float32(n * (n + 1) // 2)
+    want_rows = pattern * scale
+    failures = []
+    step = 1 << 24
+    for lo in range(0, full, step):  # every element, in chunks of 64 MiB
+        block = x[lo:min(lo + step, full)].reshape(-1, 1024)
+        if not np.array_equal(block, np.broadcast_to(want_rows, block.shape)):
+            bad = np.argwhere(block != want_rows)[0]
+            i = lo + bad[0] * 1024 + bad[1]
+            failures.append(f"1 GiB all_reduce rank={me}: x[{i}] = {x[i]!r}, want {want_rows[bad[1]]!r}")
+            break
+    tail = x[full:]
+    if not np.array_equal(tail, pattern[:tail.size] * scale):
+        failures.append(f"1 GiB all_reduce rank={me}: last element {tail!r}, want {pattern[:tail.size] * scale!r}")
+    samples = {i: float(x[i]) for i in (0, 1, 1023, 1024, 12345678, ONE_GIB_COUNT - 2, ONE_GIB_COUNT - 1)}
+    checksum = float(np.add.reduce(x, dtype=np.float64))
+    return failures, samples, checksum, seconds
+
+
+@pytest.mark.timeout(300)
+def test_all_reduce_1gib_plus_4_bytes(pool_factory):
+    """float32 all_reduce of 1 GiB + 4 bytes (268435457 elements) on 2 ranks, default staging."""
+    pool = pool_factory(2, ())
+    results = pool.run(_all_reduce_1gib, timeout=240)
+    failures = sum((r[0] for r in results), [])
+    assert not failures, report(failures)
+    per_block = float(np.arange(1024).sum()) * 3
+    want_checksum = per_block * (ONE_GIB_COUNT // 1024) + 0.0  # the tail element is pattern[0] * 3 = 0
+    for r, (_, samples, checksum, _) in enumerate(results):
+        assert samples[1023] == 1023 * 3 and samples[ONE_GIB_COUNT - 2] == ((ONE_GIB_COUNT - 2) % 1024) * 3, samples
+        assert checksum == want_checksum, f"rank {r}: checksum {checksum}, want {want_checksum}"
+
+
+# ---- the harness itself ------------------------------------------------------------------------------------------
+def _fail_on_last_rank(comm):
+    if comm.rank == comm.size - 1:
+        raise ValueError("deliberate failure on the last rank")
+    return comm.rank
+
+
+def _raise_everywhere(comm):
+    raise KeyError(f"deliberate on rank {comm.rank}")
+
+
+def _barrier_on_rank_0_only(comm):
+    if comm.rank == 0:
+        comm.barrier()  # rank 1 never comes: a deadlock the harness must turn into a TimeoutError
+    return comm.rank
+
+
+@pytest.mark.timeout(60)
+def test_harness_reports_errors_and_deadlocks(pool_factory):
+    """What the other tests rely on: a rank's exception fails the test with its message and
+    leaves the pool usable; a deadlock becomes a TimeoutError and a dead pool, replaced by the
+    fixture; run_expect_error hands back every rank's exception."""
+    env = SMALL_STAGING + (("NCL_TIMEOUT", "30"),)  # a pool of its own, so the shared ones survive
+    pool = pool_factory(2, env)
+    with pytest.raises(AssertionError, match="rank 1: ValueError: deliberate failure on the last rank"):
+        pool.run(_fail_on_last_rank)
+    assert not pool.dead
+    errors = pool.run_expect_error(_raise_everywhere)
+    assert [(e.rank, e.type_name) for e in errors] == [(0, "KeyError"), (1, "KeyError")]
+    with pytest.raises(TimeoutError, match=r"ranks \[0\] did not answer within 3 s"):
+        pool.run(_barrier_on_rank_0_only, timeout=3)
+    assert pool.dead
+    fresh = pool_factory(2, env)
+    assert fresh is not pool and len(fresh.run(_barrier_times, 1)) == 2
