@@ -1,0 +1,105 @@
+"""ncl-run on its own: the environment each rank gets, output tagging, failure propagation,
+signal forwarding, usage errors and /dev/shm cleanup.  Child programs are tiny `python -c`
+scripts that do not use ncl, so these test only the launcher."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ncl.launch import shm_prefix
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.timeout(60)
+
+
+def ncl_run(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "ncl.run", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=50, **kwargs)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie counts as dead
+        return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+
+
+def test_every_rank_gets_its_environment():
+    code = ("import os, json, sys; keys = ['NCL_RANK', 'NCL_WORLD_SIZE', 'NCL_LOCAL_RANK', 'NCL_UNIQUE_ID', 'RANK', "
+            "'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'NCL_TIMEOUT']; "
+            "sys.stdout.write(json.dumps({k: os.environ.get(k) for k in keys}) + '\\n')")
+    proc = ncl_run("-n", "3", "--timeout", "7", "--", sys.executable, "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    envs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert sorted(int(e["NCL_RANK"]) for e in envs) == [0, 1, 2]
+    for e in envs:
+        assert e["NCL_RANK"] == e["RANK"] == e["NCL_LOCAL_RANK"] == e["LOCAL_RANK"]
+        assert e["NCL_WORLD_SIZE"] == e["WORLD_SIZE"] == e["LOCAL_WORLD_SIZE"] == "3"
+        assert e["MASTER_ADDR"] == "127.0.0.1" and e["NCL_TIMEOUT"] == "7.0"
+    assert len({e["NCL_UNIQUE_ID"] for e in envs}) == 1 and len(envs[0]["NCL_UNIQUE_ID"]) == 32
+    assert len({e["MASTER_PORT"] for e in envs}) == 1
+
+
+def test_tag_output_prefixes_whole_lines():
+    code = "import os, sys; r = os.environ['RANK']; print('out', r); print('err', r, file=sys.stderr)"
+    proc = ncl_run("-n", "2", "--tag-output", sys.executable, "-c", code)
+    assert proc.returncode == 0
+    assert sorted(proc.stdout.splitlines()) == ["[0]: out 0", "[1]: out 1"]
+    assert sorted(proc.stderr.splitlines()) == ["[0]: err 0", "[1]: err 1"]
+
+
+def test_a_failing_rank_stops_the_others_and_sets_the_exit_code():
+    code = ("import os, sys, time; r = int(os.environ['RANK']); print(os.getpid(), flush=True); "
+            "time.sleep(0.5); sys.exit(3) if r == 1 else time.sleep(60)")
+    start = time.monotonic()
+    proc = ncl_run("-n", "3", sys.executable, "-c", code)
+    assert proc.returncode == 3
+    assert time.monotonic() - start < 15
+    assert "rank 1" in proc.stderr and "exited with code 3" in proc.stderr
+    assert not any(pid_alive(int(pid)) for pid in proc.stdout.split())
+
+
+def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal():
+    code = "import os, signal, time; os.environ['RANK'] == '0' and os.kill(os.getpid(), signal.SIGKILL); time.sleep(60)"
+    proc = ncl_run("-n", "2", sys.executable, "-c", code)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "SIGKILL" in proc.stderr
+
+
+def test_sigterm_to_the_launcher_reaches_the_ranks():
+    code = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    launcher = subprocess.Popen([sys.executable, "-m", "ncl.run", "-n", "2", sys.executable, "-c", code],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+    pids = [int(launcher.stdout.readline()) for _ in range(2)]
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=20) != 0
+    assert not any(pid_alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0", "true"], "at least 1"),
+    (["-n", "2"], "no program"),
+    (["-n", "4", "--hosts", "3", "true"], "--hosts"),
+    (["-n", "2", "--topology", "/no/such/file.yaml", "true"], "no such file"),
+    (["-n", "x", "true"], "invalid int"),
+])
+def test_bad_usage_exits_2_with_a_message(args, message):
+    proc = ncl_run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_leftover_segments_of_the_job_are_removed():
+    """A rank that dies during setup may leave its segment behind: the launcher removes it."""
+    code = ("import os, sys; uid = os.environ['NCL_UNIQUE_ID']; "
+            "open(f'/dev/shm/ncl-{uid[:12]}-crash-during-setup', 'w').close(); sys.exit(1)")
+    proc = ncl_run("-n", "2", sys.executable, "-c", code)
+    assert proc.returncode == 1
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("ncl-") and f.endswith("crash-during-setup")]
+    assert shm_prefix("0123456789abcdef") == "ncl-0123456789ab-"
