@@ -55,7 +55,7 @@ def test_tag_output_prefixes_whole_lines():
 
 
 def test_a_failing_rank_stops_the_others_and_sets_the_exit_code():
-    code = ("import os, sys, time; r = int(os.environ['RANK']); print(os.getpid(), flush=True); "
+    code = ("import os, sys, time; r = int(os.environ['RANK']); os.write(1, f'{os.getpid()}\\n'.encode()); "
             "time.sleep(0.5); sys.exit(3) if r == 1 else time.sleep(60)")
     start = time.monotonic()
     proc = ncl_run("-n", "3", sys.executable, "-c", code)
@@ -73,7 +73,7 @@ def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal():
 
 
 def test_sigterm_to_the_launcher_reaches_the_ranks():
-    code = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    code = "import os, time; os.write(1, f'{os.getpid()}\\n'.encode()); time.sleep(60)"
     launcher = subprocess.Popen([sys.executable, "-m", "ncl.run", "-n", "2", sys.executable, "-c", code],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
     pids = [int(launcher.stdout.readline()) for _ in range(2)]
