@@ -94,8 +94,7 @@ int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        uint8_t* slot = ncl_step_begin(c);
-        for (size_t b = 0; b < n; b++) memcpy(slot + b * m * es, send + (b * count + off) * es, m * es);
+        ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
         NCL_CHECK(ncl_fail(c, reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op)));
     }

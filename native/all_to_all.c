@@ -19,8 +19,7 @@ int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, in
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        uint8_t* slot = ncl_step_begin(c);
-        for (size_t j = 0; j < n; j++) memcpy(slot + j * m * es, send + (j * count + off) * es, m * es);
+        ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
         for (size_t j = 0; j < n; j++)
             memcpy(recv + (j * count + off) * es, ncl_step_peer_slot(c, (int)j) + (size_t)c->rank * m * es, m * es);
@@ -38,10 +37,7 @@ int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int d
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        if (c->rank == root) {
-            uint8_t* slot = ncl_step_begin(c);
-            for (size_t j = 0; j < n; j++) memcpy(slot + j * m * es, send + (j * count + off) * es, m * es);
-        }
+        if (c->rank == root) ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
         memcpy(recv + off * es, ncl_step_peer_slot(c, root) + (size_t)c->rank * m * es, m * es);
     }

@@ -121,6 +121,9 @@ uint8_t* ncl_step_begin(ncl_comm* c);            /* my slot for the next step */
 int ncl_step_sync(ncl_comm* c, const ncl_fingerprint* fp);
 uint8_t* ncl_step_peer_slot(ncl_comm* c, int rank);  /* a rank's slot of the current step */
 int ncl_comm_usable(ncl_comm* c);                 /* error if closed or broken */
+/* Copy elements [off, off+m) of each of n consecutive blocks of `count` elements from
+ * `send` into `slot`, packed block after block (reduce_scatter, all_to_all, scatter). */
+void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count, size_t off, size_t m, size_t es);
 /* args.c: the core's own last line of defence (Python validates first); op < 0 or
  * root < 0 means "not used by this call". */
 int ncl_check_args(ncl_comm* c, const void* send, const void* recv, size_t count, int dtype, int op, int root);

@@ -46,6 +46,17 @@ def _check_same_object(label, got, expected, failures):
         failures.append(f"{label}: returned {type(got).__name__} {id(got):#x}, not the result buffer")
 
 
+def _check_result(label, res, out, kind, want, x, x_before, failures):
+    """The common checks of an out-of-place result: `out` returned when given, the input's
+    kind kept, the expected values, and the input left unchanged."""
+    if out is not None:
+        _check_same_object(label, res, out, failures)
+    _check_kind(label, res, kind, failures)
+    for bad in (mismatch(label, res, want), mismatch(label + " (x changed)", x, x_before)):
+        if bad:
+            failures.append(bad)
+
+
 def _check_kind(label, got, kind, failures):
     if kind == "torch":
         import torch
@@ -206,12 +217,7 @@ def _reduce_scatter_sweep(comm, tag, dtypes, ops=OPS, kind="numpy"):
                     x = _wrap(datas[me].copy(), kind)
                     out = _wrap(garbage_like(datas[me], block), kind) if mode == "out" else None
                     res = comm.reduce_scatter(x, op=_op(op), out=out)
-                    if out is not None:
-                        _check_same_object(label, res, out, failures)
-                    _check_kind(label, res, kind, failures)
-                    for bad in (mismatch(label, res, want), mismatch(label + " (x changed)", x, datas[me])):
-                        if bad:
-                            failures.append(bad)
+                    _check_result(label, res, out, kind, want, x, datas[me], failures)
     return failures
 
 
@@ -359,12 +365,7 @@ def _all_to_allv_sweep(comm, tag, dtypes, kind="numpy"):
                         x = _wrap(datas[me].copy(), kind)
                         out = _wrap(garbage_like(want), kind) if out_mode == "out" else None
                         res = comm.all_to_allv(x, send, recv_given if recv_mode == "given" else None, out=out)
-                        if out is not None:
-                            _check_same_object(label, res, out, failures)
-                        _check_kind(label, res, kind, failures)
-                        for bad in (mismatch(label, res, want), mismatch(label + " (x changed)", x, datas[me])):
-                            if bad:
-                                failures.append(bad)
+                        _check_result(label, res, out, kind, want, x, datas[me], failures)
     return failures
 
 
