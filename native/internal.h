@@ -89,6 +89,7 @@ struct ncl_comm {
     uint8_t* base;          /* the mapped segment */
     size_t map_bytes;
     ncl_header* hdr;
+    size_t staging_off, p2p_off; /* from this rank's own layout: shared values are never offsets */
     ncl_rank_ctrl* ranks;
     ncl_pair_ctrl* pairs;
     size_t slot_bytes, p2p_slot_bytes;

@@ -36,12 +36,12 @@ static void layout(ncl_header* h, int nranks, size_t slot, size_t pslot) {
 }
 
 uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step) {
-    return c->base + c->hdr->staging_off + ((size_t)rank * 2 + (step & 1)) * c->slot_bytes;
+    return c->base + c->staging_off + ((size_t)rank * 2 + (step & 1)) * c->slot_bytes;
 }
 
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk) {
     size_t pair = (size_t)src * (size_t)c->nranks + (size_t)dst;
-    return c->base + c->hdr->p2p_off + (pair * 2 + (chunk & 1)) * c->p2p_slot_bytes;
+    return c->base + c->p2p_off + (pair * 2 + (chunk & 1)) * c->p2p_slot_bytes;
 }
 
 static int check_free_space(size_t need) {
@@ -195,8 +195,16 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
             sleep_ms(1);
         }
     }
-    c->ranks = (ncl_rank_ctrl*)(c->base + c->hdr->rank_ctrl_off);
-    c->pairs = (ncl_pair_ctrl*)(c->base + c->hdr->pair_ctrl_off);
+    if (c->hdr->nranks != want.nranks || c->hdr->slot_bytes != want.slot_bytes ||
+        c->hdr->p2p_slot_bytes != want.p2p_slot_bytes || c->hdr->staging_off != want.staging_off) {
+        ncl_comm_destroy(c);
+        return ncl_error(NCL_ERR_MISMATCH, "segment %s was laid out for other options than this rank's: ranks "
+                         "disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE", name);
+    }
+    c->staging_off = want.staging_off;
+    c->p2p_off = want.p2p_off;
+    c->ranks = (ncl_rank_ctrl*)(c->base + want.rank_ctrl_off);
+    c->pairs = (ncl_pair_ctrl*)(c->base + want.pair_ctrl_off);
     memset(ncl_slot(c, rank, 0), 0, 2 * slot); /* fault our own staging pages in now, not mid-collective */
     atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
     if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
