@@ -57,13 +57,15 @@ static bool pid_running(pid_t pid) {
     return !(close_paren && (close_paren[2] == 'Z' || close_paren[2] == 'X'));
 }
 
-/* NCL_OK while `peer` (or, for peer < 0, every other rank) is alive and in the group.  Dead
- * ranks are looked for first: they are the root cause of the abort flags others raise. */
+/* NCL_OK while `peer` (or, for peer < 0, every other rank) is alive and in the group.  Ranks
+ * that died without leaving word are looked for first: they are the root cause of the abort
+ * flags others raise.  A rank that left word (aborted, then maybe exited) is reported by it. */
 int ncl_peer_alive(ncl_comm* c, int peer) {
     int lo = peer < 0 ? 0 : peer, hi = peer < 0 ? c->nranks : peer + 1;
     for (int r = lo; r < hi; r++) {
         pid_t pid = atomic_load(&c->ranks[r].pid);
-        if (r != c->rank && !pid_running(pid)) return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", r, (int)pid);
+        if (r != c->rank && !atomic_load(&c->ranks[r].aborted) && !pid_running(pid))
+            return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", r, (int)pid);
     }
     for (int r = lo; r < hi; r++) {
         uint32_t gone = r == c->rank ? 0 : atomic_load(&c->ranks[r].aborted);
