@@ -57,6 +57,14 @@ def _check_result(label, res, out, kind, want, x, x_before, failures):
             failures.append(bad)
 
 
+def _checker(failures, me, n):
+    """check(label, got, want): record a mismatch, labelled with this rank."""
+    def check(label, got, want):
+        if (bad := mismatch(f"{label} rank={me}/{n}", got, want)):
+            failures.append(bad)
+    return check
+
+
 def _check_kind(label, got, kind, failures):
     if kind == "torch":
         import torch
@@ -235,10 +243,7 @@ def _data_movement_sweep(comm, tag, dtypes, kind="numpy"):
     """all_gather, all_to_all, broadcast (every root), gather and scatter (every root)."""
     n, me = comm.size, comm.rank
     failures = []
-
-    def check(label, got, want):
-        if (bad := mismatch(f"{label} rank={me}/{n}", got, want)):
-            failures.append(bad)
+    check = _checker(failures, me, n)
 
     for dtype in dtypes:
         for block in _block_shapes(n):
@@ -388,10 +393,7 @@ def _p2p_sweep(comm, tag, dtypes):
     three back-to-back messages to one peer; receivers start from garbage."""
     n, me = comm.size, comm.rank
     failures = []
-
-    def check(label, got, want):
-        if (bad := mismatch(f"{label} rank={me}/{n}", got, want)):
-            failures.append(bad)
+    check = _checker(failures, me, n)
 
     for dtype in dtypes:
         for shape in P2P_SHAPES:
