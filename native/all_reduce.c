@@ -8,7 +8,10 @@
  *   (reads n*m): lowest latency, best for small messages.
  * two-shot, per chunk: copy in (m), 1 step, rank r reduces block r of all copies into its
  *   other slot (reads m), 1 step, everyone copies the n reduced blocks out (m): the
- *   reduce-scatter + all-gather that keeps per-rank traffic flat as n grows. */
+ *   reduce-scatter + all-gather that keeps per-rank traffic flat as n grows.
+ * direct (send and recv registered, see window.c): two-shot with no staging: rank r reduces
+ *   block r of every rank's send straight into its own recv, 1 step, copies the other blocks
+ *   from their owners' recv, 1 step so that nobody reuses a buffer a peer still reads. */
 #include <string.h>
 
 #include "internal.h"
@@ -27,6 +30,19 @@ static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, i
     return ncl_reduce_local(dst, srcs, c->nranks, m, dtype, op);
 }
 
+typedef struct {
+    size_t m;
+    int dtype, op;
+} last_reduce;
+
+/* Central sync: the last rank to arrive reduces every slot into its own, once for all. */
+static void reduce_into_own_slot(ncl_comm* c, uint32_t step, void* arg) {
+    const last_reduce* a = arg;
+    const void* srcs[NCL_MAX_RANKS];
+    for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_slot(c, r, step);
+    ncl_reduce_local(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op);
+}
+
 static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op,
                     const ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes / es;
@@ -34,6 +50,13 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off);
         memcpy(ncl_step_begin(c), send + off * es, m * es);
+        if (c->central_sync) { /* oversubscribed: one rank reduces, the rest copy its result */
+            last_reduce a = {m, dtype, op};
+            ncl_on_last last = {reduce_into_own_slot, &a};
+            NCL_CHECK(ncl_step_sync_last(c, fp, &last));
+            memcpy(recv + off * es, ncl_step_peer_slot(c, ncl_step_last_rank(c)), m * es);
+            continue;
+        }
         NCL_CHECK(ncl_step_sync(c, fp));
         NCL_CHECK(reduce_peers(c, recv + off * es, 0, m, dtype, op));
     }
@@ -63,13 +86,48 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     return NCL_OK;
 }
 
+static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t count, int dtype, int op,
+                  const ncl_fingerprint* fp) {
+    size_t es = (size_t)ncl_dtype_size(dtype), lo, hi;
+    const void* srcs[NCL_MAX_RANKS];
+    NCL_CHECK(ncl_step_sync(c, fp));
+    block_range(count, c->nranks, c->rank, es, &lo, &hi);
+    for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_reg_peer(send, r) + lo * es;
+    uint8_t* mine = ncl_reg_peer(recv, c->rank);
+    NCL_CHECK(ncl_reduce_local(mine + lo * es, srcs, c->nranks, hi - lo, dtype, op));
+    NCL_CHECK(ncl_step_sync(c, fp));
+    for (int i = 1; i < c->nranks; i++) { /* start at the next rank: spread the readers */
+        int r = (c->rank + i) % c->nranks;
+        block_range(count, c->nranks, r, es, &lo, &hi);
+        memcpy(mine + lo * es, ncl_reg_peer(recv, r) + lo * es, (hi - lo) * es);
+    }
+    return ncl_step_sync(c, fp);
+}
+
 int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, op, -1));
-    if (algo == NCL_ALGO_AUTO) algo = count * (size_t)ncl_dtype_size(dtype) <= 65536 ? NCL_ALGO_ONE_SHOT : NCL_ALGO_TWO_SHOT;
-    if (algo != NCL_ALGO_ONE_SHOT && algo != NCL_ALGO_TWO_SHOT)
+    size_t bytes = count * (size_t)ncl_dtype_size(dtype);
+    ncl_reg rs = {NULL, 0}, rr = {NULL, 0};
+    if (algo == NCL_ALGO_AUTO || algo == NCL_ALGO_DIRECT) {
+        rs = ncl_registered(c, send, bytes);
+        rr = ncl_registered(c, recv, bytes);
+    }
+    bool registered = rs.win && rr.win && c->nranks > 1;
+    if (algo == NCL_ALGO_DIRECT && !registered)
+        return ncl_error(NCL_ERR_ARGUMENT, "the direct all_reduce needs send and recv buffers from comm.empty() "
+                                           "(registered memory) on more than one rank");
+    if (algo == NCL_ALGO_AUTO)
+        algo = registered && bytes >= c->direct_min_bytes ? NCL_ALGO_DIRECT
+               : bytes <= c->one_shot_max_bytes           ? NCL_ALGO_ONE_SHOT
+                                                          : NCL_ALGO_TWO_SHOT;
+    if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_DIRECT)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
+    if (algo == NCL_ALGO_DIRECT) {
+        ncl_fp_registered(&fp, &rs, &rr);
+        return ncl_fail(c, direct(c, &rs, &rr, count, dtype, op, &fp));
+    }
     int rc = algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, &fp)
                                        : two_shot(c, send, recv, count, dtype, op, -1, &fp);
     return ncl_fail(c, rc);
@@ -91,6 +149,15 @@ int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
     ncl_fingerprint fp = {.coll = NCL_COLL_REDUCE_SCATTER, .dtype = (uint8_t)dtype, .op = (uint8_t)op,
                           .root = -1, .count = count};
+    ncl_reg rs = ncl_direct_source(c, send, n * count * es);
+    if (rs.win) { /* registered: reduce my block of every rank's send in place, no staging */
+        const void* srcs[NCL_MAX_RANKS];
+        for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_reg_peer(&rs, r) + (size_t)c->rank * count * es;
+        ncl_fp_registered(&fp, &rs, NULL);
+        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        NCL_CHECK(ncl_fail(c, ncl_reduce_local(recv, srcs, c->nranks, count, dtype, op)));
+        return ncl_fail(c, ncl_step_sync(c, &fp));
+    }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);

@@ -19,6 +19,13 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
     uint8_t* recv = recv_;
     size_t bytes = count * (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes;
     ncl_fingerprint fp = {.coll = NCL_COLL_BROADCAST, .dtype = (uint8_t)dtype, .root = root, .count = count};
+    ncl_reg rs = ncl_direct_source(c, send, bytes);
+    if (rs.win) {
+        ncl_fp_registered(&fp, &rs, NULL);
+        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        copy(recv, ncl_reg_peer(&rs, root), bytes);
+        return ncl_fail(c, ncl_step_sync(c, &fp));
+    }
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
@@ -34,8 +41,21 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
 
 /* root < 0: every rank receives (all_gather); else only the root does (gather). */
 static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int root,
-                       const ncl_fingerprint* fp) {
+                       ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), bytes = count * es, chunk = c->slot_bytes;
+    /* Direct: each rank's piece is read where it is; in place (send is this rank's block of
+     * a registered recv) that is block r of rank r's recv, else every rank's send. */
+    bool in_place = root < 0 && send == recv + (size_t)c->rank * bytes;
+    ncl_reg reg = in_place ? ncl_direct_source(c, recv, bytes * (size_t)c->nranks) : ncl_direct_source(c, send, bytes);
+    if (reg.win) {
+        in_place ? ncl_fp_registered(fp, NULL, &reg) : ncl_fp_registered(fp, &reg, NULL);
+        NCL_CHECK(ncl_step_sync(c, fp));
+        for (int i = 0; i < c->nranks && (root < 0 || root == c->rank); i++) {
+            int r = (c->rank + i) % c->nranks; /* own block first, then the next ranks: spread the readers */
+            copy(recv + (size_t)r * bytes, ncl_reg_peer(&reg, r) + (in_place ? (size_t)r * bytes : 0), bytes);
+        }
+        return ncl_step_sync(c, fp);
+    }
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     bool receives = root < 0 || root == c->rank;
     for (size_t i = 0; i < nsteps; i++) {

@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <sys/types.h>
 
 #include "ncl.h"
@@ -44,12 +45,14 @@ typedef struct {
     uint32_t reserved;
     uint64_t count;
     uint64_t extra;  /* collective-specific (e.g. total bytes for all_to_allv) */
+    uint32_t win[2]; /* registered send / recv: window number (0: not registered) ... */
+    uint64_t win_off[2]; /* ... and offset in the slice (must match: peers read there) */
 } ncl_fingerprint;
 
 typedef enum {
     NCL_COLL_BARRIER = 1, NCL_COLL_ALL_REDUCE, NCL_COLL_REDUCE, NCL_COLL_BROADCAST,
     NCL_COLL_ALL_GATHER, NCL_COLL_GATHER, NCL_COLL_REDUCE_SCATTER, NCL_COLL_SCATTER,
-    NCL_COLL_ALL_TO_ALL, NCL_COLL_ALL_TO_ALLV, NCL_COLL_SEND
+    NCL_COLL_ALL_TO_ALL, NCL_COLL_ALL_TO_ALLV, NCL_COLL_SEND, NCL_COLL_WINDOW
 } ncl_coll_kind;
 
 const char* ncl_coll_name(int coll);
@@ -59,6 +62,7 @@ const char* ncl_op_name(int op);
 typedef struct {
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t step;  /* futex word: last step this rank posted */
     _Atomic uint32_t waiters;                        /* sleepers on `step` (wake only if > 0) */
+    uint64_t digest[2];                              /* hash of fp[parity], on the line waiters poll */
     _Alignas(NCL_CACHE_LINE) _Atomic int32_t pid;
     _Atomic uint32_t aborted;                        /* NCL_ABORTED or NCL_CLOSED: gone from the group */
     _Alignas(NCL_CACHE_LINE) ncl_fingerprint fp[2];  /* fingerprint of the step of each parity */
@@ -81,7 +85,13 @@ typedef struct {
     uint64_t slot_bytes;
     uint64_t p2p_slot_bytes;
     uint64_t rank_ctrl_off, pair_ctrl_off, staging_off, p2p_off;
+    uint32_t central_sync;   /* rank 0's choice, the same for all: steps meet at `generation` */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;
+    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t arrived;    /* central sync: ranks at the current step */
+    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t generation; /* central sync: last step every rank reached */
+    _Atomic uint32_t gen_waiters;
+    _Atomic uint32_t bad_step;    /* central sync: a step whose fingerprints differ (checked by the last arrival) */
+    _Atomic uint32_t last_rank;   /* central sync: who arrived last at the latest step */
 } ncl_header;
 
 struct ncl_comm {
@@ -99,11 +109,36 @@ struct ncl_comm {
     double timeout_s;
     int spin_us, yield_us;
     bool oversubscribed;    /* more local ranks than CPUs we may run on */
+    bool central_sync;      /* steps meet at one shared word (oversubscribed hosts, see step.c) */
+    size_t one_shot_max_bytes, direct_min_bytes; /* algorithm thresholds (ncl_options) */
+    ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
+    uint32_t nwindows;      /* windows ever created: the next one's number */
+    pthread_mutex_t win_lock;
     int broken;             /* a group error happened: refuse further use */
     char name[256];
 };
 
-/* segment.c */
+/* A buffer inside a registered window: where the same bytes sit in any rank's slice. */
+typedef struct {
+    ncl_window* win;   /* NULL: not registered */
+    size_t off;
+} ncl_reg;
+
+/* window.c */
+ncl_reg ncl_registered(ncl_comm* c, const void* p, size_t bytes);
+uint8_t* ncl_reg_peer(const ncl_reg* r, int rank);
+uint32_t ncl_reg_id(const ncl_reg* r);
+/* The registration of a collective's source when the direct path should take it (registered,
+ * more than one rank, at least direct_min_bytes); else an unregistered ncl_reg. */
+ncl_reg ncl_direct_source(ncl_comm* c, const void* p, size_t bytes);
+/* Record registration in the fingerprint, so ranks that disagree on it get a mismatch error. */
+void ncl_fp_registered(ncl_fingerprint* fp, const ncl_reg* send, const ncl_reg* recv);
+void ncl_windows_detach(ncl_comm* c);   /* the communicator is going: windows live on alone */
+
+/* segment.c: shared-memory files of a job (communicator segments and windows) */
+int ncl_shm_create(const char* name, size_t bytes, int* fd_out);
+int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out);
+
 uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step);
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);
 
@@ -121,6 +156,16 @@ int ncl_peer_alive(ncl_comm* c, int peer);
 uint8_t* ncl_step_begin(ncl_comm* c);            /* my slot for the next step */
 int ncl_step_sync(ncl_comm* c, const ncl_fingerprint* fp);
 uint8_t* ncl_step_peer_slot(ncl_comm* c, int rank);  /* a rank's slot of the current step */
+/* With central sync (oversubscribed hosts) the last rank to arrive at a step runs `run` once,
+ * for everyone, before releasing them (it may write its own slot of step s); afterwards
+ * ncl_step_last_rank() names it.  Without central sync `run` is not called: callers check
+ * c->central_sync and do the work themselves. */
+typedef struct {
+    void (*run)(ncl_comm* c, uint32_t step, void* arg);
+    void* arg;
+} ncl_on_last;
+int ncl_step_sync_last(ncl_comm* c, const ncl_fingerprint* fp, const ncl_on_last* last);
+static inline int ncl_step_last_rank(const ncl_comm* c) { return (int)atomic_load(&c->hdr->last_rank); }
 int ncl_comm_usable(ncl_comm* c);                 /* error if closed or broken */
 /* Copy elements [off, off+m) of each of n consecutive blocks of `count` elements from
  * `send` into `slot`, packed block after block (reduce_scatter, all_to_all, scatter). */
@@ -128,7 +173,8 @@ void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count,
 /* args.c: the core's own last line of defence (Python validates first); op < 0 or
  * root < 0 means "not used by this call". */
 int ncl_check_args(ncl_comm* c, const void* send, const void* recv, size_t count, int dtype, int op, int root);
-int ncl_fail(ncl_comm* c, int status);            /* mark broken + aborted, pass status on */
+int ncl_fail(ncl_comm* c, int status);
+void ncl_wake_waiters(ncl_comm* c);            /* mark broken + aborted, pass status on */
 
 static inline size_t ncl_min(size_t a, size_t b) { return a < b ? a : b; }
 static inline size_t ncl_div_up(size_t a, size_t b) { return (a + b - 1) / b; }

@@ -32,12 +32,14 @@ typedef enum {
 } ncl_op;
 
 typedef enum {
-    NCL_ALGO_AUTO = 0,      /* let the core pick (Python normally picks) */
+    NCL_ALGO_AUTO = 0,      /* the core picks, by the thresholds in ncl_options */
     NCL_ALGO_ONE_SHOT = 1,  /* every rank reduces the whole message */
-    NCL_ALGO_TWO_SHOT = 2   /* reduce-scatter in rank order, then all-gather */
+    NCL_ALGO_TWO_SHOT = 2,  /* reduce-scatter in rank order, then all-gather, through staging */
+    NCL_ALGO_DIRECT = 3     /* two-shot reading peers' registered buffers in place (no staging) */
 } ncl_algo;
 
 typedef struct ncl_comm ncl_comm;
+typedef struct ncl_window ncl_window;
 
 /* Options fixed when a communicator is created; every rank must pass the same ones. */
 typedef struct {
@@ -46,6 +48,8 @@ typedef struct {
     double timeout_s;       /* deadline of every wait */
     int32_t spin_us;        /* busy-wait this long before yielding */
     int32_t yield_us;       /* then sched_yield this long before sleeping on a futex */
+    size_t one_shot_max_bytes;  /* all_reduce AUTO: one-shot up to here, two-shot above */
+    size_t direct_min_bytes;    /* registered buffers: read peers in place from here up */
 } ncl_options;
 
 const char* ncl_last_error(void);
@@ -64,6 +68,14 @@ int ncl_comm_destroy(ncl_comm* comm);
 int ncl_comm_abort(ncl_comm* comm);          /* mark this rank failed so that peers stop waiting */
 int ncl_comm_set_timeout(ncl_comm* comm, double timeout_s);
 uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
+
+/* Registered (symmetric) memory.  Collective: every rank asks for the same bytes and gets
+ * its own slice of one segment all ranks map.  Collectives on buffers inside a window (at
+ * the same offset on every rank) read peers' slices in place instead of staging copies.
+ * ncl_window_free is local and may come after the communicator is destroyed. */
+int ncl_window_create(ncl_comm* comm, const char* name, size_t bytes, ncl_window** out);
+void* ncl_window_ptr(const ncl_window* win);
+int ncl_window_free(ncl_window* win);
 
 int ncl_barrier(ncl_comm* comm);
 int ncl_all_reduce(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int algo);

@@ -62,38 +62,38 @@ static void sleep_ms(int ms) {
     nanosleep(&ts, NULL);
 }
 
-/* Rank 0: create, size and initialise; returns the open descriptor. */
-static int create_segment(const char* name, const ncl_header* want, int* fd_out) {
-    NCL_CHECK(check_free_space(want->total_bytes));
+/* Rank 0: create and size; returns the open descriptor. */
+int ncl_shm_create(const char* name, size_t bytes, int* fd_out) {
+    NCL_CHECK(check_free_space(bytes));
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0)
         return ncl_error(NCL_ERR_SYSTEM, "cannot create shared-memory segment %s: %s%s", name,
                          strerror(errno),
                          errno == EEXIST ? " (a unique id was reused: take a fresh ncl.get_unique_id())" : "");
-    if (ftruncate(fd, (off_t)want->total_bytes) != 0) {
+    if (ftruncate(fd, (off_t)bytes) != 0) {
         int err = errno;
         close(fd);
         shm_unlink(name);
         return ncl_error(NCL_ERR_SYSTEM, "cannot size shared-memory segment %s to %zu bytes: %s", name,
-                         (size_t)want->total_bytes, strerror(err));
+                         bytes, strerror(err));
     }
     *fd_out = fd;
     return NCL_OK;
 }
 
 /* Other ranks: open once rank 0 has created and sized it. */
-static int open_segment(const char* name, const ncl_header* want, double deadline, int* fd_out) {
+int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out) {
     for (;;) {
         int fd = shm_open(name, O_RDWR, 0600);
         if (fd >= 0) {
             struct stat st;
             if (fstat(fd, &st) == 0 && st.st_size > 0) {
-                if ((uint64_t)st.st_size != want->total_bytes) {
+                if ((uint64_t)st.st_size != bytes) {
                     close(fd);
                     return ncl_error(NCL_ERR_MISMATCH,
                                      "shared-memory segment %s has %lld bytes but this rank expects %llu: "
                                      "ranks disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE",
-                                     name, (long long)st.st_size, (unsigned long long)want->total_bytes);
+                                     name, (long long)st.st_size, (unsigned long long)bytes);
                 }
                 *fd_out = fd;
                 return NCL_OK;
@@ -150,7 +150,8 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
 
     double deadline = ncl_now() + opts->timeout_s;
     int fd = -1;
-    NCL_CHECK(rank == 0 ? create_segment(name, &want, &fd) : open_segment(name, &want, deadline, &fd));
+    NCL_CHECK(rank == 0 ? ncl_shm_create(name, want.total_bytes, &fd)
+                        : ncl_shm_open(name, want.total_bytes, deadline, &fd));
     void* base = mmap(NULL, want.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int map_err = errno;
     close(fd);
@@ -181,9 +182,13 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->spin_us = opts->spin_us;
     c->yield_us = opts->yield_us;
     c->oversubscribed = nranks > count_cpus();
+    c->one_shot_max_bytes = opts->one_shot_max_bytes;
+    c->direct_min_bytes = opts->direct_min_bytes;
+    pthread_mutex_init(&c->win_lock, NULL);
     strcpy(c->name, name);
 
     if (rank == 0) {
+        want.central_sync = c->oversubscribed;
         memcpy((char*)c->hdr + sizeof(uint32_t), (char*)&want + sizeof(uint32_t), sizeof want - sizeof(uint32_t));
         atomic_store_explicit(&c->hdr->magic, NCL_MAGIC, memory_order_release);
     } else {
@@ -201,6 +206,7 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
         return ncl_error(NCL_ERR_MISMATCH, "segment %s was laid out for other options than this rank's: ranks "
                          "disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE", name);
     }
+    c->central_sync = c->hdr->central_sync != 0;
     c->staging_off = want.staging_off;
     c->p2p_off = want.p2p_off;
     c->ranks = (ncl_rank_ctrl*)(c->base + want.rank_ctrl_off);
@@ -225,9 +231,11 @@ int ncl_comm_destroy(ncl_comm* c) {
     if (c->ranks) { /* peers still waiting for this rank learn at once that it left */
         uint32_t none = 0;
         atomic_compare_exchange_strong(&c->ranks[c->rank].aborted, &none, NCL_CLOSED);
-        ncl_post_word(&c->ranks[c->rank].step, &c->ranks[c->rank].waiters, atomic_load(&c->ranks[c->rank].step));
+        ncl_wake_waiters(c);
     }
     if (c->base) munmap(c->base, c->map_bytes);
+    ncl_windows_detach(c);
+    pthread_mutex_destroy(&c->win_lock);
     free(c->p2p_sent);
     free(c);
     return NCL_OK;

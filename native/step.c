@@ -21,19 +21,26 @@ void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count,
 }
 
 static int describe(char* out, size_t cap, const ncl_fingerprint* fp) {
-    return snprintf(out, cap, "%s(%s, count=%llu, op=%s, root=%d, extra=%llu)", ncl_coll_name(fp->coll),
-                    ncl_dtype_name(fp->dtype), (unsigned long long)fp->count, ncl_op_name(fp->op), (int)fp->root,
-                    (unsigned long long)fp->extra);
+    int len = snprintf(out, cap, "%s(%s, count=%llu, op=%s, root=%d, extra=%llu", ncl_coll_name(fp->coll),
+                       ncl_dtype_name(fp->dtype), (unsigned long long)fp->count, ncl_op_name(fp->op), (int)fp->root,
+                       (unsigned long long)fp->extra);
+    for (int i = 0; i < 2 && len > 0 && (size_t)len < cap; i++)
+        if (fp->win[i])
+            len += snprintf(out + len, cap - (size_t)len, ", %s in registered window %u at byte %llu",
+                            i ? "recv" : "send", (unsigned)fp->win[i], (unsigned long long)fp->win_off[i]);
+    if (len > 0 && (size_t)len < cap) len += snprintf(out + len, cap - (size_t)len, ")");
+    return len;
 }
 
 static bool same_fp(const ncl_fingerprint* a, const ncl_fingerprint* b) {
     return a->coll == b->coll && a->dtype == b->dtype && a->op == b->op && a->root == b->root &&
-           a->count == b->count && a->extra == b->extra;
+           a->count == b->count && a->extra == b->extra && a->win[0] == b->win[0] && a->win[1] == b->win[1] &&
+           a->win_off[0] == b->win_off[0] && a->win_off[1] == b->win_off[1];
 }
 
 /* Every rank builds the same message: the ranks that differ from rank 0, and what each called. */
 static int mismatch_error(ncl_comm* c, uint32_t parity) {
-    char msg[900];
+    char msg[1200];
     size_t len = (size_t)snprintf(msg, sizeof msg, "ranks called mismatched collectives: rank 0 called ");
     const ncl_fingerprint* ref = &c->ranks[0].fp[parity];
     len += (size_t)describe(msg + len, sizeof msg - len, ref);
@@ -56,24 +63,81 @@ static int timeout_error(ncl_comm* c, uint32_t s, const char* what) {
                      what, (unsigned)s, c->timeout_s, c->rank, missing);
 }
 
-int ncl_step_sync(ncl_comm* c, const ncl_fingerprint* fp_in) {
-    uint32_t s = c->step + 1, parity = s & 1;
-    ncl_rank_ctrl* me = &c->ranks[c->rank];
-    me->fp[parity] = *fp_in;
-    me->fp[parity].step = s;
-    ncl_post_word(&me->step, &me->waiters, s);
-    double deadline = ncl_now() + c->timeout_s;
-    const char* what = ncl_coll_name(fp_in->coll);
+/* A 64-bit hash of what a fingerprint compares, kept on the cache line that waiters poll
+ * anyway, so that checking every peer's call costs no extra cache misses; the full
+ * fingerprints are read only to word the error. */
+static uint64_t digest_of(const ncl_fingerprint* fp) {
+    uint64_t parts[] = {fp->coll, fp->dtype, fp->op, (uint64_t)(uint32_t)fp->root, fp->count, fp->extra,
+                        fp->win[0], fp->win[1], fp->win_off[0], fp->win_off[1]};
+    uint64_t h = 0x9e3779b97f4a7c15u;
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) { /* splitmix64 rounds */
+        h ^= parts[i] + 0x9e3779b97f4a7c15u + (h << 6) + (h >> 2);
+        h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9u;
+        h = (h ^ (h >> 27)) * 0x94d049bb133111ebu;
+        h ^= h >> 31;
+    }
+    return h;
+}
+
+static bool digests_agree(ncl_comm* c, uint32_t parity, uint64_t mine) {
+    for (int r = 0; r < c->nranks; r++)
+        if (c->ranks[r].digest[parity] != mine) return false;
+    return true;
+}
+
+/* Oversubscribed hosts (more ranks than CPUs): every rank counts itself in at one shared
+ * word and waits on one generation word that the last arrival advances (after checking
+ * everyone's digest, so that the others need not read n cache lines each): one poll per
+ * scheduling instead of one per peer. */
+static int wait_central(ncl_comm* c, uint32_t s, uint64_t mine, double deadline, const char* what,
+                        const ncl_on_last* last) {
+    ncl_header* h = c->hdr;
+    if (atomic_fetch_add(&h->arrived, 1) + 1 == (uint32_t)c->nranks) {
+        if (!digests_agree(c, s & 1, mine))
+            atomic_store(&h->bad_step, s);
+        else if (last) /* every slot of step s is written: do the work once, for everyone */
+            last->run(c, s, last->arg);
+        atomic_store(&h->last_rank, (uint32_t)c->rank);
+        atomic_store(&h->arrived, 0); /* before the generation: the next step's arrivals count afresh */
+        ncl_post_word(&h->generation, &h->gen_waiters, s);
+    } else {
+        NCL_CHECK(ncl_wait_word(c, -1, &h->generation, &h->gen_waiters, s, deadline, what));
+    }
+    return atomic_load(&h->bad_step) == s ? mismatch_error(c, s & 1) : NCL_OK;
+}
+
+static int wait_each(ncl_comm* c, uint32_t s, uint64_t mine, double deadline, const char* what) {
     for (int r = 0; r < c->nranks; r++) {
         if (r == c->rank) continue;
-        int rc = ncl_wait_word(c, -1, &c->ranks[r].step, &c->ranks[r].waiters, s, deadline, what);
-        if (rc == NCL_ERR_TIMEOUT) return timeout_error(c, s, what);
-        if (rc != NCL_OK) return rc;
+        NCL_CHECK(ncl_wait_word(c, -1, &c->ranks[r].step, &c->ranks[r].waiters, s, deadline, what));
     }
-    for (int r = 0; r < c->nranks; r++)
-        if (!same_fp(&c->ranks[r].fp[parity], fp_in)) return mismatch_error(c, parity);
+    return digests_agree(c, s & 1, mine) ? NCL_OK : mismatch_error(c, s & 1);
+}
+
+int ncl_step_sync(ncl_comm* c, const ncl_fingerprint* fp_in) { return ncl_step_sync_last(c, fp_in, NULL); }
+
+int ncl_step_sync_last(ncl_comm* c, const ncl_fingerprint* fp_in, const ncl_on_last* last) {
+    uint32_t s = c->step + 1, parity = s & 1;
+    ncl_rank_ctrl* me = &c->ranks[c->rank];
+    uint64_t mine = digest_of(fp_in);
+    me->fp[parity] = *fp_in;
+    me->fp[parity].step = s;
+    me->digest[parity] = mine;
+    ncl_post_word(&me->step, &me->waiters, s); /* publishes the above; timeouts and liveness read it */
+    double deadline = ncl_now() + c->timeout_s;
+    const char* what = ncl_coll_name(fp_in->coll);
+    int rc = c->central_sync ? wait_central(c, s, mine, deadline, what, last) : wait_each(c, s, mine, deadline, what);
+    if (rc == NCL_ERR_TIMEOUT) return timeout_error(c, s, what);
+    if (rc != NCL_OK) return rc;
     c->step = s;
     return NCL_OK;
+}
+
+/* Wake anyone asleep on this rank's words (or the shared one) so that they notice at once,
+ * not at their next liveness check, that this rank left. */
+void ncl_wake_waiters(ncl_comm* c) {
+    ncl_post_word(&c->ranks[c->rank].step, &c->ranks[c->rank].waiters, atomic_load(&c->ranks[c->rank].step));
+    ncl_post_word(&c->hdr->generation, &c->hdr->gen_waiters, atomic_load(&c->hdr->generation));
 }
 
 int ncl_comm_usable(ncl_comm* c) {
@@ -105,8 +169,7 @@ int ncl_comm_abort(ncl_comm* c) {
     if (!c) return NCL_OK;
     c->broken = NCL_ERR_STATE;
     leave(c, NCL_ERR_PEER, "it called abort()");
-    /* Wake anyone asleep on our words so they notice now rather than at their next slice. */
-    ncl_post_word(&c->ranks[c->rank].step, &c->ranks[c->rank].waiters, atomic_load(&c->ranks[c->rank].step));
+    ncl_wake_waiters(c);
     return NCL_OK;
 }
 

@@ -109,9 +109,9 @@ int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32
                   double deadline, const char* what) {
     if (reached(word, target)) return NCL_OK;
     double start = ncl_now(), now = start, next_check = start + LIVENESS_PERIOD_S;
-    /* Phase 1: spin (short when the host is oversubscribed: the peer needs our core). */
-    double spin_until = start + (c->oversubscribed ? 2e-6 : c->spin_us * 1e-6);
-    for (unsigned i = 1;; i++) {
+    /* Phase 1: spin, unless the host is oversubscribed: then the peer needs our core. */
+    double spin_until = start + c->spin_us * 1e-6;
+    for (unsigned i = 1; !c->oversubscribed; i++) {
         cpu_relax();
         if (reached(word, target)) return NCL_OK;
         if ((i & 63) == 0 && (now = ncl_now()) > spin_until) break;

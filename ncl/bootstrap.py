@@ -5,7 +5,7 @@ import secrets
 import string
 from typing import Optional
 
-from . import env
+from . import env, tuning
 from ._native import ffi
 from .comm import Communicator, segment_name
 
@@ -15,9 +15,11 @@ def get_unique_id() -> str:
     return secrets.token_hex(16)
 
 
-def options(timeout: Optional[float] = None):
-    """The C core's options, from the NCL_* knobs; every rank must use the same sizes."""
+def options(nranks: int, timeout: Optional[float] = None):
+    """The C core's options, from the NCL_* knobs and the cost model; every rank must use the
+    same sizes."""
     opts = ffi.new("ncl_options *")
+    opts.one_shot_max_bytes, opts.direct_min_bytes = tuning.thresholds(nranks)
     opts.staging_bytes = env.get("NCL_BUFFSIZE")
     opts.p2p_bytes = env.get("NCL_P2P_BUFFSIZE")
     opts.timeout_s = env.get("NCL_TIMEOUT") if timeout is None else timeout
@@ -63,4 +65,4 @@ def init(rank: Optional[int] = None, size: Optional[int] = None, unique_id: Opti
         raise ValueError("unique_id must be a hex string of at least 16 characters, as ncl.get_unique_id() returns")
     if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return Communicator._create(segment_name(unique_id, "world"), rank, size, unique_id, options(timeout))
+    return Communicator._create(segment_name(unique_id, "world"), rank, size, unique_id, options(size, timeout))

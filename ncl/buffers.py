@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._native import lib
+from ._native import ffi, lib
 
 
 class ReduceOp(enum.IntEnum):
@@ -47,12 +47,15 @@ def _numpy_dtype_code(dtype: np.dtype) -> Optional[int]:
 class Buffer(NamedTuple):
     """A validated buffer: the object plus what the C core needs."""
     obj: Any
-    ptr: int
+    ptr: Any            # cffi pointer (or buffer) to the first element
     count: int          # elements
     nbytes: int
     dtype: int          # NCL_* dtype code
     shape: Tuple[int, ...]
     is_torch: bool
+
+
+_new_tuple = tuple.__new__  # builds a Buffer without NamedTuple's slower keyword-aware __new__
 
 
 def _torch_tensor_type():
@@ -61,16 +64,23 @@ def _torch_tensor_type():
 
 
 def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
-    """Validate `x` as a communication buffer; `writable` when ncl will write into it."""
+    """Validate `x` as a communication buffer; `writable` when ncl will write into it.
+    This is on every call's path: numpy arrays take ~0.3 µs (cffi's buffer protocol gives the
+    pointer; __array_interface__ would cost 1 µs)."""
     if isinstance(x, np.ndarray):
-        code = _numpy_dtype_code(x.dtype)
+        code = _NUMPY_DTYPES.get(x.dtype)
         if code is None:
-            raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
-        if not x.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (got strides {x.strides}); pass np.ascontiguousarray({name})")
+            code = _numpy_dtype_code(x.dtype)
+            if code is None:
+                raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
+        try:
+            ptr = ffi.from_buffer(x)  # refuses arrays that are not C-contiguous
+        except (ValueError, BufferError):
+            raise ValueError(f"{name} must be C-contiguous (got strides {x.strides}); "
+                             f"pass np.ascontiguousarray({name})") from None
         if writable and not x.flags.writeable:
             raise ValueError(f"{name} is read-only, but this call writes into it")
-        return Buffer(x, x.__array_interface__["data"][0], x.size, x.nbytes, code, x.shape, False)
+        return _new_tuple(Buffer, (x, ptr, x.size, len(ptr), code, x.shape, False))
     tensor_type = _torch_tensor_type()
     if tensor_type is not None and isinstance(x, tensor_type):
         code = _TORCH_DTYPE_NAMES.get(str(x.dtype))
@@ -80,7 +90,8 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
             raise ValueError(f"{name} is on device {x.device}; ncl works on CPU tensors")
         if x.is_sparse or not x.is_contiguous():
             raise ValueError(f"{name} must be a contiguous dense tensor; pass {name}.contiguous()")
-        return Buffer(x, x.data_ptr(), x.numel(), x.numel() * x.element_size(), code, tuple(x.shape), True)
+        return Buffer(x, ffi.cast("void *", x.data_ptr()), x.numel(), x.numel() * x.element_size(), code,
+                      tuple(x.shape), True)
     raise TypeError(f"{name} must be a numpy array or a torch CPU tensor, not {type(x).__name__}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import tuning
 from ._native import check, ffi, lib
-from .buffers import Buffer, ReduceOp, as_buffer, check_counts, check_op, check_rank, output, rows
+from .buffers import SUPPORTED, Buffer, ReduceOp, as_buffer, check_counts, check_op, check_rank, output, rows
 from .errors import NclStateError
 from .launch import shm_prefix
 from .work import Work
@@ -29,8 +29,24 @@ def segment_name(unique_id: str, label: str) -> str:
     return "/" + shm_prefix(unique_id) + digest
 
 
+def _dtypes(dtype):
+    """The numpy dtype of a numpy or torch dtype (or its name) that ncl supports."""
+    text = str(dtype).removeprefix("torch.")
+    if text in ("bfloat16", "<class 'ml_dtypes.bfloat16'>") or getattr(dtype, "__name__", "") == "bfloat16":
+        import ml_dtypes
+        np_dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        try:
+            np_dtype = np.dtype(dtype if not text.startswith(("float", "int", "uint")) else text)
+        except TypeError:
+            raise TypeError(f"dtype {dtype!r} is not supported; supported: {SUPPORTED}") from None
+    if np_dtype.name not in SUPPORTED.replace(",", " ").split():
+        raise TypeError(f"dtype {dtype!r} is not supported; supported: {SUPPORTED}")
+    return np_dtype
+
+
 def _ptr(buf: Optional[Buffer]):
-    return ffi.cast("void *", buf.ptr) if buf is not None else ffi.NULL
+    return buf.ptr if buf is not None else ffi.NULL
 
 
 class Communicator:
@@ -45,9 +61,11 @@ class Communicator:
         self._options = options
         self._forced_algo = tuning.forced_all_reduce_algorithm()
         self._splits = 0
+        self._windows = 0
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._last_future: Optional[concurrent.futures.Future] = None
         self._destroy = weakref.finalize(self, lib.ncl_comm_destroy, handle)
+        self._closed = False  # mirrors `closed` for the per-call fast path
 
     @classmethod
     def _create(cls, name: str, rank: int, size: int, unique_id: str, options) -> "Communicator":
@@ -86,6 +104,7 @@ class Communicator:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._destroy()
+        self._closed = True
 
     def abort(self) -> None:
         """Give up the group: peers waiting for this rank fail at once with NclPeerError."""
@@ -96,23 +115,58 @@ class Communicator:
         if self.closed:
             raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is closed")
 
-    def _launch(self, name: str, call: Callable[[], int], result: Any, async_op: bool) -> Any:
-        """Run one native call now, or queued behind earlier async work."""
+    def _launch(self, name: str, fn: Callable[..., int], args: tuple, result: Any, async_op: bool) -> Any:
+        """Run fn(*args), one native call, now or queued behind earlier async work."""
+        if not async_op and self._last_future is None:  # the fast path: ~0.1 µs
+            if self._closed:
+                self._check_open()
+            rc = fn(*args)
+            if rc:
+                check(rc)
+            return result
         self._check_open()
-        pending = self._last_future is not None and not self._last_future.done()
-        if not (async_op or pending):
-            check(call())
+        if not async_op and self._last_future.done():
+            self._last_future = None
+            check(fn(*args))
             return result
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ncl-rank{self._rank}")
 
         def run():
-            check(call())
+            check(fn(*args))
             return result
 
         future = self._executor.submit(run)
         self._last_future = future
         return Work(future, name) if async_op else future.result()
+
+    # ---- registered memory --------------------------------------------------------------------
+    def empty(self, shape, dtype=np.float32, *, like: str = "numpy"):
+        """A new uninitialised array (like="torch": a tensor) in registered memory: every rank
+        maps every rank's copy, so collectives on it (at the same place on every rank) read
+        peers' data in place instead of through staging copies.  Collective: every rank calls
+        it with the same shape and dtype.  The memory is released when the array is."""
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+            raise ValueError(f"shape must be non-negative ints, not {shape}")
+        if like not in ("numpy", "torch"):
+            raise ValueError(f"like must be 'numpy' or 'torch', not {like!r}")
+        np_dtype = _dtypes(dtype)
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        self._windows += 1
+        name = segment_name(self._unique_id, f"{self._name}/window{self._windows}").encode()
+        out = ffi.new("ncl_window **")
+        self._launch("empty", lib.ncl_window_create, (self._handle, name, nbytes, out), None, False)
+        win = out[0]
+        memory = ffi.gc(ffi.cast("char *", lib.ncl_window_ptr(win)), lambda _p: lib.ncl_window_free(win), nbytes)
+        raw = ffi.buffer(memory, nbytes)
+        if like == "torch":
+            import torch
+            torch_dtype = getattr(torch, np_dtype.name)
+            if nbytes == 0:
+                return torch.empty(shape, dtype=torch_dtype)
+            return torch.frombuffer(raw, dtype=torch_dtype).view(shape)
+        return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
 
     # ---- reductions ---------------------------------------------------------------------------
     def all_reduce(self, x, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False):
@@ -120,10 +174,9 @@ class Communicator:
         op = check_op(op)
         src = as_buffer(x, "x", writable=out is None)
         dst = src if out is None else output(out, src, src.shape)
-        algo = tuning.all_reduce_algorithm(src.nbytes, self._size, self._forced_algo)
-        h = self._handle
-        call = lambda: lib.ncl_all_reduce(h, _ptr(src), _ptr(dst), src.count, src.dtype, op, algo)  # noqa: E731
-        return self._launch("all_reduce", call, dst.obj, async_op)
+        algo = self._forced_algo  # NCL_ALGO_AUTO: the core applies tuning's thresholds
+        args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, op, algo)
+        return self._launch("all_reduce", lib.ncl_all_reduce, args, dst.obj, async_op)
 
     def reduce(self, x, root: int = 0, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False):
         """Reduce x over all ranks into root's x (or out); other ranks' buffers are untouched."""
@@ -132,9 +185,8 @@ class Communicator:
         is_root = root == self._rank
         src = as_buffer(x, "x", writable=is_root and out is None)
         dst = (src if out is None else output(out, src, src.shape)) if is_root else None
-        h = self._handle
-        call = lambda: lib.ncl_reduce(h, _ptr(src), _ptr(dst), src.count, src.dtype, op, root)  # noqa: E731
-        return self._launch("reduce", call, dst.obj if is_root else x, async_op)
+        args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, op, root)
+        return self._launch("reduce", lib.ncl_reduce, args, dst.obj if is_root else x, async_op)
 
     def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False):
         """Reduce x over all ranks; rank r gets block r of dim 0."""
@@ -144,18 +196,18 @@ class Communicator:
         if n % self._size:
             raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
         dst = output(out, src, (n // self._size,) + src.shape[1:])
-        h = self._handle
-        call = lambda: lib.ncl_reduce_scatter(h, _ptr(src), _ptr(dst), dst.count, src.dtype, op)  # noqa: E731
-        return self._launch("reduce_scatter", call, dst.obj, async_op)
+        args = (self._handle, _ptr(src), _ptr(dst), dst.count, src.dtype, op)
+        return self._launch("reduce_scatter", lib.ncl_reduce_scatter, args, dst.obj, async_op)
 
     # ---- data movement ------------------------------------------------------------------------
-    def broadcast(self, x, root: int = 0, *, async_op: bool = False):
-        """Copy root's x into every rank's x."""
+    def broadcast(self, x, root: int = 0, *, out=None, async_op: bool = False):
+        """Copy root's x into every rank's x (or into out, when given; on the root x is then
+        only read)."""
         root = check_rank(root, "root", self._size)
-        buf = as_buffer(x, "x", writable=root != self._rank)
-        h = self._handle
-        call = lambda: lib.ncl_broadcast(h, _ptr(buf), _ptr(buf), buf.count, buf.dtype, root)  # noqa: E731
-        return self._launch("broadcast", call, x, async_op)
+        src = as_buffer(x, "x", writable=out is None and root != self._rank)
+        dst = src if out is None else output(out, src, src.shape)
+        args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, root)
+        return self._launch("broadcast", lib.ncl_broadcast, args, dst.obj, async_op)
 
     def _stacked_shape(self, src: Buffer):
         return (self._size * src.shape[0],) + src.shape[1:] if src.shape else (self._size,)
@@ -164,18 +216,16 @@ class Communicator:
         """Concatenate every rank's x along dim 0 (rank order)."""
         src = as_buffer(x, "x", writable=False)
         dst = output(out, src, self._stacked_shape(src))
-        h = self._handle
-        call = lambda: lib.ncl_all_gather(h, _ptr(src), _ptr(dst), src.count, src.dtype)  # noqa: E731
-        return self._launch("all_gather", call, dst.obj, async_op)
+        args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype)
+        return self._launch("all_gather", lib.ncl_all_gather, args, dst.obj, async_op)
 
     def gather(self, x, root: int = 0, out=None, *, async_op: bool = False):
         """Like all_gather, but only root receives (others get None)."""
         root = check_rank(root, "root", self._size)
         src = as_buffer(x, "x", writable=False)
         dst = output(out, src, self._stacked_shape(src)) if root == self._rank else None
-        h = self._handle
-        call = lambda: lib.ncl_gather(h, _ptr(src), _ptr(dst), src.count, src.dtype, root)  # noqa: E731
-        return self._launch("gather", call, dst.obj if dst is not None else None, async_op)
+        args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, root)
+        return self._launch("gather", lib.ncl_gather, args, dst.obj if dst is not None else None, async_op)
 
     def scatter(self, x, root: int = 0, out=None, *, async_op: bool = False):
         """Split root's x into `size` blocks along dim 0; rank r gets block r.  On other ranks x
@@ -191,10 +241,9 @@ class Communicator:
             dst = output(out, src, (n // self._size,) + src.shape[1:])
         else:
             dst = as_buffer(out, "out", writable=True)
-        h = self._handle
         send = src if root == self._rank else None
-        call = lambda: lib.ncl_scatter(h, _ptr(send), _ptr(dst), dst.count, dst.dtype, root)  # noqa: E731
-        return self._launch("scatter", call, dst.obj, async_op)
+        args = (self._handle, _ptr(send), _ptr(dst), dst.count, dst.dtype, root)
+        return self._launch("scatter", lib.ncl_scatter, args, dst.obj, async_op)
 
     def all_to_all(self, x, out=None, *, async_op: bool = False):
         """Block j of x (along dim 0) goes to rank j; block i of the result came from rank i."""
@@ -203,9 +252,8 @@ class Communicator:
         if n % self._size:
             raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
         dst = output(out, src, src.shape)
-        h = self._handle
-        call = lambda: lib.ncl_all_to_all(h, _ptr(src), _ptr(dst), src.count // self._size, src.dtype)  # noqa: E731
-        return self._launch("all_to_all", call, dst.obj, async_op)
+        args = (self._handle, _ptr(src), _ptr(dst), src.count // self._size, src.dtype)
+        return self._launch("all_to_all", lib.ncl_all_to_all, args, dst.obj, async_op)
 
     def all_to_allv(self, x, send_counts: Sequence[int], recv_counts: Optional[Sequence[int]] = None, out=None,
                     *, async_op: bool = False):
@@ -232,31 +280,27 @@ class Communicator:
         row = math.prod(src.shape[1:])
         send_c = ffi.new("uint64_t[]", [c * row for c in send])
         recv_c = ffi.new("uint64_t[]", [c * row for c in recv])
-        h = self._handle
-        call = lambda: lib.ncl_all_to_allv(h, _ptr(src), send_c, _ptr(dst), recv_c, src.dtype)  # noqa: E731
-        return self._launch("all_to_allv", call, dst.obj, async_op)
+        args = (self._handle, _ptr(src), send_c, _ptr(dst), recv_c, src.dtype)
+        return self._launch("all_to_allv", lib.ncl_all_to_allv, args, dst.obj, async_op)
 
     # ---- point to point and synchronisation ------------------------------------------------------
     def send(self, x, dst: int, *, async_op: bool = False):
         """Send x to rank dst (returns once x may be reused)."""
         dst = check_rank(dst, "dst", self._size, other_than=self._rank)
         buf = as_buffer(x, "x", writable=False)
-        h = self._handle
-        call = lambda: lib.ncl_send(h, _ptr(buf), buf.count, buf.dtype, dst)  # noqa: E731
-        return self._launch("send", call, None, async_op)
+        args = (self._handle, _ptr(buf), buf.count, buf.dtype, dst)
+        return self._launch("send", lib.ncl_send, args, None, async_op)
 
     def recv(self, x, src: int, *, async_op: bool = False):
         """Receive from rank src into x (same count and dtype as the matching send)."""
         src = check_rank(src, "src", self._size, other_than=self._rank)
         buf = as_buffer(x, "x", writable=True)
-        h = self._handle
-        call = lambda: lib.ncl_recv(h, _ptr(buf), buf.count, buf.dtype, src)  # noqa: E731
-        return self._launch("recv", call, x, async_op)
+        args = (self._handle, _ptr(buf), buf.count, buf.dtype, src)
+        return self._launch("recv", lib.ncl_recv, args, x, async_op)
 
     def barrier(self, *, async_op: bool = False):
         """Return once every rank has entered the barrier."""
-        h = self._handle
-        return self._launch("barrier", lambda: lib.ncl_barrier(h), None, async_op)
+        return self._launch("barrier", lib.ncl_barrier, (self._handle,), None, async_op)
 
     def split(self, color: Optional[int], key: Optional[int] = None) -> Optional["Communicator"]:
         """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
@@ -277,7 +321,9 @@ class Communicator:
         members = sorted((int(k), r) for r, (c, k) in enumerate(table.tolist()) if c == color)
         new_rank = members.index((int(key), self._rank))
         name = segment_name(self._unique_id, f"{self._name}/split{self._splits}/color{color}")
-        return Communicator._create(name, new_rank, len(members), self._unique_id, self._options)
+        options = ffi.new("ncl_options *", self._options[0])
+        options.one_shot_max_bytes, options.direct_min_bytes = tuning.thresholds(len(members))
+        return Communicator._create(name, new_rank, len(members), self._unique_id, options)
 
 
 __all__ = ["Communicator", "segment_name"]

@@ -4,7 +4,7 @@ import os
 from typing import Any, Callable, Dict, NamedTuple
 
 
-def _bytes(text: str) -> int:
+def parse_bytes(text: str) -> int:
     """'4M', '256k', '1G' or a plain number of bytes."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
@@ -18,11 +18,14 @@ class Knob(NamedTuple):
 
 
 KNOBS: Dict[str, Knob] = {
-    "NCL_BUFFSIZE": Knob(_bytes, 4 << 20,
+    "NCL_BUFFSIZE": Knob(parse_bytes, 4 << 20,
                          "staging bytes per rank for collectives (two slots); longer messages are pipelined"),
-    "NCL_P2P_BUFFSIZE": Knob(_bytes, 256 << 10, "staging bytes per ordered pair of ranks for send/recv"),
+    "NCL_P2P_BUFFSIZE": Knob(parse_bytes, 256 << 10, "staging bytes per ordered pair of ranks for send/recv"),
     "NCL_TIMEOUT": Knob(float, 600.0, "seconds any wait may last before NclTimeoutError"),
-    "NCL_ALGO": Knob(str.lower, "", "force the all_reduce algorithm: one_shot or two_shot"),
+    "NCL_ALGO": Knob(str.lower, "", "force the all_reduce algorithm: one_shot, two_shot or direct"),
+    "NCL_ONE_SHOT_MAX_BYTES": Knob(parse_bytes, None, "all_reduce: one-shot up to this size (default: the cost model)"),
+    "NCL_DIRECT_MIN_BYTES": Knob(parse_bytes, None,
+                                 "registered buffers: read peers in place from this size up (default: the cost model)"),
     "NCL_SPIN_US": Knob(int, 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
     "NCL_YIELD_US": Knob(int, 2000, "sched_yield microseconds before sleeping on a futex"),
     "NCL_KERNEL_ISA": Knob(str.lower, "", "force the reduction kernels: generic, avx2 or avx512 (read by C)"),

@@ -1,0 +1,8 @@
+"""ncl-perf: nccl-tests-style bandwidth and latency sweeps of ncl, side by side with MPI and gloo.
+
+    specs.py     what each collective moves: sizes, bus-bandwidth factor, test data, expected result
+    backends.py  the same collectives through ncl, mpi4py and torch.distributed (gloo)
+    worker.py    one rank's sweep: verify, warm up, time; rank 0 prints one JSON line per size
+    report.py    tables, ratios, CSV / JSON / spreadsheet files and plots
+    cli.py       the ncl-perf command: launches the ranks of each backend and gathers their lines
+"""

@@ -1,0 +1,203 @@
+"""ncl-perf: nccl-tests-style sweeps of one collective over message sizes, on local ranks it
+starts itself, optionally side by side with MPI (mpi4py, under mpiexec) and torch's gloo.
+
+    ncl-perf all_reduce -b 8 -e 64M -f 4 -n 2,8 --compare mpi,gloo --csv out.csv --plot out.png
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import List
+
+from ..env import parse_bytes
+from . import report, specs
+
+
+def _rank_counts(text: str) -> List[int]:
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"-n takes rank counts like 8 or 2,4,8, not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts must be >= 1, not {text!r}")
+    return counts
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_bytes(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8, 64K, 16M, 1G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 0, not {text!r}")
+    return value
+
+
+def _peers(text: str) -> List[str]:
+    peers = [t.strip() for t in text.split(",") if t.strip()]
+    for p in peers:
+        if p not in ("mpi", "gloo"):
+            raise argparse.ArgumentTypeError(f"--compare takes mpi and/or gloo, not {p!r}")
+    return peers
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ncl-perf", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("collective", choices=sorted(specs.SPECS))
+    p.add_argument("-b", "--minbytes", dest="min_bytes", type=_size, default=8, help="smallest size")
+    p.add_argument("-e", "--maxbytes", dest="max_bytes", type=_size, default=64 << 20, help="largest size")
+    p.add_argument("-f", "--stepfactor", dest="factor", type=int, default=2, help="multiply the size by this")
+    p.add_argument("--stepbytes", dest="step", type=_size, default=0, help="add this instead (with -f 1)")
+    p.add_argument("-n", "--nranks", type=_rank_counts, default=[2], help="rank counts, e.g. 8 or 2,4,8")
+    p.add_argument("-d", "--datatype", dest="dtype", choices=specs.DTYPES, default="float32")
+    p.add_argument("-o", "--op", choices=specs.OPS, default="sum")
+    p.add_argument("-r", "--root", type=int, default=0)
+    p.add_argument("-w", "--warmup_iters", dest="warmup", type=int, default=5)
+    p.add_argument("-i", "--iters", type=int, default=20, help="timed calls per size (at least)")
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="repeat small sizes until one measurement lasts this many seconds (0: exactly -i)")
+    p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="verify results")
+    p.add_argument("-R", "--registered", type=int, choices=(0, 1), default=0,
+                   help="1: ncl buffers from comm.empty (registered, no staging copies)")
+    p.add_argument("--compare", type=_peers, default=[], help="also run the sweep through mpi and/or gloo")
+    p.add_argument("--timeout", type=float, default=300.0, help="NCL_TIMEOUT of the ranks (seconds)")
+    p.add_argument("--csv", help="write every row to this CSV file")
+    p.add_argument("--json", help="write rows, command line and machine facts to this JSON file")
+    p.add_argument("--xlsx", help="write a spreadsheet")
+    p.add_argument("--plot", help="draw busbw and time against size into this PNG")
+    return p
+
+
+def _check(p: argparse.ArgumentParser, cfg) -> None:
+    if cfg.min_bytes > cfg.max_bytes:
+        p.error(f"-b {cfg.min_bytes} is larger than -e {cfg.max_bytes}")
+    if cfg.factor < 1 or (cfg.factor == 1 and cfg.step <= 0):
+        p.error("use -f >= 2, or -f 1 with --stepbytes > 0")
+    if cfg.factor > 1 and cfg.min_bytes == 0:
+        p.error("-b 0 with a step factor never grows: give -b >= 1")
+    if cfg.warmup < 0 or cfg.iters < 1:
+        p.error("-w must be >= 0 and -i >= 1")
+    if cfg.min_time < 0 or not cfg.timeout > 0:
+        p.error("--min-time must be >= 0 and --timeout > 0")
+    if cfg.root < 0 or any(cfg.root >= n for n in cfg.nranks):
+        p.error(f"-r {cfg.root} is not a rank of every -n {cfg.nranks}")
+    if specs.SPECS[cfg.collective].reduces is False and cfg.op != "sum":
+        p.error(f"{cfg.collective} takes no reduction op")
+    for path in (cfg.csv, cfg.json, cfg.xlsx, cfg.plot):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"cannot write {path}: no such directory")
+    if "mpi" in cfg.compare and not _mpiexec():
+        p.error("--compare mpi needs mpi4py and an MPI launcher: pip install mpi4py mpich "
+                "(or Debian's mpich), so that mpiexec is on PATH")
+    if "gloo" in cfg.compare:
+        try:
+            import torch.distributed  # noqa: F401
+        except ImportError:
+            p.error("--compare gloo needs torch: pip install torch==2.13.0")
+
+
+def _mpiexec():
+    return shutil.which("mpiexec") or shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+
+
+def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
+    settings = {k: getattr(cfg, k) for k in ("collective", "min_bytes", "max_bytes", "factor", "step", "dtype", "op",
+                                              "root", "warmup", "iters", "min_time", "check", "registered")}
+    settings["registered"] = bool(cfg.registered) and backend == "ncl"
+    settings["memcpy"] = backend == "ncl"
+    worker = [sys.executable, "-m", "ncl.perf.worker", "--backend", backend, "--config", json.dumps(settings)]
+    if backend == "mpi":
+        return [_mpiexec(), "-n", str(n)] + worker
+    if backend == "gloo":
+        worker += ["--rendezvous-file", rendezvous]
+    return [sys.executable, "-m", "ncl.run", "-n", str(n), "--timeout", str(cfg.timeout), "--"] + worker
+
+
+def _run_backend(backend: str, n: int, cfg, rows: List[dict], progress) -> int:
+    """Run one sweep; print nccl-tests rows as sizes complete.  Returns the launcher's code."""
+    with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
+        cmd = _command(backend, n, cfg, os.path.join(tmp, "rendezvous"))
+        env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout))
+        progress.write(report.header(cfg.collective, backend, n, cfg))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        pending = {}
+        mine = []
+        for text in proc.stdout:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                progress.write(text.rstrip("\n"))
+                continue
+            row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n)
+            report.add_bandwidths(row, cfg.collective)
+            rows.append(row)
+            mine.append(row)
+            pending[row["in_place"]] = row
+            if len(pending) == 2:
+                progress.write(report.line(cfg.collective, pending[False], pending[True], cfg))
+                pending = {}
+                progress.update(1)
+        code = proc.wait()
+        if code == 0:
+            progress.write(f"# Avg bus bandwidth    : {report.average_busbw(mine):.3f} GB/s "
+                           f"(#wrong total {sum(r.get('wrong', 0) for r in mine)})\n")
+        else:
+            progress.write(f"# {backend} sweep on {n} ranks failed (exit code {code})\n")
+        return code
+
+
+class _Progress:
+    """Rows to stdout as they come; a tqdm bar on a terminal (tqdm.write keeps them apart)."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="size", file=sys.stderr, leave=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            report.log(text)
+
+    def update(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv=None) -> int:
+    p = parser()
+    cfg = p.parse_args(argv)
+    _check(p, cfg)
+    command = ["ncl-perf"] + (sys.argv[1:] if argv is None else list(argv))
+    backends = ["ncl"] + cfg.compare
+    progress = _Progress(len(specs.sweep_sizes(cfg)) * len(backends) * len(cfg.nranks))
+    rows: List[dict] = []
+    failed = 0
+    try:
+        for n in cfg.nranks:
+            for backend in backends:
+                failed += _run_backend(backend, n, cfg, rows, progress) != 0
+    finally:
+        progress.close()
+    if cfg.compare:
+        report.log(report.comparison(rows, cfg.collective, cfg.compare))
+    for path in report.write_files(rows, cfg, command, report.machine_facts()):
+        report.log(f"# wrote {path}")
+    wrong = sum(r.get("wrong", 0) for r in rows)
+    if wrong:
+        report.log(f"# {wrong} wrong elements: results differ from the numpy reference")
+    return 1 if failed or wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""What ncl-perf prints and writes: nccl-tests-style rows, comparison tables, files and plots."""
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+from tabulate import tabulate
+
+from .specs import SPECS
+
+# nccl-tests' short type names
+_TYPE_NAMES = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16", "int8": "int8",
+               "uint8": "uint8", "int32": "int32", "int64": "int64"}
+
+
+def add_bandwidths(row: dict, collective: str) -> dict:
+    """algbw and busbw (GB/s, 1e9 bytes) of a measured row."""
+    if "time_us" in row:
+        algbw = row["size"] / row["time_us"] / 1e3 if row["time_us"] > 0 else 0.0
+        row["algbw"] = algbw
+        row["busbw"] = algbw * SPECS[collective].bus_factor(row["nranks"])
+    return row
+
+
+def header(collective: str, backend: str, nranks: int, cfg) -> str:
+    spec = SPECS[collective]
+    extra = "    memcpy  bound" if collective == "all_reduce" and backend == "ncl" else ""
+    title = (f"# {backend} {collective}: {nranks} ranks, {cfg.dtype}"
+             f"{', op ' + cfg.op if spec.reduces else ''}{', root ' + str(cfg.root % nranks) if spec.rooted else ''}"
+             f"{', registered buffers' if cfg.registered and backend == 'ncl' else ''}")
+    return "\n".join([
+        title,
+        "#" + " " * 54 + "out-of-place" + " " * 24 + "in-place",
+        "#       size         count      type   redop    root     time   algbw   busbw  #wrong"
+        "     time   algbw   busbw  #wrong" + extra,
+        "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)        "
+        "     (us)  (GB/s)  (GB/s)        " + ("      (us)    (%)" if extra else ""),
+    ])
+
+
+def _half(row: Optional[dict]) -> str:
+    if row is None or "unsupported" in row:
+        return f"{'n/a':>9s}{'':8s}{'':8s}{'':8s}"
+    return f"{row['time_us']:9.2f}{row['algbw']:8.2f}{row['busbw']:8.2f}{row['wrong']:8d}"
+
+
+def line(collective: str, out_place: dict, in_place: dict, cfg) -> str:
+    """One nccl-tests row: both placements of one size."""
+    spec = SPECS[collective]
+    first = out_place or in_place
+    root = cfg.root % first["nranks"] if spec.rooted else -1
+    text = (f" {first['size']:12d}  {first['count']:12d}  {_TYPE_NAMES[cfg.dtype]:>8s}  "
+            f"{cfg.op if spec.reduces else 'none':>6s}  {root:6d}" + _half(out_place) + _half(in_place))
+    if "memcpy_us" in (out_place or {}):
+        text += f"  {out_place['memcpy_us']:8.2f}  {100 * out_place['memcpy_us'] / out_place['time_us']:5.1f}"
+    return text
+
+
+def average_busbw(rows: List[dict]) -> float:
+    values = [r["busbw"] for r in rows if "busbw" in r]
+    return sum(values) / len(values) if values else 0.0
+
+
+def _comparable(rows: List[dict], backend: str, nranks: int, size: int, in_place: bool) -> Optional[dict]:
+    for r in rows:
+        if (r["backend"], r["nranks"], r["size"], r["in_place"]) == (backend, nranks, size, in_place) \
+                and "time_us" in r:
+            return r
+    return None
+
+
+def comparison(rows: List[dict], collective: str, peers: List[str]) -> str:
+    """Time ratio ncl / peer per size and rank count (below 1: ncl is faster), on the same
+    placement (out-of-place where the peer has it, else in place)."""
+    tables = []
+    for n in sorted({r["nranks"] for r in rows}):
+        body = []
+        for size in sorted({r["size"] for r in rows if r["nranks"] == n}):
+            cells = [size]
+            mine = _comparable(rows, "ncl", n, size, False)
+            cells += [mine["time_us"] if mine else None, mine["busbw"] if mine else None]
+            for peer in peers:
+                for in_place in (False, True):
+                    other = _comparable(rows, peer, n, size, in_place)
+                    ours = _comparable(rows, "ncl", n, size, in_place)
+                    if other and ours:
+                        break
+                ratio = ours["time_us"] / other["time_us"] if other and ours else None
+                cells += [other["time_us"] if other else None, other["busbw"] if other else None, ratio,
+                          ("in" if in_place else "out") if other else None]
+            body.append(cells)
+        heads = ["size (B)", "ncl us", "ncl busbw"]
+        for peer in peers:
+            heads += [f"{peer} us", f"{peer} busbw", f"ncl/{peer}", "placement"]
+        tables.append(f"# {collective}, {n} ranks: time ratio ncl / peer (< 1: ncl faster)\n"
+                      + tabulate(body, heads, floatfmt=".3g", missingval="-"))
+    return "\n\n".join(tables)
+
+
+def machine_facts() -> Dict[str, object]:
+    """What a reader needs to compare runs: host, CPU, libraries, commit."""
+    facts: Dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpus_online": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            facts["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+        with open("/proc/meminfo") as f:
+            facts["memory_kib"] = int(f.readline().split()[1])
+    except OSError:
+        pass
+    for module in ("numpy", "torch", "mpi4py"):
+        try:
+            facts[module] = __import__(module).__version__
+        except ImportError:
+            facts[module] = None
+    try:
+        import ncl
+        facts["ncl"], facts["ncl_kernel_isa"] = ncl.__version__, ncl.kernel_isa()
+        here = os.path.dirname(os.path.abspath(ncl.__file__))
+        facts["ncl_commit"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                             text=True, timeout=5).stdout.strip() or None
+    except (ImportError, OSError, subprocess.SubprocessError):
+        pass
+    facts["env"] = {k: v for k, v in os.environ.items() if k.startswith("NCL_")}
+    return facts
+
+
+FIELDS = ["backend", "collective", "nranks", "size", "count", "dtype", "op", "root", "in_place", "time_us", "algbw",
+          "busbw", "wrong", "iters", "memcpy_us", "unsupported"]
+
+
+def write_files(rows: List[dict], cfg, command: List[str], facts: dict) -> List[str]:
+    written = []
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump({"command": command, "machine": facts, "settings": vars(cfg), "rows": rows}, f, indent=1)
+        written.append(cfg.json)
+    if cfg.csv:
+        with open(cfg.csv, "w", newline="") as f:
+            f.write(f"# command: {' '.join(command)}\n# machine: {json.dumps(facts)}\n")
+            w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        written.append(cfg.csv)
+    if cfg.xlsx:
+        import openpyxl
+        book = openpyxl.Workbook()
+        sheet = book.active
+        sheet.title = "results"
+        sheet.append(FIELDS)
+        for r in rows:
+            sheet.append([r.get(k) for k in FIELDS])
+        about = book.create_sheet("run")
+        about.append(["command", " ".join(command)])
+        for k, v in facts.items():
+            about.append([k, json.dumps(v) if isinstance(v, dict) else v])
+        book.save(cfg.xlsx)
+        written.append(cfg.xlsx)
+    if cfg.plot:
+        plot(rows, cfg.plot, f"{cfg.collective} ({cfg.dtype})")
+        written.append(cfg.plot)
+    return written
+
+
+def plot(rows: List[dict], path: str, title: str) -> None:
+    """busbw and latency against size, one line per backend and rank count (out-of-place
+    where measured, else in place)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (bw_ax, lat_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for backend in sorted({r["backend"] for r in rows}, key=lambda b: (b != "ncl", b)):
+        for n in sorted({r["nranks"] for r in rows}):
+            for in_place in (False, True):
+                pts = sorted((r["size"], r["busbw"], r["time_us"]) for r in rows if r["backend"] == backend
+                             and r["nranks"] == n and r["in_place"] == in_place and "time_us" in r and r["size"])
+                if pts:
+                    break
+            if not pts:
+                continue
+            label = f"{backend} np={n}{' (in place)' if in_place else ''}"
+            style = "-" if backend == "ncl" else "--"
+            sizes = [p[0] for p in pts]
+            bw_ax.plot(sizes, [p[1] for p in pts], style, marker="o", ms=3, label=label)
+            lat_ax.plot(sizes, [p[2] for p in pts], style, marker="o", ms=3, label=label)
+    for ax, ylabel in ((bw_ax, "bus bandwidth (GB/s)"), (lat_ax, "time (µs)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("size (bytes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    lat_ax.set_yscale("log")
+    bw_ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
