@@ -24,10 +24,11 @@ static void block_range(size_t m, int n, int b, size_t es, size_t* lo, size_t* h
     *hi = ncl_min(*lo + blk, m);
 }
 
-static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op) {
+/* Reduce every rank's slot (from offset_bytes) into dst; `shared` when a peer reads dst next. */
+static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op, bool shared) {
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_step_peer_slot(c, r) + offset_bytes;
-    return ncl_reduce_local(dst, srcs, c->nranks, m, dtype, op);
+    return (shared ? ncl_reduce_shared : ncl_reduce_local)(dst, srcs, c->nranks, m, dtype, op);
 }
 
 typedef struct {
@@ -40,7 +41,7 @@ static void reduce_into_own_slot(ncl_comm* c, uint32_t step, void* arg) {
     const last_reduce* a = arg;
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_slot(c, r, step);
-    ncl_reduce_local(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op);
+    ncl_reduce_shared(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op);
 }
 
 static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op,
@@ -49,7 +50,7 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off);
-        memcpy(ncl_step_begin(c), send + off * es, m * es);
+        ncl_copy_shared(ncl_step_begin(c), send + off * es, m * es);
         if (c->central_sync) { /* oversubscribed: one rank reduces, the rest copy its result */
             last_reduce a = {m, dtype, op};
             ncl_on_last last = {reduce_into_own_slot, &a};
@@ -58,7 +59,7 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
             continue;
         }
         NCL_CHECK(ncl_step_sync(c, fp));
-        NCL_CHECK(reduce_peers(c, recv + off * es, 0, m, dtype, op));
+        NCL_CHECK(reduce_peers(c, recv + off * es, 0, m, dtype, op, false));
     }
     return NCL_OK;
 }
@@ -70,12 +71,12 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off), lo, hi;
-        memcpy(ncl_step_begin(c), send + off * es, m * es);
+        ncl_copy_shared(ncl_step_begin(c), send + off * es, m * es);
         NCL_CHECK(ncl_step_sync(c, fp));
         /* reduce my block into my next slot */
         block_range(m, c->nranks, c->rank, es, &lo, &hi);
         uint8_t* mine = ncl_step_begin(c);
-        NCL_CHECK(reduce_peers(c, mine + lo * es, lo * es, hi - lo, dtype, op));
+        NCL_CHECK(reduce_peers(c, mine + lo * es, lo * es, hi - lo, dtype, op, true));
         NCL_CHECK(ncl_step_sync(c, fp));
         if (root >= 0 && root != c->rank) continue;
         for (int r = 0; r < c->nranks; r++) { /* gather every rank's reduced block */
@@ -94,7 +95,7 @@ static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t 
     block_range(count, c->nranks, c->rank, es, &lo, &hi);
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_reg_peer(send, r) + lo * es;
     uint8_t* mine = ncl_reg_peer(recv, c->rank);
-    NCL_CHECK(ncl_reduce_local(mine + lo * es, srcs, c->nranks, hi - lo, dtype, op));
+    NCL_CHECK(ncl_reduce_shared(mine + lo * es, srcs, c->nranks, hi - lo, dtype, op));
     NCL_CHECK(ncl_step_sync(c, fp));
     for (int i = 1; i < c->nranks; i++) { /* start at the next rank: spread the readers */
         int r = (c->rank + i) % c->nranks;
@@ -163,7 +164,7 @@ int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count
         size_t off = i * k, m = ncl_min(k, count - off);
         ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
-        NCL_CHECK(ncl_fail(c, reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op)));
+        NCL_CHECK(ncl_fail(c, reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op, false)));
     }
     return NCL_OK;
 }

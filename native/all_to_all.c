@@ -91,7 +91,7 @@ static int all_to_allv_impl(ncl_comm* c, const uint8_t* send, const uint64_t* se
         size_t displ = 0;
         for (size_t j = 0; j < n; j++) {
             size_t m = send_counts[j] > lo ? ncl_min(k, send_counts[j] - lo) : 0;
-            memcpy(slot + j * k * es, send + (displ + lo) * es, m * es);
+            ncl_copy_shared(slot + j * k * es, send + (displ + lo) * es, m * es);
             displ += send_counts[j];
         }
         NCL_CHECK(ncl_step_sync(c, &fp));

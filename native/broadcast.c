@@ -29,7 +29,7 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
-        if (c->rank == root) memcpy(ncl_step_begin(c), send + off, m);
+        if (c->rank == root) ncl_copy_shared(ncl_step_begin(c), send + off, m);
         NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
         if (c->rank == root)
             copy(recv + off, send + off, m);
@@ -60,7 +60,7 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
     bool receives = root < 0 || root == c->rank;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
-        memcpy(ncl_step_begin(c), send + off, m);
+        ncl_copy_shared(ncl_step_begin(c), send + off, m);
         NCL_CHECK(ncl_step_sync(c, fp));
         if (!receives) continue;
         for (int r = 0; r < c->nranks; r++) memcpy(recv + (size_t)r * bytes + off, ncl_step_peer_slot(c, r), m);

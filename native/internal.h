@@ -124,6 +124,10 @@ typedef struct {
     size_t off;
 } ncl_reg;
 
+/* copy.c: writes that a peer will read (non-temporal stores for large ones) */
+void ncl_copy_shared(void* dst, const void* src, size_t n);
+int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
+
 /* window.c */
 ncl_reg ncl_registered(ncl_comm* c, const void* p, size_t bytes);
 uint8_t* ncl_reg_peer(const ncl_reg* r, int rank);

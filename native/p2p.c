@@ -31,7 +31,7 @@ static int send_impl(ncl_comm* c, const uint8_t* buf, size_t count, int dtype, i
         int rc = ncl_wait_word(c, peer, &ch->acked, &ch->acked_waiters, k - 1, deadline, what);
         if (rc != NCL_OK) return rc;
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
-        memcpy(ncl_p2p_slot(c, c->rank, peer, k), buf + off, m);
+        ncl_copy_shared(ncl_p2p_slot(c, c->rank, peer, k), buf + off, m);
         ch->fp[k & 1] = fp;
         ncl_post_word(&ch->sent, &ch->sent_waiters, k + 1);
         c->p2p_sent[peer] = k + 1;

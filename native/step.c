@@ -17,7 +17,7 @@ uint8_t* ncl_step_begin(ncl_comm* c) { return ncl_slot(c, c->rank, c->step + 1);
 uint8_t* ncl_step_peer_slot(ncl_comm* c, int rank) { return ncl_slot(c, rank, c->step); }
 
 void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count, size_t off, size_t m, size_t es) {
-    for (size_t b = 0; b < n; b++) memcpy(slot + b * m * es, send + (b * count + off) * es, m * es);
+    for (size_t b = 0; b < n; b++) ncl_copy_shared(slot + b * m * es, send + (b * count + off) * es, m * es);
 }
 
 static int describe(char* out, size_t cap, const ncl_fingerprint* fp) {
