@@ -26,6 +26,7 @@ KNOBS: Dict[str, Knob] = {
     "NCL_ONE_SHOT_MAX_BYTES": Knob(parse_bytes, None, "all_reduce: one-shot up to this size (default: the cost model)"),
     "NCL_DIRECT_MIN_BYTES": Knob(parse_bytes, None,
                                  "registered buffers: read peers in place from this size up (default: the cost model)"),
+    "NCL_TUNING_FILE": Knob(str, "", "cost-model calibration to use (default: the one shipped, measured on the dev host)"),
     "NCL_SPIN_US": Knob(int, 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
     "NCL_YIELD_US": Knob(int, 2000, "sched_yield microseconds before sleeping on a futex"),
     "NCL_KERNEL_ISA": Knob(str.lower, "", "force the reduction kernels: generic, avx2 or avx512 (read by C)"),

@@ -50,6 +50,8 @@ class NclBackend(Backend):
         self.rank, self.size = self.comm.rank, self.comm.size
         self.registered = registered
         self.ops = {"sum": ncl.SUM, "prod": ncl.PROD, "min": ncl.MIN, "max": ncl.MAX, "avg": ncl.AVG}
+        # bookkeeping buffers: registered too, so that NCL_ALGO=direct sweeps can run
+        self._float, self._int = self.alloc(1, np.float64), self.alloc(1, np.int64)
 
     def alloc(self, count, dtype):
         return self.comm.empty(count, dtype) if self.registered else np.empty(count, dtype)
@@ -58,10 +60,12 @@ class NclBackend(Backend):
         self.comm.barrier()
 
     def max_over_ranks(self, value: float) -> float:
-        return float(self.comm.all_reduce(np.array([value]), self.ncl.MAX)[0])
+        self._float[0] = value
+        return float(self.comm.all_reduce(self._float, self.ncl.MAX)[0])
 
     def sum_over_ranks(self, value: int) -> int:
-        return int(self.comm.all_reduce(np.array([value], np.int64))[0])
+        self._int[0] = value
+        return int(self.comm.all_reduce(self._int)[0])
 
     def run(self, coll, send, recv, op, root, in_place):
         c, o = self.comm, self.ops.get(op)

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List
+from typing import List, Optional
 
 from ..env import parse_bytes
 from . import report, specs
@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-R", "--registered", type=int, choices=(0, 1), default=0,
                    help="1: ncl buffers from comm.empty (registered, no staging copies)")
     p.add_argument("--compare", type=_peers, default=[], help="also run the sweep through mpi and/or gloo")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every backend's sweep this many times, interleaved, and report the median time "
+                        "(this host's speed drifts by 2-4x over minutes: interleaving keeps ratios fair)")
     p.add_argument("--timeout", type=float, default=300.0, help="NCL_TIMEOUT of the ranks (seconds)")
     p.add_argument("--csv", help="write every row to this CSV file")
     p.add_argument("--json", help="write rows, command line and machine facts to this JSON file")
@@ -79,8 +82,8 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
         p.error("use -f >= 2, or -f 1 with --stepbytes > 0")
     if cfg.factor > 1 and cfg.min_bytes == 0:
         p.error("-b 0 with a step factor never grows: give -b >= 1")
-    if cfg.warmup < 0 or cfg.iters < 1:
-        p.error("-w must be >= 0 and -i >= 1")
+    if cfg.warmup < 0 or cfg.iters < 1 or cfg.repeat < 1:
+        p.error("-w must be >= 0, -i >= 1 and --repeat >= 1")
     if cfg.min_time < 0 or not cfg.timeout > 0:
         p.error("--min-time must be >= 0 and --timeout > 0")
     if cfg.root < 0 or any(cfg.root >= n for n in cfg.nranks):
@@ -117,12 +120,14 @@ def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
     return [sys.executable, "-m", "ncl.run", "-n", str(n), "--timeout", str(cfg.timeout), "--"] + worker
 
 
-def _run_backend(backend: str, n: int, cfg, rows: List[dict], progress) -> int:
+def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: int = 0,
+                extra_env: Optional[dict] = None) -> int:
     """Run one sweep; print nccl-tests rows as sizes complete.  Returns the launcher's code."""
     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
         cmd = _command(backend, n, cfg, os.path.join(tmp, "rendezvous"))
-        env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout))
-        progress.write(report.header(cfg.collective, backend, n, cfg))
+        env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
+        progress.write(report.header(cfg.collective, backend, n, cfg)
+                       + (f"\n# round {round_ + 1} of {cfg.repeat}" if cfg.repeat > 1 else ""))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         pending = {}
         mine = []
@@ -132,7 +137,7 @@ def _run_backend(backend: str, n: int, cfg, rows: List[dict], progress) -> int:
             except json.JSONDecodeError:
                 progress.write(text.rstrip("\n"))
                 continue
-            row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n)
+            row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n, round=round_)
             report.add_bandwidths(row, cfg.collective)
             rows.append(row)
             mine.append(row)
@@ -150,7 +155,7 @@ def _run_backend(backend: str, n: int, cfg, rows: List[dict], progress) -> int:
         return code
 
 
-class _Progress:
+class Progress:
     """Rows to stdout as they come; a tqdm bar on a terminal (tqdm.write keeps them apart)."""
 
     def __init__(self, total: int):
@@ -180,18 +185,22 @@ def main(argv=None) -> int:
     _check(p, cfg)
     command = ["ncl-perf"] + (sys.argv[1:] if argv is None else list(argv))
     backends = ["ncl"] + cfg.compare
-    progress = _Progress(len(specs.sweep_sizes(cfg)) * len(backends) * len(cfg.nranks))
+    progress = Progress(len(specs.sweep_sizes(cfg)) * len(backends) * len(cfg.nranks) * cfg.repeat)
     rows: List[dict] = []
     failed = 0
     try:
-        for n in cfg.nranks:
-            for backend in backends:
-                failed += _run_backend(backend, n, cfg, rows, progress) != 0
+        for round_ in range(cfg.repeat):
+            for n in cfg.nranks:
+                for backend in backends:
+                    failed += run_backend(backend, n, cfg, rows, progress, round_) != 0
     finally:
         progress.close()
+    summary = report.median_rows(rows) if cfg.repeat > 1 else rows
+    if cfg.repeat > 1:
+        report.log(report.median_table(summary, cfg.collective))
     if cfg.compare:
-        report.log(report.comparison(rows, cfg.collective, cfg.compare))
-    for path in report.write_files(rows, cfg, command, report.machine_facts()):
+        report.log(report.comparison(summary, cfg.collective, cfg.compare))
+    for path in report.write_files(rows, summary, cfg, command, report.machine_facts()):
         report.log(f"# wrote {path}")
     wrong = sum(r.get("wrong", 0) for r in rows)
     if wrong:

@@ -133,21 +133,51 @@ def machine_facts() -> Dict[str, object]:
 
 
 FIELDS = ["backend", "collective", "nranks", "size", "count", "dtype", "op", "root", "in_place", "time_us", "algbw",
-          "busbw", "wrong", "iters", "memcpy_us", "unsupported"]
+          "busbw", "wrong", "iters", "memcpy_us", "rounds", "spread", "unsupported"]
 
 
-def write_files(rows: List[dict], cfg, command: List[str], facts: dict) -> List[str]:
+def median_rows(rows: List[dict]) -> List[dict]:
+    """One row per (backend, ranks, size, placement): the median time over the rounds, the
+    spread (max/min) beside it, every round's #wrong summed."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["backend"], r["nranks"], r["size"], r["in_place"]), []).append(r)
+    out = []
+    for group in groups.values():
+        timed = sorted((r for r in group if "time_us" in r), key=lambda r: r["time_us"])
+        if not timed:
+            out.append(dict(group[0]))
+            continue
+        row = dict(timed[(len(timed) - 1) // 2], rounds=len(timed), wrong=sum(r.get("wrong", 0) for r in group),
+                   spread=timed[-1]["time_us"] / timed[0]["time_us"] if timed[0]["time_us"] > 0 else 1.0)
+        row.pop("round", None)
+        out.append(row)
+    return out
+
+
+def median_table(summary: List[dict], collective: str) -> str:
+    """Per backend and rank count: median time, busbw and the spread over the rounds."""
+    body = [[r["backend"], r["nranks"], r["size"], "in" if r["in_place"] else "out", r["time_us"], r["busbw"],
+             r["spread"], r["wrong"]] for r in summary if "time_us" in r]
+    body.sort(key=lambda b: (b[0] != "ncl", b[0], b[1], b[3], b[2]))
+    return (f"# {collective}: median over rounds (spread = slowest / fastest round)\n"
+            + tabulate(body, ["backend", "ranks", "size (B)", "placement", "time us", "busbw", "spread", "#wrong"],
+                       floatfmt=".3g"))
+
+
+def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], facts: dict) -> List[str]:
     written = []
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump({"command": command, "machine": facts, "settings": vars(cfg), "rows": rows}, f, indent=1)
+            json.dump({"command": command, "machine": facts, "settings": vars(cfg), "rows": rows, "summary": summary},
+                      f, indent=1)
         written.append(cfg.json)
     if cfg.csv:
         with open(cfg.csv, "w", newline="") as f:
             f.write(f"# command: {' '.join(command)}\n# machine: {json.dumps(facts)}\n")
             w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(summary)
         written.append(cfg.csv)
     if cfg.xlsx:
         import openpyxl
@@ -155,7 +185,7 @@ def write_files(rows: List[dict], cfg, command: List[str], facts: dict) -> List[
         sheet = book.active
         sheet.title = "results"
         sheet.append(FIELDS)
-        for r in rows:
+        for r in summary:
             sheet.append([r.get(k) for k in FIELDS])
         about = book.create_sheet("run")
         about.append(["command", " ".join(command)])
@@ -164,7 +194,7 @@ def write_files(rows: List[dict], cfg, command: List[str], facts: dict) -> List[
         book.save(cfg.xlsx)
         written.append(cfg.xlsx)
     if cfg.plot:
-        plot(rows, cfg.plot, f"{cfg.collective} ({cfg.dtype})")
+        plot(summary, cfg.plot, f"{cfg.collective} ({cfg.dtype})")
         written.append(cfg.plot)
     return written
 

@@ -24,7 +24,15 @@ from . import backends, specs
 
 IN_PLACE_FORMS = {"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"}
 MAX_ITERS = 1_000_000
-SETTLE_BARRIERS = 500
+SETTLE_S = 0.5  # barriers before the first timing: freshly started ranks run slow for a while
+
+
+def _settle(backend):
+    """Barriers for SETTLE_S seconds (the slowest rank's clock decides, so all stop together)."""
+    start = time.perf_counter()
+    while backend.max_over_ranks(time.perf_counter() - start) < SETTLE_S:
+        for _ in range(20):
+            backend.barrier()
 
 
 def _buffers(backend, spec, in_place, count, dtype):
@@ -116,8 +124,7 @@ def main(argv=None):
     backend = backends.create(args.backend, registered=cfg.registered, rendezvous_file=args.rendezvous_file)
     spec = specs.SPECS[cfg.collective]
     try:
-        for _ in range(SETTLE_BARRIERS):  # let every rank finish starting up before timing anything
-            backend.barrier()
+        _settle(backend)
         for size in specs.sweep_sizes(cfg):
             for in_place in (False, True):
                 row = measure(backend, cfg, spec, size, in_place)

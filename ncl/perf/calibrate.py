@@ -1,0 +1,69 @@
+"""Calibrate the all_reduce cost model on this host:
+
+    python -m ncl.perf.calibrate [-n 2,4,8] [--out ncl/calibration.json]
+
+For every rank count and algorithm (one_shot and two_shot through staging, direct on
+registered buffers) it runs an ncl-perf sweep with the algorithm forced (NCL_ALGO), then fits
+time = latency + bytes * per_byte by least squares on the relative error (so that 8-byte and
+64 MiB points weigh alike), and writes the table that ncl.tuning loads.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Tuple
+
+from . import cli
+
+ALGORITHMS = ("one_shot", "two_shot", "direct")
+SMALL = 1024
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.json")
+
+
+def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
+    """(latency µs, ns per byte): the latency is the median time of the messages up to 1 KiB,
+    the per-byte cost the least-squares slope of the rest with that latency fixed (a single
+    least-squares line is dominated by one end of a 8 B - 64 MiB sweep)."""
+    small = sorted(t for s, t in points if s <= SMALL)
+    latency = small[len(small) // 2] if small else 0.0
+    large = [(s, t - latency) for s, t in points if s > SMALL]
+    num = sum(s * t for s, t in large)
+    den = sum(s * s for s, _ in large)
+    per_byte = max(0.0, num / den * 1e3) if den else 0.0
+    return float(latency), float(per_byte)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ncl.perf.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--nranks", type=cli._rank_counts, default=[2, 4, 8])
+    p.add_argument("-b", "--minbytes", default="8")
+    p.add_argument("-e", "--maxbytes", default="64M")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    table: Dict[str, Dict[str, List[float]]] = {a: {} for a in ALGORITHMS}
+    measured: Dict[str, Dict[str, list]] = {}
+    progress = cli.Progress(len(ALGORITHMS) * len(args.nranks))
+    for n in args.nranks:
+        for algo in ALGORITHMS:
+            cfg = cli.parser().parse_args(["all_reduce", "-b", args.minbytes, "-e", args.maxbytes, "-f", "4",
+                                           "-n", str(n), "-c", "0", "-R", "1" if algo == "direct" else "0"])
+            rows: List[dict] = []
+            if cli.run_backend("ncl", n, cfg, rows, progress, extra_env={"NCL_ALGO": algo}) != 0:
+                return 1
+            points = [(r["size"], r["time_us"]) for r in rows if not r["in_place"] and "time_us" in r]
+            latency, per_byte = fit(points)
+            table[algo][str(n)] = [round(latency, 3), round(per_byte, 5)]
+            measured.setdefault(algo, {})[str(n)] = points
+            worst = max(abs(latency + per_byte * s / 1e3 - t) / t for s, t in points)
+            progress.write(f"# {algo} np={n}: {latency:.2f} us + {per_byte:.4f} ns/B (worst point off by {worst:.0%})")
+    progress.close()
+    with open(args.out, "w") as f:
+        json.dump({"command": ["python", "-m", "ncl.perf.calibrate"] + (sys.argv[1:] if argv is None else argv),
+                   "machine": cli.report.machine_facts(), "all_reduce": table,
+                   "measured_us": measured}, f, indent=1)
+    print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
