@@ -7,7 +7,9 @@
  * error if a send count differs from the matching receive count) and knows how many
  * steps the largest block needs.
  * all_to_all with a registered send buffer (window.c) that recv does not overlap copies
- * each rank's block straight out of its sender's buffer: 1 step, one copy, 1 step. */
+ * each rank's block straight out of its sender's buffer: 1 step, one copy, 1 step; an
+ * unregistered one does the same through process_vm_readv (cma.c) from cma_min_bytes per
+ * block up.  scatter likewise reads its block of the root's buffer. */
 #include <string.h>
 
 #include "internal.h"
@@ -29,6 +31,19 @@ int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, in
         }
         return ncl_fail(c, ncl_step_sync(c, &fp));
     }
+    bool overlap = !(recv + bytes <= send || send + bytes <= recv);
+    if (ncl_use_cma(c, count * es) && !overlap) {
+        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        for (size_t i = 0; i < n; i++) {
+            size_t j = ((size_t)c->rank + i) % n, at = (size_t)c->rank * count * es;
+            if (j == (size_t)c->rank)
+                memcpy(recv + j * count * es, send + at, count * es);
+            else
+                NCL_CHECK(ncl_fail(c, ncl_cma_read(c, (int)j, recv + j * count * es, ncl_cma_peer_addr(c, (int)j) + at,
+                                                   count * es)));
+        }
+        return ncl_fail(c, ncl_step_sync(c, &fp));
+    }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
@@ -47,6 +62,16 @@ int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int d
     uint8_t* recv = recv_;
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
     ncl_fingerprint fp = {.coll = NCL_COLL_SCATTER, .dtype = (uint8_t)dtype, .root = root, .count = count};
+    if (ncl_use_cma(c, count * es)) {
+        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        size_t at = (size_t)c->rank * count * es;
+        if (c->rank == root) {
+            if (recv != send + at) memcpy(recv, send + at, count * es);
+        } else {
+            NCL_CHECK(ncl_fail(c, ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root) + at, count * es)));
+        }
+        return ncl_fail(c, ncl_step_sync(c, &fp));
+    }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);

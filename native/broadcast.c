@@ -3,7 +3,10 @@
  * broadcast, per slot-sized chunk: the root copies in, 1 step, every other rank copies
  *   the root's slot out.
  * all_gather / gather, per chunk of each rank's piece: every rank copies its piece in,
- *   1 step, every rank (gather: the root) copies all n pieces out to their places. */
+ *   1 step, every rank (gather: the root) copies all n pieces out to their places.
+ * With a registered source (window.c) and at least direct_min_bytes, both read the source
+ * where it is: 1 step, one copy, 1 step so that nobody reuses a buffer a peer still reads.
+ * Unregistered ones of at least cma_min_bytes do the same through process_vm_readv (cma.c). */
 #include <string.h>
 
 #include "internal.h"
@@ -26,6 +29,14 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
         copy(recv, ncl_reg_peer(&rs, root), bytes);
         return ncl_fail(c, ncl_step_sync(c, &fp));
     }
+    if (ncl_use_cma(c, bytes)) {
+        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        if (c->rank == root)
+            copy(recv, send, bytes);
+        else
+            NCL_CHECK(ncl_fail(c, ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root), bytes)));
+        return ncl_fail(c, ncl_step_sync(c, &fp));
+    }
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
@@ -43,6 +54,7 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
 static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int root,
                        ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), bytes = count * es, chunk = c->slot_bytes;
+    bool receives = root < 0 || root == c->rank;
     /* Direct: each rank's piece is read where it is; in place (send is this rank's block of
      * a registered recv) that is block r of rank r's recv, else every rank's send. */
     bool in_place = root < 0 && send == recv + (size_t)c->rank * bytes;
@@ -56,8 +68,18 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
         }
         return ncl_step_sync(c, fp);
     }
+    if (ncl_use_cma(c, bytes)) {
+        NCL_CHECK(ncl_cma_exchange(c, send, fp));
+        for (int i = 0; i < c->nranks && receives; i++) {
+            int r = (c->rank + i) % c->nranks;
+            if (r == c->rank)
+                copy(recv + (size_t)r * bytes, send, bytes);
+            else
+                NCL_CHECK(ncl_cma_read(c, r, recv + (size_t)r * bytes, ncl_cma_peer_addr(c, r), bytes));
+        }
+        return ncl_step_sync(c, fp);
+    }
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
-    bool receives = root < 0 || root == c->rank;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
         ncl_copy_shared(ncl_step_begin(c), send + off, m);

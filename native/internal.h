@@ -65,6 +65,8 @@ typedef struct {
     uint64_t digest[2];                              /* hash of fp[parity], on the line waiters poll */
     _Alignas(NCL_CACHE_LINE) _Atomic int32_t pid;
     _Atomic uint32_t aborted;                        /* NCL_ABORTED or NCL_CLOSED: gone from the group */
+    uint64_t probe_addr;                             /* cma.c: a word peers try to read at setup */
+    _Atomic uint32_t cma_state;                      /* cma.c: 0 not yet probed, 1 can read the next rank, 2 cannot */
     _Alignas(NCL_CACHE_LINE) ncl_fingerprint fp[2];  /* fingerprint of the step of each parity */
     _Alignas(NCL_CACHE_LINE) int32_t abort_status;   /* why this rank aborted: an ncl_status ... */
     char abort_reason[188];                          /* ... and its message (peers copy it, bounded) */
@@ -110,6 +112,8 @@ struct ncl_comm {
     int spin_us, yield_us;
     bool oversubscribed;    /* more local ranks than CPUs we may run on */
     bool central_sync;      /* steps meet at one shared word (oversubscribed hosts, see step.c) */
+    bool cma;               /* every rank can read every other's memory (cma.c) */
+    size_t cma_min_bytes;   /* ... and messages from this size up do so */
     size_t one_shot_max_bytes, direct_min_bytes; /* algorithm thresholds (ncl_options) */
     ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
     uint32_t nwindows;      /* windows ever created: the next one's number */
@@ -127,6 +131,17 @@ typedef struct {
 /* copy.c: writes that a peer will read (non-temporal stores for large ones) */
 void ncl_copy_shared(void* dst, const void* src, size_t n);
 int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
+
+/* cma.c: single-copy reads of peers' unregistered buffers */
+#define NCL_EXTRA_CMA (1ull << 32) /* fingerprint.extra flag: this call reads peers through CMA */
+void ncl_cma_publish_probe(ncl_comm* c);
+int ncl_cma_agree(ncl_comm* c, bool allowed, double deadline);
+bool ncl_use_cma(const ncl_comm* c, size_t bytes);
+/* One step publishing this rank's buffer address; afterwards ncl_cma_peer_addr() gives each
+ * rank's, and the caller ends with another step before anyone reuses a buffer. */
+int ncl_cma_exchange(ncl_comm* c, const void* mine, ncl_fingerprint* fp);
+uint64_t ncl_cma_peer_addr(ncl_comm* c, int peer);
+int ncl_cma_read(ncl_comm* c, int peer, void* local, uint64_t remote, size_t bytes);
 
 /* window.c */
 ncl_reg ncl_registered(ncl_comm* c, const void* p, size_t bytes);

@@ -50,6 +50,7 @@ typedef struct {
     int32_t yield_us;       /* then sched_yield this long before sleeping on a futex */
     size_t one_shot_max_bytes;  /* all_reduce AUTO: one-shot up to here, two-shot above */
     size_t direct_min_bytes;    /* registered buffers: read peers in place from here up */
+    size_t cma_min_bytes;       /* unregistered buffers: single-copy reads (process_vm_readv) from here up; 0: never */
 } ncl_options;
 
 const char* ncl_last_error(void);

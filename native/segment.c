@@ -184,6 +184,7 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->oversubscribed = nranks > count_cpus();
     c->one_shot_max_bytes = opts->one_shot_max_bytes;
     c->direct_min_bytes = opts->direct_min_bytes;
+    c->cma_min_bytes = opts->cma_min_bytes;
     pthread_mutex_init(&c->win_lock, NULL);
     strcpy(c->name, name);
 
@@ -212,9 +213,11 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->ranks = (ncl_rank_ctrl*)(c->base + want.rank_ctrl_off);
     c->pairs = (ncl_pair_ctrl*)(c->base + want.pair_ctrl_off);
     memset(ncl_slot(c, rank, 0), 0, 2 * slot); /* fault our own staging pages in now, not mid-collective */
+    ncl_cma_publish_probe(c);
     atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
     if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
     int rc = wait_all_attached(c, deadline);
+    if (rc == NCL_OK) rc = ncl_cma_agree(c, opts->cma_min_bytes > 0, deadline);
     if (rc != NCL_OK) {
         snprintf(c->ranks[rank].abort_reason, sizeof c->ranks[rank].abort_reason, "setup failed");
         atomic_store(&c->ranks[rank].aborted, NCL_ABORTED);

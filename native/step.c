@@ -23,7 +23,9 @@ void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count,
 static int describe(char* out, size_t cap, const ncl_fingerprint* fp) {
     int len = snprintf(out, cap, "%s(%s, count=%llu, op=%s, root=%d, extra=%llu", ncl_coll_name(fp->coll),
                        ncl_dtype_name(fp->dtype), (unsigned long long)fp->count, ncl_op_name(fp->op), (int)fp->root,
-                       (unsigned long long)fp->extra);
+                       (unsigned long long)(fp->extra & 0xffffffffu));
+    if (fp->extra & NCL_EXTRA_CMA && len > 0 && (size_t)len < cap)
+        len += snprintf(out + len, cap - (size_t)len, ", single-copy reads");
     for (int i = 0; i < 2 && len > 0 && (size_t)len < cap; i++)
         if (fp->win[i])
             len += snprintf(out + len, cap - (size_t)len, ", %s in registered window %u at byte %llu",

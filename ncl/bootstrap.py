@@ -20,6 +20,7 @@ def options(nranks: int, timeout: Optional[float] = None):
     same sizes."""
     opts = ffi.new("ncl_options *")
     opts.one_shot_max_bytes, opts.direct_min_bytes = tuning.thresholds(nranks)
+    opts.cma_min_bytes = env.get("NCL_CMA_MIN_BYTES") if env.get("NCL_CMA") else 0
     opts.staging_bytes = env.get("NCL_BUFFSIZE")
     opts.p2p_bytes = env.get("NCL_P2P_BUFFSIZE")
     opts.timeout_s = env.get("NCL_TIMEOUT") if timeout is None else timeout

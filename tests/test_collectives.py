@@ -724,3 +724,30 @@ def test_harness_reports_errors_and_deadlocks(pool_factory):
     assert pool.dead
     fresh = pool_factory(2, env)
     assert fresh is not pool and len(fresh.run(_barrier_times, 1)) == 2
+
+
+# ---- the single-copy (process_vm_readv) paths ------------------------------------------------
+CMA_ENVS = {"cma_forced": SMALL_STAGING + (("NCL_CMA_MIN_BYTES", "1"),), "cma_off": SMALL_STAGING + (("NCL_CMA", "0"),)}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", (2, 3, 8))
+@pytest.mark.parametrize("path", sorted(CMA_ENVS))
+def test_data_movement_cma_on_and_off(pool_factory, size, path):
+    """all_gather, all_to_all, broadcast, gather and scatter with every message read from the
+    peer's buffer (NCL_CMA_MIN_BYTES=1), and with CMA disabled (everything staged)."""
+    failures = pool_factory(size, CMA_ENVS[path]).run(_data_movement_sweep, "cma", ["float32", "int8"], timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+def _all_to_all_in_place_on_rank_0(comm):
+    x = np.arange(4 * comm.size, dtype=np.float32)
+    comm.all_to_all(x, out=x if comm.rank == 0 else None)
+
+
+@pytest.mark.timeout(60)
+def test_single_copy_on_some_ranks_only_is_a_mismatch(pool_factory):
+    """In-place all_to_all cannot read peers in place; a rank that stages while the others read
+    through CMA is caught by the fingerprints on every rank."""
+    errors = pool_factory(2, CMA_ENVS["cma_forced"]).run_expect_error(_all_to_all_in_place_on_rank_0)
+    assert all(e.is_a("NclMismatchError") and "single-copy reads" in e.message for e in errors), errors
