@@ -45,7 +45,7 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
         if (c->rank == root)
             copy(recv + off, send + off, m);
         else
-            memcpy(recv + off, ncl_step_peer_slot(c, root), m);
+            ncl_copy_shared(recv + off, ncl_step_peer_slot(c, root), m); /* streaming stores: measured faster at 64 MiB */
     }
     return NCL_OK;
 }

@@ -110,12 +110,14 @@ def output(out: Any, like: Buffer, shape: Tuple[int, ...], name: str = "out", *,
     buf = as_buffer(out, name, writable=True)
     if buf.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but must match the input's {like.obj.dtype}")
-    if (buf.shape if rows_known else buf.shape[1:]) != (tuple(shape) if rows_known else tuple(shape[1:])):
+    if buf.shape != shape if rows_known else buf.shape[1:] != tuple(shape[1:]):
         raise ValueError(f"{name} has shape {buf.shape} but must have shape {tuple(shape)}")
     return buf
 
 
 def check_rank(value: Any, name: str, size: int, *, other_than: Optional[int] = None) -> int:
+    if type(value) is int and 0 <= value < size and value != other_than:  # the common case, fast
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int rank, not {type(value).__name__}")
     value = int(value)
