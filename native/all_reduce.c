@@ -107,6 +107,7 @@ static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t 
 
 int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, op, -1));
+    if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     size_t bytes = count * (size_t)ncl_dtype_size(dtype);
     ncl_reg rs = {NULL, 0}, rr = {NULL, 0};
     if (algo == NCL_ALGO_AUTO || algo == NCL_ALGO_DIRECT) {
@@ -136,6 +137,7 @@ int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int 
 
 int ncl_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int root) {
     NCL_CHECK(ncl_check_args(c, send, c->rank == root ? recv : send, count, dtype, op, root));
+    if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     ncl_fingerprint fp = {.coll = NCL_COLL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = root,
                           .count = count};
     return ncl_fail(c, two_shot(c, send, recv, count, dtype, op, root, &fp));
@@ -145,6 +147,7 @@ int ncl_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtyp
  * then reduces its own block's piece from all n slots in rank order. */
 int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int op) {
     NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, op, -1));
+    if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     const uint8_t* send = send_;
     uint8_t* recv = recv_;
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;

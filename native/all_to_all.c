@@ -16,6 +16,7 @@
 
 int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype) {
     NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, -1, -1));
+    if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     const uint8_t* send = send_;
     uint8_t* recv = recv_;
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
@@ -58,6 +59,7 @@ int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, in
 int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
     NCL_CHECK(ncl_check_args(c, c->rank == root ? send_ : recv_, recv_, count, dtype, -1, root));
     if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
+    if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     const uint8_t* send = send_;
     uint8_t* recv = recv_;
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;

@@ -30,12 +30,14 @@ void ncl_copy_shared(void* dst_, const void* src_, size_t n) {
         dst += head, src += head, n -= head;
         size_t body = n & ~(size_t)63;
         for (size_t i = 0; i < body; i += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i*)(src + i)), b = _mm_loadu_si128((const __m128i*)(src + i + 16));
-            __m128i c = _mm_loadu_si128((const __m128i*)(src + i + 32)), d = _mm_loadu_si128((const __m128i*)(src + i + 48));
-            _mm_stream_si128((__m128i*)(dst + i), a);
-            _mm_stream_si128((__m128i*)(dst + i + 16), b);
-            _mm_stream_si128((__m128i*)(dst + i + 32), c);
-            _mm_stream_si128((__m128i*)(dst + i + 48), d);
+            const __m128i* s = (const __m128i*)(src + i);
+            __m128i a = _mm_loadu_si128(s), b = _mm_loadu_si128(s + 1), c = _mm_loadu_si128(s + 2),
+                    d = _mm_loadu_si128(s + 3);
+            __m128i* t = (__m128i*)(dst + i);
+            _mm_stream_si128(t, a);
+            _mm_stream_si128(t + 1, b);
+            _mm_stream_si128(t + 2, c);
+            _mm_stream_si128(t + 3, d);
         }
         memcpy(dst + body, src + body, n - body);
         _mm_sfence(); /* the stores are visible before the step that publishes them */

@@ -100,7 +100,8 @@ int ncl_window_create(ncl_comm* c, const char* name, size_t bytes, ncl_window** 
     NCL_CHECK(ncl_comm_usable(c));
     if (!out || !name || name[0] != '/' || strchr(name + 1, '/'))
         return ncl_error(NCL_ERR_ARGUMENT, "window name must be '/' and a name without '/'");
-    if (bytes > WINDOW_MAX_BYTES) return ncl_error(NCL_ERR_ARGUMENT, "registered buffer of %zu bytes is too large", bytes);
+    if (bytes > WINDOW_MAX_BYTES)
+        return ncl_error(NCL_ERR_ARGUMENT, "registered buffer of %zu bytes is too large", bytes);
     return ncl_fail(c, create(c, name, bytes, out));
 }
 

@@ -10,7 +10,8 @@ import gc
 import numpy as np
 import pytest
 
-from harness import DTYPES, FLOATS, OPS, SMALL_STAGING, as_numpy, case_seed, mismatch, rank_data, reference_reduce, report
+from harness import (DTYPES, FLOATS, OPS, SMALL_STAGING, as_numpy, case_seed, mismatch, rank_data, reference_reduce,
+                     report)
 
 DIRECT = SMALL_STAGING + (("NCL_DIRECT_MIN_BYTES", "1"),)
 COUNTS = (1, 7, 1001, 50_000)

@@ -3,13 +3,14 @@
     python -m ncl.perf.calibrate [-n 2,4,8] [--out ncl/calibration.json]
 
 For every rank count and algorithm (one_shot and two_shot through staging, direct on
-registered buffers) it runs an ncl-perf sweep with the algorithm forced (NCL_ALGO), then fits
-time = latency + bytes * per_byte by least squares on the relative error (so that 8-byte and
-64 MiB points weigh alike), and writes the table that ncl.tuning loads.
+registered buffers) it runs ncl-perf sweeps with the algorithm forced (NCL_ALGO), interleaved
+over --repeat rounds (this host's speed drifts 2-4x over minutes), fits time = latency + bytes
+x per_byte to each point's median (see `fit`), and writes the table that ncl.tuning loads.
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 from typing import Dict, List, Tuple
 
@@ -39,18 +40,25 @@ def main(argv=None) -> int:
     p.add_argument("-b", "--minbytes", default="8")
     p.add_argument("-e", "--maxbytes", default="64M")
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the fit uses each point's median")
     args = p.parse_args(argv)
     table: Dict[str, Dict[str, List[float]]] = {a: {} for a in ALGORITHMS}
     measured: Dict[str, Dict[str, list]] = {}
-    progress = cli.Progress(len(ALGORITHMS) * len(args.nranks))
+    progress = cli.Progress(len(ALGORITHMS) * len(args.nranks) * args.repeat)
     for n in args.nranks:
+        times: Dict[str, Dict[int, List[float]]] = {a: {} for a in ALGORITHMS}
+        for _ in range(args.repeat):  # interleaved, so that a slow minute hits every algorithm alike
+            for algo in ALGORITHMS:
+                cfg = cli.parser().parse_args(["all_reduce", "-b", args.minbytes, "-e", args.maxbytes, "-f", "4",
+                                               "-n", str(n), "-c", "0", "-R", "1" if algo == "direct" else "0"])
+                rows: List[dict] = []
+                if cli.run_backend("ncl", n, cfg, rows, progress, extra_env={"NCL_ALGO": algo}) != 0:
+                    return 1
+                for r in rows:
+                    if not r["in_place"] and "time_us" in r:
+                        times[algo].setdefault(r["size"], []).append(r["time_us"])
         for algo in ALGORITHMS:
-            cfg = cli.parser().parse_args(["all_reduce", "-b", args.minbytes, "-e", args.maxbytes, "-f", "4",
-                                           "-n", str(n), "-c", "0", "-R", "1" if algo == "direct" else "0"])
-            rows: List[dict] = []
-            if cli.run_backend("ncl", n, cfg, rows, progress, extra_env={"NCL_ALGO": algo}) != 0:
-                return 1
-            points = [(r["size"], r["time_us"]) for r in rows if not r["in_place"] and "time_us" in r]
+            points = [(size, statistics.median(ts)) for size, ts in sorted(times[algo].items())]
             latency, per_byte = fit(points)
             table[algo][str(n)] = [round(latency, 3), round(per_byte, 5)]
             measured.setdefault(algo, {})[str(n)] = points
