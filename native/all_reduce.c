@@ -9,9 +9,14 @@
  * two-shot, per chunk: copy in (m), 1 step, rank r reduces block r of all copies into its
  *   other slot (reads m), 1 step, everyone copies the n reduced blocks out (m): the
  *   reduce-scatter + all-gather that keeps per-rank traffic flat as n grows.
+ * cma (unregistered buffers, process_vm_readv works, see cma.c): two-shot with one copy:
+ *   rank r reads block r of every peer's send piece by piece into scratch memory and
+ *   reduces it with its own into its recv (streaming stores), 1 step, reads every other
+ *   block from its owner's recv, 1 step so that nobody reuses a buffer a peer still reads.
  * direct (send and recv registered, see window.c): two-shot with no staging: rank r reduces
  *   block r of every rank's send straight into its own recv, 1 step, copies the other blocks
  *   from their owners' recv, 1 step so that nobody reuses a buffer a peer still reads. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -105,6 +110,48 @@ static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t 
     return ncl_step_sync(c, fp);
 }
 
+#define CMA_SCRATCH_BYTES ((size_t)256 << 10) /* all peers' pieces together: stays in L2 */
+
+static int cma_two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op,
+                        ncl_fingerprint* fp) {
+    size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, lo, hi;
+    if (!c->cma_scratch && !(c->cma_scratch = aligned_alloc(NCL_PAGE, CMA_SCRATCH_BYTES)))
+        return ncl_error(NCL_ERR_SYSTEM, "out of memory for the all_reduce scratch buffer");
+    fp->extra |= NCL_EXTRA_CMA;
+    uint64_t* mine = (uint64_t*)ncl_step_begin(c);
+    mine[0] = (uint64_t)(uintptr_t)send, mine[1] = (uint64_t)(uintptr_t)recv;
+    NCL_CHECK(ncl_step_sync(c, fp));
+    /* reduce-scatter: my block of everyone's send, in pieces that fit the scratch */
+    block_range(count, c->nranks, c->rank, es, &lo, &hi);
+    size_t piece = ncl_max(CMA_SCRATCH_BYTES / (n - 1) / NCL_CACHE_LINE * NCL_CACHE_LINE, NCL_CACHE_LINE) / es;
+    const void* srcs[NCL_MAX_RANKS];
+    for (size_t off = lo; off < hi; off += piece) {
+        size_t m = ncl_min(piece, hi - off);
+        uint8_t* slot = c->cma_scratch;
+        for (int r = 0; r < c->nranks; r++) {
+            if (r == c->rank) {
+                srcs[r] = send + off * es;
+                continue;
+            }
+            uint64_t theirs = ((const uint64_t*)ncl_step_peer_slot(c, r))[0];
+            NCL_CHECK(ncl_cma_read(c, r, slot, theirs + off * es, m * es));
+            srcs[r] = slot;
+            slot += piece * es;
+        }
+        NCL_CHECK(ncl_reduce_shared(recv + off * es, srcs, c->nranks, m, dtype, op));
+    }
+    uint64_t recvs[NCL_MAX_RANKS]; /* the next step reuses the slots: keep the addresses */
+    for (int r = 0; r < c->nranks; r++) recvs[r] = ((const uint64_t*)ncl_step_peer_slot(c, r))[1];
+    NCL_CHECK(ncl_step_sync(c, fp));
+    /* all-gather: every other block from its owner's recv */
+    for (int i = 1; i < c->nranks; i++) {
+        int r = (c->rank + i) % c->nranks;
+        block_range(count, c->nranks, r, es, &lo, &hi);
+        NCL_CHECK(ncl_cma_read(c, r, recv + lo * es, recvs[r] + lo * es, (hi - lo) * es));
+    }
+    return ncl_step_sync(c, fp);
+}
+
 int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, op, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
@@ -118,11 +165,15 @@ int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int 
     if (algo == NCL_ALGO_DIRECT && !registered)
         return ncl_error(NCL_ERR_ARGUMENT, "the direct all_reduce needs send and recv buffers from comm.empty() "
                                            "(registered memory) on more than one rank");
+    if (algo == NCL_ALGO_CMA && !(c->cma && c->nranks > 1))
+        return ncl_error(NCL_ERR_ARGUMENT, "the cma all_reduce needs more than one rank and process_vm_readv "
+                                           "between them (the setup probe failed, or NCL_CMA=0)");
     if (algo == NCL_ALGO_AUTO)
-        algo = registered && bytes >= c->direct_min_bytes ? NCL_ALGO_DIRECT
-               : bytes <= c->one_shot_max_bytes           ? NCL_ALGO_ONE_SHOT
-                                                          : NCL_ALGO_TWO_SHOT;
-    if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_DIRECT)
+        algo = registered && bytes >= c->direct_min_bytes                        ? NCL_ALGO_DIRECT
+               : c->cma && c->nranks > 1 && bytes >= c->cma_all_reduce_min_bytes ? NCL_ALGO_CMA
+               : bytes <= c->one_shot_max_bytes                                  ? NCL_ALGO_ONE_SHOT
+                                                                                 : NCL_ALGO_TWO_SHOT;
+    if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_CMA)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
@@ -131,6 +182,7 @@ int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int 
         return ncl_fail(c, direct(c, &rs, &rr, count, dtype, op, &fp));
     }
     int rc = algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, &fp)
+             : algo == NCL_ALGO_CMA    ? cma_two_shot(c, send, recv, count, dtype, op, &fp)
                                        : two_shot(c, send, recv, count, dtype, op, -1, &fp);
     return ncl_fail(c, rc);
 }

@@ -114,6 +114,8 @@ struct ncl_comm {
     bool central_sync;      /* steps meet at one shared word (oversubscribed hosts, see step.c) */
     bool cma;               /* every rank can read every other's memory (cma.c) */
     size_t cma_min_bytes;   /* ... and messages from this size up do so */
+    size_t cma_all_reduce_min_bytes; /* all_reduce AUTO: the CMA two-shot from here up */
+    uint8_t* cma_scratch;   /* all_reduce through CMA: peers' pieces land here (malloc'd on first use) */
     size_t one_shot_max_bytes, direct_min_bytes; /* algorithm thresholds (ncl_options) */
     ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
     uint32_t nwindows;      /* windows ever created: the next one's number */
@@ -196,6 +198,7 @@ int ncl_fail(ncl_comm* c, int status);
 void ncl_wake_waiters(ncl_comm* c);            /* mark broken + aborted, pass status on */
 
 static inline size_t ncl_min(size_t a, size_t b) { return a < b ? a : b; }
+static inline size_t ncl_max(size_t a, size_t b) { return a > b ? a : b; }
 static inline size_t ncl_div_up(size_t a, size_t b) { return (a + b - 1) / b; }
 
 #endif

@@ -35,7 +35,8 @@ typedef enum {
     NCL_ALGO_AUTO = 0,      /* the core picks, by the thresholds in ncl_options */
     NCL_ALGO_ONE_SHOT = 1,  /* every rank reduces the whole message */
     NCL_ALGO_TWO_SHOT = 2,  /* reduce-scatter in rank order, then all-gather, through staging */
-    NCL_ALGO_DIRECT = 3     /* two-shot reading peers' registered buffers in place (no staging) */
+    NCL_ALGO_DIRECT = 3,    /* two-shot reading peers' registered buffers in place (no staging) */
+    NCL_ALGO_CMA = 4        /* two-shot reading peers' buffers with process_vm_readv (single copy) */
 } ncl_algo;
 
 typedef struct ncl_comm ncl_comm;
@@ -51,6 +52,7 @@ typedef struct {
     size_t one_shot_max_bytes;  /* all_reduce AUTO: one-shot up to here, two-shot above */
     size_t direct_min_bytes;    /* registered buffers: read peers in place from here up */
     size_t cma_min_bytes;       /* unregistered buffers: single-copy reads (process_vm_readv) from here up; 0: never */
+    size_t cma_all_reduce_min_bytes; /* all_reduce AUTO: the CMA two-shot from here up (if CMA works) */
 } ncl_options;
 
 const char* ncl_last_error(void);

@@ -185,6 +185,7 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->one_shot_max_bytes = opts->one_shot_max_bytes;
     c->direct_min_bytes = opts->direct_min_bytes;
     c->cma_min_bytes = opts->cma_min_bytes;
+    c->cma_all_reduce_min_bytes = opts->cma_all_reduce_min_bytes;
     pthread_mutex_init(&c->win_lock, NULL);
     strcpy(c->name, name);
 
@@ -240,6 +241,7 @@ int ncl_comm_destroy(ncl_comm* c) {
     ncl_windows_detach(c);
     pthread_mutex_destroy(&c->win_lock);
     free(c->p2p_sent);
+    free(c->cma_scratch);
     free(c);
     return NCL_OK;
 }

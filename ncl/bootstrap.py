@@ -19,7 +19,7 @@ def options(nranks: int, timeout: Optional[float] = None):
     """The C core's options, from the NCL_* knobs and the cost model; every rank must use the
     same sizes."""
     opts = ffi.new("ncl_options *")
-    opts.one_shot_max_bytes, opts.direct_min_bytes = tuning.thresholds(nranks)
+    opts.one_shot_max_bytes, opts.direct_min_bytes, opts.cma_all_reduce_min_bytes = tuning.thresholds(nranks)
     opts.cma_min_bytes = env.get("NCL_CMA_MIN_BYTES") if env.get("NCL_CMA") else 0
     opts.staging_bytes = env.get("NCL_BUFFSIZE")
     opts.p2p_bytes = env.get("NCL_P2P_BUFFSIZE")

@@ -322,7 +322,8 @@ class Communicator:
         new_rank = members.index((int(key), self._rank))
         name = segment_name(self._unique_id, f"{self._name}/split{self._splits}/color{color}")
         options = ffi.new("ncl_options *", self._options[0])
-        options.one_shot_max_bytes, options.direct_min_bytes = tuning.thresholds(len(members))
+        options.one_shot_max_bytes, options.direct_min_bytes, options.cma_all_reduce_min_bytes = \
+            tuning.thresholds(len(members))
         return Communicator._create(name, new_rank, len(members), self._unique_id, options)
 
 

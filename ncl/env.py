@@ -22,7 +22,7 @@ KNOBS: Dict[str, Knob] = {
                          "staging bytes per rank for collectives (two slots); longer messages are pipelined"),
     "NCL_P2P_BUFFSIZE": Knob(parse_bytes, 256 << 10, "staging bytes per ordered pair of ranks for send/recv"),
     "NCL_TIMEOUT": Knob(float, 600.0, "seconds any wait may last before NclTimeoutError"),
-    "NCL_ALGO": Knob(str.lower, "", "force the all_reduce algorithm: one_shot, two_shot or direct"),
+    "NCL_ALGO": Knob(str.lower, "", "force the all_reduce algorithm: one_shot, two_shot, direct or cma"),
     "NCL_ONE_SHOT_MAX_BYTES": Knob(parse_bytes, None, "all_reduce: one-shot up to this size (default: the cost model)"),
     "NCL_DIRECT_MIN_BYTES": Knob(parse_bytes, None,
                                  "registered buffers: read peers in place from this size up (default: the cost model)"),

@@ -7,6 +7,8 @@ measured sweeps.  A communicator turns the model into two size thresholds when i
 which the C core applies on every call (so the per-call path stays a comparison in C):
     one_shot_max_bytes   staged all_reduce: one-shot up to here, two-shot above
     direct_min_bytes     registered buffers: the direct (in-place reading) paths from here up
+    cma_min_bytes        all_reduce of unregistered buffers: the two-shot through process_vm_readv
+                         from here up (when the kernel allows it between the ranks)
 Rank counts between calibrated ones use the next larger one.  NCL_ALGO forces an all_reduce
 algorithm; NCL_ONE_SHOT_MAX_BYTES and NCL_DIRECT_MIN_BYTES override the thresholds.
 """
@@ -18,7 +20,8 @@ from typing import Dict, Tuple
 from . import env
 from ._native import lib
 
-ALGORITHMS = {"one_shot": lib.NCL_ALGO_ONE_SHOT, "two_shot": lib.NCL_ALGO_TWO_SHOT, "direct": lib.NCL_ALGO_DIRECT}
+ALGORITHMS = {"one_shot": lib.NCL_ALGO_ONE_SHOT, "two_shot": lib.NCL_ALGO_TWO_SHOT, "direct": lib.NCL_ALGO_DIRECT,
+              "cma": lib.NCL_ALGO_CMA}
 NEVER = 1 << 62
 _PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
 
@@ -30,7 +33,10 @@ def calibration(path: str = "") -> Dict[str, Dict[int, Tuple[float, float]]]:
     try:
         with open(path) as f:
             table = json.load(f)["all_reduce"]
-        return {algo: {int(n): (float(v[0]), float(v[1])) for n, v in table[algo].items()} for algo in ALGORITHMS}
+        # an algorithm the file does not know is never chosen
+        never = {1: (float(NEVER), 0.0)}
+        return {algo: {int(n): (float(v[0]), float(v[1])) for n, v in table[algo].items()} if algo in table else never
+                for algo in ALGORITHMS}
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"cannot read the tuning file {path}: {exc}; "
                          "write one with `python -m ncl.perf.calibrate --out FILE`") from None
@@ -61,15 +67,17 @@ def _first_size_where(better) -> int:
     return hi
 
 
-def thresholds(nranks: int) -> Tuple[int, int]:
-    """(one_shot_max_bytes, direct_min_bytes) for a communicator of nranks."""
+def thresholds(nranks: int) -> Tuple[int, int, int]:
+    """(one_shot_max_bytes, direct_min_bytes, cma_min_bytes) for a communicator of nranks."""
     def staged(s):
         return min(predict_us("one_shot", s, nranks), predict_us("two_shot", s, nranks))
 
     one_shot_max = _first_size_where(lambda s: predict_us("two_shot", s, nranks) < predict_us("one_shot", s, nranks))
     direct_min = _first_size_where(lambda s: predict_us("direct", s, nranks) < staged(s))
+    cma_min = _first_size_where(lambda s: predict_us("cma", s, nranks) < staged(s))
     forced = env.get("NCL_ONE_SHOT_MAX_BYTES"), env.get("NCL_DIRECT_MIN_BYTES")
-    return (one_shot_max if forced[0] is None else forced[0]), (direct_min if forced[1] is None else forced[1])
+    return (one_shot_max if forced[0] is None else forced[0]), (direct_min if forced[1] is None else forced[1]), \
+        cma_min
 
 
 def forced_all_reduce_algorithm() -> int:

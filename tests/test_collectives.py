@@ -127,15 +127,15 @@ def test_all_reduce(pool_factory, size, dtype):
 
 
 ALGO_ENVS = {"auto": SMALL_STAGING, "one_shot": SMALL_STAGING + (("NCL_ALGO", "one_shot"),),
-             "two_shot": SMALL_STAGING + (("NCL_ALGO", "two_shot"),)}
+             "two_shot": SMALL_STAGING + (("NCL_ALGO", "two_shot"),), "cma": SMALL_STAGING + (("NCL_ALGO", "cma"),)}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("size", (3, 5))
 def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
-    """NCL_ALGO=one_shot and =two_shot (and the automatic choice) give the reference, bitwise
-    identical across ranks and across algorithms."""
+    """NCL_ALGO=one_shot, =two_shot and =cma (and the automatic choice) give the reference,
+    bitwise identical across ranks and across algorithms."""
     by_algo = {}
     for algo, env in ALGO_ENVS.items():
         by_algo[algo] = _assert_sweep(pool_factory(size, env).run(_all_reduce_sweep, "algo", [dtype], _ops(dtype),

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 from . import cli
 
-ALGORITHMS = ("one_shot", "two_shot", "direct")
+ALGORITHMS = ("one_shot", "two_shot", "direct", "cma")
 SMALL = 1024
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.json")
 

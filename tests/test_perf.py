@@ -1,0 +1,103 @@
+"""ncl-perf: its numpy references, and whole sweeps through the command line (real ranks).
+
+The sweeps check every result while they time (-c 1), so a wrong collective or a wrong
+reference shows as a non-zero #wrong and a failing exit code.  Only torch's gloo is compared
+here (torch is in the test install; MPI arrives with issue 5's CI)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ncl.perf import specs
+
+QUICK = ["-w", "1", "-i", "2", "--min-time", "0"]
+
+
+@pytest.mark.parametrize("name", sorted(specs.SPECS))
+@pytest.mark.parametrize("n", (1, 3, 4))
+def test_expected_matches_a_direct_computation(name, n):
+    """specs.expected (periodic shortcuts) against stacking every rank's send_data."""
+    spec, count, root = specs.SPECS[name], 24, n - 1
+    for dtype_name, op in (("float32", "sum"), ("int8", "max"), ("bfloat16", "prod"), ("int32", "avg")):
+        dtype = specs.numpy_dtype(dtype_name)
+        sends = [specs.send_data(spec, r, n, count, root, dtype) for r in range(n)]
+        full = [specs.send_data(spec, r, n, count, r, dtype) for r in range(n)]  # every rank's data, as root
+        stacked = np.stack([s.astype(np.float64) for s in full])
+        reduced = {"sum": stacked.sum(0), "max": stacked.max(0), "prod": stacked.prod(0),
+                   "avg": np.trunc(stacked.sum(0) / n)}[op]
+        m = spec.out_count(count, n)
+        for rank in range(n):
+            got = specs.expected(spec, rank, n, count, root, op, dtype)
+            if name == "all_reduce" or (name == "reduce" and rank == root):
+                want = reduced
+            elif name == "reduce_scatter":
+                want = reduced[rank * m:(rank + 1) * m]
+            elif name == "broadcast":
+                want = full[root]
+            elif name == "all_gather" or (name == "gather" and rank == root):
+                want = np.concatenate([s for s in sends])
+            elif name == "scatter":
+                want = full[root][rank * m:(rank + 1) * m]
+            elif name == "all_to_all":
+                want = np.concatenate([full[r][rank * (m // n):(rank + 1) * (m // n)] for r in range(n)])
+            else:
+                want = None
+            if want is None:
+                assert got is None
+            else:
+                np.testing.assert_array_equal(got.astype(np.float64), np.asarray(want, np.float64).astype(dtype)
+                                              .astype(np.float64), err_msg=f"{name} {dtype_name} {op} rank {rank}")
+
+
+def _perf(args, tmp_path, timeout=120):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "ncl.perf.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_sweep_prints_checks_and_writes_every_file(tmp_path):
+    code, out, err = _perf(["all_reduce", "-b", "8", "-e", "4K", "-f", "8", "-n", "2", *QUICK, "--csv", "r.csv",
+                            "--json", "r.json", "--xlsx", "r.xlsx", "--plot", "r.png"], tmp_path)
+    assert code == 0, out + err
+    assert "#wrong" in out and "busbw" in out and "Avg bus bandwidth" in out
+    rows = list(csv.DictReader(line for line in (tmp_path / "r.csv").open() if not line.startswith("#")))
+    assert sorted({int(r["size"]) for r in rows}) == [8, 64, 512, 4096]  # -e ends the sweep
+    assert {r["in_place"] for r in rows} == {"False", "True"} and all(r["wrong"] == "0" for r in rows)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["command"][:2] == ["ncl-perf", "all_reduce"] and report["machine"]["cpus_usable"] >= 1
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "r.xlsx").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(specs.SPECS))
+def test_every_collective_verifies_on_three_ranks(tmp_path, name):
+    args = [name, "-b", "96", "-e", "96K", "-f", "1024", "-n", "3", "-r", "1", *QUICK, "-d", "int32"]
+    code, out, err = _perf(args + (["-o", "max"] if specs.SPECS[name].reduces else []), tmp_path)
+    assert code == 0 and "#wrong total 0" in out, out + err
+
+
+@pytest.mark.timeout(300)
+def test_compare_with_gloo_prints_ratios(tmp_path):
+    code, out, err = _perf(["all_gather", "-b", "64", "-e", "64K", "-f", "1024", "-n", "2", *QUICK, "--compare",
+                            "gloo", "--repeat", "2"], tmp_path, timeout=240)
+    assert code == 0, out + err
+    assert "time ratio ncl / peer" in out and "ncl/gloo" in out and "median over rounds" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["all_reduce", "-b", "1K", "-e", "8"], "larger than -e"),
+    (["all_gather", "-o", "max"], "takes no reduction op"),
+    (["all_reduce", "-n", "0"], "must be >= 1"),
+    (["all_reduce", "-r", "2", "-n", "2"], "not a rank"),
+    (["all_reduce", "--compare", "nccl"], "mpi and/or gloo"),
+    (["all_reduce", "-b", "12Q"], "not a size"),
+])
+def test_bad_arguments_fail_before_any_rank_starts(tmp_path, args, message):
+    code, out, err = _perf(args, tmp_path, timeout=60)
+    assert code == 2 and message in err, err
