@@ -2,8 +2,10 @@
 over bandwidth, per algorithm and rank count, calibrated on this host.
 
 `calibration.json` (written by `python -m ncl.perf.calibrate`; NCL_TUNING_FILE names another)
-holds, for each all_reduce algorithm and rank count, (latency µs, ns per byte) fitted to
-measured sweeps.  A communicator turns the model into two size thresholds when it is created,
+holds, for each all_reduce algorithm and rank count, the median times measured from 8 B to
+64 MiB and a fitted (latency µs, ns per byte); the model interpolates between the measured
+sizes (a single latency + bandwidth line misfits the middle sizes by up to 2x here) and
+extrapolates beyond them with the fitted cost per byte.  A communicator turns the model into two size thresholds when it is created,
 which the C core applies on every call (so the per-call path stays a comparison in C):
     one_shot_max_bytes   staged all_reduce: one-shot up to here, two-shot above
     direct_min_bytes     registered buffers: the direct (in-place reading) paths from here up
@@ -12,10 +14,11 @@ which the C core applies on every call (so the per-call path stays a comparison 
 Rank counts between calibrated ones use the next larger one.  NCL_ALGO forces an all_reduce
 algorithm; NCL_ONE_SHOT_MAX_BYTES and NCL_DIRECT_MIN_BYTES override the thresholds.
 """
+import bisect
 import functools
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from . import env
 from ._native import lib
@@ -27,40 +30,57 @@ _PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibratio
 
 
 @functools.lru_cache(maxsize=None)
-def calibration(path: str = "") -> Dict[str, Dict[int, Tuple[float, float]]]:
-    """{algorithm: {nranks: (latency µs, ns per byte)}} from the calibration file."""
+def calibration(path: str = "") -> Dict[str, Dict[int, List[Tuple[float, float]]]]:
+    """{algorithm: {nranks: [(bytes, µs), ...]}}: the measured medians, and beyond the largest
+    a point extrapolated with the fitted cost per byte."""
     path = path or env.get("NCL_TUNING_FILE") or _PACKAGED
     try:
         with open(path) as f:
-            table = json.load(f)["all_reduce"]
-        # an algorithm the file does not know is never chosen
-        never = {1: (float(NEVER), 0.0)}
-        return {algo: {int(n): (float(v[0]), float(v[1])) for n, v in table[algo].items()} if algo in table else never
-                for algo in ALGORITHMS}
+            data = json.load(f)
+        table = {}
+        for algo in ALGORITHMS:
+            if algo not in data["all_reduce"]:  # an algorithm the file does not know is never chosen
+                table[algo] = {1: [(0.0, float(NEVER)), (1.0, float(NEVER))]}
+                continue
+            table[algo] = {}
+            for n, (_, per_byte) in data["all_reduce"][algo].items():
+                points = sorted((float(s), float(t)) for s, t in data["measured_us"][algo][n])
+                far = points[-1][0] * 1024
+                table[algo][int(n)] = points + [(far, points[-1][1] + per_byte * (far - points[-1][0]) / 1e3)]
+        return table
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"cannot read the tuning file {path}: {exc}; "
                          "write one with `python -m ncl.perf.calibrate --out FILE`") from None
 
 
 def predict_us(algorithm: str, nbytes: int, nranks: int) -> float:
-    """Modelled time of one all_reduce of nbytes on nranks local ranks."""
+    """Modelled time of one all_reduce of nbytes on nranks local ranks: the calibrated
+    latency + bandwidth curve, interpolated between measured sizes."""
     table = calibration()[algorithm]
-    n = min((k for k in table if k >= nranks), default=max(table))
-    latency, per_byte = table[n]
-    return latency + per_byte * nbytes / 1e3
+    points = table[min((k for k in table if k >= nranks), default=max(table))]
+    sizes = [p[0] for p in points]
+    i = bisect.bisect_left(sizes, nbytes)
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        return points[-1][1]
+    (s0, t0), (s1, t1) = points[i - 1], points[i]
+    return t0 + (t1 - t0) * (nbytes - s0) / (s1 - s0)
 
 
-def _first_size_where(better) -> int:
-    """Smallest size (bytes) from which `better(size)` holds for good, by a doubling scan and a
-    bisection; NEVER if it does not hold at 2**40."""
-    if better(1):
-        return 0
-    hi = 1
-    while hi < (1 << 40) and not better(hi):
-        hi *= 2
-    if not better(hi):
+def _from_size_on(better) -> int:
+    """The size from which `better(size)` holds up to 2**40 (found at the last crossing, so a
+    candidate that wins only at tiny sizes by a latency within the noise is not taken); NEVER if
+    it does not hold at 2**40."""
+    top = 40
+    if not better(1 << top):
         return NEVER
-    lo = hi // 2
+    k = top
+    while k > 0 and better(1 << (k - 1)):
+        k -= 1
+    if k == 0:
+        return 0
+    lo, hi = 1 << (k - 1), 1 << k  # not better at lo, better at hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if better(mid) else (mid, hi)
@@ -69,12 +89,13 @@ def _first_size_where(better) -> int:
 
 def thresholds(nranks: int) -> Tuple[int, int, int]:
     """(one_shot_max_bytes, direct_min_bytes, cma_min_bytes) for a communicator of nranks."""
-    def staged(s):
-        return min(predict_us("one_shot", s, nranks), predict_us("two_shot", s, nranks))
+    one_shot_max = _from_size_on(lambda s: predict_us("two_shot", s, nranks) < predict_us("one_shot", s, nranks))
 
-    one_shot_max = _first_size_where(lambda s: predict_us("two_shot", s, nranks) < predict_us("one_shot", s, nranks))
-    direct_min = _first_size_where(lambda s: predict_us("direct", s, nranks) < staged(s))
-    cma_min = _first_size_where(lambda s: predict_us("cma", s, nranks) < staged(s))
+    def staged(s):  # what the core runs for s bytes without registered memory or CMA
+        return predict_us("one_shot" if s < one_shot_max else "two_shot", s, nranks)
+
+    direct_min = _from_size_on(lambda s: predict_us("direct", s, nranks) < staged(s))
+    cma_min = _from_size_on(lambda s: predict_us("cma", s, nranks) < staged(s))
     forced = env.get("NCL_ONE_SHOT_MAX_BYTES"), env.get("NCL_DIRECT_MIN_BYTES")
     return (one_shot_max if forced[0] is None else forced[0]), (direct_min if forced[1] is None else forced[1]), \
         cma_min
