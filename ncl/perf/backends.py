@@ -25,9 +25,16 @@ _GLOO_CALLS = {("all_reduce", True), ("reduce", True), ("broadcast", True), ("al
 
 class Backend:
     name = ""
+    library = ""            # how messages name it
+    calls = None            # the (collective, in_place) pairs it has; None: all
+    ops: dict = {}
 
     def unsupported(self, coll: str, in_place: bool, op: str, dtype: np.dtype) -> Optional[str]:
         """Why this backend cannot run the combination (None: it can)."""
+        if self.calls is not None and (coll, in_place) not in self.calls:
+            return f"{self.library} has no {'in-place' if in_place else 'out-of-place'} {coll} in this form"
+        if SPECS[coll].reduces and op not in self.ops:
+            return f"{self.library} has no {op} reduction"
         return None
 
     def alloc(self, count: int, dtype: np.dtype) -> np.ndarray:
@@ -41,7 +48,7 @@ class Backend:
 
 
 class NclBackend(Backend):
-    name = "ncl"
+    name = library = "ncl"
 
     def __init__(self, registered: bool):
         import ncl
@@ -91,7 +98,7 @@ class NclBackend(Backend):
 
 
 class MpiBackend(Backend):
-    name = "mpi"
+    name, library, calls = "mpi", "MPI", _MPI_CALLS
 
     def __init__(self):
         from mpi4py import MPI
@@ -101,15 +108,13 @@ class MpiBackend(Backend):
         self.ops = {"sum": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX}
 
     def unsupported(self, coll, in_place, op, dtype):
-        if (coll, in_place) not in _MPI_CALLS:
-            return f"MPI has no {'in-place' if in_place else 'out-of-place'} {coll} in this form"
-        if SPECS[coll].reduces and op not in self.ops:
-            return f"MPI has no {op} reduction"
-        try:
-            self.dtlib.from_numpy_dtype(dtype)
-        except (KeyError, ValueError, TypeError):
-            return f"MPI has no datatype for {dtype}"
-        return None
+        why = super().unsupported(coll, in_place, op, dtype)
+        if why is None:
+            try:
+                self.dtlib.from_numpy_dtype(dtype)
+            except (KeyError, ValueError, TypeError):
+                why = f"MPI has no datatype for {dtype}"
+        return why
 
     def barrier(self):
         self.comm.Barrier()
@@ -141,7 +146,7 @@ class MpiBackend(Backend):
 
 
 class GlooBackend(Backend):
-    name = "gloo"
+    name, library, calls = "gloo", "torch.distributed's gloo", _GLOO_CALLS
 
     def __init__(self, rendezvous_file: str):
         import torch
@@ -152,13 +157,6 @@ class GlooBackend(Backend):
         self.rank, self.size = rank, size
         R = dist.ReduceOp
         self.ops = {"sum": R.SUM, "prod": R.PRODUCT, "min": R.MIN, "max": R.MAX}
-
-    def unsupported(self, coll, in_place, op, dtype):
-        if (coll, in_place) not in _GLOO_CALLS:
-            return f"torch.distributed has no {'in-place' if in_place else 'out-of-place'} {coll} on gloo"
-        if SPECS[coll].reduces and op not in self.ops:
-            return f"gloo has no {op} reduction"
-        return None
 
     def wrap(self, array):
         if array is None:

@@ -75,27 +75,28 @@ def _comparable(rows: List[dict], backend: str, nranks: int, size: int, in_place
 
 def comparison(rows: List[dict], collective: str, peers: List[str]) -> str:
     """Time ratio ncl / peer per size and rank count (below 1: ncl is faster), on the same
-    placement (out-of-place where the peer has it, else in place)."""
+    placement (out-of-place where the peer has it, else in place); the ncl time shown beside
+    each peer is the one its ratio uses."""
     tables = []
     for n in sorted({r["nranks"] for r in rows}):
         body = []
         for size in sorted({r["size"] for r in rows if r["nranks"] == n}):
             cells = [size]
-            mine = _comparable(rows, "ncl", n, size, False)
-            cells += [mine["time_us"] if mine else None, mine["busbw"] if mine else None]
             for peer in peers:
                 for in_place in (False, True):
                     other = _comparable(rows, peer, n, size, in_place)
                     ours = _comparable(rows, "ncl", n, size, in_place)
                     if other and ours:
                         break
-                ratio = ours["time_us"] / other["time_us"] if other and ours else None
-                cells += [other["time_us"] if other else None, other["busbw"] if other else None, ratio,
-                          ("in" if in_place else "out") if other else None]
+                if other and ours:
+                    cells += ["in" if in_place else "out", ours["time_us"], other["time_us"],
+                              ours["time_us"] / other["time_us"], ours["busbw"], other["busbw"]]
+                else:
+                    cells += [None] * 6
             body.append(cells)
-        heads = ["size (B)", "ncl us", "ncl busbw"]
+        heads = ["size (B)"]
         for peer in peers:
-            heads += [f"{peer} us", f"{peer} busbw", f"ncl/{peer}", "placement"]
+            heads += ["placement", "ncl us", f"{peer} us", f"ncl/{peer}", "ncl busbw", f"{peer} busbw"]
         tables.append(f"# {collective}, {n} ranks: time ratio ncl / peer (< 1: ncl faster)\n"
                       + tabulate(body, heads, floatfmt=".3g", missingval="-"))
     return "\n\n".join(tables)
@@ -236,3 +237,25 @@ def plot(rows: List[dict], path: str, title: str) -> None:
 def log(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    """`python -m ncl.perf.report RESULT.json...`: the tables of saved sweeps, again."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m ncl.perf.report", description=main.__doc__)
+    p.add_argument("json", nargs="+", help="files written by ncl-perf --json")
+    for path in p.parse_args(argv).json:
+        with open(path) as f:
+            data = json.load(f)
+        cfg = data["settings"]
+        log(f"$ {' '.join(data['command'])}\n# {data['machine'].get('date')} on {data['machine'].get('cpu')}")
+        if cfg.get("repeat", 1) > 1:
+            log(median_table(data["summary"], cfg["collective"]))
+        if cfg.get("compare"):
+            log(comparison(data["summary"], cfg["collective"], cfg["compare"]))
+        log("")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
