@@ -52,6 +52,7 @@ int ncl_cma_read(ncl_comm* c, int peer, void* local, uint64_t remote, size_t byt
     while (bytes) {
         struct iovec l = {dst, bytes}, r = {(void*)(uintptr_t)remote, bytes};
         ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (got < 0 && errno == ESRCH) return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", peer, (int)pid);
         if (got <= 0)
             return ncl_error(NCL_ERR_SYSTEM, "reading %zu bytes from rank %d (pid %d) with process_vm_readv: %s; "
                              "set NCL_CMA=0 to stage every message through shared memory instead",
