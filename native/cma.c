@@ -52,11 +52,19 @@ int ncl_cma_read(ncl_comm* c, int peer, void* local, uint64_t remote, size_t byt
     while (bytes) {
         struct iovec l = {dst, bytes}, r = {(void*)(uintptr_t)remote, bytes};
         ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
-        if (got < 0 && errno == ESRCH) return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", peer, (int)pid);
-        if (got <= 0)
+        int err = errno;
+        if (got <= 0) { /* a peer dying under us shows as ESRCH, EFAULT or nothing read: name it */
+            for (double give_up = ncl_now() + 0.2;;) { /* it may still be on its way out */
+                int alive = ncl_peer_alive(c, peer);
+                if (alive != NCL_OK) return alive;
+                if (ncl_now() > give_up) break;
+                sched_yield();
+            }
+            if (err == ESRCH) return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", peer, (int)pid);
             return ncl_error(NCL_ERR_SYSTEM, "reading %zu bytes from rank %d (pid %d) with process_vm_readv: %s; "
                              "set NCL_CMA=0 to stage every message through shared memory instead",
-                             bytes, peer, (int)pid, got < 0 ? strerror(errno) : "nothing read");
+                             bytes, peer, (int)pid, got < 0 ? strerror(err) : "nothing read");
+        }
         dst += got, remote += (uint64_t)got, bytes -= (size_t)got;
     }
     return NCL_OK;
