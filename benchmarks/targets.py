@@ -63,7 +63,8 @@ def main(folder: str) -> int:
         if value is None:
             return
         met = value <= bound if below else value >= bound
-        out.append([target, size, f"{value:.3g}", ("<= " if below else ">= ") + f"{bound:g}", "met" if met else "MISSED"])
+        bound_text = ("<= " if below else ">= ") + f"{bound:g}"
+        out.append([target, size, f"{value:.3g}", bound_text, "met" if met else "MISSED"])
 
     for s in (8, 64 << 10):
         check("all_reduce np=2 time / MPICH", s, ratio(rows, "all_reduce", "mpi", 2, s), 1.0 if s == 8 else 0.5)

@@ -157,8 +157,8 @@ void ncl_fp_registered(ncl_fingerprint* fp, const ncl_reg* send, const ncl_reg* 
 void ncl_windows_detach(ncl_comm* c);   /* the communicator is going: windows live on alone */
 
 /* segment.c: shared-memory files of a job (communicator segments and windows) */
-int ncl_shm_create(const char* name, size_t bytes, int* fd_out);
-int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out);
+int ncl_shm_create(const char* name, size_t bytes, int* fd_out, bool window);  /* window: comm.empty */
+int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out, ncl_comm* group);
 
 uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step);
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);

@@ -44,16 +44,16 @@ uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk) {
     return c->base + c->p2p_off + (pair * 2 + (chunk & 1)) * c->p2p_slot_bytes;
 }
 
-static int check_free_space(size_t need) {
+/* `what` needs `need` bytes; `remedy` says what else than more shared memory would help. */
+static int check_free_space(size_t need, const char* what, const char* remedy) {
     struct statvfs st;
     if (statvfs("/dev/shm", &st) != 0) return NCL_OK; /* no /dev/shm to inspect: let shm_open speak */
     size_t avail = (size_t)st.f_bavail * st.f_frsize;
     if (avail < need)
         return ncl_error(NCL_ERR_SYSTEM,
-                         "/dev/shm has %.1f MiB free but this communicator needs %.1f MiB; "
-                         "free space there, lower NCL_BUFFSIZE / NCL_P2P_BUFFSIZE, or give the "
-                         "container more shared memory (docker run --shm-size=...)",
-                         avail / 1048576.0, need / 1048576.0);
+                         "/dev/shm has %.1f MiB free but %s needs %.1f MiB; free space there, %s, or give "
+                         "the container more shared memory (docker run --shm-size=...)",
+                         avail / 1048576.0, what, need / 1048576.0, remedy);
     return NCL_OK;
 }
 
@@ -63,8 +63,9 @@ static void sleep_ms(int ms) {
 }
 
 /* Rank 0: create and size; returns the open descriptor. */
-int ncl_shm_create(const char* name, size_t bytes, int* fd_out) {
-    NCL_CHECK(check_free_space(bytes));
+int ncl_shm_create(const char* name, size_t bytes, int* fd_out, bool window) {
+    NCL_CHECK(window ? check_free_space(bytes, "this registered buffer (every rank's copy)", "allocate less")
+                     : check_free_space(bytes, "this communicator", "lower NCL_BUFFSIZE / NCL_P2P_BUFFSIZE"));
     int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0)
         return ncl_error(NCL_ERR_SYSTEM, "cannot create shared-memory segment %s: %s%s", name,
@@ -81,9 +82,11 @@ int ncl_shm_create(const char* name, size_t bytes, int* fd_out) {
     return NCL_OK;
 }
 
-/* Other ranks: open once rank 0 has created and sized it. */
-int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out) {
-    for (;;) {
+/* Other ranks: open once rank 0 has created and sized it.  `group` (NULL while a
+ * communicator is being set up) is watched, so that rank 0 failing to create it is an error
+ * here at once rather than a timeout. */
+int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out, ncl_comm* group) {
+    for (unsigned i = 0;; i++) {
         int fd = shm_open(name, O_RDWR, 0600);
         if (fd >= 0) {
             struct stat st;
@@ -104,6 +107,7 @@ int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out) {
         }
         if (ncl_now() > deadline)
             return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time", name);
+        if (group && i % 50 == 49) NCL_CHECK(ncl_peer_alive(group, 0));
         sleep_ms(1);
     }
 }
@@ -150,8 +154,8 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
 
     double deadline = ncl_now() + opts->timeout_s;
     int fd = -1;
-    NCL_CHECK(rank == 0 ? ncl_shm_create(name, want.total_bytes, &fd)
-                        : ncl_shm_open(name, want.total_bytes, deadline, &fd));
+    NCL_CHECK(rank == 0 ? ncl_shm_create(name, want.total_bytes, &fd, false)
+                        : ncl_shm_open(name, want.total_bytes, deadline, &fd, NULL));
     void* base = mmap(NULL, want.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int map_err = errno;
     close(fd);

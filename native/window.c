@@ -61,7 +61,7 @@ static int create(ncl_comm* c, const char* name, size_t bytes, ncl_window** out)
     size_t total = WINDOW_HEADER + slice * (size_t)c->nranks;
     double deadline = ncl_now() + c->timeout_s;
     int fd = -1;
-    NCL_CHECK(c->rank == 0 ? ncl_shm_create(name, total, &fd) : ncl_shm_open(name, total, deadline, &fd));
+    NCL_CHECK(c->rank == 0 ? ncl_shm_create(name, total, &fd, true) : ncl_shm_open(name, total, deadline, &fd, c));
     /* MAP_POPULATE: no page faults later, in the middle of a collective */
     void* base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     int err = errno;

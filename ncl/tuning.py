@@ -5,8 +5,9 @@ over bandwidth, per algorithm and rank count, calibrated on this host.
 holds, for each all_reduce algorithm and rank count, the median times measured from 8 B to
 64 MiB and a fitted (latency µs, ns per byte); the model interpolates between the measured
 sizes (a single latency + bandwidth line misfits the middle sizes by up to 2x here) and
-extrapolates beyond them with the fitted cost per byte.  A communicator turns the model into two size thresholds when it is created,
-which the C core applies on every call (so the per-call path stays a comparison in C):
+extrapolates beyond them with the fitted cost per byte.  A communicator turns the model into
+size thresholds when it is created, which the C core applies on every call (so the per-call
+path stays a comparison in C):
     one_shot_max_bytes   staged all_reduce: one-shot up to here, two-shot above
     direct_min_bytes     registered buffers: the direct (in-place reading) paths from here up
     cma_min_bytes        all_reduce of unregistered buffers: the two-shot through process_vm_readv

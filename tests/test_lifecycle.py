@@ -138,3 +138,62 @@ def test_closed_communicator_refuses_use():
     comm.close()
     with pytest.raises(ncl.NclStateError, match="closed"):
         comm.all_reduce(np.ones(2, np.float32))
+
+
+FULL_SHM = """
+    set -e
+    mount -t tmpfs -o size=256k tmpfs /dev/shm
+    code=0
+    {python} -m ncl.run -n 2 {python} -c "import ncl; ncl.init()" || code=$?
+    echo "exit $code"
+    echo "left: $(ls /dev/shm | wc -l)"
+"""
+
+
+@pytest.mark.timeout(60)
+def test_full_dev_shm_fails_clearly_and_leaves_nothing():
+    """/dev/shm too small (a 256 KiB tmpfs in a private mount namespace): setup fails with a
+    message saying how much is needed and how to raise it, and leaves nothing behind."""
+    script = textwrap.dedent(FULL_SHM).format(python=sys.executable)
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=50, cwd=REPO)
+    assert "exit 1" in proc.stdout and "left: 0" in proc.stdout, proc.stdout + proc.stderr
+    assert re.search(r"NclSystemError: /dev/shm has 0\.\d MiB free but this communicator needs \d+\.\d MiB",
+                     proc.stderr), proc.stderr
+    assert "--shm-size" in proc.stderr, proc.stderr
+
+
+FULL_SHM_EMPTY = """
+    set -e
+    mount -t tmpfs -o size=16m tmpfs /dev/shm
+    code=0
+    NCL_TIMEOUT=60 {python} -c '{code}' || code=$?
+    echo "left: $(ls /dev/shm | wc -l)"
+"""
+EMPTY_TOO_LARGE = """
+import subprocess, sys, time
+import ncl
+uid = ncl.get_unique_id()
+rank_code = (
+    "import sys, time, numpy as np, ncl; c = ncl.init(rank=int(sys.argv[1]), size=2, unique_id=sys.argv[2])\\n"
+    "t = time.monotonic()\\n"
+    "try:\\n"
+    "    c.empty(16 << 20, np.uint8)\\n"
+    "except ncl.NclError as e:\\n"
+    "    print(f\\"rank {c.rank} {type(e).__name__} after {time.monotonic() - t:.2f} s: {e}\\", flush=True)\\n")
+procs = [subprocess.Popen([sys.executable, "-c", rank_code, str(r), uid]) for r in range(2)]
+sys.exit(max(p.wait(timeout=50) for p in procs))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_registered_memory_too_large_for_dev_shm():
+    """comm.empty larger than /dev/shm's free space: rank 0 says why, the other rank learns it at
+    once from rank 0 (not after NCL_TIMEOUT), and nothing is left behind."""
+    script = textwrap.dedent(FULL_SHM_EMPTY).format(python=sys.executable, code=EMPTY_TOO_LARGE.replace("'", "'\\''"))
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=55, cwd=REPO)
+    out = proc.stdout
+    assert "left: 0" in out, out + proc.stderr
+    assert re.search(r"rank 0 NclSystemError after \d\.\d\d s: /dev/shm has \d+\.\d MiB free but this registered "
+                     r"buffer \(every rank's copy\) needs 32\.0 MiB; free space there, allocate less", out), out
+    found = re.search(r"rank 1 NclPeerError after (\d+\.\d\d) s: .*rank 0 aborted the group: /dev/shm has", out)
+    assert found and float(found.group(1)) < 5, out
