@@ -131,7 +131,9 @@ void ncl_windows_detach(ncl_comm* c) {
 
 ncl_reg ncl_registered(ncl_comm* c, const void* p, size_t bytes) {
     ncl_reg r = {NULL, 0};
-    if (!c->windows || !p) return r; /* unlocked peek: only this thread adds windows */
+    /* Unlocked peek: only the calling thread adds windows; a free on another thread can only
+     * empty the list, and a stale non-NULL read just takes the lock below. */
+    if (!c->windows || !p) return r;
     const uint8_t* q = p;
     pthread_mutex_lock(&c->win_lock);
     for (ncl_window* w = c->windows; w; w = w->next) {

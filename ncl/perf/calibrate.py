@@ -36,7 +36,7 @@ def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncl.perf.calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("-n", "--nranks", type=cli._rank_counts, default=[2, 4, 8])
+    p.add_argument("-n", "--nranks", type=cli.rank_counts, default=[2, 4, 8])
     p.add_argument("-b", "--minbytes", default="8")
     p.add_argument("-e", "--maxbytes", default="64M")
     p.add_argument("--out", default=DEFAULT_OUT)

@@ -16,7 +16,7 @@ from ..env import parse_bytes
 from . import report, specs
 
 
-def _rank_counts(text: str) -> List[int]:
+def rank_counts(text: str) -> List[int]:
     try:
         counts = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--maxbytes", dest="max_bytes", type=_size, default=64 << 20, help="largest size")
     p.add_argument("-f", "--stepfactor", dest="factor", type=int, default=2, help="multiply the size by this")
     p.add_argument("--stepbytes", dest="step", type=_size, default=0, help="add this instead (with -f 1)")
-    p.add_argument("-n", "--nranks", type=_rank_counts, default=[2], help="rank counts, e.g. 8 or 2,4,8")
+    p.add_argument("-n", "--nranks", type=rank_counts, default=[2], help="rank counts, e.g. 8 or 2,4,8")
     p.add_argument("-d", "--datatype", dest="dtype", choices=specs.DTYPES, default="float32")
     p.add_argument("-o", "--op", choices=specs.OPS, default="sum")
     p.add_argument("-r", "--root", type=int, default=0)
