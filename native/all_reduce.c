@@ -152,7 +152,7 @@ static int cma_two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t 
     return ncl_step_sync(c, fp);
 }
 
-int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
+static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, op, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     size_t bytes = count * (size_t)ncl_dtype_size(dtype);
@@ -175,29 +175,31 @@ int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int 
                                                                                  : NCL_ALGO_TWO_SHOT;
     if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_CMA)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
+    static const char* names[] = {"auto", "one_shot", "two_shot", "direct", "cma"};
+    ncl_call_path(c, names[algo]);
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
     if (algo == NCL_ALGO_DIRECT) {
         ncl_fp_registered(&fp, &rs, &rr);
-        return ncl_fail(c, direct(c, &rs, &rr, count, dtype, op, &fp));
+        return direct(c, &rs, &rr, count, dtype, op, &fp);
     }
-    int rc = algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, &fp)
-             : algo == NCL_ALGO_CMA    ? cma_two_shot(c, send, recv, count, dtype, op, &fp)
-                                       : two_shot(c, send, recv, count, dtype, op, -1, &fp);
-    return ncl_fail(c, rc);
+    return algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, &fp)
+           : algo == NCL_ALGO_CMA    ? cma_two_shot(c, send, recv, count, dtype, op, &fp)
+                                     : two_shot(c, send, recv, count, dtype, op, -1, &fp);
 }
 
-int ncl_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int root) {
+static int reduce_call(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int root) {
     NCL_CHECK(ncl_check_args(c, send, c->rank == root ? recv : send, count, dtype, op, root));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     ncl_fingerprint fp = {.coll = NCL_COLL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = root,
                           .count = count};
-    return ncl_fail(c, two_shot(c, send, recv, count, dtype, op, root, &fp));
+    ncl_call_path(c, "two_shot");
+    return two_shot(c, send, recv, count, dtype, op, root, &fp);
 }
 
 /* Per step, rank r publishes a piece of k elements of each of its n blocks; every rank
  * then reduces its own block's piece from all n slots in rank order. */
-int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int op) {
+static int reduce_scatter_call(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int op) {
     NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, op, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     const uint8_t* send = send_;
@@ -207,19 +209,39 @@ int ncl_reduce_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count
                           .root = -1, .count = count};
     ncl_reg rs = ncl_direct_source(c, send, n * count * es);
     if (rs.win) { /* registered: reduce my block of every rank's send in place, no staging */
+        ncl_call_path(c, "direct");
         const void* srcs[NCL_MAX_RANKS];
         for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_reg_peer(&rs, r) + (size_t)c->rank * count * es;
         ncl_fp_registered(&fp, &rs, NULL);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
-        NCL_CHECK(ncl_fail(c, ncl_reduce_local(recv, srcs, c->nranks, count, dtype, op)));
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+        NCL_CHECK(ncl_step_sync(c, &fp));
+        NCL_CHECK(ncl_reduce_local(recv, srcs, c->nranks, count, dtype, op));
+        return ncl_step_sync(c, &fp);
     }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
         ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
-        NCL_CHECK(ncl_fail(c, reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op, false)));
+        NCL_CHECK(ncl_step_sync(c, &fp));
+        NCL_CHECK(reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op, false));
     }
     return NCL_OK;
+}
+
+/* The public entry points: each call recorded in the flight recorder (flight.c). */
+int ncl_all_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int algo) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_ALL_REDUCE, dtype, count, op, -1);
+    return ncl_call_end(c, all_reduce_call(c, send, recv, count, dtype, op, algo));
+}
+
+int ncl_reduce(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int root) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_REDUCE, dtype, count, op, root);
+    return ncl_call_end(c, reduce_call(c, send, recv, count, dtype, op, root));
+}
+
+int ncl_reduce_scatter(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_REDUCE_SCATTER, dtype, count, op, -1);
+    return ncl_call_end(c, reduce_scatter_call(c, send, recv, count, dtype, op));
 }

@@ -14,7 +14,7 @@
 
 #include "internal.h"
 
-int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype) {
+static int all_to_all_call(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype) {
     NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, -1, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     const uint8_t* send = send_;
@@ -25,38 +25,39 @@ int ncl_all_to_all(ncl_comm* c, const void* send_, void* recv_, size_t count, in
     ncl_reg rs = ncl_direct_source(c, send, bytes);
     if (rs.win && (recv + bytes <= send || send + bytes <= recv)) { /* in place, peers would read what we write */
         ncl_fp_registered(&fp, &rs, NULL);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        ncl_call_path(c, "direct");
+        NCL_CHECK(ncl_step_sync(c, &fp));
         for (size_t i = 0; i < n; i++) {
             size_t j = ((size_t)c->rank + i) % n;
             memcpy(recv + j * count * es, ncl_reg_peer(&rs, (int)j) + (size_t)c->rank * count * es, count * es);
         }
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+        return ncl_step_sync(c, &fp);
     }
     bool overlap = !(recv + bytes <= send || send + bytes <= recv);
     if (ncl_use_cma(c, count * es) && !overlap) {
-        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        NCL_CHECK(ncl_cma_exchange(c, send, &fp));
         for (size_t i = 0; i < n; i++) {
             size_t j = ((size_t)c->rank + i) % n, at = (size_t)c->rank * count * es;
             if (j == (size_t)c->rank)
                 memcpy(recv + j * count * es, send + at, count * es);
             else
-                NCL_CHECK(ncl_fail(c, ncl_cma_read(c, (int)j, recv + j * count * es, ncl_cma_peer_addr(c, (int)j) + at,
-                                                   count * es)));
+                NCL_CHECK(ncl_cma_read(c, (int)j, recv + j * count * es, ncl_cma_peer_addr(c, (int)j) + at,
+                                       count * es));
         }
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+        return ncl_step_sync(c, &fp);
     }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
         ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        NCL_CHECK(ncl_step_sync(c, &fp));
         for (size_t j = 0; j < n; j++)
             memcpy(recv + (j * count + off) * es, ncl_step_peer_slot(c, (int)j) + (size_t)c->rank * m * es, m * es);
     }
     return NCL_OK;
 }
 
-int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
+static int scatter_call(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
     NCL_CHECK(ncl_check_args(c, c->rank == root ? send_ : recv_, recv_, count, dtype, -1, root));
     if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
@@ -65,20 +66,20 @@ int ncl_scatter(ncl_comm* c, const void* send_, void* recv_, size_t count, int d
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, k = c->slot_bytes / es / n;
     ncl_fingerprint fp = {.coll = NCL_COLL_SCATTER, .dtype = (uint8_t)dtype, .root = root, .count = count};
     if (ncl_use_cma(c, count * es)) {
-        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        NCL_CHECK(ncl_cma_exchange(c, send, &fp));
         size_t at = (size_t)c->rank * count * es;
         if (c->rank == root) {
             if (recv != send + at) memcpy(recv, send + at, count * es);
         } else {
-            NCL_CHECK(ncl_fail(c, ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root) + at, count * es)));
+            NCL_CHECK(ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root) + at, count * es));
         }
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+        return ncl_step_sync(c, &fp);
     }
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
         if (c->rank == root) ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        NCL_CHECK(ncl_step_sync(c, &fp));
         memcpy(recv + off * es, ncl_step_peer_slot(c, root) + (size_t)c->rank * m * es, m * es);
     }
     return NCL_OK;
@@ -132,6 +133,19 @@ static int all_to_allv_impl(ncl_comm* c, const uint8_t* send, const uint64_t* se
     return NCL_OK;
 }
 
+/* The public entry points: each call recorded in the flight recorder (flight.c). */
+int ncl_all_to_all(ncl_comm* c, const void* send, void* recv, size_t count, int dtype) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_ALL_TO_ALL, dtype, count, -1, -1);
+    return ncl_call_end(c, all_to_all_call(c, send, recv, count, dtype));
+}
+
+int ncl_scatter(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_SCATTER, dtype, count, -1, root);
+    return ncl_call_end(c, scatter_call(c, send, recv, count, dtype, root));
+}
+
 int ncl_all_to_allv(ncl_comm* c, const void* send, const uint64_t* send_counts, void* recv,
                     const uint64_t* recv_counts, int dtype) {
     NCL_CHECK(ncl_check_args(c, send, recv, 0, dtype, -1, -1));
@@ -139,5 +153,6 @@ int ncl_all_to_allv(ncl_comm* c, const void* send, const uint64_t* send_counts, 
     uint64_t sent = 0, received = 0;
     for (int j = 0; j < c->nranks; j++) sent += send_counts[j], received += recv_counts[j];
     if ((sent && !send) || (received && !recv)) return ncl_error(NCL_ERR_ARGUMENT, "NULL buffer with nonzero counts");
-    return ncl_fail(c, all_to_allv_impl(c, send, send_counts, recv, recv_counts, dtype));
+    ncl_call_begin(c, NCL_COLL_ALL_TO_ALLV, dtype, sent, -1, -1);
+    return ncl_call_end(c, all_to_allv_impl(c, send, send_counts, recv, recv_counts, dtype));
 }

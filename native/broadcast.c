@@ -20,7 +20,7 @@ static void copy(void* dst, const void* src, size_t bytes) {
     if (dst != src && bytes) memcpy(dst, src, bytes);
 }
 
-int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
+static int broadcast_call(ncl_comm* c, const void* send_, void* recv_, size_t count, int dtype, int root) {
     NCL_CHECK(ncl_check_args(c, send_, recv_, count, dtype, -1, root));
     if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
@@ -31,23 +31,24 @@ int ncl_broadcast(ncl_comm* c, const void* send_, void* recv_, size_t count, int
     ncl_reg rs = ncl_direct_source(c, send, bytes);
     if (rs.win) {
         ncl_fp_registered(&fp, &rs, NULL);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        ncl_call_path(c, "direct");
+        NCL_CHECK(ncl_step_sync(c, &fp));
         copy(recv, ncl_reg_peer(&rs, root), bytes);
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+        return ncl_step_sync(c, &fp);
     }
     if (ncl_use_cma(c, bytes) && c->nranks == 2) { /* one reader only: see the top of the file */
-        NCL_CHECK(ncl_fail(c, ncl_cma_exchange(c, send, &fp)));
+        NCL_CHECK(ncl_cma_exchange(c, send, &fp));
         if (c->rank == root)
             copy(recv, send, bytes);
         else
-            NCL_CHECK(ncl_fail(c, ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root), bytes)));
-        return ncl_fail(c, ncl_step_sync(c, &fp));
+            NCL_CHECK(ncl_cma_read(c, root, recv, ncl_cma_peer_addr(c, root), bytes));
+        return ncl_step_sync(c, &fp);
     }
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
         if (c->rank == root) ncl_copy_shared(ncl_step_begin(c), send + off, m);
-        NCL_CHECK(ncl_fail(c, ncl_step_sync(c, &fp)));
+        NCL_CHECK(ncl_step_sync(c, &fp));
         if (c->rank == root)
             copy(recv + off, send + off, m);
         else
@@ -67,6 +68,7 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
     ncl_reg reg = in_place ? ncl_direct_source(c, recv, bytes * (size_t)c->nranks) : ncl_direct_source(c, send, bytes);
     if (reg.win) {
         in_place ? ncl_fp_registered(fp, NULL, &reg) : ncl_fp_registered(fp, &reg, NULL);
+        ncl_call_path(c, "direct");
         NCL_CHECK(ncl_step_sync(c, fp));
         for (int i = 0; i < c->nranks && (root < 0 || root == c->rank); i++) {
             int r = (c->rank + i) % c->nranks; /* own block first, then the next ranks: spread the readers */
@@ -96,17 +98,36 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
     return NCL_OK;
 }
 
-int ncl_all_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype) {
+static int all_gather_call(ncl_comm* c, const void* send, void* recv, size_t count, int dtype) {
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, -1, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_GATHER, .dtype = (uint8_t)dtype, .root = -1, .count = count};
-    return ncl_fail(c, gather_impl(c, send, recv, count, dtype, -1, &fp));
+    return gather_impl(c, send, recv, count, dtype, -1, &fp);
 }
 
-int ncl_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
+static int gather_call(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
     NCL_CHECK(ncl_check_args(c, send, c->rank == root ? recv : send, count, dtype, -1, root));
     if (root < 0) return ncl_error(NCL_ERR_ARGUMENT, "root %d is negative", root);
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     ncl_fingerprint fp = {.coll = NCL_COLL_GATHER, .dtype = (uint8_t)dtype, .root = root, .count = count};
-    return ncl_fail(c, gather_impl(c, send, recv, count, dtype, root, &fp));
+    return gather_impl(c, send, recv, count, dtype, root, &fp);
+}
+
+/* The public entry points: each call recorded in the flight recorder (flight.c). */
+int ncl_broadcast(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_BROADCAST, dtype, count, -1, root);
+    return ncl_call_end(c, broadcast_call(c, send, recv, count, dtype, root));
+}
+
+int ncl_all_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_ALL_GATHER, dtype, count, -1, -1);
+    return ncl_call_end(c, all_gather_call(c, send, recv, count, dtype));
+}
+
+int ncl_gather(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int root) {
+    NCL_CHECK(ncl_comm_usable(c));
+    ncl_call_begin(c, NCL_COLL_GATHER, dtype, count, -1, root);
+    return ncl_call_end(c, gather_call(c, send, recv, count, dtype, root));
 }

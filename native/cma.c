@@ -73,6 +73,7 @@ int ncl_cma_read(ncl_comm* c, int peer, void* local, uint64_t remote, size_t byt
 bool ncl_use_cma(const ncl_comm* c, size_t bytes) { return c->cma && bytes >= c->cma_min_bytes && bytes > 0; }
 
 int ncl_cma_exchange(ncl_comm* c, const void* mine, ncl_fingerprint* fp) {
+    ncl_call_path(c, "cma");
     fp->extra |= NCL_EXTRA_CMA; /* ranks that would stage instead get a mismatch, not garbage */
     *(uint64_t*)ncl_step_begin(c) = (uint64_t)(uintptr_t)mine;
     return ncl_step_sync(c, fp);

@@ -52,12 +52,10 @@ typedef struct {
 typedef enum {
     NCL_COLL_BARRIER = 1, NCL_COLL_ALL_REDUCE, NCL_COLL_REDUCE, NCL_COLL_BROADCAST,
     NCL_COLL_ALL_GATHER, NCL_COLL_GATHER, NCL_COLL_REDUCE_SCATTER, NCL_COLL_SCATTER,
-    NCL_COLL_ALL_TO_ALL, NCL_COLL_ALL_TO_ALLV, NCL_COLL_SEND, NCL_COLL_WINDOW
+    NCL_COLL_ALL_TO_ALL, NCL_COLL_ALL_TO_ALLV, NCL_COLL_SEND, NCL_COLL_WINDOW,
+    NCL_COLL_RECV /* flight recorder only: a recv carries its sender's fingerprint */
 } ncl_coll_kind;
 
-const char* ncl_coll_name(int coll);
-const char* ncl_dtype_name(int dtype);
-const char* ncl_op_name(int op);
 
 typedef struct {
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t step;  /* futex word: last step this rank posted */
@@ -121,6 +119,12 @@ struct ncl_comm {
     uint32_t nwindows;      /* windows ever created: the next one's number */
     pthread_mutex_t win_lock;
     int broken;             /* a group error happened: refuse further use */
+    bool verify_calls;      /* compare fingerprint digests at every step (ncl_options) */
+    int cpus;
+    ncl_flight_entry* flight; /* flight recorder: a ring of flight_cap calls (flight.c) */
+    uint32_t flight_cap;
+    uint64_t calls;         /* calls begun on this communicator */
+    ncl_flight_entry* current; /* the call in progress, if recorded */
     char name[256];
 };
 
@@ -195,6 +199,11 @@ void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count,
  * root < 0 means "not used by this call". */
 int ncl_check_args(ncl_comm* c, const void* send, const void* recv, size_t count, int dtype, int op, int root);
 int ncl_fail(ncl_comm* c, int status);
+/* flight.c: every public call is bracketed by these (after its arguments are checked);
+ * ncl_call_end returns ncl_fail(c, status). */
+void ncl_call_begin(ncl_comm* c, int coll, int dtype, size_t count, int op, int root);
+int ncl_call_end(ncl_comm* c, int status);
+void ncl_call_path(ncl_comm* c, const char* algorithm);   /* name the path the current call took */
 void ncl_wake_waiters(ncl_comm* c);            /* mark broken + aborted, pass status on */
 
 static inline size_t ncl_min(size_t a, size_t b) { return a < b ? a : b; }

@@ -53,7 +53,32 @@ typedef struct {
     size_t direct_min_bytes;    /* registered buffers: read peers in place from here up */
     size_t cma_min_bytes;       /* unregistered buffers: single-copy reads (process_vm_readv) from here up; 0: never */
     size_t cma_all_reduce_min_bytes; /* all_reduce AUTO: the CMA two-shot from here up (if CMA works) */
+    uint32_t flight_entries;    /* calls the flight recorder keeps (0: none) */
+    int32_t verify_calls;       /* compare every call's fingerprint across ranks (0 only to measure its cost) */
 } ncl_options;
+
+/* What a communicator decided at setup (for logs and reports). */
+typedef struct {
+    uint64_t segment_bytes, slot_bytes, p2p_slot_bytes;
+    int32_t cpus;            /* CPUs this rank may run on (sched_getaffinity) */
+    int32_t oversubscribed;  /* more ranks than cpus: no spinning */
+    int32_t central_sync;    /* steps meet at one shared word (rank 0's choice) */
+    int32_t cma;             /* every rank can read every other's memory with process_vm_readv */
+} ncl_comm_info;
+
+/* One call in a communicator's flight recorder (the last N calls of this rank). */
+typedef struct {
+    uint64_t seq;            /* call number on this communicator and rank, from 1 */
+    int32_t coll;            /* ncl_coll_name(coll) names it */
+    int32_t dtype, op, root; /* -1 where unused; root is the peer of send/recv */
+    uint64_t count;          /* elements, as the call counts them (all_to_allv: all it sends) */
+    uint32_t first_step;     /* the communicator's step counter when the call began */
+    uint32_t steps;          /* steps it completed: where a stuck call stopped */
+    int32_t status;          /* -1 while running, else its ncl_status */
+    int32_t reserved;
+    double t_begin, t_end;   /* CLOCK_MONOTONIC seconds (one clock for every process of a host); t_end 0: running */
+    const char* algorithm;   /* the path taken: "one_shot", "two_shot", "direct", "cma", "staged", "p2p" */
+} ncl_flight_entry;
 
 const char* ncl_last_error(void);
 int ncl_dtype_size(int dtype);
@@ -71,6 +96,14 @@ int ncl_comm_destroy(ncl_comm* comm);
 int ncl_comm_abort(ncl_comm* comm);          /* mark this rank failed so that peers stop waiting */
 int ncl_comm_set_timeout(ncl_comm* comm, double timeout_s);
 uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
+int ncl_comm_get_info(const ncl_comm* comm, ncl_comm_info* out);
+/* The newest min(cap, recorded) flight-recorder entries, oldest first; returns how many. */
+int ncl_flight_entries(const ncl_comm* comm, ncl_flight_entry* out, int cap);
+/* Each rank's last posted step (nranks values), read from the shared segment: who lags. */
+int ncl_comm_peer_steps(const ncl_comm* comm, uint32_t* out);
+const char* ncl_coll_name(int coll);
+const char* ncl_dtype_name(int dtype);
+const char* ncl_op_name(int op);
 
 /* Registered (symmetric) memory.  Collective: every rank asks for the same bytes and gets
  * its own slice of one segment all ranks map.  Collectives on buffers inside a window (at

@@ -63,12 +63,15 @@ static int recv_impl(ncl_comm* c, uint8_t* buf, size_t count, int dtype, int pee
     return NCL_OK;
 }
 
+/* The public entry points: each call recorded in the flight recorder (flight.c). */
 int ncl_send(ncl_comm* c, const void* buf, size_t count, int dtype, int peer) {
     NCL_CHECK(check_peer(c, buf, count, dtype, peer));
-    return ncl_fail(c, send_impl(c, buf, count, dtype, peer));
+    ncl_call_begin(c, NCL_COLL_SEND, dtype, count, -1, peer);
+    return ncl_call_end(c, send_impl(c, buf, count, dtype, peer));
 }
 
 int ncl_recv(ncl_comm* c, void* buf, size_t count, int dtype, int peer) {
     NCL_CHECK(check_peer(c, buf, count, dtype, peer));
-    return ncl_fail(c, recv_impl(c, buf, count, dtype, peer));
+    ncl_call_begin(c, NCL_COLL_RECV, dtype, count, -1, peer);
+    return ncl_call_end(c, recv_impl(c, buf, count, dtype, peer));
 }

@@ -166,9 +166,11 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     }
     ncl_comm* c = calloc(1, sizeof *c);
     uint32_t* counters = calloc(2 * (size_t)nranks, sizeof *counters);
-    if (!c || !counters) {
+    ncl_flight_entry* flight = opts->flight_entries ? calloc(opts->flight_entries, sizeof *flight) : NULL;
+    if (!c || !counters || (opts->flight_entries && !flight)) {
         free(c);
         free(counters);
+        free(flight);
         munmap(base, want.total_bytes);
         if (rank == 0) shm_unlink(name);
         return ncl_error(NCL_ERR_SYSTEM, "out of memory creating a communicator");
@@ -182,10 +184,14 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->p2p_slot_bytes = pslot;
     c->p2p_sent = counters;
     c->p2p_recvd = counters + nranks;
+    c->flight = flight;
+    c->flight_cap = flight ? opts->flight_entries : 0;
+    c->verify_calls = opts->verify_calls != 0;
     c->timeout_s = opts->timeout_s;
     c->spin_us = opts->spin_us;
     c->yield_us = opts->yield_us;
-    c->oversubscribed = nranks > count_cpus();
+    c->cpus = count_cpus();
+    c->oversubscribed = nranks > c->cpus;
     c->one_shot_max_bytes = opts->one_shot_max_bytes;
     c->direct_min_bytes = opts->direct_min_bytes;
     c->cma_min_bytes = opts->cma_min_bytes;
@@ -246,6 +252,7 @@ int ncl_comm_destroy(ncl_comm* c) {
     pthread_mutex_destroy(&c->win_lock);
     free(c->p2p_sent);
     free(c->cma_scratch);
+    free(c->flight);
     free(c);
     return NCL_OK;
 }

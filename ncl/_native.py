@@ -24,10 +24,15 @@ def last_error() -> str:
     return ffi.string(lib.ncl_last_error()).decode(errors="replace")
 
 
+def error(rc: int) -> Exception:
+    """The exception matching a failed C status code, with the core's message."""
+    return _EXCEPTIONS.get(rc, errors.NclError)(last_error())
+
+
 def check(rc: int) -> None:
     """Raise the exception matching a C status code, with the core's message."""
     if rc != lib.NCL_OK:
-        raise _EXCEPTIONS.get(rc, errors.NclError)(last_error())
+        raise error(rc)
 
 
 def kernel_isa() -> str:

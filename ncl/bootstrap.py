@@ -26,12 +26,14 @@ def options(nranks: int, timeout: Optional[float] = None):
     opts.timeout_s = env.get("NCL_TIMEOUT") if timeout is None else timeout
     opts.spin_us = env.get("NCL_SPIN_US")
     opts.yield_us = env.get("NCL_YIELD_US")
+    opts.flight_entries = env.get("NCL_TRACE_BUFFER")
+    opts.verify_calls = env.get("NCL_CHECK_CALLS")
     for field, minimum in (("staging_bytes", 4096), ("p2p_bytes", 4096)):
         if getattr(opts, field) < minimum:
             knob = "NCL_BUFFSIZE" if field == "staging_bytes" else "NCL_P2P_BUFFSIZE"
             raise ValueError(f"{knob} must be at least {minimum} bytes, not {getattr(opts, field)}")
     if not opts.timeout_s > 0:
-        raise ValueError(f"timeout must be > 0 seconds, not {opts.timeout_s}")
+        raise ValueError(f"NCL_TIMEOUT (or timeout=) must be > 0 seconds, not {opts.timeout_s}")
     return opts
 
 
@@ -66,4 +68,4 @@ def init(rank: Optional[int] = None, size: Optional[int] = None, unique_id: Opti
         raise ValueError("unique_id must be a hex string of at least 16 characters, as ncl.get_unique_id() returns")
     if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return Communicator._create(segment_name(unique_id, "world"), rank, size, unique_id, options(size, timeout))
+    return Communicator._create(segment_name(unique_id, "world"), "world", rank, size, unique_id, options(size, timeout))

@@ -115,6 +115,18 @@ def output(out: Any, like: Buffer, shape: Tuple[int, ...], name: str = "out", *,
     return buf
 
 
+def check_aliasing(x: Buffer, out: Buffer, call: str, in_place_at: Optional[int], layout: str) -> None:
+    """Refuse an out that overlaps x other than in the call's one in-place layout: x starting
+    in_place_at bytes into out (None: no overlap allowed).  Peers may read x while this rank
+    writes out, so any other overlap would hand them half-written data."""
+    if not x.nbytes or not out.nbytes:
+        return
+    xa, oa = int(ffi.cast("uintptr_t", x.ptr)), int(ffi.cast("uintptr_t", out.ptr))
+    if xa + x.nbytes <= oa or oa + out.nbytes <= xa or (in_place_at is not None and xa - oa == in_place_at):
+        return
+    raise ValueError(f"out overlaps x, which {call} does not allow: {layout}; give out its own memory")
+
+
 def check_rank(value: Any, name: str, size: int, *, other_than: Optional[int] = None) -> int:
     if type(value) is int and 0 <= value < size and value != other_than:  # the common case, fast
         return value

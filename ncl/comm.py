@@ -14,10 +14,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import tuning
-from ._native import check, ffi, lib
-from .buffers import SUPPORTED, Buffer, ReduceOp, as_buffer, check_counts, check_op, check_rank, output, rows
+from . import env, log, tuning
+from ._native import check, error, ffi, lib
+from .buffers import (SUPPORTED, Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank,
+                      output, rows)
 from .errors import NclStateError
+# (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
+
+# Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
+_GROUP_FAILURES = (lib.NCL_ERR_TIMEOUT, lib.NCL_ERR_PEER, lib.NCL_ERR_MISMATCH)
 from .launch import shm_prefix
 from .work import Work
 
@@ -45,6 +50,10 @@ def _dtypes(dtype):
     return np_dtype
 
 
+_IN_PLACE = "only out=x itself (in place)"
+_OWN_BLOCK = "only x = this rank's block of out (in place)"
+
+
 def _ptr(buf: Optional[Buffer]):
     return buf.ptr if buf is not None else ffi.NULL
 
@@ -52,13 +61,15 @@ def _ptr(buf: Optional[Buffer]):
 class Communicator:
     """A group of ranks; see the README for the API tour."""
 
-    def __init__(self, handle, rank: int, size: int, *, unique_id: str, name: str, options):
+    def __init__(self, handle, rank: int, size: int, *, unique_id: str, name: str, label: str, options):
         self._handle = handle
         self._rank = rank
         self._size = size
         self._unique_id = unique_id
         self._name = name
+        self._label = label  # "world", "world.split1.color0": names it in logs and flight records
         self._options = options
+        self._log = log.for_rank(rank, size, label)
         self._forced_algo = tuning.forced_all_reduce_algorithm()
         self._splits = 0
         self._windows = 0
@@ -66,12 +77,37 @@ class Communicator:
         self._last_future: Optional[concurrent.futures.Future] = None
         self._destroy = weakref.finalize(self, lib.ncl_comm_destroy, handle)
         self._closed = False  # mirrors `closed` for the per-call fast path
+        if self._log.isEnabledFor(log.TRACE):  # every call logged: an instance attribute shadows the method
+            self._launch = self._launch_traced
 
     @classmethod
-    def _create(cls, name: str, rank: int, size: int, unique_id: str, options) -> "Communicator":
+    def _create(cls, name: str, label: str, rank: int, size: int, unique_id: str, options) -> "Communicator":
         out = ffi.new("ncl_comm **")
         check(lib.ncl_comm_create(name.encode(), rank, size, options, out))
-        return cls(out[0], rank, size, unique_id=unique_id, name=name, options=options)
+        comm = cls(out[0], rank, size, unique_id=unique_id, name=name, label=label, options=options)
+        if comm._log.isEnabledFor(log.logging.INFO):
+            comm._log.info("%s", comm._setup_text())
+        return comm
+
+    def _setup_text(self) -> str:
+        """What this communicator decided at setup, for NCL_DEBUG=INFO."""
+        info, o = ffi.new("ncl_comm_info *"), self._options
+        check(lib.ncl_comm_get_info(self._handle, info))
+
+        def at(nbytes: int, never: str = "never") -> str:
+            return never if nbytes >= tuning.NEVER else log.size_text(nbytes)
+        waiting = ("oversubscribed: no spinning, steps meet at one shared word" if info.central_sync else
+                   "spin, then yield, then sleep")
+        cma = (f"on from {log.size_text(o.cma_min_bytes)} per peer block" if info.cma else
+               "off (NCL_CMA=0)" if not o.cma_min_bytes else "not needed (one rank)" if self._size == 1 else
+               "unavailable: the kernel refused process_vm_readv between the ranks (ptrace scope?)")
+        return (f"ready: segment {log.size_text(info.segment_bytes)} (staging 2 x {log.size_text(info.slot_bytes)}"
+                f" per rank, send/recv 2 x {log.size_text(info.p2p_slot_bytes)} per pair); {self._size} ranks on "
+                f"{info.cpus} CPUs: {waiting}; single-copy reads: {cma}; all_reduce: one_shot up to "
+                f"{at(o.one_shot_max_bytes, 'any size')}, cma from {at(o.cma_all_reduce_min_bytes) if info.cma else 'never'}, "
+                f"registered direct from {at(o.direct_min_bytes)}{', forced ' + env.get('NCL_ALGO') if self._forced_algo else ''}; "
+                f"timeout {o.timeout_s:g} s; flight recorder {o.flight_entries} calls; "
+                f"fingerprint checks {'on' if o.verify_calls else 'OFF'}")
 
     # ---- identity and lifetime -------------------------------------------------------------
     @property
@@ -122,23 +158,72 @@ class Communicator:
                 self._check_open()
             rc = fn(*args)
             if rc:
-                check(rc)
+                self._fail(name, rc)
             return result
         self._check_open()
         if not async_op and self._last_future.done():
             self._last_future = None
-            check(fn(*args))
+            rc = fn(*args)
+            if rc:
+                self._fail(name, rc)
             return result
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ncl-rank{self._rank}")
 
         def run():
-            check(fn(*args))
+            rc = fn(*args)
+            if rc:
+                self._fail(name, rc)
             return result
 
         future = self._executor.submit(run)
         self._last_future = future
         return Work(future, name) if async_op else future.result()
+
+    def _launch_traced(self, name: str, fn: Callable[..., int], args: tuple, result: Any, async_op: bool) -> Any:
+        """_launch, logging each call with what the flight recorder saw of it (NCL_DEBUG=TRACE)."""
+        from . import flight
+        out = Communicator._launch(self, name, fn, args, result, async_op)
+        calls = [] if async_op else flight.entries(self)[-1:]
+        if calls:
+            c = calls[0]
+            what = f"{c['count']} x {c['dtype']} ({log.size_text(c['bytes'])})" if c["dtype"] else ""
+            self._log.log(log.TRACE, "%s #%d %s%s -> %s, steps %d, %.1f us", name, c["seq"], what,
+                          f", {c['op']}" if c["op"] else "", c["algorithm"], c["steps"], c["duration_us"])
+        else:
+            self._log.log(log.TRACE, "%s %s", name, "queued (async_op)" if async_op else "done")
+        return out
+
+    def _fail(self, name: str, rc: int) -> None:
+        """Raise the error of a failed call; a failure of the group is logged and, with
+        NCL_TRACE_DIR set, leaves this rank's flight record there."""
+        from . import flight
+        exc = error(rc)
+        if rc in _GROUP_FAILURES and not self.closed:
+            directory = env.get("NCL_TRACE_DIR")
+            if directory:
+                try:
+                    path = flight.dump(self, directory, f"{type(exc).__name__}: {exc}")
+                except OSError as dump_error:
+                    self._log.warning("cannot write the flight record into %s: %s", directory, dump_error)
+                else:
+                    exc = type(exc)(f"{exc} (flight record: {path})")
+            self._log.warning("%s failed: %s: %s", name, type(exc).__name__, exc)
+        raise exc
+
+    # ---- flight recorder ------------------------------------------------------------------------
+    def flight_record(self) -> list:
+        """This rank's last calls on this communicator (NCL_TRACE_BUFFER of them), oldest first:
+        collective, sizes, algorithm taken, state, steps done, duration."""
+        from . import flight
+        return flight.entries(self)
+
+    def dump_flight_record(self, directory: str, reason: str = "") -> str:
+        """Write the flight record as Chrome trace JSON into directory (what a failure does
+        by itself when NCL_TRACE_DIR is set); returns the file's path."""
+        from . import flight
+        self._check_open()
+        return flight.dump(self, directory, reason)
 
     # ---- registered memory --------------------------------------------------------------------
     def empty(self, shape, dtype=np.float32, *, like: str = "numpy"):
@@ -174,6 +259,8 @@ class Communicator:
         op = check_op(op)
         src = as_buffer(x, "x", writable=out is None)
         dst = src if out is None else output(out, src, src.shape)
+        if out is not None:
+            check_aliasing(src, dst, "all_reduce", 0, _IN_PLACE)
         algo = self._forced_algo  # NCL_ALGO_AUTO: the core applies tuning's thresholds
         args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, op, algo)
         return self._launch("all_reduce", lib.ncl_all_reduce, args, dst.obj, async_op)
@@ -185,6 +272,8 @@ class Communicator:
         is_root = root == self._rank
         src = as_buffer(x, "x", writable=is_root and out is None)
         dst = (src if out is None else output(out, src, src.shape)) if is_root else None
+        if dst is not None and out is not None:
+            check_aliasing(src, dst, "reduce", 0, _IN_PLACE)
         args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, op, root)
         return self._launch("reduce", lib.ncl_reduce, args, dst.obj if is_root else x, async_op)
 
@@ -196,6 +285,8 @@ class Communicator:
         if n % self._size:
             raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
         dst = output(out, src, (n // self._size,) + src.shape[1:])
+        if out is not None:
+            check_aliasing(dst, src, "reduce_scatter", self._rank * dst.nbytes, "only out = x[rank block] (in place)")
         args = (self._handle, _ptr(src), _ptr(dst), dst.count, src.dtype, op)
         return self._launch("reduce_scatter", lib.ncl_reduce_scatter, args, dst.obj, async_op)
 
@@ -206,6 +297,8 @@ class Communicator:
         root = check_rank(root, "root", self._size)
         src = as_buffer(x, "x", writable=out is None and root != self._rank)
         dst = src if out is None else output(out, src, src.shape)
+        if out is not None:
+            check_aliasing(src, dst, "broadcast", 0, _IN_PLACE)
         args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, root)
         return self._launch("broadcast", lib.ncl_broadcast, args, dst.obj, async_op)
 
@@ -216,6 +309,8 @@ class Communicator:
         """Concatenate every rank's x along dim 0 (rank order)."""
         src = as_buffer(x, "x", writable=False)
         dst = output(out, src, self._stacked_shape(src))
+        if out is not None:
+            check_aliasing(src, dst, "all_gather", self._rank * src.nbytes, _OWN_BLOCK)
         args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype)
         return self._launch("all_gather", lib.ncl_all_gather, args, dst.obj, async_op)
 
@@ -224,6 +319,8 @@ class Communicator:
         root = check_rank(root, "root", self._size)
         src = as_buffer(x, "x", writable=False)
         dst = output(out, src, self._stacked_shape(src)) if root == self._rank else None
+        if dst is not None and out is not None:
+            check_aliasing(src, dst, "gather", self._rank * src.nbytes, _OWN_BLOCK)
         args = (self._handle, _ptr(src), _ptr(dst), src.count, src.dtype, root)
         return self._launch("gather", lib.ncl_gather, args, dst.obj if dst is not None else None, async_op)
 
@@ -242,6 +339,8 @@ class Communicator:
         else:
             dst = as_buffer(out, "out", writable=True)
         send = src if root == self._rank else None
+        if send is not None and out is not None:  # in place: out is the root's own block of x
+            check_aliasing(dst, send, "scatter", self._rank * dst.nbytes, "only out = x[rank block] (in place)")
         args = (self._handle, _ptr(send), _ptr(dst), dst.count, dst.dtype, root)
         return self._launch("scatter", lib.ncl_scatter, args, dst.obj, async_op)
 
@@ -252,6 +351,8 @@ class Communicator:
         if n % self._size:
             raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {self._size}")
         dst = output(out, src, src.shape)
+        if out is not None:
+            check_aliasing(src, dst, "all_to_all", 0, _IN_PLACE)
         args = (self._handle, _ptr(src), _ptr(dst), src.count // self._size, src.dtype)
         return self._launch("all_to_all", lib.ncl_all_to_all, args, dst.obj, async_op)
 
@@ -264,6 +365,9 @@ class Communicator:
         send = check_counts(send_counts, "send_counts", self._size)
         if sum(send) != n:
             raise ValueError(f"send_counts sum to {sum(send)} rows but x has {n} rows")
+        if out is not None:  # before any exchange of counts: peers must not be left waiting
+            check_aliasing(src, as_buffer(out, "out", writable=True), "all_to_allv", None,
+                           "x and out must not share memory")
         if recv_counts is not None:
             recv = check_counts(recv_counts, "recv_counts", self._size)
         else:
@@ -324,7 +428,8 @@ class Communicator:
         options = ffi.new("ncl_options *", self._options[0])
         options.one_shot_max_bytes, options.direct_min_bytes, options.cma_all_reduce_min_bytes = \
             tuning.thresholds(len(members))
-        return Communicator._create(name, new_rank, len(members), self._unique_id, options)
+        label = f"{self._label}.split{self._splits}.color{color}"
+        return Communicator._create(name, label, new_rank, len(members), self._unique_id, options)
 
 
 __all__ = ["Communicator", "segment_name"]

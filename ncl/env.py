@@ -5,10 +5,31 @@ from typing import Any, Callable, Dict, NamedTuple
 
 
 def parse_bytes(text: str) -> int:
-    """'4M', '256k', '1G' or a plain number of bytes."""
+    """'4M', '256k', '1G' or a plain number of bytes; ValueError unless 0 <= bytes < 2**63
+    (what the C core's size_t fields take, with room to add)."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    return int(t[:-1] if scale > 1 else t) * scale
+    n = int(t[:-1] if scale > 1 else t) * scale
+    if not 0 <= n < 1 << 63:
+        raise ValueError(f"{text!r} is not a byte count between 0 and 2**63")
+    return n
+
+
+def _choice(text: str, choices) -> str:
+    value = text.strip().upper()
+    if value not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """A parser of ints in [lo, hi] (what the C core's fields hold)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+    return parse
 
 
 class Knob(NamedTuple):
@@ -30,9 +51,16 @@ KNOBS: Dict[str, Knob] = {
     "NCL_CMA": Knob(lambda t: t.strip().lower() not in ("0", "no", "false", "off"), True,
                     "single-copy reads of peers' buffers with process_vm_readv (0: stage everything)"),
     "NCL_CMA_MIN_BYTES": Knob(parse_bytes, 32 << 10, "single-copy reads from this many bytes per peer block up"),
-    "NCL_SPIN_US": Knob(int, 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
-    "NCL_YIELD_US": Knob(int, 2000, "sched_yield microseconds before sleeping on a futex"),
+    "NCL_SPIN_US": Knob(_int_in(0, 10**7), 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
+    "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000, "sched_yield microseconds before sleeping on a futex"),
     "NCL_KERNEL_ISA": Knob(str.lower, "", "force the reduction kernels: generic, avx2 or avx512 (read by C)"),
+    "NCL_DEBUG": Knob(lambda t: _choice(t, ("WARN", "INFO", "TRACE")), "",
+                      "log to stderr, rank-prefixed: WARN (failures), INFO (+ setup decisions), TRACE (+ every call)"),
+    "NCL_TRACE_DIR": Knob(str, "", "on a timeout, dead peer or mismatch, write this rank's flight record "
+                                   "(Chrome trace JSON) into this directory"),
+    "NCL_TRACE_BUFFER": Knob(_int_in(0, 1 << 20), 1024, "calls the flight recorder keeps per communicator (0: none)"),
+    "NCL_CHECK_CALLS": Knob(lambda t: t.strip().lower() not in ("0", "no", "false", "off"), True,
+                            "compare every call's fingerprint across ranks (0 only to measure what the check costs)"),
     "NCL_RANK": Knob(int, None, "this process's rank (set by ncl-run)"),
     "NCL_WORLD_SIZE": Knob(int, None, "number of ranks (set by ncl-run)"),
     "NCL_UNIQUE_ID": Knob(str, None, "the job's secret id; names its shared-memory segments (set by ncl-run)"),
@@ -46,5 +74,6 @@ def get(name: str) -> Any:
         return knob.default
     try:
         return knob.parse(text)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not valid: {knob.meaning}") from None
+    except ValueError as exc:
+        detail = f" ({exc})" if str(exc).startswith("must be") else ""
+        raise ValueError(f"environment variable {name}={text!r} is not valid{detail}: {knob.meaning}") from None

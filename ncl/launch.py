@@ -5,8 +5,10 @@ Guarantees:
   NCL_UNIQUE_ID (the job's secret id) and torch's RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (so env:// initialisation works);
 - SIGINT and SIGTERM are forwarded to the ranks (a second SIGINT kills them);
-- when a rank fails, the others are stopped (SIGTERM, then SIGKILL after a grace period)
-  and ncl-run exits with the failing rank's code (128 + signal for a signal);
+- when a rank fails, the others get REPORT_S to notice and report it (their errors name
+  the failed rank; NCL_TRACE_DIR gets their flight records), then are stopped (SIGTERM,
+  then SIGKILL after a grace period); ncl-run exits with the failing rank's code (128 +
+  signal for a signal);
 - whatever shared memory the job left in /dev/shm is removed on the way out.
 Standard library only, so it starts fast and works even if the C core does not.
 """
@@ -23,6 +25,7 @@ import time
 from typing import List, Optional
 
 GRACE_S = 3.0
+REPORT_S = 2.0  # after a rank fails, the others get this long to notice (~0.1 s) and report it themselves
 POLL_S = 0.02
 
 
@@ -97,7 +100,11 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _stop(procs: List[subprocess.Popen]) -> None:
+def _stop(procs: List[subprocess.Popen], wait_s: float = 0.0) -> None:
+    """Stop every rank still running, after giving them wait_s to exit by themselves."""
+    deadline = time.monotonic() + wait_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         p.send_signal(signal.SIGTERM)
@@ -120,7 +127,7 @@ def _supervise(procs: List[subprocess.Popen]) -> int:
             others = sum(c is None for c in codes)
             print(f"ncl-run: rank {rank} (pid {procs[rank].pid}) {_describe(code)}; stopping the other {others} "
                   f"rank{'s' if others != 1 else ''}", file=sys.stderr, flush=True)
-            _stop(procs)
+            _stop(procs, REPORT_S)  # survivors name the failed rank and write their flight records
             return 128 - code if code < 0 else code
         if all(c == 0 for c in codes):
             return 0

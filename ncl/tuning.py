@@ -40,16 +40,18 @@ def calibration(path: str = "") -> Dict[str, Dict[int, List[Tuple[float, float]]
             data = json.load(f)
         table = {}
         for algo in ALGORITHMS:
-            if algo not in data["all_reduce"]:  # an algorithm the file does not know is never chosen
+            fits = data["all_reduce"].get(algo)
+            if not fits:  # an algorithm the file does not know (or has no rank count of) is never chosen
                 table[algo] = {1: [(0.0, float(NEVER)), (1.0, float(NEVER))]}
                 continue
             table[algo] = {}
-            for n, (_, per_byte) in data["all_reduce"][algo].items():
+            for n, (_, per_byte) in fits.items():
                 points = sorted((float(s), float(t)) for s, t in data["measured_us"][algo][n])
                 far = points[-1][0] * 1024
-                table[algo][int(n)] = points + [(far, points[-1][1] + per_byte * (far - points[-1][0]) / 1e3)]
+                table[algo][int(n)] = points + [(far, points[-1][1] + float(per_byte) * (far - points[-1][0]) / 1e3)]
         return table
-    except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+    # what a malformed file makes open, json (nesting too deep included) or the table raise
+    except (OSError, ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as exc:
         raise ValueError(f"cannot read the tuning file {path}: {exc}; "
                          "write one with `python -m ncl.perf.calibrate --out FILE`") from None
 

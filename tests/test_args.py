@@ -46,6 +46,12 @@ OUT = r"\bout\b"
 CONTIG = r"contiguous"
 DTYPE = r"dtype"
 RO = r"read-only|readonly|writ"
+ALIAS = (OUT, r"overlaps x")
+
+
+def _on(buffer, call):
+    """call(buffer): lets a table entry build overlapping views of one fresh buffer."""
+    return call(buffer)
 
 _LONGDOUBLE = np.dtype(np.longdouble).itemsize > 8
 
@@ -155,6 +161,30 @@ CASES = {
     "split(color='a')": Case(lambda c: c.split("a"), T, (r"\bcolor\b",)),
     "split(color=1.5)": Case(lambda c: c.split(1.5), T, (r"\bcolor\b",)),
     "split(key='a')": Case(lambda c: c.split(0, key="a"), T, (r"\bkey\b",)),
+    # out sharing memory with x where the call forbids it (peers would read half-written data);
+    # b = f32(k): x and out are overlapping views of one array
+    "all_reduce(out overlaps x)": Case(lambda c: _on(f32(9), lambda b: c.all_reduce(b[:8], out=b[1:])), V, ALIAS),
+    "torch all_reduce(out overlaps x)": Case(
+        lambda c: _on(_torch().arange(9.0), lambda b: c.all_reduce(b[:8], out=b[1:])), V, ALIAS),
+    "reduce(out overlaps x, root)": Case(
+        lambda c: _on(f32(9), lambda b: c.reduce(b[1:], root=c.rank, out=b[:8])), V, ALIAS),
+    "broadcast(out overlaps x, root)": Case(
+        lambda c: _on(f32(9), lambda b: c.broadcast(b[:8], root=c.rank, out=b[1:])), V, ALIAS),
+    "all_gather(x inside out, not its block)": Case(
+        lambda c: _on(f32(4 * c.size + 1), lambda b: c.all_gather(b[1:5], out=b[:4 * c.size])), V, ALIAS),
+    "gather(x inside out, not its block)": Case(
+        lambda c: _on(f32(4 * c.size + 1), lambda b: c.gather(b[1:5], root=c.rank, out=b[:4 * c.size])), V, ALIAS),
+    "reduce_scatter(out inside x, not its block)": Case(
+        lambda c: _on(f32(4 * c.size + 1), lambda b: c.reduce_scatter(b[:4 * c.size], out=b[1:5])), V, ALIAS),
+    "scatter(out inside x, not its block)": Case(
+        lambda c: _on(f32(4 * c.size + 1), lambda b: c.scatter(b[:4 * c.size], root=c.rank, out=b[1:5])), V, ALIAS),
+    "all_to_all(out overlaps x)": Case(
+        lambda c: _on(f32(4 * c.size + 1), lambda b: c.all_to_all(b[:-1], out=b[1:])), V, ALIAS),
+    "all_to_allv(out is x)": Case(
+        lambda c: _on(f32(2 * c.size), lambda b: c.all_to_allv(b, [2] * c.size, [2] * c.size, out=b)), V, ALIAS),
+    "all_to_allv(counts exchanged, out overlaps x)": Case(
+        lambda c: _on(f32(2 * c.size + 1), lambda b: c.all_to_allv(b[:-1], [2] * c.size, None, out=b[1:])),
+        V, ALIAS),
 }
 if _LONGDOUBLE:
     CASES["all_reduce(float128)"] = Case(lambda c: c.all_reduce(np.zeros(4, np.longdouble)), T, (DTYPE,))
@@ -292,3 +322,49 @@ def test_all_to_allv_exchanged_counts_wrong_out_fails_the_group(pool_factory):
     bad, peer = errors[1], errors[0]
     assert bad.is_a("ValueError") and re.search(OUT, bad.message), str(bad)
     assert peer.is_a("NclError"), str(peer)
+
+
+def _allowed_in_place_layouts(comm):
+    """Every overlap the aliasing rules allow, against numpy; the failures as text."""
+    n, me, k = comm.size, comm.rank, 5
+    datas = [rank_data(case_seed("in place", "float32"), r, (n * k,), "float32", "SUM") for r in range(n)]
+    failures = []
+
+    def expect(what, got, want):
+        if (bad := mismatch(f"{what} rank={me}/{n}", got, want)):
+            failures.append(bad)
+
+    x = datas[me].copy()
+    expect("all_reduce out=x", comm.all_reduce(x, out=x), reference_reduce(datas, "SUM"))
+    x = datas[me].copy()
+    expect("all_to_all out=x", comm.all_to_all(x, out=x),
+           np.concatenate([d[me * k:(me + 1) * k] for d in datas]))
+    for root in range(n):
+        x = datas[me].copy()
+        expect(f"broadcast out=x root={root}", comm.broadcast(x, root, out=x), datas[root])
+        out = np.zeros(n * k, np.float32)
+        out[me * k:(me + 1) * k] = datas[me][:k]
+        got = comm.gather(out[me * k:(me + 1) * k], root, out=out if me == root else None)
+        if me == root:
+            expect(f"gather x=own block root={root}", got, np.concatenate([d[:k] for d in datas]))
+        x = datas[me].copy()
+        got = comm.scatter(x, root, out=x[me * k:(me + 1) * k] if me == root else np.empty(k, np.float32))
+        expect(f"scatter out=own block root={root}", got, datas[root][me * k:(me + 1) * k])
+    x = datas[me].copy()
+    expect("reduce_scatter out=own block", comm.reduce_scatter(x, out=x[me * k:(me + 1) * k]),
+           reference_reduce(datas, "SUM")[me * k:(me + 1) * k])
+    out = np.zeros(n * k, np.float32)
+    out[me * k:(me + 1) * k] = datas[me][:k]
+    expect("all_gather x=own block", comm.all_gather(out[me * k:(me + 1) * k], out=out),
+           np.concatenate([d[:k] for d in datas]))
+    return failures
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("size", [1, 3])
+def test_allowed_in_place_layouts_give_the_right_answer(pool_factory, size):
+    """What the aliasing checks let through really works: out=x for the element-wise calls and
+    all_to_all, x as this rank's block of out for all_gather / gather, out as this rank's block
+    of x for reduce_scatter / scatter."""
+    failures = pool_factory(size, SMALL_STAGING).run(_allowed_in_place_layouts, timeout=30)
+    assert not sum(failures, []), sum(failures, [])

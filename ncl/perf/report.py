@@ -239,14 +239,63 @@ def log(text: str) -> None:
     sys.stdout.flush()
 
 
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_sweep(data) -> None:
+    """What `main` reads of a saved sweep, with the types it needs (times positive: ratios
+    divide by them)."""
+    _check(isinstance(data, dict), "not a JSON object")
+    _check(isinstance(data.get("command"), list) and all(isinstance(a, str) for a in data["command"]),
+           "'command' is not a list of strings")
+    machine, cfg, summary = data.get("machine"), data.get("settings"), data.get("summary")
+    _check(isinstance(machine, dict) and all(isinstance(machine.get(k, ""), str) for k in ("date", "cpu")),
+           "'machine' is not an object with string 'date' and 'cpu'")
+    _check(isinstance(cfg, dict) and isinstance(cfg.get("collective"), str), "'settings' has no 'collective'")
+    _check(isinstance(cfg.get("repeat", 1), int), "'settings' has a 'repeat' that is not an integer")
+    compare = cfg.get("compare", [])
+    _check(isinstance(compare, list) and all(isinstance(p, str) for p in compare),
+           "'settings' has a 'compare' that is not a list of backend names")
+    _check(isinstance(summary, list) and all(isinstance(r, dict) for r in summary), "'summary' is not a list of rows")
+    numbers = ("busbw", "spread") if cfg.get("repeat", 1) > 1 else ("busbw",)
+    for i, r in enumerate(summary):
+        _check(isinstance(r.get("backend"), str) and isinstance(r.get("in_place"), bool)
+               and all(isinstance(r.get(k), int) and not isinstance(r[k], bool) for k in ("nranks", "size")),
+               f"summary row {i} lacks backend, nranks, size or in_place")
+        if "time_us" in r:
+            _check(_is_number(r["time_us"]) and r["time_us"] > 0 and all(_is_number(r.get(k)) for k in numbers)
+                   and isinstance(r.get("wrong"), int),
+                   f"summary row {i} lacks a positive time_us, or {', '.join(numbers)} or wrong")
+    json.dumps(data, ensure_ascii=False).encode()  # UnicodeEncodeError for a string no terminal can print
+
+
+def load(path: str) -> dict:
+    """A sweep saved by `ncl-perf --json`; ValueError naming the file if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+        _check_sweep(data)
+        return data
+    except (OSError, ValueError, RecursionError) as exc:  # json's errors and UnicodeError are ValueErrors
+        raise ValueError(f"{path} is not a sweep saved by ncl-perf --json: {exc}") from None
+
+
 def main(argv=None) -> int:
     """`python -m ncl.perf.report RESULT.json...`: the tables of saved sweeps, again."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m ncl.perf.report", description=main.__doc__)
     p.add_argument("json", nargs="+", help="files written by ncl-perf --json")
     for path in p.parse_args(argv).json:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            data = load(path)
+        except ValueError as exc:
+            p.error(str(exc))
         cfg = data["settings"]
         log(f"$ {' '.join(data['command'])}\n# {data['machine'].get('date')} on {data['machine'].get('cpu')}")
         if cfg.get("repeat", 1) > 1:

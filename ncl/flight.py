@@ -1,0 +1,146 @@
+"""The flight recorder: each communicator keeps this rank's last NCL_TRACE_BUFFER calls (the
+C core records them, native/flight.c).  On a timeout, a dead peer or a mismatch, every rank
+that notices writes its record into NCL_TRACE_DIR as Chrome trace JSON (chrome://tracing,
+https://ui.perfetto.dev), with each rank's step counter read from the shared segment, so the
+files together show which call each rank was in and who was behind.
+
+    python -m ncl.flight DIR          # one table of where every rank stopped, and DIR/merged.json
+"""
+import argparse
+import glob
+import json
+import os
+import socket
+import sys
+import time
+import zlib
+from typing import Any, Dict, List, Optional
+
+from ._native import ffi, lib
+
+_STATUS = {0: "ok", 1: "bad argument", 2: "system error", 3: "timeout", 4: "peer failed", 5: "mismatch",
+           6: "unusable"}
+
+
+def _name(fn, code: int) -> Optional[str]:
+    return ffi.string(fn(code)).decode() if code >= 0 else None
+
+
+def entries(comm) -> List[Dict[str, Any]]:
+    """This rank's recorded calls on `comm`, oldest first (empty when NCL_TRACE_BUFFER=0)."""
+    if comm.closed:
+        return []
+    cap = comm._options.flight_entries
+    raw = ffi.new("ncl_flight_entry[]", max(cap, 1))
+    n = lib.ncl_flight_entries(comm._handle, raw, cap)
+    now = lib_now()
+    out = []
+    for e in raw[0:n]:
+        dtype = _name(lib.ncl_dtype_name, e.dtype)
+        size = lib.ncl_dtype_size(e.dtype) if e.dtype >= 0 else 0
+        coll = ffi.string(lib.ncl_coll_name(e.coll)).decode()
+        out.append({
+            "seq": e.seq, "collective": coll, "dtype": dtype, "count": e.count, "bytes": e.count * size,
+            "op": _name(lib.ncl_op_name, e.op),
+            ("peer" if coll in ("send", "recv") else "root"): e.root if e.root >= 0 else None,
+            "algorithm": ffi.string(e.algorithm).decode() if e.algorithm else None,
+            "state": "running" if e.status < 0 else "done" if e.status == 0 else "failed",
+            "status": None if e.status < 0 else _STATUS.get(e.status, str(e.status)),
+            "first_step": e.first_step, "steps": e.steps,
+            "begin_s": e.t_begin, "duration_us": ((e.t_end if e.t_end else now) - e.t_begin) * 1e6,
+        })
+    return out
+
+
+def lib_now() -> float:
+    """The C core's clock (CLOCK_MONOTONIC seconds), which the entries' times use."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def chrome_trace(comm, reason: str = "") -> Dict[str, Any]:
+    """This rank's record on `comm` as a Chrome trace: one complete event per call (process =
+    rank, thread = communicator), the state of the group in otherData."""
+    world_rank = int(os.environ.get("NCL_RANK", comm.rank))
+    tid = zlib.crc32(comm._label.encode()) & 0x7FFFFFFF
+    events: List[Dict[str, Any]] = [
+        {"ph": "M", "name": "process_name", "pid": world_rank, "tid": tid, "args": {"name": f"rank {world_rank}"}},
+        {"ph": "M", "name": "thread_name", "pid": world_rank, "tid": tid, "args": {"name": comm._label}},
+    ]
+    calls = entries(comm)
+    for call in calls:
+        events.append({"name": call["collective"], "cat": "ncl", "ph": "X", "pid": world_rank, "tid": tid,
+                       "ts": call["begin_s"] * 1e6, "dur": call["duration_us"],
+                       "args": {k: v for k, v in call.items() if k not in ("begin_s", "duration_us")}})
+    steps = ffi.new("uint32_t[]", comm.size)
+    if not comm.closed:
+        lib.ncl_comm_peer_steps(comm._handle, steps)
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {
+        "reason": reason, "communicator": comm._label, "job": comm._unique_id[:12], "rank": comm.rank,
+        "size": comm.size, "world_rank": world_rank, "host": socket.gethostname(), "pid": os.getpid(),
+        "posted_steps": list(steps), "calls_recorded": len(calls), "written_s": lib_now()}}
+
+
+def dump(comm, directory: str, reason: str = "") -> str:
+    """Write this rank's record on `comm` into `directory`; returns the file's path."""
+    os.makedirs(directory, exist_ok=True)
+    label = comm._label.replace("/", ".")
+    path = os.path.join(directory, f"ncl-trace-{comm._unique_id[:12]}-{label}-rank{comm.rank}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(chrome_trace(comm, reason), f)
+    os.replace(tmp, path)  # readers never see half a file
+    return path
+
+
+def _last_call(trace: Dict[str, Any]) -> Dict[str, Any]:
+    calls = [e["args"] for e in trace["traceEvents"] if e.get("ph") == "X"]
+    return calls[-1] if calls else {}
+
+
+def summarize(directory: str) -> List[Dict[str, Any]]:
+    """One row per dumped rank file in `directory`: the call it stopped in, and how far it got."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(directory, "ncl-trace-*.json"))):
+        with open(path) as f:
+            trace = json.load(f)
+        info, last = trace["otherData"], _last_call(trace)
+        rows.append({"communicator": info["communicator"], "rank": info["rank"], "seq": last.get("seq"),
+                     "collective": last.get("collective"), "state": last.get("state"),
+                     "steps done": last.get("steps"), "posted steps": info["posted_steps"],
+                     "reason": info["reason"][:100], "file": os.path.basename(path)})
+    return sorted(rows, key=lambda r: (r["communicator"], r["rank"]))
+
+
+def merge(directory: str, out: str) -> int:
+    """All rank files of `directory` as one Chrome trace in `out`; returns the number of files."""
+    files = sorted(glob.glob(os.path.join(directory, "ncl-trace-*.json")))
+    events, others = [], []
+    for path in files:
+        with open(path) as f:
+            trace = json.load(f)
+        events += trace["traceEvents"]
+        others.append(trace["otherData"])
+    with open(out, "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"ranks": others}}, f)
+    return len(files)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ncl.flight",
+                                     description="Where each rank stopped, from the flight records in DIR.")
+    parser.add_argument("directory", help="the NCL_TRACE_DIR of the failed job")
+    parser.add_argument("-o", "--out", help="merged Chrome trace (default: DIR/merged.json)")
+    args = parser.parse_args(argv)
+    rows = summarize(args.directory)
+    if not rows:
+        print(f"no flight records (ncl-trace-*.json) in {args.directory}", file=sys.stderr)
+        return 1
+    from tabulate import tabulate
+    print(tabulate(rows, headers="keys"))
+    out = args.out or os.path.join(args.directory, "merged.json")
+    print(f"\n{merge(args.directory, out)} rank files merged into {out} (open in https://ui.perfetto.dev)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Regression tests for what the fuzz harnesses (tests/fuzz) found in the parsers of untrusted
+bytes: each input here once raised something other than a ValueError naming its source."""
+import json
+
+import pytest
+
+from ncl import env, tuning
+from ncl.perf import report
+
+
+def _calibration(**fields) -> dict:
+    """A valid cost-model file (one rank count), with some fields replaced."""
+    data = {"all_reduce": {a: {"2": [1.0, 0.1]} for a in tuning.ALGORITHMS},
+            "measured_us": {a: {"2": [[8, 1.0], [1024, 2.0]]} for a in tuning.ALGORITHMS}}
+    data.update(fields)
+    return data
+
+
+@pytest.fixture
+def tuning_file(tmp_path, monkeypatch):
+    """write(text) puts a cost-model file where NCL_TUNING_FILE points; gives its path."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("NCL_TUNING_FILE", str(path))
+    monkeypatch.delenv("NCL_ONE_SHOT_MAX_BYTES", raising=False)
+    monkeypatch.delenv("NCL_DIRECT_MIN_BYTES", raising=False)
+
+    def write(text: str) -> str:
+        path.write_text(text)
+        tuning.calibration.cache_clear()
+        return str(path)
+
+    yield write
+    tuning.calibration.cache_clear()
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 5000,                                                         # was RecursionError (json)
+    json.dumps(_calibration(all_reduce={"one_shot": [1]})),              # was AttributeError
+    json.dumps(_calibration(all_reduce={"one_shot": "two_shot"})),       # was AttributeError
+    json.dumps(_calibration(all_reduce={"one_shot": {"2": [1, 10 ** 400]}})),  # was OverflowError
+    json.dumps(_calibration(measured_us={a: {"2": [[10 ** 400, 1]]} for a in tuning.ALGORITHMS})),  # OverflowError
+])
+def test_malformed_tuning_file_raises_value_error_naming_it(tuning_file, text):
+    path = tuning_file(text)
+    with pytest.raises(ValueError, match=f"tuning file {path}"):
+        tuning.thresholds(2)
+
+
+def test_tuning_file_without_rank_counts_never_chooses_that_algorithm(tuning_file):
+    """An algorithm given no rank count was max() of nothing (a ValueError without the file's name)."""
+    tuning_file(json.dumps(_calibration(all_reduce={a: {"2": [1.0, 0.1]} if a != "cma" else {}
+                                                    for a in tuning.ALGORITHMS})))
+    assert tuning.thresholds(2)[2] == tuning.NEVER
+
+
+@pytest.mark.parametrize("text", ["-1", "-4K", str(1 << 63), "8589934592G"])
+def test_byte_counts_out_of_range_are_refused(text, monkeypatch):
+    """These were returned, then failed with OverflowError where ncl.bootstrap.options put them
+    into the C core's size_t fields."""
+    with pytest.raises(ValueError, match="byte count"):
+        env.parse_bytes(text)
+    monkeypatch.setenv("NCL_CMA_MIN_BYTES", text)
+    with pytest.raises(ValueError, match="NCL_CMA_MIN_BYTES"):
+        env.get("NCL_CMA_MIN_BYTES")
+
+
+def test_byte_counts_still_parse():
+    assert [env.parse_bytes(t) for t in ("0", "4M", " 256KiB ", "1g", str((1 << 63) - 1))] == \
+        [0, 4 << 20, 256 << 10, 1 << 30, (1 << 63) - 1]
+
+
+def _sweep(**settings) -> dict:
+    row = {"backend": "ncl", "nranks": 2, "size": 8, "in_place": False, "time_us": 2.0, "busbw": 0.1, "wrong": 0,
+           "spread": 1.0}
+    peer = dict(row, backend="gloo")
+    return {"command": ["ncl-perf", "all_reduce"], "machine": {"date": "today", "cpu": "x"},
+            "settings": dict({"collective": "all_reduce", "repeat": 2, "compare": ["gloo"]}, **settings),
+            "summary": [row, peer]}
+
+
+def test_saved_sweep_prints_its_tables(tmp_path, capsys):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(_sweep()))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "median over rounds" in out and "ncl/gloo" in out
+
+
+@pytest.mark.parametrize("text", [
+    b"\xff",                                                   # was UnicodeDecodeError
+    b"[]",                                                     # was TypeError
+    b"{}",                                                     # was KeyError
+    json.dumps(_sweep() | {"summary": [_sweep()["summary"][0], dict(_sweep()["summary"][1], time_us=0)]}).encode(),
+    # ^ a peer's time of 0: was ZeroDivisionError (the ncl/gloo ratio)
+    json.dumps(_sweep() | {"command": ["\ud800"]}).encode(),   # was UnicodeEncodeError on a UTF-8 terminal
+    json.dumps(_sweep(repeat="2")).encode(),                   # was TypeError
+])
+def test_malformed_sweep_exits_2_naming_the_file(tmp_path, capsys, text):
+    path = tmp_path / "sweep.json"
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match=f"{path} is not a sweep"):
+        report.load(str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(path)])
+    assert exit_info.value.code == 2 and f"error: {path} is not a sweep" in capsys.readouterr().err
