@@ -7,6 +7,7 @@
  * rank posted s + 1, i.e. finished reading step s: double buffering with no extra flags.
  * The fingerprints turn a mismatched call (other collective, dtype, count, op, root or
  * algorithm) into an error on every rank instead of a hang or silent corruption. */
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -20,18 +21,38 @@ void ncl_pack_blocks(uint8_t* slot, const uint8_t* send, size_t n, size_t count,
     for (size_t b = 0; b < n; b++) ncl_copy_shared(slot + b * m * es, send + (b * count + off) * es, m * es);
 }
 
-static int describe(char* out, size_t cap, const ncl_fingerprint* fp) {
-    int len = snprintf(out, cap, "%s(%s, count=%llu, op=%s, root=%d, extra=%llu", ncl_coll_name(fp->coll),
-                       ncl_dtype_name(fp->dtype), (unsigned long long)fp->count, ncl_op_name(fp->op), (int)fp->root,
-                       (unsigned long long)(fp->extra & 0xffffffffu));
-    if (fp->extra & NCL_EXTRA_CMA && len > 0 && (size_t)len < cap)
-        len += snprintf(out + len, cap - (size_t)len, ", single-copy reads");
-    for (int i = 0; i < 2 && len > 0 && (size_t)len < cap; i++)
+/* Appends to a bounded message (what snprintf would have written is never past cap). */
+static size_t append(char* out, size_t cap, size_t len, const char* fmt, ...) __attribute__((format(printf, 4, 5)));
+static size_t append(char* out, size_t cap, size_t len, const char* fmt, ...) {
+    if (len >= cap) return len;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(out + len, cap - len, fmt, ap);
+    va_end(ap);
+    return n < 0 ? len : ncl_min(len + (size_t)n, cap);
+}
+
+/* A call as the user wrote it: only the fields that matter for its collective. */
+static size_t describe(char* out, size_t cap, const ncl_fingerprint* fp) {
+    static const char* algorithms[] = {"auto", "one_shot", "two_shot", "direct", "cma"};
+    bool reduces =
+        fp->coll == NCL_COLL_ALL_REDUCE || fp->coll == NCL_COLL_REDUCE || fp->coll == NCL_COLL_REDUCE_SCATTER;
+    size_t len = append(out, cap, 0, "%s(", ncl_coll_name(fp->coll));
+    if (fp->coll != NCL_COLL_BARRIER)
+        len = append(out, cap, len, "%s, count=%llu", ncl_dtype_name(fp->dtype), (unsigned long long)fp->count);
+    if (reduces) len = append(out, cap, len, ", op=%s", ncl_op_name(fp->op));
+    if (fp->root >= 0) len = append(out, cap, len, ", root=%d", (int)fp->root);
+    uint64_t extra = fp->extra & 0xffffffffu;
+    if (fp->coll == NCL_COLL_ALL_REDUCE && extra <= NCL_ALGO_CMA)
+        len = append(out, cap, len, ", algorithm=%s", algorithms[extra]);
+    else if (extra)
+        len = append(out, cap, len, ", extra=%llu", (unsigned long long)extra);
+    if (fp->extra & NCL_EXTRA_CMA) len = append(out, cap, len, ", single-copy reads");
+    for (int i = 0; i < 2; i++)
         if (fp->win[i])
-            len += snprintf(out + len, cap - (size_t)len, ", %s in registered window %u at byte %llu",
-                            i ? "recv" : "send", (unsigned)fp->win[i], (unsigned long long)fp->win_off[i]);
-    if (len > 0 && (size_t)len < cap) len += snprintf(out + len, cap - (size_t)len, ")");
-    return len;
+            len = append(out, cap, len, ", %s in registered window %u at byte %llu", i ? "recv" : "send",
+                         (unsigned)fp->win[i], (unsigned long long)fp->win_off[i]);
+    return append(out, cap, len, ")");
 }
 
 static bool same_fp(const ncl_fingerprint* a, const ncl_fingerprint* b) {
@@ -43,14 +64,14 @@ static bool same_fp(const ncl_fingerprint* a, const ncl_fingerprint* b) {
 /* Every rank builds the same message: the ranks that differ from rank 0, and what each called. */
 static int mismatch_error(ncl_comm* c, uint32_t parity) {
     char msg[1200];
-    size_t len = (size_t)snprintf(msg, sizeof msg, "ranks called mismatched collectives: rank 0 called ");
+    size_t len = append(msg, sizeof msg, 0, "ranks called mismatched collectives: rank 0 called ");
     const ncl_fingerprint* ref = &c->ranks[0].fp[parity];
-    len += (size_t)describe(msg + len, sizeof msg - len, ref);
+    len = describe(msg + len, sizeof msg - len, ref) + len;
     for (int r = 1; r < c->nranks && len < sizeof msg - 80; r++) {
         const ncl_fingerprint* fp = &c->ranks[r].fp[parity];
         if (same_fp(fp, ref)) continue;
-        len += (size_t)snprintf(msg + len, sizeof msg - len, "; rank %d called ", r);
-        len += (size_t)describe(msg + len, sizeof msg - len, fp);
+        len = append(msg, sizeof msg, len, "; rank %d called ", r);
+        len = describe(msg + len, sizeof msg - len, fp) + len;
     }
     return ncl_error(NCL_ERR_MISMATCH, "%s", msg);
 }

@@ -68,4 +68,5 @@ def init(rank: Optional[int] = None, size: Optional[int] = None, unique_id: Opti
         raise ValueError("unique_id must be a hex string of at least 16 characters, as ncl.get_unique_id() returns")
     if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    return Communicator._create(segment_name(unique_id, "world"), "world", rank, size, unique_id, options(size, timeout))
+    name = segment_name(unique_id, "world")
+    return Communicator._create(name, "world", rank, size, unique_id, options(size, timeout))

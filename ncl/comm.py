@@ -101,11 +101,13 @@ class Communicator:
         cma = (f"on from {log.size_text(o.cma_min_bytes)} per peer block" if info.cma else
                "off (NCL_CMA=0)" if not o.cma_min_bytes else "not needed (one rank)" if self._size == 1 else
                "unavailable: the kernel refused process_vm_readv between the ranks (ptrace scope?)")
+        forced = f", forced {env.get('NCL_ALGO')}" if self._forced_algo else ""
+        cma_from = at(o.cma_all_reduce_min_bytes) if info.cma else "never"
         return (f"ready: segment {log.size_text(info.segment_bytes)} (staging 2 x {log.size_text(info.slot_bytes)}"
                 f" per rank, send/recv 2 x {log.size_text(info.p2p_slot_bytes)} per pair); {self._size} ranks on "
                 f"{info.cpus} CPUs: {waiting}; single-copy reads: {cma}; all_reduce: one_shot up to "
-                f"{at(o.one_shot_max_bytes, 'any size')}, cma from {at(o.cma_all_reduce_min_bytes) if info.cma else 'never'}, "
-                f"registered direct from {at(o.direct_min_bytes)}{', forced ' + env.get('NCL_ALGO') if self._forced_algo else ''}; "
+                f"{at(o.one_shot_max_bytes, 'any size')}, cma from {cma_from}, "
+                f"registered direct from {at(o.direct_min_bytes)}{forced}; "
                 f"timeout {o.timeout_s:g} s; flight recorder {o.flight_entries} calls; "
                 f"fingerprint checks {'on' if o.verify_calls else 'OFF'}")
 
