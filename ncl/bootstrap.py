@@ -1,6 +1,7 @@
 """Creating the world communicator: from ncl-run's environment, from explicit arguments
 (as ncclCommInitRank with a unique id), or alone as a group of one."""
 import numbers
+import os
 import secrets
 import string
 from typing import Optional
@@ -43,10 +44,24 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
+# Set by MPI launchers (MPICH's hydra, Open MPI, PMIx) in every rank's environment.
+_MPI_LAUNCH_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _MPI_LAUNCH_VARS)
+
+
 def init(rank: Optional[int] = None, size: Optional[int] = None, unique_id: Optional[str] = None, *,
          timeout: Optional[float] = None) -> Communicator:
     """The world communicator.  Arguments override NCL_RANK, NCL_WORLD_SIZE and NCL_UNIQUE_ID
-    (which ncl-run sets); with neither, a communicator of one rank."""
+    (which ncl-run sets); under mpiexec (and no NCL_RANK), the ranks of MPI_COMM_WORLD
+    (Communicator.from_mpi); with none of these, a communicator of one rank."""
+    if rank is None and size is None and env.get("NCL_RANK") is None and launched_by_mpi():
+        if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        from .transport.mpi import import_mpi
+        return Communicator.from_mpi(import_mpi().COMM_WORLD, timeout=timeout)
     rank = env.get("NCL_RANK") if rank is None else rank
     size = env.get("NCL_WORLD_SIZE") if size is None else size
     unique_id = env.get("NCL_UNIQUE_ID") if unique_id is None else unique_id

@@ -89,6 +89,14 @@ class Communicator:
             comm._log.info("%s", comm._setup_text())
         return comm
 
+    @classmethod
+    def from_mpi(cls, mpi_comm, *, timeout: Optional[float] = None) -> "Communicator":
+        """A communicator over the ranks of an mpi4py communicator (collective over it).  Ranks
+        of one host (hostname plus boot id; NCL_HOSTS splits hosts further) share memory;
+        hosts talk over MPI.  All on one host: a plain shared-memory communicator."""
+        from .hierarchical import from_mpi
+        return from_mpi(mpi_comm, timeout=timeout)
+
     def _setup_text(self) -> str:
         """What this communicator decided at setup, for NCL_DEBUG=INFO."""
         info, o = ffi.new("ncl_comm_info *"), self._options

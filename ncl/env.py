@@ -61,6 +61,8 @@ KNOBS: Dict[str, Knob] = {
     "NCL_TRACE_BUFFER": Knob(_int_in(0, 1 << 20), 1024, "calls the flight recorder keeps per communicator (0: none)"),
     "NCL_CHECK_CALLS": Knob(lambda t: t.strip().lower() not in ("0", "no", "false", "off"), True,
                             "compare every call's fingerprint across ranks (0 only to measure what the check costs)"),
+    "NCL_HOSTS": Knob(_int_in(1, 1 << 16), 1, "split each host's ranks into this many emulated hosts, "
+                                             "which talk over MPI (under mpiexec or ncl-run --hosts)"),
     "NCL_RANK": Knob(int, None, "this process's rank (set by ncl-run)"),
     "NCL_WORLD_SIZE": Knob(int, None, "number of ranks (set by ncl-run)"),
     "NCL_UNIQUE_ID": Knob(str, None, "the job's secret id; names its shared-memory segments (set by ncl-run)"),

@@ -9,13 +9,16 @@ Guarantees:
   the failed rank; NCL_TRACE_DIR gets their flight records), then are stopped (SIGTERM,
   then SIGKILL after a grace period); ncl-run exits with the failing rank's code (128 +
   signal for a signal);
-- whatever shared memory the job left in /dev/shm is removed on the way out.
+- whatever shared memory the job left in /dev/shm is removed on the way out;
+- --hosts K > 1 splits the ranks into K emulated hosts that talk over MPI: mpiexec starts
+  them (NCL_HOSTS=K; ranks come from MPI_COMM_WORLD).
 Standard library only, so it starts fast and works even if the C core does not.
 """
 import argparse
 import glob
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,14 +62,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _mpiexec() -> str:
+    """The mpiexec of this Python's environment (the mpich wheel puts it beside python), else PATH's."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if not found:
+        raise FileNotFoundError("ncl-run --hosts K needs MPI between the emulated hosts, and no mpiexec was found: "
+                                "pip install 'ncl[mpi]' (mpi4py and the mpich wheel)")
+    return found
+
+
+def _mpi_command(n: int, uid: str, command: List[str], args):
+    """(argv, env): mpiexec starting all n ranks, with the knobs ncl-run would set in its
+    environment (MPICH's hydra and Open MPI both pass it on to local ranks; ranks come from MPI)."""
+    env = dict(os.environ, NCL_HOSTS=str(args.hosts), NCL_UNIQUE_ID=uid)
+    for name in ("NCL_RANK", "NCL_WORLD_SIZE"):
+        env.pop(name, None)
+    if args.topology:
+        env["NCL_TOPOLOGY"] = os.path.abspath(args.topology)
+    if args.timeout is not None:
+        env["NCL_TIMEOUT"] = str(args.timeout)
+    mpiexec = _mpiexec()
+    tag = []
+    if args.tag_output:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30).stdout
+        tag = ["--tag-output"] if "Open MPI" in version or "OpenRTE" in version else ["-prepend-rank"]
+    return [mpiexec, "-n", str(n), *tag, *command], env
+
+
 def _rank_env(rank: int, n: int, uid: str, port: int, args) -> dict:
     env = dict(os.environ)
     for names, value in ((("NCL_RANK", "RANK", "NCL_LOCAL_RANK", "LOCAL_RANK"), rank),
                          (("NCL_WORLD_SIZE", "WORLD_SIZE", "NCL_LOCAL_WORLD_SIZE", "LOCAL_WORLD_SIZE"), n)):
         env.update({name: str(value) for name in names})
     env.update(NCL_UNIQUE_ID=uid, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if args.hosts > 1:
-        env["NCL_HOSTS"] = str(args.hosts)
     if args.topology:
         env["NCL_TOPOLOGY"] = os.path.abspath(args.topology)
     if args.timeout is not None:
@@ -166,6 +195,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     taggers = []
     try:
+        if args.hosts > 1:  # the emulated hosts talk over MPI: mpiexec starts the ranks
+            try:
+                argv, mpi_env = _mpi_command(n, uid, command, args)
+                procs.append(subprocess.Popen(argv, env=mpi_env))
+            except (OSError, FileNotFoundError) as exc:
+                print(f"ncl-run: {exc}", file=sys.stderr)
+                return 127
+            return _supervise(procs)
         pipe = subprocess.PIPE if args.tag_output else None
         for rank in range(n):
             try:

@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="run every backend's sweep this many times, interleaved, and report the median time "
                         "(this host's speed drifts by 2-4x over minutes: interleaving keeps ratios fair)")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="ncl: split the ranks into this many emulated hosts that talk over MPI (ncl-run --hosts)")
     p.add_argument("--timeout", type=float, default=300.0, help="NCL_TIMEOUT of the ranks (seconds)")
     p.add_argument("--csv", help="write every row to this CSV file")
     p.add_argument("--json", help="write rows, command line and machine facts to this JSON file")
@@ -93,8 +95,10 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
     for path in (cfg.csv, cfg.json, cfg.xlsx, cfg.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"cannot write {path}: no such directory")
-    if "mpi" in cfg.compare and not _mpiexec():
-        p.error("--compare mpi needs mpi4py and an MPI launcher: pip install mpi4py mpich "
+    if cfg.hosts < 1 or any(n % cfg.hosts for n in cfg.nranks):
+        p.error(f"--hosts {cfg.hosts} must divide every -n {cfg.nranks}")
+    if ("mpi" in cfg.compare or cfg.hosts > 1) and not _mpiexec():
+        p.error("--compare mpi and --hosts need mpi4py and an MPI launcher: pip install mpi4py mpich "
                 "(or Debian's mpich), so that mpiexec is on PATH")
     if "gloo" in cfg.compare:
         try:
@@ -117,7 +121,8 @@ def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
         return [_mpiexec(), "-n", str(n)] + worker
     if backend == "gloo":
         worker += ["--rendezvous-file", rendezvous]
-    return [sys.executable, "-m", "ncl.run", "-n", str(n), "--timeout", str(cfg.timeout), "--"] + worker
+    hosts = ["--hosts", str(cfg.hosts)] if backend == "ncl" and cfg.hosts > 1 else []
+    return [sys.executable, "-m", "ncl.run", "-n", str(n), *hosts, "--timeout", str(cfg.timeout), "--"] + worker
 
 
 def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: int = 0,

@@ -28,17 +28,20 @@ def add_bandwidths(row: dict, collective: str) -> dict:
 
 def header(collective: str, backend: str, nranks: int, cfg) -> str:
     spec = SPECS[collective]
-    extra = "    memcpy  bound" if collective == "all_reduce" and backend == "ncl" else ""
+    hosts = getattr(cfg, "hosts", 1) > 1 and backend == "ncl"
+    extra = "    memcpy  bound" if collective == "all_reduce" and backend == "ncl" and not hosts else ""
+    extra += "     intra     inter" if hosts else ""
     title = (f"# {backend} {collective}: {nranks} ranks, {cfg.dtype}"
              f"{', op ' + cfg.op if spec.reduces else ''}{', root ' + str(cfg.root % nranks) if spec.rooted else ''}"
-             f"{', registered buffers' if cfg.registered and backend == 'ncl' else ''}")
+             f"{', registered buffers' if cfg.registered and backend == 'ncl' else ''}"
+             f"{f', {cfg.hosts} emulated hosts (MPI between them)' if hosts else ''}")
     return "\n".join([
         title,
         "#" + " " * 54 + "out-of-place" + " " * 24 + "in-place",
         "#       size         count      type   redop    root     time   algbw   busbw  #wrong"
         "     time   algbw   busbw  #wrong" + extra,
         "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)        "
-        "     (us)  (GB/s)  (GB/s)        " + ("      (us)    (%)" if extra else ""),
+        "     (us)  (GB/s)  (GB/s)        " + ("      (us)      (us)" if hosts else "      (us)    (%)" if extra else ""),
     ])
 
 
@@ -55,8 +58,10 @@ def line(collective: str, out_place: dict, in_place: dict, cfg) -> str:
     root = cfg.root % first["nranks"] if spec.rooted else -1
     text = (f" {first['size']:12d}  {first['count']:12d}  {_TYPE_NAMES[cfg.dtype]:>8s}  "
             f"{cfg.op if spec.reduces else 'none':>6s}  {root:6d}" + _half(out_place) + _half(in_place))
-    if "memcpy_us" in (out_place or {}):
+    if "memcpy_us" in (out_place or {}) and "inter_us" not in out_place:
         text += f"  {out_place['memcpy_us']:8.2f}  {100 * out_place['memcpy_us'] / out_place['time_us']:5.1f}"
+    if "inter_us" in (out_place or {}):
+        text += f"  {out_place['intra_us']:8.2f}  {out_place['inter_us']:8.2f}"
     return text
 
 
@@ -134,7 +139,7 @@ def machine_facts() -> Dict[str, object]:
 
 
 FIELDS = ["backend", "collective", "nranks", "size", "count", "dtype", "op", "root", "in_place", "time_us", "algbw",
-          "busbw", "wrong", "iters", "memcpy_us", "rounds", "spread", "unsupported"]
+          "busbw", "wrong", "iters", "memcpy_us", "intra_us", "inter_us", "rounds", "spread", "unsupported"]
 
 
 def median_rows(rows: List[dict]) -> List[dict]:

@@ -6,6 +6,9 @@ then time `iters` back-to-back calls between barriers.  The reported time is the
 the ranks' mean times.  With --min-time, small sizes repeat more so that each measurement lasts
 long enough to rise above timer noise (all ranks agree on the count from the slowest warm-up).
 
+Across hosts (ncl-perf --hosts K) the ncl rows also say how much of each call went to the
+shared-memory steps and how much to MPI between hosts (waiting included), per call.
+
 For all_reduce the worker also times a plain memcpy of the same size on every rank at once: an
 all-reduce must at least read each input once and write each output once, which is the traffic
 of that copy, so copy time / all-reduce time is the fraction of the memory-traffic bound reached.
@@ -60,8 +63,10 @@ def _fill(backend, spec, send, recv, count, root, dtype, in_place):
         recv[...] = 0
 
 
-def _time_calls(backend, call, iters):
+def _time_calls(backend, call, iters, on_start=None):
     backend.barrier()
+    if on_start:
+        on_start()
     t0 = time.perf_counter()
     for _ in range(iters):
         call()
@@ -99,8 +104,13 @@ def measure(backend, cfg, spec, size, in_place):
     if cfg.min_time > 0:
         guess = _time_calls(backend, call, max(1, min(cfg.warmup, 5)))
         iters = max(iters, min(MAX_ITERS, math.ceil(cfg.min_time / max(guess, 1e-9))))
-    seconds = _time_calls(backend, call, iters)
+    phases = getattr(backend.comm, "phase_times", None) if hasattr(backend, "comm") else None
+    seconds = _time_calls(backend, call, iters, (lambda: phases(reset=True)) if phases else None)
     row.update(time_us=seconds * 1e6, wrong=wrong, iters=iters)
+    if phases:  # across hosts: where the time went (the slowest rank's share of each phase)
+        spent = phases()
+        row.update(intra_us=backend.max_over_ranks(spent["intra-host"] / iters) * 1e6,
+                   inter_us=backend.max_over_ranks(spent["inter-host"] / iters) * 1e6)
     if spec.name == "all_reduce" and not in_place and cfg.memcpy:
         src, dst = backend.alloc(count, dtype), backend.alloc(count, dtype)
         src[...] = 1

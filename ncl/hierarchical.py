@@ -1,0 +1,440 @@
+"""Communicators that span hosts: shared memory inside each host (the C core), MPI between
+hosts (ncl.transport.mpi), composed per collective.
+
+Hosts are found by hostname plus boot id (never from environment guesses); NCL_HOSTS=K splits
+each real host's ranks into K emulated hosts whose traffic between them must go through MPI,
+so the multi-host paths run and are tested on one machine.
+
+Layout words used below: H hosts, L ranks per host when every host has as many ("uniform"),
+`local` the host's shared-memory communicator, `rail` the MPI communicator of the ranks with
+the same local rank on every host, `leaders` that of local rank 0 of every host.
+
+Algorithms (uniform hosts, ranks numbered host after host):
+    all_reduce      local reduce-scatter -> rail all-reduce of each rank's block -> local all-gather
+    reduce_scatter  local reduce-scatter of the blocks this local rank's rail owns -> rail reduce-scatter
+    all_gather      local all-gather -> rail all-gather of the host blocks
+    all_to_all(v)   local all-to-all grouping rows by destination local rank -> rail all-to-all
+                    (one message per host pair and rail, as Tutel's two-level all-to-all)
+    broadcast       local broadcast on the root's host -> leaders' broadcast -> local broadcasts
+Messages up to SMALL_BYTES go through each host's leader in three rounds instead (reduce,
+all-gather between leaders, broadcast).  Every inter-host reduction is an all-to-all of pieces, each piece reduced once by ncl's own
+kernel in host order, then an all-gather: every rank gets the same bits.  AVG sums in a wider
+type and divides once.  Hosts of different sizes (a split, an uneven placement) use the
+leaders for all_reduce, all_gather and broadcast and one flat MPI exchange for all_to_all(v);
+reduce, gather and scatter go through all_reduce, all_gather and broadcast.
+"""
+import hashlib
+import socket
+import time
+import weakref
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from . import env, log
+from ._native import ffi, lib
+from .bootstrap import get_unique_id, options
+from .comm import Communicator, segment_name
+from .errors import NclError, NclMismatchError, NclStateError
+from .transport.mpi import MpiTransport, import_mpi
+
+_TAG = 77
+# Up to this many bytes a message crosses hosts in the fewest rounds: reduced onto each
+# host's leader, exchanged whole between leaders (one all-gather, each reduces every host's
+# copy in host order), broadcast back.  Each round costs a scheduling of every rank involved,
+# tens of µs when ranks outnumber CPUs, so latency, not bytes, decides small messages.
+SMALL_BYTES = 32 << 10
+
+
+def host_key() -> str:
+    """This machine's identity: hostname plus boot id (a container or a reboot is another host)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def assign_hosts(keys: Sequence[str], emulated: int) -> List[int]:
+    """Host number of each rank: real hosts in order of first appearance, each split into
+    `emulated` hosts of consecutive ranks (NCL_HOSTS)."""
+    real = {k: [r for r, key in enumerate(keys) if key == k] for k in dict.fromkeys(keys)}
+    host_of = [0] * len(keys)
+    for i, ranks in enumerate(real.values()):
+        if len(ranks) % emulated:
+            raise ValueError(f"NCL_HOSTS={emulated} must divide the {len(ranks)} ranks of host {i} "
+                             f"({list(real)[i].split('/')[0]})")
+        per = len(ranks) // emulated
+        for j, r in enumerate(ranks):
+            host_of[r] = i * emulated + j // per
+    return host_of
+
+
+def _view(ptr, nbytes: int) -> np.ndarray:
+    """The bytes at a C pointer as a uint8 array (no copy)."""
+    if not nbytes:
+        return np.empty(0, np.uint8)
+    return np.frombuffer(ffi.buffer(ffi.cast("char *", ptr), nbytes), np.uint8)
+
+
+def _numpy_dtype(code: int) -> np.dtype:
+    if code == lib.NCL_BFLOAT16:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(ffi.string(lib.ncl_dtype_name(code)).decode())
+
+
+_WIDE = {np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float64, np.dtype(np.float64): np.float64}
+
+
+def from_mpi(mpi_comm, *, timeout: Optional[float] = None, host_of: Optional[Sequence[int]] = None,
+             label: str = "world") -> Communicator:
+    """A communicator over the ranks of an mpi4py communicator (see Communicator.from_mpi)."""
+    MPI = import_mpi()
+    mpi = mpi_comm.Dup()
+    rank, size = mpi.Get_rank(), mpi.Get_size()
+    opts = options(size, timeout)
+    world = MpiTransport(mpi, opts.timeout_s, label)
+    if host_of is None:
+        host_of = assign_hosts(world.allgather_obj(host_key()), env.get("NCL_HOSTS"))
+    job = env.get("NCL_UNIQUE_ID") or get_unique_id()
+    job = world.allgather_obj(job)[0]
+    members = [[r for r in range(size) if host_of[r] == h] for h in sorted(set(host_of))]
+    host = sorted(set(host_of)).index(host_of[rank])
+    local_rank = members[host].index(rank)
+    uid = job[:12] + hashlib.sha256(f"{job}/{label}/host{host}".encode()).hexdigest()[:20]
+    local = Communicator._create(segment_name(uid, "world"), f"{label}.host{host}", local_rank, len(members[host]),
+                                 uid, options(len(members[host]), timeout))
+    if len(members) == 1 and local_rank == rank:
+        mpi.Free()
+        return local  # one host: plain shared memory
+    leaders = mpi.Split(0 if local_rank == 0 else MPI.UNDEFINED, host)
+    uniform = len({len(m) for m in members}) == 1
+    rail = mpi.Split(local_rank, host) if uniform else MPI.COMM_NULL
+    return HierarchicalCommunicator(world, local, leaders, rail, members, host, rank, size, job, label, opts)
+
+
+class HierarchicalCommunicator(Communicator):
+    """A Communicator whose ranks span hosts.  The public methods (and their argument checks)
+    are Communicator's; each collective runs the algorithm of the same name below instead of
+    the C core's, on the same validated pointers."""
+
+    def __init__(self, world: MpiTransport, local: Communicator, leaders, rail, members: List[List[int]], host: int,
+                 rank: int, size: int, unique_id: str, label: str, opts):
+        self._handle = None
+        self._rank, self._size = rank, size
+        self._unique_id, self._name, self._label, self._options = unique_id, label, label, opts
+        self._log = log.for_rank(rank, size, label)
+        self._forced_algo = 0
+        self._splits = self._windows = 0
+        self._executor = self._last_future = None
+        self._closed = False
+        self._world, self._local, self._members, self._host = world, local, members, host
+        self._hosts = len(members)
+        self._leaders = MpiTransport(leaders, opts.timeout_s, f"{label} leaders") if local.rank == 0 else None
+        self._rail = MpiTransport(rail, opts.timeout_s, f"{label} rail") if rail != import_mpi().COMM_NULL else None
+        self._host_major = [r for m in members for r in m]  # world ranks, host after host
+        self._contiguous = self._host_major == list(range(size))
+        self._broken = ""      # the first group error: the communicator refuses use after it
+        self._intra_s = 0.0  # seconds in shared-memory steps since the last phase_times(reset=True)
+        self._destroy = weakref.finalize(self, _release, local, [world.comm, leaders, rail])
+        if self._log.isEnabledFor(log.logging.INFO):
+            self._log.info("ready: %d hosts of %s ranks (this is host %d, local rank %d); %s", self._hosts,
+                           sorted({len(m) for m in members}), host, local.rank,
+                           "rails between hosts" if self._rail else "host leaders between hosts")
+
+    # ---- dispatch -----------------------------------------------------------------------------------
+    def _launch(self, name, fn, args, result, async_op):
+        algorithm = getattr(self, "_" + name)
+
+        def run(*a):
+            if self._broken:
+                raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is unusable after an "
+                                    f"earlier error: {self._broken}; create a new one")
+            try:
+                return algorithm(*a[1:]) or 0
+            except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
+                self._broken = f"{type(exc).__name__}: {exc}"
+                raise
+        return Communicator._launch(self, name, run, args, result, async_op)
+
+    def _check(self, rc: int) -> None:
+        if rc:
+            self._local._fail("intra-host step", rc)
+
+    def _intra(self, fn, *args) -> None:
+        """One step of the C core on this host's communicator, timed as intra-host."""
+        start = time.perf_counter()
+        rc = fn(self._local._handle, *args)
+        self._intra_s += time.perf_counter() - start
+        self._check(rc)
+
+    def phase_times(self, reset: bool = False) -> dict:
+        """Seconds this rank spent in shared-memory steps and in MPI exchanges (waiting
+        included) since the last reset: where a collective's time goes."""
+        transports = [t for t in (self._world, self._leaders, self._rail) if t]
+        times = {"intra-host": self._intra_s, "inter-host": sum(t.seconds for t in transports)}
+        if reset:
+            self._intra_s = 0.0
+            for t in transports:
+                t.seconds = 0.0
+        return times
+
+    def empty(self, shape, dtype=np.float32, *, like: str = "numpy"):
+        """Registered memory of this host's ranks (the intra-host steps read it in place)."""
+        return self._local.empty(shape, dtype, like=like)
+
+    def abort(self) -> None:
+        self._local.abort()
+
+    def flight_record(self) -> list:
+        """The intra-host calls of this rank (the shared-memory steps of each collective)."""
+        return self._local.flight_record()
+
+    def split(self, color: Optional[int], key: Optional[int] = None) -> Optional[Communicator]:
+        if color is not None and (isinstance(color, bool) or not isinstance(color, (int, np.integer)) or color < 0):
+            raise ValueError(f"color must be an int >= 0 or None, not {color!r}")
+        key = self._rank if key is None else key
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise TypeError(f"key must be an int, not {type(key).__name__}")
+        self._check_open()
+        MPI = import_mpi()
+        self._splits += 1
+        host_of = {r: h for h, m in enumerate(self._members) for r in m}
+        table = self._world.allgather_obj((color, int(key)))
+        sub = self._world.comm.Split(MPI.UNDEFINED if color is None else int(color), int(key))
+        if color is None:
+            return None
+        ranks = sorted((k, r) for r, (c, k) in enumerate(table) if c == color)
+        label = f"{self._label}.split{self._splits}.color{color}"
+        comm = from_mpi(sub, timeout=self._options.timeout_s, host_of=[host_of[r] for _, r in ranks], label=label)
+        sub.Free()
+        return comm
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _all_reduce_between(self, transport: MpiTransport, buf: np.ndarray, count: int, dtype: int, op: int) -> None:
+        """All-reduce of buf among the transport's ranks: pieces exchanged, each reduced once in
+        rank order by ncl's kernel, then gathered, so every rank gets the same bits."""
+        n = transport.size
+        if n == 1 or count == 0:
+            return
+        es = lib.ncl_dtype_size(dtype)
+        if n * count * es <= SMALL_BYTES:  # one round: every rank reduces every copy, in rank order
+            copies = np.empty(n * count * es, np.uint8)
+            transport.allgather(buf[:count * es], copies)
+            srcs = ffi.new("const void *[]", [ffi.from_buffer(copies[r * count * es:(r + 1) * count * es])
+                                              for r in range(n)])
+            self._check(lib.ncl_reduce_local(ffi.from_buffer(buf), srcs, n, count, dtype, op))
+            return
+        q = -(-count // n)
+        padded = np.zeros(n * q * es, np.uint8)
+        padded[:count * es] = buf[:count * es]
+        pieces = np.empty_like(padded)
+        transport.alltoallv(padded, [q * es] * n, pieces, [q * es] * n)
+        mine = np.empty(q * es, np.uint8)
+        srcs = ffi.new("const void *[]", [ffi.from_buffer(pieces[h * q * es:(h + 1) * q * es]) for h in range(n)])
+        self._check(lib.ncl_reduce_local(ffi.from_buffer(mine), srcs, n, q, dtype, op))
+        transport.allgather(mine, padded)
+        buf[:count * es] = padded[:count * es]
+
+    def _avg(self, src, dst, count: int, dtype: int, keep=None) -> None:
+        """AVG: the SUM of a wider copy (exact for integers), divided once, rounded once."""
+        np_dtype = _numpy_dtype(dtype)
+        x = np.frombuffer(_view(src, count * np_dtype.itemsize).copy(), np_dtype)
+        wide = x.astype(np.int64 if np_dtype.kind in "iu" else _WIDE.get(np_dtype, np.float32))
+        self._all_reduce(ffi.from_buffer(wide), ffi.from_buffer(wide), count, _code(wide.dtype), lib.NCL_SUM, 0)
+        if np_dtype.kind in "iu":
+            q = np.abs(wide) // self._size
+            result = np.where(wide < 0, -q, q)
+        else:
+            result = wide / self._size
+        out = result.astype(np_dtype)
+        if keep is not None:
+            out = out[keep]
+        _view(dst, out.nbytes)[:] = out.view(np.uint8)
+
+    # ---- collectives (the pointers and counts Communicator validated) ----------------------------------
+    def _all_reduce(self, src, dst, count, dtype, op, algo):
+        if count == 0:
+            return
+        if op == lib.NCL_AVG:
+            return self._avg(src, dst, count, dtype)
+        es = lib.ncl_dtype_size(dtype)
+        buf = _view(dst, count * es)
+        if src != dst:
+            buf[:] = _view(src, count * es)
+        ptr = ffi.from_buffer(buf)
+        if self._rail is None or count * es <= SMALL_BYTES:  # through each host's leader
+            self._intra(lib.ncl_reduce, ptr, ptr, count, dtype, op, 0)
+            if self._leaders:
+                self._all_reduce_between(self._leaders, buf, count, dtype, op)
+            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, 0)
+            return
+        n_local = self._local.size
+        per = -(-count // n_local)
+        work = np.zeros(n_local * per * es, np.uint8)
+        work[:count * es] = buf
+        mine = np.empty(per * es, np.uint8)
+        self._intra(lib.ncl_reduce_scatter, ffi.from_buffer(work), ffi.from_buffer(mine), per, dtype, op)
+        self._all_reduce_between(self._rail, mine, per, dtype, op)
+        self._intra(lib.ncl_all_gather, ffi.from_buffer(mine), ffi.from_buffer(work), per, dtype)
+        buf[:] = work[:count * es]
+
+    def _reduce(self, src, dst, count, dtype, op, root):
+        tmp = _view(src, count * lib.ncl_dtype_size(dtype)).copy()
+        self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), count, dtype, op, 0)
+        if self._rank == root:
+            _view(dst, tmp.nbytes)[:] = tmp
+
+    def _reduce_scatter(self, src, dst, count, dtype, op):
+        es, n = lib.ncl_dtype_size(dtype), self._size
+        if count == 0:
+            return
+        if op == lib.NCL_AVG or self._rail is None or not self._contiguous:
+            whole = count * n
+            if op == lib.NCL_AVG:
+                return self._avg(src, dst, whole, dtype, keep=slice(self._rank * count, (self._rank + 1) * count))
+            tmp = _view(src, whole * es).copy()
+            self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), whole, dtype, op, 0)
+            _view(dst, count * es)[:] = tmp[self._rank * count * es:(self._rank + 1) * count * es]
+            return
+        hosts, n_local = self._hosts, self._local.size
+        blocks = _view(src, n * count * es).reshape(hosts, n_local, count * es)
+        work = np.ascontiguousarray(blocks.transpose(1, 0, 2))  # by owning local rank, then host
+        mine = np.empty(hosts * count * es, np.uint8)             # my rail's blocks, summed over this host
+        self._intra(lib.ncl_reduce_scatter, ffi.from_buffer(work), ffi.from_buffer(mine), hosts * count, dtype, op)
+        got = np.empty_like(mine)
+        self._rail.alltoallv(mine, [count * es] * hosts, got, [count * es] * hosts)
+        srcs = ffi.new("const void *[]", [ffi.from_buffer(got[h * count * es:(h + 1) * count * es])
+                                          for h in range(hosts)])
+        self._check(lib.ncl_reduce_local(dst, srcs, hosts, count, dtype, op))
+
+    def _to_world_order(self, host_major: np.ndarray, dst: np.ndarray, block: int) -> None:
+        """Blocks in host-major rank order -> world rank order."""
+        if self._contiguous:
+            if host_major is not dst:
+                dst[:] = host_major
+            return
+        for i, r in enumerate(self._host_major):
+            dst[r * block:(r + 1) * block] = host_major[i * block:(i + 1) * block]
+
+    def _all_gather(self, src, dst, count, dtype):
+        es, n = lib.ncl_dtype_size(dtype), self._size
+        block = count * es
+        out = _view(dst, n * block)
+        if count == 0:
+            return
+        host_block = np.empty(self._local.size * block, np.uint8)
+        self._intra(lib.ncl_all_gather, src, ffi.from_buffer(host_block), count, dtype)
+        every = out if self._contiguous else np.empty_like(out)
+        if self._rail is not None:
+            self._rail.allgather(host_block, every)
+        else:
+            if self._leaders:
+                self._leaders.allgatherv(host_block, every, [len(m) * block for m in self._members])
+            self._intra(lib.ncl_broadcast, ffi.from_buffer(every), ffi.from_buffer(every), n * count, dtype, 0)
+        self._to_world_order(every, out, block)
+
+    def _gather(self, src, dst, count, dtype, root):
+        tmp = np.empty(self._size * count * lib.ncl_dtype_size(dtype), np.uint8)
+        self._all_gather(src, ffi.from_buffer(tmp), count, dtype)
+        if self._rank == root:
+            _view(dst, tmp.nbytes)[:] = tmp
+
+    def _broadcast(self, src, dst, count, dtype, root):
+        nbytes = count * lib.ncl_dtype_size(dtype)
+        if count == 0:
+            return
+        buf = _view(dst, nbytes)
+        if self._rank == root and src != dst:
+            buf[:] = _view(src, nbytes)
+        root_host = next(h for h, m in enumerate(self._members) if root in m)
+        local, ptr = self._local._handle, ffi.from_buffer(buf)
+        if self._host == root_host:
+            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, self._members[root_host].index(root))
+        if self._leaders:
+            self._leaders.bcast(buf, root_host)
+        if self._host != root_host:
+            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, 0)
+
+    def _scatter(self, send, dst, count, dtype, root):
+        es = lib.ncl_dtype_size(dtype)
+        whole = np.empty(self._size * count * es, np.uint8)
+        if self._rank == root:
+            whole[:] = _view(send, whole.nbytes)
+        self._broadcast(ffi.from_buffer(whole), ffi.from_buffer(whole), self._size * count, dtype, root)
+        _view(dst, count * es)[:] = whole[self._rank * count * es:(self._rank + 1) * count * es]
+
+    def _all_to_all(self, src, dst, count, dtype):
+        counts = ffi.new("uint64_t[]", [count] * self._size)
+        self._all_to_allv(src, counts, dst, counts, dtype)
+
+    def _all_to_allv(self, src, send_c, dst, recv_c, dtype):
+        es, n, me = lib.ncl_dtype_size(dtype), self._size, self._rank
+        send = [int(send_c[j]) for j in range(n)]
+        recv = [int(recv_c[j]) for j in range(n)]
+        matrix = np.empty((2 * n, n), np.int64)  # every rank's send counts, then its recv counts
+        self._world.allgather(np.array([send, recv], np.int64).T.copy(), matrix.reshape(n, n, 2))
+        sent, expected = matrix.reshape(n, n, 2)[:, :, 0], matrix.reshape(n, n, 2)[:, :, 1]
+        bad = np.argwhere(sent != expected.T)
+        if len(bad):  # the same message on every rank
+            i, j = (int(v) for v in bad[0])
+            raise NclMismatchError(f"all_to_allv counts disagree: rank {i} sends {sent[i, j]} elements to rank {j}, "
+                                   f"which expects {expected[j, i]} from it")
+        x, out = _view(src, sum(send) * es), _view(dst, sum(recv) * es)
+        if self._rail is None or not self._contiguous:  # one flat exchange between all ranks
+            self._world.alltoallv(x, [c * es for c in send], out, [c * es for c in recv])
+            return
+        hosts, n_local, l_me = self._hosts, self._local.size, self._local.rank
+        starts = np.concatenate([[0], np.cumsum(send)]) * es
+        # step 1 (shared memory): rows grouped by destination local rank, then destination host
+        order = [h * n_local + l for l in range(n_local) for h in range(hosts)]
+        step1 = np.concatenate([x[starts[j]:starts[j + 1]] for j in order]) if order else x
+        mine = self._members[self._host]
+        to_local = [sum(send[h * n_local + l] for h in range(hosts)) for l in range(n_local)]
+        from_local = [sum(int(sent[src_r, h * n_local + l_me]) for h in range(hosts)) for src_r in mine]
+        got = np.empty(sum(from_local) * es, np.uint8)
+        self._intra(lib.ncl_all_to_allv, ffi.from_buffer(step1), ffi.new("uint64_t[]", to_local),
+                    ffi.from_buffer(got), ffi.new("uint64_t[]", from_local), dtype)
+        # got: [source local rank][destination host] -> [destination host][source local rank]
+        pieces, at = {}, 0
+        for src_l, src_r in enumerate(mine):
+            for h in range(hosts):
+                rows = int(sent[src_r, h * n_local + l_me])
+                pieces[h, src_l] = got[at:at + rows * es]
+                at += rows * es
+        step2 = np.concatenate([pieces[h, s] for h in range(hosts) for s in range(n_local)]) if pieces else got
+        to_host = [sum(pieces[h, s].nbytes for s in range(n_local)) for h in range(hosts)]
+        from_host = [sum(recv[h * n_local + s] for s in range(n_local)) * es for h in range(hosts)]
+        # step 2 (MPI, one message per host pair on this rail): arrives in source rank order
+        self._rail.alltoallv(step2, to_host, out, from_host)
+
+    def _send(self, ptr, count, dtype, dst):
+        if dst in self._members[self._host]:
+            return self._intra(lib.ncl_send, ptr, count, dtype, self._members[self._host].index(dst))
+        self._world.send(_view(ptr, count * lib.ncl_dtype_size(dtype)), dst, _TAG)
+
+    def _recv(self, ptr, count, dtype, src):
+        if src in self._members[self._host]:
+            return self._intra(lib.ncl_recv, ptr, count, dtype, self._members[self._host].index(src))
+        self._world.recv(_view(ptr, count * lib.ncl_dtype_size(dtype)), src, _TAG)
+
+    def _barrier(self):
+        self._intra(lib.ncl_barrier)
+        if self._leaders:
+            self._leaders.barrier()
+        self._intra(lib.ncl_barrier)
+
+
+def _code(dtype: np.dtype) -> int:
+    return {np.dtype(np.int64): lib.NCL_INT64, np.dtype(np.float32): lib.NCL_FLOAT32,
+            np.dtype(np.float64): lib.NCL_FLOAT64}[np.dtype(dtype)]
+
+
+def _release(local: Communicator, mpi_comms) -> None:
+    local.close()
+    MPI = import_mpi()
+    for c in mpi_comms:
+        if c != MPI.COMM_NULL and not MPI.Is_finalized():
+            c.Free()
