@@ -55,6 +55,7 @@ typedef struct {
     size_t cma_all_reduce_min_bytes; /* all_reduce AUTO: the CMA two-shot from here up (if CMA works) */
     uint32_t flight_entries;    /* calls the flight recorder keeps (0: none) */
     int32_t verify_calls;       /* compare every call's fingerprint across ranks (0 only to measure its cost) */
+    uint32_t host_ranks;        /* processes sharing this machine's CPUs, this group's or more (0: nranks) */
 } ncl_options;
 
 /* What a communicator decided at setup (for logs and reports). */

@@ -191,7 +191,9 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->spin_us = opts->spin_us;
     c->yield_us = opts->yield_us;
     c->cpus = count_cpus();
-    c->oversubscribed = nranks > c->cpus;
+    /* Ranks outside this group count too (a sub-communicator, an emulated host): they need
+     * the same CPUs, so a spinning waiter would steal theirs. */
+    c->oversubscribed = (int)ncl_max((size_t)nranks, opts->host_ranks) > c->cpus;
     c->one_shot_max_bytes = opts->one_shot_max_bytes;
     c->direct_min_bytes = opts->direct_min_bytes;
     c->cma_min_bytes = opts->cma_min_bytes;

@@ -16,10 +16,12 @@ def get_unique_id() -> str:
     return secrets.token_hex(16)
 
 
-def options(nranks: int, timeout: Optional[float] = None):
+def options(nranks: int, timeout: Optional[float] = None, host_ranks: Optional[int] = None):
     """The C core's options, from the NCL_* knobs and the cost model; every rank must use the
-    same sizes."""
+    same sizes.  host_ranks: processes of the job on this machine (default: NCL_LOCAL_WORLD_SIZE
+    from ncl-run, else nranks); more than the CPUs means no spinning."""
     opts = ffi.new("ncl_options *")
+    opts.host_ranks = max(nranks, host_ranks or env.get("NCL_LOCAL_WORLD_SIZE") or nranks)
     opts.one_shot_max_bytes, opts.direct_min_bytes, opts.cma_all_reduce_min_bytes = tuning.thresholds(nranks)
     opts.cma_min_bytes = env.get("NCL_CMA_MIN_BYTES") if env.get("NCL_CMA") else 0
     opts.staging_bytes = env.get("NCL_BUFFSIZE")

@@ -65,6 +65,7 @@ KNOBS: Dict[str, Knob] = {
                                              "which talk over MPI (under mpiexec or ncl-run --hosts)"),
     "NCL_RANK": Knob(int, None, "this process's rank (set by ncl-run)"),
     "NCL_WORLD_SIZE": Knob(int, None, "number of ranks (set by ncl-run)"),
+    "NCL_LOCAL_WORLD_SIZE": Knob(int, None, "ranks of the job on this machine (set by ncl-run)"),
     "NCL_UNIQUE_ID": Knob(str, None, "the job's secret id; names its shared-memory segments (set by ncl-run)"),
 }
 

@@ -96,8 +96,10 @@ def from_mpi(mpi_comm, *, timeout: Optional[float] = None, host_of: Optional[Seq
     rank, size = mpi.Get_rank(), mpi.Get_size()
     opts = options(size, timeout)
     world = MpiTransport(mpi, opts.timeout_s, label)
+    keys = world.allgather_obj(host_key())
+    machine_ranks = keys.count(keys[rank])  # emulated hosts share this machine's CPUs
     if host_of is None:
-        host_of = assign_hosts(world.allgather_obj(host_key()), env.get("NCL_HOSTS"))
+        host_of = assign_hosts(keys, env.get("NCL_HOSTS"))
     job = env.get("NCL_UNIQUE_ID") or get_unique_id()
     job = world.allgather_obj(job)[0]
     members = [[r for r in range(size) if host_of[r] == h] for h in sorted(set(host_of))]
@@ -105,7 +107,7 @@ def from_mpi(mpi_comm, *, timeout: Optional[float] = None, host_of: Optional[Seq
     local_rank = members[host].index(rank)
     uid = job[:12] + hashlib.sha256(f"{job}/{label}/host{host}".encode()).hexdigest()[:20]
     local = Communicator._create(segment_name(uid, "world"), f"{label}.host{host}", local_rank, len(members[host]),
-                                 uid, options(len(members[host]), timeout))
+                                 uid, options(len(members[host]), timeout, machine_ranks))
     if len(members) == 1 and local_rank == rank:
         mpi.Free()
         return local  # one host: plain shared memory
