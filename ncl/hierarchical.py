@@ -139,6 +139,7 @@ class HierarchicalCommunicator(Communicator):
         self._host_major = [r for m in members for r in m]  # world ranks, host after host
         self._contiguous = self._host_major == list(range(size))
         self._broken = ""      # the first group error: the communicator refuses use after it
+        self._buffers = {}     # scratch memory by purpose (_scratch)
         self._intra_s = 0.0  # seconds in shared-memory steps since the last phase_times(reset=True)
         self._destroy = weakref.finalize(self, _release, local, [world.comm, leaders, rail])
         if self._log.isEnabledFor(log.logging.INFO):
@@ -230,15 +231,25 @@ class HierarchicalCommunicator(Communicator):
             self._check(lib.ncl_reduce_local(ffi.from_buffer(buf), srcs, n, count, dtype, op))
             return
         q = -(-count // n)
-        padded = np.zeros(n * q * es, np.uint8)
-        padded[:count * es] = buf[:count * es]
-        pieces = np.empty_like(padded)
-        transport.alltoallv(padded, [q * es] * n, pieces, [q * es] * n)
-        mine = np.empty(q * es, np.uint8)
+        whole = buf if q * n == count else self._scratch("padded", n * q * es)  # pieces of q elements
+        if whole is not buf:
+            whole[:count * es] = buf[:count * es]
+            whole[count * es:] = 0
+        pieces = self._scratch("pieces", n * q * es)
+        transport.alltoallv(whole, [q * es] * n, pieces, [q * es] * n)
+        mine = whole[transport.rank * q * es:(transport.rank + 1) * q * es]  # reduced in place, then shared
         srcs = ffi.new("const void *[]", [ffi.from_buffer(pieces[h * q * es:(h + 1) * q * es]) for h in range(n)])
         self._check(lib.ncl_reduce_local(ffi.from_buffer(mine), srcs, n, q, dtype, op))
-        transport.allgather(mine, padded)
-        buf[:count * es] = padded[:count * es]
+        transport.allgather_in_place(whole, q * es)
+        if whole is not buf:
+            buf[:count * es] = whole[:count * es]
+
+    def _scratch(self, name: str, nbytes: int) -> np.ndarray:
+        """A reusable buffer (fresh large arrays would page-fault on every call)."""
+        have = self._buffers.get(name)
+        if have is None or have.nbytes < nbytes:
+            have = self._buffers[name] = np.empty(nbytes, np.uint8)
+        return have[:nbytes]
 
     def _avg(self, src, dst, count: int, dtype: int, keep=None) -> None:
         """AVG: the SUM of a wider copy (exact for integers), divided once, rounded once."""
@@ -263,11 +274,11 @@ class HierarchicalCommunicator(Communicator):
         if op == lib.NCL_AVG:
             return self._avg(src, dst, count, dtype)
         es = lib.ncl_dtype_size(dtype)
-        buf = _view(dst, count * es)
-        if src != dst:
-            buf[:] = _view(src, count * es)
-        ptr = ffi.from_buffer(buf)
         if self._rail is None or count * es <= SMALL_BYTES:  # through each host's leader
+            buf = _view(dst, count * es)
+            if src != dst:
+                buf[:] = _view(src, count * es)
+            ptr = ffi.from_buffer(buf)
             self._intra(lib.ncl_reduce, ptr, ptr, count, dtype, op, 0)
             if self._leaders:
                 self._all_reduce_between(self._leaders, buf, count, dtype, op)
@@ -275,9 +286,16 @@ class HierarchicalCommunicator(Communicator):
             return
         n_local = self._local.size
         per = -(-count // n_local)
-        work = np.zeros(n_local * per * es, np.uint8)
-        work[:count * es] = buf
-        mine = np.empty(per * es, np.uint8)
+        mine = self._scratch("block", per * es)
+        if per * n_local == count:  # reduce-scatter from and all-gather into the caller's buffers
+            self._intra(lib.ncl_reduce_scatter, src, ffi.from_buffer(mine), per, dtype, op)
+            self._all_reduce_between(self._rail, mine, per, dtype, op)
+            self._intra(lib.ncl_all_gather, ffi.from_buffer(mine), dst, per, dtype)
+            return
+        buf = _view(dst, count * es)
+        work = self._scratch("work", n_local * per * es)
+        work[:count * es] = _view(src, count * es)
+        work[count * es:] = 0
         self._intra(lib.ncl_reduce_scatter, ffi.from_buffer(work), ffi.from_buffer(mine), per, dtype, op)
         self._all_reduce_between(self._rail, mine, per, dtype, op)
         self._intra(lib.ncl_all_gather, ffi.from_buffer(mine), ffi.from_buffer(work), per, dtype)

@@ -92,6 +92,11 @@ class MpiTransport:
         """recv (size x send's bytes) gets every rank's send, in rank order."""
         self.wait([self.comm.Iallgather(_bytes(send), _bytes(recv))], "all_gather")
 
+    def allgather_in_place(self, buf: np.ndarray, block: int) -> None:
+        """buf holds size blocks of `block` bytes, this rank's already in place: fill the others."""
+        MPI = import_mpi()
+        self.wait([self.comm.Iallgather(MPI.IN_PLACE, [buf[:block * self.size], MPI.BYTE])], "all_gather")
+
     def allgatherv(self, send: np.ndarray, recv: np.ndarray, nbytes: Sequence[int]) -> None:
         displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
         spec = [recv.reshape(-1).view(np.uint8), (list(nbytes), displs), import_mpi().BYTE]
