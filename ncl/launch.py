@@ -83,11 +83,13 @@ def _mpi_command(n: int, uid: str, command: List[str], args):
     if args.timeout is not None:
         env["NCL_TIMEOUT"] = str(args.timeout)
     mpiexec = _mpiexec()
-    tag = []
-    if args.tag_output:
-        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30).stdout
-        tag = ["--tag-output"] if "Open MPI" in version or "OpenRTE" in version else ["-prepend-rank"]
-    return [mpiexec, "-n", str(n), *tag, *command], env
+    version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30).stdout
+    if "Open MPI" in version or "OpenRTE" in version:  # one machine: more ranks than cores is the point
+        flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+        flags += ["--tag-output"] if args.tag_output else []
+    else:  # MPICH's hydra
+        flags = ["-prepend-rank"] if args.tag_output else []
+    return [mpiexec, "-n", str(n), *flags, *command], env
 
 
 def _rank_env(rank: int, n: int, uid: str, port: int, args) -> dict:
