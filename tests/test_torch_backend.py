@@ -5,11 +5,13 @@ async and sync; reduce; the three reduce_scatter forms; broadcast; all_gather an
 forms; all_to_all and all_to_all_single, even and uneven; gather; scatter; send/recv and
 isend/irecv; barrier; new_group; new_subgroups; the functional collectives; DDP for 3 steps
 against single-process training), float32 and bfloat16, on 2, 3 and 4 ranks under ncl-run
-(env:// initialisation).  Bootstrap through file:// and an explicit store is tested here too.
+(env:// initialisation).  Bootstrap through file://, an explicit store and torchrun is tested
+here too.
 """
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -43,7 +45,9 @@ def test_every_supported_call_matches_numpy_and_gloo(tmp_path, n):
 BOOTSTRAP = """
     import os, sys, datetime, torch, torch.distributed as dist, ncl.torch
     rank, size, how = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
-    if how == "file":
+    if how == "env":
+        dist.init_process_group("ncl")
+    elif how == "file":
         dist.init_process_group("ncl", init_method="file://" + sys.argv[2], rank=rank, world_size=size)
     else:
         store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), size, rank == 0,
@@ -51,15 +55,27 @@ BOOTSTRAP = """
         dist.init_process_group("ncl", store=store, rank=rank, world_size=size)
     t = torch.tensor([rank + 1.0])
     dist.all_reduce(t)
-    print(f"{how} rank {rank}: {dist.get_backend()} {t.item()}")
+    sys.stdout.write(f"{how} rank {rank}: {dist.get_backend()} {t.item()}\\n")  # one write: lines stay whole
     dist.destroy_process_group()
 """
 
 
 @pytest.mark.parametrize("how", ["file", "store"])
-def test_init_with_file_and_store(tmp_path, how):
+def test_init_with_file_and_store_under_ncl_run(tmp_path, how):
     prog = tmp_path / "prog.py"
     prog.write_text(textwrap.dedent(BOOTSTRAP))
     proc = _ncl_run(3, str(prog), how, str(tmp_path / "rendezvous"), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(proc.stdout.split("\n")[:3]) == [f"{how} rank {r}: ncl 6.0" for r in range(3)], proc.stdout
+    assert sorted(re.findall(rf"{how} rank \d: \w+ [\d.]+", proc.stdout)) == \
+        [f"{how} rank {r}: ncl 6.0" for r in range(3)], proc.stdout
+
+
+def test_init_under_torchrun(tmp_path):
+    """env:// as torchrun sets it up (its own store; no NCL_* variables)."""
+    prog = tmp_path / "prog.py"
+    prog.write_text(textwrap.dedent(BOOTSTRAP))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", str(prog), "env"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"env rank \d: \w+ [\d.]+", proc.stdout)) == \
+        [f"env rank {r}: ncl 6.0" for r in range(3)], proc.stdout

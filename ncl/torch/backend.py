@@ -9,6 +9,7 @@ torch documents.  What ncl cannot do (another reduce op, a tensor on another dev
 an error naming the call.
 """
 import datetime
+import functools
 from typing import List, Optional
 
 import torch
@@ -22,14 +23,14 @@ _OPS = {dist.ReduceOp.SUM: ncl.SUM, dist.ReduceOp.PRODUCT: ncl.PROD, dist.Reduce
 _UID_KEY = "ncl_unique_id"
 
 
-def _op(opts, call: str):
+def _op(opts):
     op = opts.reduceOp
     for torch_op, ncl_op in _OPS.items():
         if op == torch_op:
             return ncl_op
     name = next((n for n in ("BAND", "BOR", "BXOR", "PREMUL_SUM", "UNUSED") if op == getattr(dist.ReduceOp, n, None)),
                 str(getattr(op, "op", op)))
-    raise ValueError(f"the ncl backend's {call} supports ReduceOp SUM, PRODUCT, MIN, MAX and AVG, not {name}")
+    raise ValueError(f"supported reduce ops are SUM, PRODUCT, MIN, MAX and AVG, not {name}")
 
 
 def _done(result) -> dist.Work:
@@ -41,6 +42,17 @@ def _done(result) -> dist.Work:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as rows along dim 0 (a 0-d tensor as one row)."""
     return t.reshape(1, -1) if t.dim() == 0 else t.reshape(t.shape[0], -1)
+
+
+def _named(fn):
+    """Argument errors say which torch.distributed call met them."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"ncl backend, {fn.__name__}: {exc}") from None
+    return call
 
 
 class ProcessGroupNcl(dist.ProcessGroup):
@@ -75,25 +87,30 @@ class ProcessGroupNcl(dist.ProcessGroup):
         return self._group_desc
 
     # ---- collectives -------------------------------------------------------------------------------
+    @_named
     def allreduce(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
-        op = _op(opts, "allreduce") if opts is not None else ncl.SUM
+        op = _op(opts) if opts is not None else ncl.SUM
         for t in tensors:
             self.comm.all_reduce(t, op)
         return _done(tensors)
 
+    @_named
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
         return self.allreduce(tensors, opts)
 
+    @_named
     def reduce(self, tensors: List[torch.Tensor], opts) -> dist.Work:
         for t in tensors:
-            self.comm.reduce(t, opts.rootRank, _op(opts, "reduce"))
+            self.comm.reduce(t, opts.rootRank, _op(opts))
         return _done(tensors)
 
+    @_named
     def broadcast(self, tensors: List[torch.Tensor], opts) -> dist.Work:
         for t in tensors:
             self.comm.broadcast(t, opts.rootRank)
         return _done(tensors)
 
+    @_named
     def allgather(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts=None) -> dist.Work:
         for outs, x in zip(output_lists, inputs):
             gathered = self.comm.all_gather(x.reshape(-1).contiguous())
@@ -101,41 +118,49 @@ class ProcessGroupNcl(dist.ProcessGroup):
                 out.copy_(gathered[r * x.numel():(r + 1) * x.numel()].view(out.shape))
         return _done(output_lists)
 
+    @_named
     def all_gather_single(self, out: torch.Tensor, x: torch.Tensor, opts=None) -> dist.Work:
         self.comm.all_gather(x.reshape(-1).contiguous(), out=out.view(-1))
         return _done([out])
 
     _allgather_base = all_gather_single
 
+    @_named
     def all_gather_single_coalesced(self, outs, inputs, opts=None) -> dist.Work:
         for out, x in zip(outs, inputs):
             self.all_gather_single(out, x, opts)
         return _done(outs)
 
+    @_named
     def allgather_into_tensor_coalesced(self, outs, inputs, opts=None) -> dist.Work:
         return self.all_gather_single_coalesced(outs, inputs, opts)
 
+    @_named
     def reduce_scatter(self, outs: List[torch.Tensor], input_lists: List[List[torch.Tensor]], opts) -> dist.Work:
-        op = _op(opts, "reduce_scatter")
+        op = _op(opts)
         for out, inputs in zip(outs, input_lists):
             whole = torch.cat([t.reshape(-1) for t in inputs])
             self.comm.reduce_scatter(whole, op, out=out.view(-1))
         return _done(outs)
 
+    @_named
     def reduce_scatter_single(self, out: torch.Tensor, x: torch.Tensor, opts) -> dist.Work:
-        self.comm.reduce_scatter(x.reshape(-1).contiguous(), _op(opts, "reduce_scatter_tensor"), out=out.view(-1))
+        self.comm.reduce_scatter(x.reshape(-1).contiguous(), _op(opts), out=out.view(-1))
         return _done([out])
 
     _reduce_scatter_base = reduce_scatter_single
 
+    @_named
     def reduce_scatter_single_coalesced(self, outs, inputs, opts) -> dist.Work:
         for out, x in zip(outs, inputs):
             self.reduce_scatter_single(out, x, opts)
         return _done(outs)
 
+    @_named
     def reduce_scatter_tensor_coalesced(self, outs, inputs, opts) -> dist.Work:
         return self.reduce_scatter_single_coalesced(outs, inputs, opts)
 
+    @_named
     def all_to_all_single(self, out: torch.Tensor, x: torch.Tensor, out_splits: List[int], in_splits: List[int],
                           opts=None) -> dist.Work:
         rows_in, rows_out = _rows(x.contiguous()), _rows(out)
@@ -150,6 +175,7 @@ class ProcessGroupNcl(dist.ProcessGroup):
 
     alltoall_base = all_to_all_single
 
+    @_named
     def alltoall(self, outs: List[torch.Tensor], inputs: List[torch.Tensor], opts=None) -> dist.Work:
         whole = torch.cat([t.reshape(-1) for t in inputs])
         got = torch.empty(sum(t.numel() for t in outs), dtype=whole.dtype)
@@ -160,6 +186,7 @@ class ProcessGroupNcl(dist.ProcessGroup):
             at += t.numel()
         return _done(outs)
 
+    @_named
     def gather(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts) -> dist.Work:
         x = inputs[0]
         got = self.comm.gather(x.reshape(-1).contiguous(), opts.rootRank)
@@ -168,25 +195,30 @@ class ProcessGroupNcl(dist.ProcessGroup):
                 out.copy_(got[r * x.numel():(r + 1) * x.numel()].view(out.shape))
         return _done(output_lists)
 
+    @_named
     def scatter(self, outs: List[torch.Tensor], input_lists: List[List[torch.Tensor]], opts) -> dist.Work:
         out = outs[0]
         whole = torch.cat([t.reshape(-1) for t in input_lists[0]]) if self.comm.rank == opts.rootRank else None
         self.comm.scatter(whole, opts.rootRank, out=out.view(-1))
         return _done(outs)
 
+    @_named
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
         for t in tensors:
             self.comm.send(t, dst)
         return _done(tensors)
 
+    @_named
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
         for t in tensors:
             self.comm.recv(t, src)
         return _done(tensors)
 
+    @_named
     def recv_anysource(self, tensors, tag=0):
         raise NotImplementedError("the ncl backend has no recv from any source: give src")
 
+    @_named
     def barrier(self, opts=None) -> dist.Work:
         self.comm.barrier()
         return _done(None)
