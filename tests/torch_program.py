@@ -163,8 +163,11 @@ def main():
     failures = run(gloo) + ddp_steps(n, me)
     with open(os.path.join(sys.argv[1], f"rank{me}.json"), "w") as f:
         json.dump({"rank": me, "backend": dist.get_backend(), "failures": failures}, f)
+    dist.barrier(group=gloo)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    os._exit(0)  # as in tp_program.py: torch's gloo teardown at exit aborts now and then under load
