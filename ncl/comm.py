@@ -416,9 +416,8 @@ class Communicator:
         """Return once every rank has entered the barrier."""
         return self._launch("barrier", lib.ncl_barrier, (self._handle,), None, async_op)
 
-    def split(self, color: Optional[int], key: Optional[int] = None) -> Optional["Communicator"]:
-        """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
-        (key, old rank).  color None (MPI_UNDEFINED) joins none and returns None."""
+    def _split_args(self, color, key):
+        """split's arguments, checked (key defaults to this rank), on an open communicator."""
         if color is not None:
             if isinstance(color, bool) or not isinstance(color, (int, np.integer)):
                 raise TypeError(f"color must be an int >= 0 or None, not {type(color).__name__}")
@@ -428,6 +427,12 @@ class Communicator:
         if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
             raise TypeError(f"key must be an int, not {type(key).__name__}")
         self._check_open()
+        return (None if color is None else int(color)), int(key)
+
+    def split(self, color: Optional[int], key: Optional[int] = None) -> Optional["Communicator"]:
+        """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
+        (key, old rank).  color None (MPI_UNDEFINED) joins none and returns None."""
+        color, key = self._split_args(color, key)
         table = self.all_gather(np.array([-1 if color is None else color, key], dtype=np.int64)).reshape(-1, 2)
         self._splits += 1
         if color is None:

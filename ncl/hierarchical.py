@@ -196,17 +196,12 @@ class HierarchicalCommunicator(Communicator):
         return self._local.flight_record()
 
     def split(self, color: Optional[int], key: Optional[int] = None) -> Optional[Communicator]:
-        if color is not None and (isinstance(color, bool) or not isinstance(color, (int, np.integer)) or color < 0):
-            raise ValueError(f"color must be an int >= 0 or None, not {color!r}")
-        key = self._rank if key is None else key
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
-            raise TypeError(f"key must be an int, not {type(key).__name__}")
-        self._check_open()
+        color, key = self._split_args(color, key)
         MPI = import_mpi()
         self._splits += 1
         host_of = {r: h for h, m in enumerate(self._members) for r in m}
-        table = self._world.allgather_obj((color, int(key)))
-        sub = self._world.comm.Split(MPI.UNDEFINED if color is None else int(color), int(key))
+        table = self._world.allgather_obj((color, key))
+        sub = self._world.comm.Split(MPI.UNDEFINED if color is None else color, key)
         if color is None:
             return None
         ranks = sorted((k, r) for r, (c, k) in enumerate(table) if c == color)
@@ -370,7 +365,7 @@ class HierarchicalCommunicator(Communicator):
         if self._rank == root and src != dst:
             buf[:] = _view(src, nbytes)
         root_host = next(h for h, m in enumerate(self._members) if root in m)
-        local, ptr = self._local._handle, ffi.from_buffer(buf)
+        ptr = ffi.from_buffer(buf)
         if self._host == root_host:
             self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, self._members[root_host].index(root))
         if self._leaders:
@@ -391,7 +386,7 @@ class HierarchicalCommunicator(Communicator):
         self._all_to_allv(src, counts, dst, counts, dtype)
 
     def _all_to_allv(self, src, send_c, dst, recv_c, dtype):
-        es, n, me = lib.ncl_dtype_size(dtype), self._size, self._rank
+        es, n = lib.ncl_dtype_size(dtype), self._size
         send = [int(send_c[j]) for j in range(n)]
         recv = [int(recv_c[j]) for j in range(n)]
         matrix = np.empty((2 * n, n), np.int64)  # every rank's send counts, then its recv counts

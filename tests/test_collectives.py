@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from harness import (DTYPES, FLOATS, OPS, SMALL_STAGING, as_numpy, as_torch, case_seed, digest, garbage_like,
+from harness import (DTYPES, FLOATS, OPS, SMALL_STAGING, as_torch, case_seed, digest, garbage_like,
                      mismatch, rank_data, reference_reduce, report)
 
 SIZES = (1, 2, 3, 4, 5, 8)

@@ -1,7 +1,6 @@
 """The reduction kernels alone (no communication): every dtype x op x number of sources
 against a numpy reduction done left to right, and every instruction-set variant
 (NCL_KERNEL_ISA) bitwise identical to the portable one."""
-import hashlib
 import os
 import subprocess
 import sys
