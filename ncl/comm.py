@@ -19,12 +19,12 @@ from ._native import check, error, ffi, lib
 from .buffers import (SUPPORTED, Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank,
                       output, rows)
 from .errors import NclStateError
-# (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
-
-# Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
-_GROUP_FAILURES = (lib.NCL_ERR_TIMEOUT, lib.NCL_ERR_PEER, lib.NCL_ERR_MISMATCH)
 from .launch import shm_prefix
 from .work import Work
+
+# (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
+# Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
+_GROUP_FAILURES = (lib.NCL_ERR_TIMEOUT, lib.NCL_ERR_PEER, lib.NCL_ERR_MISMATCH)
 
 
 def segment_name(unique_id: str, label: str) -> str:
