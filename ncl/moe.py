@@ -1,0 +1,185 @@
+"""Mixture-of-experts expert parallelism: dispatch tokens to the ranks holding their chosen
+experts, combine the weighted expert outputs back (DeepEP's conventions), over all_to_allv.
+
+Experts are split over ranks in contiguous blocks: rank r holds experts r*E/N ... (r+1)*E/N - 1.
+A token goes once to each rank that holds at least one of its top-k experts (not once per
+expert); the receiver gets the token's row, its top-k expert ids (global ids; -1 where that
+expert lives on another rank) and routing weights.  After the local experts ran, each received
+row holds the sum of its local experts' outputs, each already multiplied by its routing weight;
+combine() sends the rows back and sums them on the token's rank in rank order, so the result
+does not depend on timing.  dispatch and combine are each other's backward, so MoE layers train.
+
+    layout = get_dispatch_layout(topk_idx, num_experts, comm)
+    recv_x, recv_idx, recv_w, handle = dispatch(x, topk_idx, topk_weights, comm, layout)
+    y = combine(expert_out, handle)
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from .torch.tp import Group
+
+
+class Layout(NamedTuple):
+    """Where the tokens go, and what each rank receives."""
+    num_tokens_per_rank: torch.Tensor     # (N,) tokens this rank sends to each rank
+    num_tokens_per_expert: torch.Tensor   # (E,) this rank's tokens routed to each expert
+    is_token_in_rank: torch.Tensor        # (T, N) bool: token t goes to rank r
+    num_recv_per_rank: torch.Tensor       # (N,) tokens this rank receives from each rank (exchanged)
+
+
+class Handle(NamedTuple):
+    """What combine needs to send the rows back: which token each sent row was, and the counts."""
+    group: Group
+    send_token: torch.Tensor   # (S,) the token of each sent row, grouped by destination rank
+    send_counts: list          # rows sent to each rank
+    recv_counts: list          # rows received from each rank
+    num_tokens: int
+    hidden: int
+    recv_x: Optional[torch.Tensor] = None  # what dispatch returned (combine keeps the autograd graph whole)
+
+
+def _experts_per_rank(num_experts: int, group: Group) -> int:
+    if num_experts % group.size:
+        raise ValueError(f"num_experts ({num_experts}) must divide by the number of ranks ({group.size})")
+    return num_experts // group.size
+
+
+def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> None:
+    if topk_idx.dim() != 2 or topk_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_idx must be an int tensor of shape (tokens, k), not {topk_idx.dtype} "
+                         f"{tuple(topk_idx.shape)}")
+    if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
+        raise ValueError(f"topk_idx holds expert ids outside 0..{num_experts - 1} (or -1 for none)")
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
+    """Tokens per rank and per expert, which ranks each token goes to, and (one exchange of
+    N counts) how many tokens each rank will receive from every other."""
+    group = Group(group)
+    per = _experts_per_rank(num_experts, group)
+    _check_routing(topk_idx, num_experts)
+    idx = topk_idx.long()
+    valid = idx >= 0
+    tokens = idx.shape[0]
+    is_in = torch.zeros(tokens, group.size, dtype=torch.bool)
+    if tokens:
+        rows = torch.arange(tokens).unsqueeze(1).expand_as(idx)[valid]
+        is_in[rows, idx[valid] // per] = True
+    per_expert = torch.bincount(idx[valid], minlength=num_experts)
+    per_rank = is_in.sum(0)
+    counts = per_rank.to(torch.int64).contiguous()
+    recv = _exchange_counts(group, counts)
+    return Layout(per_rank, per_expert, is_in, recv)
+
+
+def _exchange_counts(group: Group, counts: torch.Tensor) -> torch.Tensor:
+    """Each rank's count for every rank -> what every rank sends to this one."""
+    every = group.all_gather(counts.unsqueeze(0))  # (N, N): row = sender
+    return every[:, group.rank].contiguous()
+
+
+def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list) -> torch.Tensor:
+    """Rows grouped by destination -> rows grouped by source (ncl communicator or torch group)."""
+    out = torch.empty((sum(recv),) + tuple(rows.shape[1:]), dtype=rows.dtype)
+    if group.is_ncl:
+        return group.group.all_to_allv(rows.contiguous(), send, recv, out=out)
+    import torch.distributed as dist
+    dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group.group)
+    return out
+
+
+def _dispatch(x, topk_idx, topk_weights, group: Group, num_experts: int, layout: Layout):
+    per = num_experts // group.size
+    dest, token = layout.is_token_in_rank.t().nonzero(as_tuple=True)   # grouped by destination, token order
+    send_counts = layout.num_tokens_per_rank.tolist()
+    recv_counts = layout.num_recv_per_rank.tolist()
+    recv_x = _all_to_allv(group, x[token], send_counts, recv_counts)
+    idx = topk_idx.long()[token]
+    local = torch.where((idx >= 0) & (idx // per == dest.unsqueeze(1)), idx, torch.full_like(idx, -1))
+    meta = torch.cat([local.double(), topk_weights[token].double()], dim=1)  # ids are exact in float64
+    recv_meta = _all_to_allv(group, meta, send_counts, recv_counts)
+    k = topk_idx.shape[1]
+    recv_idx = recv_meta[:, :k].long()
+    recv_w = recv_meta[:, k:].to(topk_weights.dtype)
+    handle = Handle(group, token, send_counts, recv_counts, x.shape[0], x.shape[1])
+    return recv_x, recv_idx, recv_w, handle
+
+
+def _combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+    """Rows back to their tokens' ranks, summed per token in rank order."""
+    back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts)
+    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
+    at = 0
+    for count in handle.send_counts:  # one rank's rows at a time: each token at most once per rank
+        y.index_add_(0, handle.send_token[at:at + count], back[at:at + count])
+        at += count
+    return y
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, group, num_experts, layout):
+        recv_x, recv_idx, recv_w, handle = _dispatch(x, topk_idx, topk_weights, group, num_experts, layout)
+        ctx.handle = handle
+        ctx.mark_non_differentiable(recv_idx)
+        return recv_x, recv_idx, recv_w, handle
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_idx, grad_w, grad_handle):
+        # each copy of a token was a read of x: the gradients of the copies add up (a combine)
+        grad = None if grad_x is None else _combine(grad_x.contiguous(), ctx.handle)
+        return grad, None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_out, handle):
+        ctx.handle = handle
+        return _combine(expert_out, handle)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h = ctx.handle  # each received row contributed once to its token: send the token's gradient back
+        return _all_to_allv(h.group, grad_y.contiguous()[h.send_token], h.send_counts, h.recv_counts), None
+
+
+def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
+             layout: Optional[Layout] = None, *, num_experts: Optional[int] = None):
+    """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
+    process, grouped by source rank (token order within each), with their top-k global expert
+    ids (-1 where the expert is on another rank) and weights.  Collective over the group.
+    The routing weights are not differentiated through (as DeepEP's dispatch)."""
+    group = Group(group)
+    if num_experts is None:
+        if layout is None:
+            raise ValueError("dispatch needs num_experts, or the layout get_dispatch_layout made")
+        num_experts = len(layout.num_tokens_per_expert)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
+    _experts_per_rank(num_experts, group)
+    _check_routing(topk_idx, num_experts)
+    if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
+                         f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
+    layout = layout if layout is not None else get_dispatch_layout(topk_idx, num_experts, group)
+    recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), group, num_experts,
+                                                       layout)
+    return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x)
+
+
+def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+    """y (tokens, hidden) on each token's own rank: the sum, in rank order, of the rows the
+    ranks holding its experts send back (each the weighted sum of that rank's experts)."""
+    if expert_out.dim() != 2 or expert_out.shape[0] != sum(handle.recv_counts):
+        raise ValueError(f"expert_out must have one row per received token ({sum(handle.recv_counts)}), not "
+                         f"{tuple(expert_out.shape)}")
+    recv_x = handle.recv_x
+    if torch.is_grad_enabled() and recv_x is not None and recv_x.requires_grad and not expert_out.requires_grad:
+        # no local expert touched the rows (this rank received nothing for them): the backward
+        # must still run here, since its exchanges are collective; an empty sum keeps the graph
+        expert_out = expert_out + recv_x[:0].sum()
+    return _Combine.apply(expert_out, handle)
+
+
+__all__ = ["Layout", "Handle", "get_dispatch_layout", "dispatch", "combine"]

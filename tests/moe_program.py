@@ -1,0 +1,119 @@
+"""MoE dispatch/combine against the dense single-process layer: the program test_moe.py runs
+under `ncl-run -n N`.  Every rank generates every rank's tokens (seeded), so it can compute the
+dense reference of the whole batch: each token through its top-k experts, weighted.  Checked:
+this rank's output, the gradient of its tokens, and the gradient of its local experts' weights
+(which sees every rank's tokens), for each routing.  Writes OUT_DIR/rank<r>.json.
+"""
+import json
+import os
+import sys
+import zlib
+
+import torch
+
+import ncl
+from ncl import moe
+
+E, H, K = 8, 6, 2
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def tokens_of(rank):
+    return 3 + rank  # ranks hold different numbers of tokens
+
+
+def routing(kind, rank, n):
+    """(x, topk_idx, topk_weights) of `rank` for a routing kind."""
+    g = torch.Generator().manual_seed(100 * rank + zlib.crc32(kind.encode()) % 97)  # not hash(): salted per process
+    t = tokens_of(rank)
+    x = torch.randn(t, H, generator=g)
+    logits = torch.randn(t, E, generator=g)
+    if kind == "zipf":  # skewed: low expert ids much more likely
+        logits = logits - 3.0 * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+    if kind == "one expert":
+        logits = torch.zeros(t, E)
+        logits[:, 0], logits[:, 1] = 10.0, 5.0
+    if kind == "last rank receives nothing":  # every token to experts outside the last rank's block
+        logits[:, E - E // n:] = -1e9
+    top, idx = logits.topk(K, dim=-1)
+    return x, idx, top.softmax(-1)  # softmax over the chosen k (gpt-oss style)
+
+
+def experts():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(H, H, generator=g, requires_grad=True) for _ in range(E)]
+
+
+def run_expert(w, x):
+    return torch.tanh(x @ w)
+
+
+def dense(xs, idxs, ws, weights):
+    """Every token through its experts, weighted: the reference of every rank's batch."""
+    out = []
+    for x, idx, w in zip(xs, idxs, ws):
+        y = torch.zeros_like(x)
+        for j in range(K):
+            for e in range(E):
+                chosen = idx[:, j] == e
+                if chosen.any():
+                    y = y.index_add(0, chosen.nonzero()[:, 0], w[chosen, j:j + 1] * run_expert(weights[e], x[chosen]))
+        out.append(y)
+    return out
+
+
+def check(comm, kind, failures):
+    n, me = comm.size, comm.rank
+    per = E // n
+    data = [routing(kind, r, n) for r in range(n)]
+    grads_out = [torch.randn(tokens_of(r), H, generator=torch.Generator().manual_seed(r)) for r in range(n)]
+    # the reference, over every rank's tokens
+    ref_weights = experts()
+    xs = [d[0].clone().requires_grad_() for d in data]
+    ys = dense(xs, [d[1] for d in data], [d[2] for d in data], ref_weights)
+    sum((y * g).sum() for y, g in zip(ys, grads_out)).backward()
+    # expert parallel: this rank's tokens, its experts only
+    weights = experts()
+    x = data[me][0].clone().requires_grad_()
+    layout = moe.get_dispatch_layout(data[me][1], E, comm)
+    recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, layout)
+    out = torch.zeros_like(recv_x)
+    for j in range(K):
+        for e in range(me * per, (me + 1) * per):
+            chosen = recv_idx[:, j] == e
+            if chosen.any():
+                out = out.index_add(0, chosen.nonzero()[:, 0], recv_w[chosen, j:j + 1] * run_expert(weights[e],
+                                                                                                   recv_x[chosen]))
+    y = moe.combine(out, handle)
+    (y * grads_out[me]).sum().backward()
+
+    def close(label, got, want):
+        if got is None and want is None:
+            return
+        if got is None or want is None or not torch.allclose(got, want, **TOL):
+            diff = "missing" if got is None or want is None else f"max diff {float((got - want).abs().max()):.3g}"
+            failures.append(f"{kind}: {label} rank={me}/{n}: {diff}")
+    close("output", y.detach(), ys[me].detach())
+    close("token gradient", x.grad, xs[me].grad)
+    for e in range(me * per, (me + 1) * per):
+        close(f"expert {e} weight gradient", weights[e].grad, ref_weights[e].grad)
+    if kind == "last rank receives nothing" and me == n - 1 and recv_x.shape[0] != 0:
+        failures.append(f"{kind}: the last rank received {recv_x.shape[0]} tokens")
+    sent = layout.num_tokens_per_rank.sum().item()
+    want_sent = int(sum((data[me][1] // per == r).any(1).sum() for r in range(n)))
+    if sent != want_sent:  # once per rank holding an expert, not once per expert
+        failures.append(f"{kind}: rank {me} sent {sent} rows, want {want_sent}")
+
+
+def main():
+    comm = ncl.init()
+    failures = []
+    for kind in ("uniform", "zipf", "one expert", "last rank receives nothing"):
+        check(comm, kind, failures)
+    with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:
+        json.dump({"rank": comm.rank, "failures": failures}, f)
+    comm.close()
+
+
+if __name__ == "__main__":
+    main()
