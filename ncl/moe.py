@@ -36,6 +36,7 @@ class Handle(NamedTuple):
     recv_counts: list          # rows received from each rank
     num_tokens: int
     hidden: int
+    dropped: int = 0           # top-k choices dropped by the capacity factor on this rank
     recv_x: Optional[torch.Tensor] = None  # what dispatch returned (combine keeps the autograd graph whole)
 
 
@@ -51,6 +52,27 @@ def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> None:
                          f"{tuple(topk_idx.shape)}")
     if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
         raise ValueError(f"topk_idx holds expert ids outside 0..{num_experts - 1} (or -1 for none)")
+
+
+def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: float):
+    """(topk_idx with dropped choices set to -1, how many were dropped): each expert takes at
+    most ceil(capacity_factor * tokens * k / num_experts) of this rank's tokens, the first ones
+    in token order (GShard's per-group capacity; no communication)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, not {capacity_factor}")
+    _check_routing(topk_idx, num_experts)
+    tokens, k = topk_idx.shape
+    capacity = -(-int(capacity_factor * tokens * k * 1000) // (num_experts * 1000))  # ceil, float-safe
+    flat = topk_idx.long().reshape(-1)  # token-major: token t's choices before token t+1's
+    kept = flat.clone()
+    valid = flat >= 0
+    order = torch.zeros_like(flat)
+    for e in flat[valid].unique().tolist():  # position of each choice in its expert's queue
+        where = (flat == e).nonzero()[:, 0]
+        order[where] = torch.arange(len(where))
+    drop = valid & (order >= capacity)
+    kept[drop] = -1
+    return kept.view_as(topk_idx).to(topk_idx.dtype), int(drop.sum())
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
@@ -145,11 +167,14 @@ class _Combine(torch.autograd.Function):
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
-             layout: Optional[Layout] = None, *, num_experts: Optional[int] = None):
+             layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
+             capacity_factor: Optional[float] = None):
     """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
     process, grouped by source rank (token order within each), with their top-k global expert
     ids (-1 where the expert is on another rank) and weights.  Collective over the group.
-    The routing weights are not differentiated through (as DeepEP's dispatch)."""
+    The routing weights are not differentiated through (as DeepEP's dispatch).
+    capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
+    handle.dropped says how many; a layout passed in must then come from the kept choices."""
     group = Group(group)
     if num_experts is None:
         if layout is None:
@@ -162,10 +187,13 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
     if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
                          f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
+    dropped = 0
+    if capacity_factor is not None:
+        topk_idx, dropped = apply_capacity(topk_idx, num_experts, capacity_factor)
     layout = layout if layout is not None else get_dispatch_layout(topk_idx, num_experts, group)
     recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), group, num_experts,
                                                        layout)
-    return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x)
+    return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x, dropped=dropped)
 
 
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
@@ -182,4 +210,4 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     return _Combine.apply(expert_out, handle)
 
 
-__all__ = ["Layout", "Handle", "get_dispatch_layout", "dispatch", "combine"]
+__all__ = ["Layout", "Handle", "apply_capacity", "get_dispatch_layout", "dispatch", "combine"]

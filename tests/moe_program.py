@@ -5,6 +5,7 @@ this rank's output, the gradient of its tokens, and the gradient of its local ex
 (which sees every rank's tokens), for each routing.  Writes OUT_DIR/rank<r>.json.
 """
 import json
+import math
 import os
 import sys
 import zlib
@@ -62,21 +63,49 @@ def dense(xs, idxs, ws, weights):
     return out
 
 
-def check(comm, kind, failures):
+def drop_beyond_capacity(idx, factor):
+    """The reference dropping rule, written independently: walk the tokens in order, each
+    expert accepts until it holds ceil(factor * tokens * K / E) choices."""
+    capacity = math.ceil(factor * idx.shape[0] * K / E)
+    held, kept, dropped = [0] * E, idx.clone(), 0
+    for t in range(idx.shape[0]):
+        for j in range(K):
+            e = int(idx[t, j])
+            if held[e] >= capacity:
+                kept[t, j], dropped = -1, dropped + 1
+            else:
+                held[e] += 1
+    return kept, dropped
+
+
+def check(comm, kind, failures, capacity=None):
     n, me = comm.size, comm.rank
     per = E // n
     data = [routing(kind, r, n) for r in range(n)]
+    if capacity is not None:  # the reference drops by its own rule; dispatch must drop the same
+        kept = [drop_beyond_capacity(d[1], capacity) for d in data]
+        reference_data = [(d[0], k[0], d[2]) for d, k in zip(data, kept)]
+        kind = f"{kind}, capacity {capacity}"
+    else:
+        kept, reference_data = None, data
     grads_out = [torch.randn(tokens_of(r), H, generator=torch.Generator().manual_seed(r)) for r in range(n)]
     # the reference, over every rank's tokens
     ref_weights = experts()
     xs = [d[0].clone().requires_grad_() for d in data]
-    ys = dense(xs, [d[1] for d in data], [d[2] for d in data], ref_weights)
+    ys = dense(xs, [d[1] for d in reference_data], [d[2] for d in reference_data], ref_weights)
     sum((y * g).sum() for y, g in zip(ys, grads_out)).backward()
     # expert parallel: this rank's tokens, its experts only
     weights = experts()
     x = data[me][0].clone().requires_grad_()
-    layout = moe.get_dispatch_layout(data[me][1], E, comm)
-    recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, layout)
+    if capacity is None:
+        layout = moe.get_dispatch_layout(data[me][1], E, comm)
+        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, layout)
+    else:
+        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, num_experts=E,
+                                                        capacity_factor=capacity)
+        layout = moe.get_dispatch_layout(kept[me][0], E, comm)
+        if handle.dropped != kept[me][1]:
+            failures.append(f"{kind}: rank {me} dropped {handle.dropped}, the reference {kept[me][1]}")
     out = torch.zeros_like(recv_x)
     for j in range(K):
         for e in range(me * per, (me + 1) * per):
@@ -100,7 +129,8 @@ def check(comm, kind, failures):
     if kind == "last rank receives nothing" and me == n - 1 and recv_x.shape[0] != 0:
         failures.append(f"{kind}: the last rank received {recv_x.shape[0]} tokens")
     sent = layout.num_tokens_per_rank.sum().item()
-    want_sent = int(sum((data[me][1] // per == r).any(1).sum() for r in range(n)))
+    routed = reference_data[me][1]
+    want_sent = int(sum(((routed >= 0) & (routed // per == r)).any(1).sum() for r in range(n)))
     if sent != want_sent:  # once per rank holding an expert, not once per expert
         failures.append(f"{kind}: rank {me} sent {sent} rows, want {want_sent}")
 
@@ -110,6 +140,8 @@ def main():
     failures = []
     for kind in ("uniform", "zipf", "one expert", "last rank receives nothing"):
         check(comm, kind, failures)
+    for kind, factor in (("zipf", 1.0), ("one expert", 1.5), ("uniform", 0.5)):
+        check(comm, kind, failures, capacity=factor)
     with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:
         json.dump({"rank": comm.rank, "failures": failures}, f)
     comm.close()

@@ -5,7 +5,8 @@ chosen experts, 8 experts in contiguous blocks, tanh experts) for uniform, skewe
 degenerate routing (every token to experts 0 and 1; no token for the last rank), and checks
 this rank's output, its tokens' gradients and its experts' weight gradients against the dense
 single-process layer over every rank's tokens, and that a token is sent once per rank, not
-once per expert.
+once per expert.  With a capacity factor (1.0 Zipf, 1.5 degenerate, 0.5 uniform: 2-7 choices
+dropped per rank) the reference drops by its own independent rule, and the counts must agree.
 """
 import glob
 import json
