@@ -13,6 +13,7 @@ does not depend on timing.  dispatch and combine are each other's backward, so M
     recv_x, recv_idx, recv_w, handle = dispatch(x, topk_idx, topk_weights, comm, layout)
     y = combine(expert_out, handle)
 """
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,6 +39,7 @@ class Handle(NamedTuple):
     hidden: int
     dropped: int = 0           # top-k choices dropped by the capacity factor on this rank
     recv_x: Optional[torch.Tensor] = None  # what dispatch returned (combine keeps the autograd graph whole)
+    slots: int = 0             # low-latency mode: rows reserved per rank pair (max_tokens_per_rank); 0: normal
 
 
 def _experts_per_rank(num_experts: int, group: Group) -> int:
@@ -166,15 +168,82 @@ class _Combine(torch.autograd.Function):
         return _all_to_allv(h.group, grad_y.contiguous()[h.send_token], h.send_counts, h.recv_counts), None
 
 
+_REGISTERED = weakref.WeakKeyDictionary()  # ncl communicator -> {(shape, dtype): (send, recv) registered tensors}
+
+
+def _fixed_exchange(group: Group, rows: torch.Tensor) -> torch.Tensor:
+    """All-to-all of equal blocks (one per rank) through buffers every rank maps (an ncl
+    communicator: registered memory, read by peers in place, allocated once per shape), so
+    that no counts travel first."""
+    if not group.is_ncl:
+        out = torch.empty_like(rows)
+        import torch.distributed as dist
+        dist.all_to_all_single(out, rows.contiguous(), group=group.group)
+        return out
+    buffers = _REGISTERED.setdefault(group.group, {})
+    key = (tuple(rows.shape), rows.dtype)
+    if key not in buffers:  # collective: every rank reaches its first exchange of this shape together
+        buffers[key] = tuple(group.group.empty(rows.shape, rows.dtype, like="torch") for _ in range(2))
+    send, recv = buffers[key]
+    send.copy_(rows)
+    group.group.all_to_all(send, out=recv)
+    return recv.clone()
+
+
+def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: int, slots: int):
+    """Every rank sends every rank exactly `slots` rows (the first ones real, a flag says which),
+    so nothing is exchanged before the data: one fixed-size exchange for the rows, one for their
+    ids, weights and flags."""
+    n, per, k = group.size, num_experts // group.size, topk_idx.shape[1]
+    if x.shape[0] > slots:
+        raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={slots}")
+    idx = topk_idx.long()
+    is_in = torch.zeros(x.shape[0], n, dtype=torch.bool)
+    valid = idx >= 0
+    if x.shape[0]:
+        is_in[torch.arange(x.shape[0]).unsqueeze(1).expand_as(idx)[valid], idx[valid] // per] = True
+    send_counts = is_in.sum(0).tolist()
+    dest, token = is_in.t().nonzero(as_tuple=True)
+    slot = torch.cat([torch.arange(c) for c in send_counts]) if token.numel() else token
+    rows = torch.zeros(n * slots, x.shape[1], dtype=x.dtype)
+    meta = torch.zeros(n * slots, 2 * k + 1, dtype=torch.float64)
+    meta[:, :k] = -1
+    at = dest * slots + slot
+    rows[at] = x[token]
+    chosen = idx[token]
+    meta[at, :k] = torch.where((chosen >= 0) & (chosen // per == dest.unsqueeze(1)), chosen,
+                               torch.full_like(chosen, -1)).double()
+    meta[at, k:2 * k] = topk_weights[token].double()
+    meta[at, 2 * k] = 1.0
+    recv_x, recv_meta = _fixed_exchange(group, rows), _fixed_exchange(group, meta)
+    recv_counts = recv_meta[:, 2 * k].view(n, slots).sum(1).long().tolist()
+    handle = Handle(group, token, send_counts, recv_counts, x.shape[0], x.shape[1], slots=slots)
+    return recv_x, recv_meta[:, :k].long(), recv_meta[:, k:2 * k].to(topk_weights.dtype), handle
+
+
+def _combine_low_latency(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+    back = _fixed_exchange(handle.group, expert_out)  # block r: what rank r returns, first rows real
+    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
+    at = 0
+    for r, count in enumerate(handle.send_counts):  # rank order: the same sum on every run
+        y.index_add_(0, handle.send_token[at:at + count], back[r * handle.slots:r * handle.slots + count])
+        at += count
+    return y
+
+
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
              layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
-             capacity_factor: Optional[float] = None):
+             capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None):
     """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
     process, grouped by source rank (token order within each), with their top-k global expert
     ids (-1 where the expert is on another rank) and weights.  Collective over the group.
     The routing weights are not differentiated through (as DeepEP's dispatch).
     capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
-    handle.dropped says how many; a layout passed in must then come from the kept choices."""
+    handle.dropped says how many; a layout passed in must then come from the kept choices.
+    max_tokens_per_rank=M: the low-latency mode for decode (inference, no autograd): no count
+    exchange, fixed buffers of M rows per rank pair (registered memory over an ncl
+    communicator); recv_x then has N*M rows, block s from rank s, its first
+    handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
     group = Group(group)
     if num_experts is None:
         if layout is None:
@@ -190,6 +259,13 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
     dropped = 0
     if capacity_factor is not None:
         topk_idx, dropped = apply_capacity(topk_idx, num_experts, capacity_factor)
+    if max_tokens_per_rank is not None:
+        if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
+        with torch.no_grad():
+            recv_x, recv_idx, recv_w, handle = _dispatch_low_latency(x, topk_idx, topk_weights, group, num_experts,
+                                                                     max_tokens_per_rank)
+        return recv_x, recv_idx, recv_w, handle._replace(dropped=dropped)
     layout = layout if layout is not None else get_dispatch_layout(topk_idx, num_experts, group)
     recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), group, num_experts,
                                                        layout)
@@ -199,6 +275,12 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     """y (tokens, hidden) on each token's own rank: the sum, in rank order, of the rows the
     ranks holding its experts send back (each the weighted sum of that rank's experts)."""
+    if handle.slots:
+        rows = handle.group.size * handle.slots
+        if expert_out.dim() != 2 or expert_out.shape[0] != rows:
+            raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
+        with torch.no_grad():
+            return _combine_low_latency(expert_out, handle)
     if expert_out.dim() != 2 or expert_out.shape[0] != sum(handle.recv_counts):
         raise ValueError(f"expert_out must have one row per received token ({sum(handle.recv_counts)}), not "
                          f"{tuple(expert_out.shape)}")

@@ -78,6 +78,18 @@ def drop_beyond_capacity(idx, factor):
     return kept, dropped
 
 
+def local_experts(recv_x, recv_idx, recv_w, weights, me, per):
+    """Each received row: the weighted sum of this rank's experts among its top-k."""
+    out = torch.zeros_like(recv_x)
+    for j in range(K):
+        for e in range(me * per, (me + 1) * per):
+            chosen = recv_idx[:, j] == e
+            if chosen.any():
+                out = out.index_add(0, chosen.nonzero()[:, 0], recv_w[chosen, j:j + 1] * run_expert(weights[e],
+                                                                                                   recv_x[chosen]))
+    return out
+
+
 def check(comm, kind, failures, capacity=None):
     n, me = comm.size, comm.rank
     per = E // n
@@ -106,14 +118,7 @@ def check(comm, kind, failures, capacity=None):
         layout = moe.get_dispatch_layout(kept[me][0], E, comm)
         if handle.dropped != kept[me][1]:
             failures.append(f"{kind}: rank {me} dropped {handle.dropped}, the reference {kept[me][1]}")
-    out = torch.zeros_like(recv_x)
-    for j in range(K):
-        for e in range(me * per, (me + 1) * per):
-            chosen = recv_idx[:, j] == e
-            if chosen.any():
-                out = out.index_add(0, chosen.nonzero()[:, 0], recv_w[chosen, j:j + 1] * run_expert(weights[e],
-                                                                                                   recv_x[chosen]))
-    y = moe.combine(out, handle)
+    y = moe.combine(local_experts(recv_x, recv_idx, recv_w, weights, me, per), handle)
     (y * grads_out[me]).sum().backward()
 
     def close(label, got, want):
@@ -126,6 +131,19 @@ def check(comm, kind, failures, capacity=None):
     close("token gradient", x.grad, xs[me].grad)
     for e in range(me * per, (me + 1) * per):
         close(f"expert {e} weight gradient", weights[e].grad, ref_weights[e].grad)
+    if capacity is None:  # the low-latency mode: fixed slots, no count exchange, forward only
+        slots = tokens_of(n - 1)
+        with torch.no_grad():
+            lx, lidx, lw, lh = moe.dispatch(data[me][0], data[me][1], data[me][2], comm, num_experts=E,
+                                            max_tokens_per_rank=slots)
+            close("low-latency output", moe.combine(local_experts(lx, lidx, lw, weights, me, per), lh),
+                  ys[me].detach())
+        padding = torch.ones(n * slots, dtype=torch.bool)
+        for s, count in enumerate(lh.recv_counts):
+            padding[s * slots:s * slots + count] = False
+        if lh.recv_counts != layout.num_recv_per_rank.tolist() or (lidx[padding] != -1).any():
+            failures.append(f"{kind}: low-latency counts {lh.recv_counts} != {layout.num_recv_per_rank.tolist()} "
+                            f"or padding rows carry experts (rank {me})")
     if kind == "last rank receives nothing" and me == n - 1 and recv_x.shape[0] != 0:
         failures.append(f"{kind}: the last rank received {recv_x.shape[0]} tokens")
     sent = layout.num_tokens_per_rank.sum().item()

@@ -7,6 +7,8 @@ this rank's output, its tokens' gradients and its experts' weight gradients agai
 single-process layer over every rank's tokens, and that a token is sent once per rank, not
 once per expert.  With a capacity factor (1.0 Zipf, 1.5 degenerate, 0.5 uniform: 2-7 choices
 dropped per rank) the reference drops by its own independent rule, and the counts must agree.
+The low-latency mode (max_tokens_per_rank: fixed registered buffers, no count exchange) must
+give the same outputs, counts, and -1 ids in its padding rows.
 """
 import glob
 import json
