@@ -292,4 +292,42 @@ def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     return _Combine.apply(expert_out, handle)
 
 
-__all__ = ["Layout", "Handle", "apply_capacity", "get_dispatch_layout", "dispatch", "combine"]
+class Grouped(NamedTuple):
+    """Received rows regrouped by local expert, for grouped matrix multiplies."""
+    x: torch.Tensor             # (sum(counts), H): expert 0's rows, then expert 1's, ... (padding rows zero)
+    counts: list                # rows per local expert, each rounded up to expert_alignment
+    real: list                  # rows per local expert before the padding
+    row: torch.Tensor           # (sum(counts),): the received row each grouped row came from (-1: padding)
+    weight: torch.Tensor        # (sum(counts),): its routing weight for that expert (0: padding)
+
+
+def group_by_expert(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor, num_experts: int, group,
+                    *, expert_alignment: int = 1) -> Grouped:
+    """One row per (received token, local expert it chose), grouped by local expert in received
+    order, each expert's group padded with zero rows to a multiple of expert_alignment."""
+    g = Group(group)
+    per = _experts_per_rank(num_experts, g)
+    if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
+        raise ValueError(f"expert_alignment must be a positive int, not {expert_alignment!r}")
+    rows, weights, counts, real = [], [], [], []
+    for e in range(g.rank * per, (g.rank + 1) * per):
+        r, j = (recv_idx == e).nonzero(as_tuple=True)
+        pad = -len(r) % expert_alignment
+        rows.append(torch.cat([r, torch.full((pad,), -1, dtype=r.dtype)]))
+        weights.append(torch.cat([recv_w[r, j], torch.zeros(pad, dtype=recv_w.dtype)]))
+        counts.append(len(r) + pad)
+        real.append(len(r))
+    row, weight = torch.cat(rows), torch.cat(weights)
+    x = torch.where((row >= 0).unsqueeze(1), recv_x[row.clamp(min=0)], torch.zeros((), dtype=recv_x.dtype))
+    return Grouped(x, counts, real, row, weight)
+
+
+def ungroup(expert_y: torch.Tensor, grouped: Grouped, num_rows: int) -> torch.Tensor:
+    """Per received row, the weighted sum of its local experts' outputs (what combine takes)."""
+    out = torch.zeros(num_rows, expert_y.shape[1], dtype=expert_y.dtype)
+    keep = grouped.row >= 0
+    return out.index_add(0, grouped.row[keep], expert_y[keep] * grouped.weight[keep].unsqueeze(1).to(expert_y.dtype))
+
+
+__all__ = ["Layout", "Handle", "Grouped", "apply_capacity", "get_dispatch_layout", "dispatch", "combine",
+           "group_by_expert", "ungroup"]

@@ -131,6 +131,19 @@ def check(comm, kind, failures, capacity=None):
     close("token gradient", x.grad, xs[me].grad)
     for e in range(me * per, (me + 1) * per):
         close(f"expert {e} weight gradient", weights[e].grad, ref_weights[e].grad)
+    if capacity is None:  # the experts run grouped (aligned to 4 rows): the same outputs
+        with torch.no_grad():
+            grouped = moe.group_by_expert(recv_x, recv_idx, recv_w, E, comm, expert_alignment=4)
+            parts, at = [], 0
+            for i, count in enumerate(grouped.counts):
+                parts.append(run_expert(weights[me * per + i], grouped.x[at:at + count]))
+                at += count
+            expert_y = torch.cat(parts) if parts else grouped.x
+            if any(c % 4 for c in grouped.counts) or grouped.real != [int((recv_idx == e).sum())
+                                                                       for e in range(me * per, (me + 1) * per)]:
+                failures.append(f"{kind}: grouped counts {grouped.counts} / {grouped.real} (rank {me})")
+            close("grouped experts", moe.ungroup(expert_y, grouped, recv_x.shape[0]),
+                  local_experts(recv_x, recv_idx, recv_w, weights, me, per).detach())
     if capacity is None:  # the low-latency mode: fixed slots, no count exchange, forward only
         slots = tokens_of(n - 1)
         with torch.no_grad():

@@ -8,7 +8,8 @@ single-process layer over every rank's tokens, and that a token is sent once per
 once per expert.  With a capacity factor (1.0 Zipf, 1.5 degenerate, 0.5 uniform: 2-7 choices
 dropped per rank) the reference drops by its own independent rule, and the counts must agree.
 The low-latency mode (max_tokens_per_rank: fixed registered buffers, no count exchange) must
-give the same outputs, counts, and -1 ids in its padding rows.
+give the same outputs, counts, and -1 ids in its padding rows; group_by_expert (aligned to 4
+rows) and ungroup must give the same expert outputs as running each row through its experts.
 """
 import glob
 import json
