@@ -15,10 +15,13 @@ its peers' data and builds the expected result with numpy alone, independent of 
 """
 import glob
 import hashlib
+import json
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import signal
+import subprocess
+import sys
 import time
 import traceback
 import zlib
@@ -348,3 +351,25 @@ def report(failures: Sequence[str], limit: int = 25) -> str:
     if len(failures) > limit:
         lines.append(f"... and {len(failures) - limit} more")
     return f"{len(failures)} failure(s):\n" + "\n".join(lines)
+
+
+# ---- whole programs on N ranks ---------------------------------------------------------------------
+def ncl_run_argv(n: int, program: str, *args: str) -> List[str]:
+    """The command that runs a Python program on n ranks with ncl-run."""
+    return [sys.executable, "-m", "ncl.run", "-n", str(n), sys.executable, program, *args]
+
+
+def program_failures(argv: Sequence[str], out_dir: str, n: int, env: Optional[Dict[str, str]] = None,
+                     timeout: float = 280) -> List[str]:
+    """Run a multi-rank program that writes out_dir/rank<r>.json ({"rank", "failures", ...});
+    assert it succeeded and every rank reported; the failures of all ranks."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
+    environ.update(env or {})
+    proc = subprocess.run(list(argv), capture_output=True, text=True, env=environ, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = []
+    for path in sorted(glob.glob(os.path.join(str(out_dir), "rank*.json"))):
+        with open(path) as f:
+            reports.append(json.load(f))
+    assert sorted(r["rank"] for r in reports) == list(range(n)), proc.stderr[-3000:]
+    return [f for r in reports for f in r["failures"]]

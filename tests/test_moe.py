@@ -11,32 +11,23 @@ The low-latency mode (max_tokens_per_rank: fixed registered buffers, no count ex
 give the same outputs, counts, and -1 ids in its padding rows; group_by_expert (aligned to 4
 rows) and ungroup must give the same expert outputs as running each row through its experts.
 """
-import glob
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import ncl
+from harness import ncl_run_argv, program_failures
 from ncl import moe
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_program.py")
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_moe_layer_equals_the_dense_layer(tmp_path, n):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NCL_")}
-    proc = subprocess.run([sys.executable, "-m", "ncl.run", "-n", str(n), sys.executable,
-                           os.path.join(HERE, "moe_program.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = [json.load(open(p)) for p in sorted(glob.glob(str(tmp_path / "rank*.json")))]
-    assert [r["rank"] for r in reports] == list(range(n))
-    failures = [f for r in reports for f in r["failures"]]
+    failures = program_failures(ncl_run_argv(n, PROGRAM, str(tmp_path)), tmp_path, n)
     assert not failures, "\n".join(failures)
 
 
@@ -73,13 +64,7 @@ def test_moe_across_two_emulated_hosts(tmp_path):
     """The same layer under mpiexec with NCL_HOSTS=2: the exchanges run as the two-level
     all_to_allv (shared memory, then one MPI message per host pair)."""
     pytest.importorskip("mpi4py")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
-    env["NCL_HOSTS"] = "2"
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "4", sys.executable,
-                           os.path.join(HERE, "moe_program.py"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = [json.load(open(p)) for p in sorted(glob.glob(str(tmp_path / "rank*.json")))]
-    assert [r["rank"] for r in reports] == [0, 1, 2, 3]
-    failures = [f for r in reports for f in r["failures"]]
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    failures = program_failures([mpiexec, "-n", "4", sys.executable, PROGRAM, str(tmp_path)], tmp_path, 4,
+                                env={"NCL_HOSTS": "2"})
     assert not failures, "\n".join(failures)

@@ -8,8 +8,6 @@ against single-process training), float32 and bfloat16, on 2, 3 and 4 ranks unde
 (env:// initialisation).  Bootstrap through file://, an explicit store and torchrun is tested
 here too.
 """
-import glob
-import json
 import os
 import re
 import subprocess
@@ -17,6 +15,8 @@ import sys
 import textwrap
 
 import pytest
+
+from harness import ncl_run_argv, program_failures
 
 pytest.importorskip("torch")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,17 +28,12 @@ def _env():
 
 
 def _ncl_run(n, *argv, timeout=280):
-    return subprocess.run([sys.executable, "-m", "ncl.run", "-n", str(n), sys.executable, *argv],
-                          capture_output=True, text=True, env=_env(), timeout=timeout)
+    return subprocess.run(ncl_run_argv(n, *argv), capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_every_supported_call_matches_numpy_and_gloo(tmp_path, n):
-    proc = _ncl_run(n, os.path.join(HERE, "torch_program.py"), str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = [json.load(open(p)) for p in sorted(glob.glob(str(tmp_path / "rank*.json")))]
-    assert [r["rank"] for r in reports] == list(range(n)) and {r["backend"] for r in reports} == {"ncl"}
-    failures = [f for r in reports for f in r["failures"]]
+    failures = program_failures(ncl_run_argv(n, os.path.join(HERE, "torch_program.py"), str(tmp_path)), tmp_path, n)
     assert not failures, "\n".join(failures[:30])
 
 

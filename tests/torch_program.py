@@ -161,6 +161,8 @@ def main():
     n, me = dist.get_world_size(), dist.get_rank()
     gloo = dist.new_group(backend="gloo")
     failures = run(gloo) + ddp_steps(n, me)
+    if dist.get_backend() != "ncl":
+        failures.append(f"the default group's backend is {dist.get_backend()!r}, not 'ncl'")
     with open(os.path.join(sys.argv[1], f"rank{me}.json"), "w") as f:
         json.dump({"rank": me, "backend": dist.get_backend(), "failures": failures}, f)
     dist.barrier(group=gloo)
