@@ -77,6 +77,20 @@ def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: fl
     return kept.view_as(topk_idx).to(topk_idx.dtype), int(drop.sum())
 
 
+def _token_ranks(idx: torch.Tensor, per: int, n: int) -> torch.Tensor:
+    """(T, N) bool: token t has at least one expert on rank r (experts in blocks of `per`)."""
+    is_in = torch.zeros(idx.shape[0], n, dtype=torch.bool)
+    valid = idx >= 0
+    if idx.shape[0]:
+        is_in[torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)[valid], idx[valid] // per] = True
+    return is_in
+
+
+def _local_ids(chosen: torch.Tensor, dest: torch.Tensor, per: int) -> torch.Tensor:
+    """The top-k ids of rows sent to ranks `dest`: kept where that rank holds the expert, else -1."""
+    return torch.where((chosen >= 0) & (chosen // per == dest.unsqueeze(1)), chosen, torch.full_like(chosen, -1))
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
     """Tokens per rank and per expert, which ranks each token goes to, and (one exchange of
     N counts) how many tokens each rank will receive from every other."""
@@ -84,13 +98,8 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layo
     per = _experts_per_rank(num_experts, group)
     _check_routing(topk_idx, num_experts)
     idx = topk_idx.long()
-    valid = idx >= 0
-    tokens = idx.shape[0]
-    is_in = torch.zeros(tokens, group.size, dtype=torch.bool)
-    if tokens:
-        rows = torch.arange(tokens).unsqueeze(1).expand_as(idx)[valid]
-        is_in[rows, idx[valid] // per] = True
-    per_expert = torch.bincount(idx[valid], minlength=num_experts)
+    is_in = _token_ranks(idx, per, group.size)
+    per_expert = torch.bincount(idx[idx >= 0], minlength=num_experts)
     per_rank = is_in.sum(0)
     counts = per_rank.to(torch.int64).contiguous()
     recv = _exchange_counts(group, counts)
@@ -119,8 +128,7 @@ def _dispatch(x, topk_idx, topk_weights, group: Group, num_experts: int, layout:
     send_counts = layout.num_tokens_per_rank.tolist()
     recv_counts = layout.num_recv_per_rank.tolist()
     recv_x = _all_to_allv(group, x[token], send_counts, recv_counts)
-    idx = topk_idx.long()[token]
-    local = torch.where((idx >= 0) & (idx // per == dest.unsqueeze(1)), idx, torch.full_like(idx, -1))
+    local = _local_ids(topk_idx.long()[token], dest, per)
     meta = torch.cat([local.double(), topk_weights[token].double()], dim=1)  # ids are exact in float64
     recv_meta = _all_to_allv(group, meta, send_counts, recv_counts)
     k = topk_idx.shape[1]
@@ -130,15 +138,22 @@ def _dispatch(x, topk_idx, topk_weights, group: Group, num_experts: int, layout:
     return recv_x, recv_idx, recv_w, handle
 
 
-def _combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
-    """Rows back to their tokens' ranks, summed per token in rank order."""
-    back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts)
-    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
+def _sum_by_token(back: torch.Tensor, handle: Handle) -> torch.Tensor:
+    """The rows each rank returned, added to their tokens one rank at a time (each token at
+    most once per rank), so every run sums in the same order.  Rank r's rows start at the
+    running count, or at r * slots in the low-latency mode."""
+    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=back.dtype)
     at = 0
-    for count in handle.send_counts:  # one rank's rows at a time: each token at most once per rank
-        y.index_add_(0, handle.send_token[at:at + count], back[at:at + count])
+    for r, count in enumerate(handle.send_counts):
+        start = r * handle.slots if handle.slots else at
+        y.index_add_(0, handle.send_token[at:at + count], back[start:start + count])
         at += count
     return y
+
+
+def _combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+    """Rows back to their tokens' ranks, summed per token in rank order."""
+    return _sum_by_token(_all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts), handle)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -198,10 +213,7 @@ def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: 
     if x.shape[0] > slots:
         raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={slots}")
     idx = topk_idx.long()
-    is_in = torch.zeros(x.shape[0], n, dtype=torch.bool)
-    valid = idx >= 0
-    if x.shape[0]:
-        is_in[torch.arange(x.shape[0]).unsqueeze(1).expand_as(idx)[valid], idx[valid] // per] = True
+    is_in = _token_ranks(idx, per, n)
     send_counts = is_in.sum(0).tolist()
     dest, token = is_in.t().nonzero(as_tuple=True)
     slot = torch.cat([torch.arange(c) for c in send_counts]) if token.numel() else token
@@ -210,9 +222,7 @@ def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: 
     meta[:, :k] = -1
     at = dest * slots + slot
     rows[at] = x[token]
-    chosen = idx[token]
-    meta[at, :k] = torch.where((chosen >= 0) & (chosen // per == dest.unsqueeze(1)), chosen,
-                               torch.full_like(chosen, -1)).double()
+    meta[at, :k] = _local_ids(idx[token], dest, per).double()
     meta[at, k:2 * k] = topk_weights[token].double()
     meta[at, 2 * k] = 1.0
     recv_x, recv_meta = _fixed_exchange(group, rows), _fixed_exchange(group, meta)
@@ -222,13 +232,7 @@ def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: 
 
 
 def _combine_low_latency(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
-    back = _fixed_exchange(handle.group, expert_out)  # block r: what rank r returns, first rows real
-    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
-    at = 0
-    for r, count in enumerate(handle.send_counts):  # rank order: the same sum on every run
-        y.index_add_(0, handle.send_token[at:at + count], back[r * handle.slots:r * handle.slots + count])
-        at += count
-    return y
+    return _sum_by_token(_fixed_exchange(handle.group, expert_out), handle)  # block r: rank r's rows, first real
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
