@@ -34,6 +34,7 @@ _TORCH_DTYPE_NAMES = {
     "torch.int64": lib.NCL_INT64, "torch.float16": lib.NCL_FLOAT16, "torch.bfloat16": lib.NCL_BFLOAT16,
     "torch.float32": lib.NCL_FLOAT32, "torch.float64": lib.NCL_FLOAT64,
 }
+_torch_codes: dict = {}  # torch.dtype -> code, filled on first use (keyed by the dtype object: no str())
 SUPPORTED = "float32, float64, float16, bfloat16, int8, uint8, int32, int64"
 
 
@@ -83,15 +84,19 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
         return _new_tuple(Buffer, (x, ptr, x.size, len(ptr), code, x.shape, False))
     tensor_type = _torch_tensor_type()
     if tensor_type is not None and isinstance(x, tensor_type):
-        code = _TORCH_DTYPE_NAMES.get(str(x.dtype))
+        code = _torch_codes.get(x.dtype)
         if code is None:
-            raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
-        if x.device.type != "cpu":
+            code = _TORCH_DTYPE_NAMES.get(str(x.dtype))
+            if code is None:
+                raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
+            _torch_codes[x.dtype] = code
+        if not x.is_cpu:
             raise ValueError(f"{name} is on device {x.device}; ncl works on CPU tensors")
         if x.is_sparse or not x.is_contiguous():
             raise ValueError(f"{name} must be a contiguous dense tensor; pass {name}.contiguous()")
-        return Buffer(x, ffi.cast("void *", x.data_ptr()), x.numel(), x.numel() * x.element_size(), code,
-                      tuple(x.shape), True)
+        count = x.numel()
+        return _new_tuple(Buffer, (x, ffi.cast("void *", x.data_ptr()), count, count * x.element_size(), code,
+                                   tuple(x.shape), True))
     raise TypeError(f"{name} must be a numpy array or a torch CPU tensor, not {type(x).__name__}")
 
 
@@ -155,6 +160,8 @@ def rows(buf: Buffer, name: str) -> int:
 
 def check_counts(counts: Any, name: str, size: int) -> Tuple[int, ...]:
     """Per-peer row counts for all_to_allv: `size` non-negative ints."""
+    if type(counts) in (list, tuple) and len(counts) == size and all(type(c) is int and c >= 0 for c in counts):
+        return tuple(counts)  # the common case, fast
     if isinstance(counts, np.ndarray):
         counts = counts.tolist()
     elif _torch_tensor_type() is not None and isinstance(counts, _torch_tensor_type()):

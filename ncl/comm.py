@@ -376,21 +376,22 @@ class Communicator:
         if sum(send) != n:
             raise ValueError(f"send_counts sum to {sum(send)} rows but x has {n} rows")
         if out is not None:  # before any exchange of counts: peers must not be left waiting
-            check_aliasing(src, as_buffer(out, "out", writable=True), "all_to_allv", None,
-                           "x and out must not share memory")
+            dst = output(out, src, (0,) + src.shape[1:], rows_known=False)
+            check_aliasing(src, dst, "all_to_allv", None, "x and out must not share memory")
         if recv_counts is not None:
             recv = check_counts(recv_counts, "recv_counts", self._size)
         else:
-            if out is not None:  # check what can be checked before talking to peers
-                output(out, src, (0,) + src.shape[1:], rows_known=False)
             exchanged = self.all_to_all(np.asarray(send, dtype=np.int64))
             recv = tuple(int(c) for c in exchanged)
         dst_shape = (sum(recv),) + src.shape[1:]
-        if out is not None and recv_counts is None and tuple(getattr(out, "shape", ())) != dst_shape:
-            self.abort()  # the peers already expect this rank in the exchange
-            raise ValueError(f"out has shape {tuple(out.shape)} but the exchanged recv_counts need {dst_shape}; "
-                             "this communicator was aborted")
-        dst = output(out, src, dst_shape)
+        if out is None:
+            dst = output(None, src, dst_shape)
+        elif dst.shape[0] != dst_shape[0]:
+            if recv_counts is None:
+                self.abort()  # the peers already expect this rank in the exchange
+                raise ValueError(f"out has shape {dst.shape} but the exchanged recv_counts need {dst_shape}; "
+                                 "this communicator was aborted")
+            raise ValueError(f"out has shape {dst.shape} but must have shape {dst_shape}")
         row = math.prod(src.shape[1:])
         send_c = ffi.new("uint64_t[]", [c * row for c in send])
         recv_c = ffi.new("uint64_t[]", [c * row for c in recv])

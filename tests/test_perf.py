@@ -97,7 +97,41 @@ def test_compare_with_gloo_prints_ratios(tmp_path):
     (["all_reduce", "-r", "2", "-n", "2"], "not a rank"),
     (["all_reduce", "--compare", "nccl"], "mpi and/or gloo"),
     (["all_reduce", "-b", "12Q"], "not a size"),
+    (["moe", "--experts", "6", "-n", "4"], "must divide by every rank count"),
+    (["moe", "--experts", "8", "--topk", "9"], "1 <= --topk <= --experts"),
+    (["moe", "--tokens", "0"], "counts must be >= 1"),
+    (["moe", "--compare", "nccl"], "mpi and/or gloo"),
 ])
 def test_bad_arguments_fail_before_any_rank_starts(tmp_path, args, message):
     code, out, err = _perf(args, tmp_path, timeout=60)
     assert code == 2 and message in err, err
+
+
+@pytest.mark.timeout(300)
+def test_moe_sweep_checks_every_backend_and_writes_files(tmp_path):
+    """ncl (both modes), MPI and gloo run the same dispatch/combine; each checks combine(dispatch)
+    against its tokens times their routing weights, so a wrong exchange fails the sweep."""
+    pytest.importorskip("mpi4py")
+    code, out, err = _perf(["moe", "--hidden", "40", "--experts", "6", "--topk", "2", "--tokens", "1,33", "-n", "3",
+                            "-w", "1", "-i", "2", "--min-time", "0", "--low-latency-max", "33", "-d", "float32",
+                            "--csv", "m.csv", "--json", "m.json", "--plot", "m.png"], tmp_path, timeout=280)
+    assert code == 0, out + err
+    rows = list(csv.DictReader(line for line in (tmp_path / "m.csv").open() if not line.startswith("#")))
+    assert sorted((r["backend"], r["mode"], r["tokens"]) for r in rows) == sorted(
+        (b, m, t) for b, m in (("ncl", "normal"), ("ncl", "low_latency"), ("mpi", "normal"), ("gloo", "normal"))
+        for t in ("1", "33"))
+    assert all(r["wrong"] == "0" and float(r["dispatch_us"]) > 0 and float(r["combine_us"]) > 0 for r in rows)
+    assert "mpi/ncl disp" in out and "gloo/ncl comb" in out
+    assert json.loads((tmp_path / "m.json").read_text())["command"][:2] == ["ncl-perf", "moe"]
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_moe_check_counts_a_wrong_combine():
+    import torch
+    from ncl.perf import moe_worker
+    x, w = torch.randn(5, 8), torch.tensor([[0.25, 0.75]] * 5)
+    assert moe_worker._wrong_rows(x, x.clone(), w) == 0
+    y = x.clone()
+    y[3, 2] += 0.5
+    assert moe_worker._wrong_rows(x, y, w) == 1
+    assert moe_worker._wrong_rows(x, x * 0.75, w) == 5  # a rank's share missing

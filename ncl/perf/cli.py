@@ -2,6 +2,7 @@
 starts itself, optionally side by side with MPI (mpi4py, under mpiexec) and torch's gloo.
 
     ncl-perf all_reduce -b 8 -e 64M -f 4 -n 2,8 --compare mpi,gloo --csv out.csv --plot out.png
+    ncl-perf moe --hidden 2880 --experts 128 --topk 4 --tokens 1,16,128 -n 2,4,8   (ncl/perf/moe.py)
 """
 import argparse
 import json
@@ -46,6 +47,7 @@ def _peers(text: str) -> List[str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-perf", description=__doc__.split("\n\n")[0],
+                                epilog="ncl-perf moe --help: MoE dispatch/combine (ncl/perf/moe.py)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("collective", choices=sorted(specs.SPECS))
     p.add_argument("-b", "--minbytes", dest="min_bytes", type=_size, default=8, help="smallest size")
@@ -108,7 +110,22 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
 
 
 def _mpiexec():
-    return shutil.which("mpiexec") or shutil.which("mpiexec", path=os.path.dirname(sys.executable))
+    """The launcher beside this Python first (the mpich wheel's, matching the mpi4py it built
+    against), else the one on PATH."""
+    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: str, hosts: int = 1,
+                timeout: float = 300.0) -> List[str]:
+    """The command that starts a sweep worker (`python -m module`) on n ranks of a backend:
+    mpiexec for MPI, ncl-run for ncl and gloo (gloo meets through a rendezvous file)."""
+    worker = [sys.executable, "-m", module, "--backend", backend, "--config", json.dumps(settings)]
+    if backend == "mpi":
+        return [_mpiexec(), "-n", str(n)] + worker
+    if backend == "gloo":
+        worker += ["--rendezvous-file", rendezvous]
+    hosts_flag = ["--hosts", str(hosts)] if backend == "ncl" and hosts > 1 else []
+    return [sys.executable, "-m", "ncl.run", "-n", str(n), *hosts_flag, "--timeout", str(timeout), "--"] + worker
 
 
 def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
@@ -116,13 +133,21 @@ def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
                                               "root", "warmup", "iters", "min_time", "check", "registered")}
     settings["registered"] = bool(cfg.registered) and backend == "ncl"
     settings["memcpy"] = backend == "ncl"
-    worker = [sys.executable, "-m", "ncl.perf.worker", "--backend", backend, "--config", json.dumps(settings)]
-    if backend == "mpi":
-        return [_mpiexec(), "-n", str(n)] + worker
-    if backend == "gloo":
-        worker += ["--rendezvous-file", rendezvous]
-    hosts = ["--hosts", str(cfg.hosts)] if backend == "ncl" and cfg.hosts > 1 else []
-    return [sys.executable, "-m", "ncl.run", "-n", str(n), *hosts, "--timeout", str(cfg.timeout), "--"] + worker
+    return launch_argv(backend, n, "ncl.perf.worker", settings, rendezvous, cfg.hosts, cfg.timeout)
+
+
+def run_worker(cmd: List[str], env: dict, progress, on_row) -> int:
+    """Start a sweep's ranks; pass each JSON line rank 0 prints to on_row and anything else
+    to progress; the launcher's exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    for text in proc.stdout:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            progress.write(text.rstrip("\n"))
+            continue
+        on_row(row)
+    return proc.wait()
 
 
 def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: int = 0,
@@ -133,15 +158,11 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
         env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
         progress.write(report.header(cfg.collective, backend, n, cfg)
                        + (f"\n# round {round_ + 1} of {cfg.repeat}" if cfg.repeat > 1 else ""))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         pending = {}
         mine = []
-        for text in proc.stdout:
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                progress.write(text.rstrip("\n"))
-                continue
+
+        def on_row(row):
+            nonlocal pending
             row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n, round=round_)
             report.add_bandwidths(row, cfg.collective)
             rows.append(row)
@@ -151,7 +172,8 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
                 progress.write(report.line(cfg.collective, pending[False], pending[True], cfg))
                 pending = {}
                 progress.update(1)
-        code = proc.wait()
+
+        code = run_worker(cmd, env, progress, on_row)
         if code == 0:
             progress.write(f"# Avg bus bandwidth    : {report.average_busbw(mine):.3f} GB/s "
                            f"(#wrong total {sum(r.get('wrong', 0) for r in mine)})\n")
@@ -185,6 +207,10 @@ class Progress:
 
 
 def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["moe"]:  # MoE dispatch/combine has its own options (ncl/perf/moe.py)
+        from . import moe
+        return moe.main(args[1:])
     p = parser()
     cfg = p.parse_args(argv)
     _check(p, cfg)

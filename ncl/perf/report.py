@@ -171,7 +171,10 @@ def median_table(summary: List[dict], collective: str) -> str:
                        floatfmt=".3g"))
 
 
-def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], facts: dict) -> List[str]:
+def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], facts: dict,
+                fields: List[str] = FIELDS, draw=None) -> List[str]:
+    """The files cfg asks for (json, csv, xlsx, plot); draw(summary, path) draws the plot
+    (default: busbw and time against size)."""
     written = []
     if cfg.json:
         with open(cfg.json, "w") as f:
@@ -181,7 +184,7 @@ def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], 
     if cfg.csv:
         with open(cfg.csv, "w", newline="") as f:
             f.write(f"# command: {' '.join(command)}\n# machine: {json.dumps(facts)}\n")
-            w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+            w = csv.DictWriter(f, fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(summary)
         written.append(cfg.csv)
@@ -190,9 +193,9 @@ def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], 
         book = openpyxl.Workbook()
         sheet = book.active
         sheet.title = "results"
-        sheet.append(FIELDS)
+        sheet.append(fields)
         for r in summary:
-            sheet.append([r.get(k) for k in FIELDS])
+            sheet.append([r.get(k) for k in fields])
         about = book.create_sheet("run")
         about.append(["command", " ".join(command)])
         for k, v in facts.items():
@@ -200,7 +203,10 @@ def write_files(rows: List[dict], summary: List[dict], cfg, command: List[str], 
         book.save(cfg.xlsx)
         written.append(cfg.xlsx)
     if cfg.plot:
-        plot(summary, cfg.plot, f"{cfg.collective} ({cfg.dtype})")
+        if draw is None:
+            plot(summary, cfg.plot, f"{cfg.collective} ({cfg.dtype})")
+        else:
+            draw(summary, cfg.plot)
         written.append(cfg.plot)
     return written
 

@@ -1,0 +1,191 @@
+"""One rank of an `ncl-perf moe` sweep: MoE dispatch and combine through ncl, MPI or gloo.
+
+Each rank routes its own tokens (seeded by rank and token count: random logits, top-k, softmax
+over the chosen k) and times the exchange as a user of each library would write it:
+- ncl: `ncl.moe.dispatch` / `combine` over the communicator (the count exchange included), and
+  for decode sizes also the low-latency mode (`max_tokens_per_rank`: fixed registered buffers,
+  no count exchange);
+- gloo: the same `ncl.moe` code over a gloo process group, so the exchange is torch's
+  `all_gather_into_tensor` for the counts and `all_to_all_single` for the rows;
+- mpi: the same steps written with mpi4py (the same routing code, ncl.moe's): `Alltoall` of the
+  counts, `Alltoallv` of the rows and of their ids and weights, `Alltoallv` back and a
+  rank-ordered sum.
+
+Between dispatch and combine each rank plays the experts: a received row times the sum of its
+local routing weights, so combine must give back every token times its total weight (1 with
+softmax routing).  That is checked on every rank before timing (rows off by more than the
+dtype's rounding are counted as wrong).
+
+Rank 0 prints one JSON object per line on stdout.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import backends
+from .worker import _emit, _settle
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-5}   # relative, per element
+MAX_ITERS = 100_000
+
+
+def routing(rank: int, tokens: int, cfg, dtype):
+    """(x, topk_idx, topk_weights) of one rank: the same on every backend."""
+    g = torch.Generator().manual_seed(7919 * rank + tokens)
+    x = torch.randn(tokens, cfg.hidden, generator=g).to(dtype)
+    top, idx = torch.randn(tokens, cfg.experts, generator=g).topk(cfg.topk, dim=-1)
+    return x, idx, top.softmax(-1)
+
+
+def play_experts(recv_x, recv_idx, recv_w):
+    """Every local expert is the identity: the row times the sum of its local weights."""
+    return recv_x * (recv_w * (recv_idx >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
+
+
+class NclMoe:
+    def __init__(self, comm, low_latency: bool):
+        from ncl import moe
+        self.moe, self.comm, self.low_latency = moe, comm, low_latency
+
+    def dispatch(self, x, idx, w, experts):
+        slots = {"max_tokens_per_rank": max(1, x.shape[0])} if self.low_latency else {}
+        return self.moe.dispatch(x, idx, w, self.comm, num_experts=experts, **slots)
+
+    def combine(self, out, handle):
+        return self.moe.combine(out, handle)
+
+
+class MpiMoe:
+    """DeepEP-style dispatch/combine written directly with mpi4py (what an MPI user would write)."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+        from ncl import moe
+        self.MPI, self.comm, self.moe = MPI, comm, moe
+        self.n, self.rank = comm.Get_size(), comm.Get_rank()
+
+    def _alltoallv(self, rows: torch.Tensor, send: list, recv: list) -> torch.Tensor:
+        width = rows[0].numel() * rows.element_size() if rows.dim() > 1 else rows.element_size()
+        out = torch.empty((sum(recv),) + tuple(rows.shape[1:]), dtype=rows.dtype)
+        src = rows.contiguous().view(torch.uint8).numpy().reshape(-1)
+        dst = out.view(torch.uint8).numpy().reshape(-1)
+        sc, rc = np.array(send) * width, np.array(recv) * width
+        sd, rd = np.concatenate([[0], np.cumsum(sc)[:-1]]), np.concatenate([[0], np.cumsum(rc)[:-1]])
+        self.comm.Alltoallv([src, (sc, sd), self.MPI.BYTE], [dst, (rc, rd), self.MPI.BYTE])
+        return out
+
+    def dispatch(self, x, idx, w, experts):
+        per, k, moe = experts // self.n, idx.shape[1], self.moe
+        idx = idx.long().numpy()
+        token, dest, send = moe._route(moe._is_in(idx, per, self.n))
+        recv = np.empty(self.n, np.int64)
+        self.comm.Alltoall(np.asarray(send, np.int64), recv)
+        recv = recv.tolist()
+        send_token = torch.from_numpy(token)
+        recv_x = self._alltoallv(x.index_select(0, send_token), send, recv)
+        meta = np.empty((len(token), 2 * k))
+        meta[:, :k] = moe._local_ids(idx, token, dest, per)
+        meta[:, k:] = w.double().numpy()[token]
+        recv_meta = self._alltoallv(torch.from_numpy(meta), send, recv)
+        return recv_x, recv_meta[:, :k].long(), recv_meta[:, k:].to(w.dtype), (send_token, send, recv, x.shape[0])
+
+    def combine(self, out, handle):
+        token, send, recv, tokens = handle
+        back = self._alltoallv(out, recv, send)
+        y = torch.zeros(tokens, out.shape[1], dtype=out.dtype)
+        at = 0
+        for count in send:  # rank order, as ncl does
+            y.index_add_(0, token[at:at + count], back[at:at + count])
+            at += count
+        return y
+
+
+def exchanges(backend, cfg, tokens):
+    """(mode, exchange object) pairs this backend runs at this token count."""
+    if backend.name == "ncl":
+        modes = [("normal", NclMoe(backend.comm, False))]
+        if tokens <= cfg.low_latency_max:
+            modes.append(("low_latency", NclMoe(backend.comm, True)))
+        return modes
+    if backend.name == "gloo":
+        return [("normal", NclMoe(backend.dist.group.WORLD, False))]
+    return [("normal", MpiMoe(backend.comm))]
+
+
+def _wrong_rows(x, y, w) -> int:
+    want = x.float() * w.sum(1, keepdim=True)
+    err = (y.float() - want).abs() > TOLERANCE[x.dtype] * (want.abs() + 1e-2)
+    return int(err.any(1).sum())
+
+
+def measure(backend, cfg, tokens: int, mode: str, ex, dtype) -> dict:
+    x, idx, w = routing(backend.rank, tokens, cfg, dtype)
+
+    def once():
+        t0 = time.perf_counter()
+        recv_x, recv_idx, recv_w, handle = ex.dispatch(x, idx, w, cfg.experts)
+        t1 = time.perf_counter()
+        out = play_experts(recv_x, recv_idx, recv_w)
+        t2 = time.perf_counter()
+        y = ex.combine(out, handle)
+        return y, t1 - t0, time.perf_counter() - t2, recv_x.shape[0]
+
+    y, _, _, received = once()
+    wrong = backend.sum_over_ranks(_wrong_rows(x, y, w))
+    for _ in range(cfg.warmup):
+        once()
+    backend.barrier()
+    start = time.perf_counter()
+    once()
+    guess = backend.max_over_ranks(time.perf_counter() - start)
+    iters = max(cfg.iters, min(MAX_ITERS, math.ceil(cfg.min_time / max(guess, 1e-9))))
+    backend.barrier()
+    dispatch_s = combine_s = 0.0
+    for _ in range(iters):
+        _, d, c, _ = once()
+        dispatch_s += d
+        combine_s += c
+    # rows that leave this rank (the token's own rank is a local copy), averaged over ranks
+    is_in = torch.zeros(tokens, backend.size, dtype=torch.bool)
+    if tokens:
+        is_in[torch.arange(tokens).unsqueeze(1), idx // (cfg.experts // backend.size)] = True
+    sent = int(is_in.sum()) - int(is_in[:, backend.rank].sum())
+    row_bytes = cfg.hidden * x.element_size()
+    sent_bytes = backend.sum_over_ranks(sent * row_bytes) / backend.size
+    d_us = backend.max_over_ranks(dispatch_s / iters) * 1e6
+    c_us = backend.max_over_ranks(combine_s / iters) * 1e6
+    return dict(tokens=tokens, mode=mode, dispatch_us=d_us, combine_us=c_us, bytes=sent_bytes,
+                dispatch_gbps=sent_bytes / d_us / 1e3 if d_us else 0.0,
+                combine_gbps=sent_bytes / c_us / 1e3 if c_us else 0.0,
+                received_rows=backend.max_over_ranks(received), wrong=wrong, iters=iters)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m ncl.perf.moe_worker")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--config", required=True, help="JSON of the sweep settings (written by ncl-perf moe)")
+    p.add_argument("--rendezvous-file", default="")
+    args = p.parse_args(argv)
+    cfg = argparse.Namespace(**json.loads(args.config))
+    torch.set_num_threads(1)  # every backend alike: one core per rank, as the transports assume
+    backend = backends.create(args.backend, rendezvous_file=args.rendezvous_file)
+    dtype = TORCH_DTYPES[cfg.dtype]
+    try:
+        _settle(backend)
+        for tokens in cfg.tokens:
+            for mode, ex in exchanges(backend, cfg, tokens):
+                row = measure(backend, cfg, tokens, mode, ex, dtype)
+                if backend.rank == 0:
+                    _emit(dict(row, backend=args.backend, nranks=backend.size))
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
