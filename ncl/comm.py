@@ -9,12 +9,13 @@ A communicator is not safe to use from several threads at once (as in NCCL).
 import concurrent.futures
 import hashlib
 import math
+import time
 import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from . import env, log, tuning
+from . import emulation, env, log, tuning
 from ._native import check, error, ffi, lib
 from .buffers import (SUPPORTED, Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank,
                       output, rows)
@@ -60,8 +61,10 @@ def _ptr(buf: Optional[Buffer]):
 
 class Communicator:
     """A group of ranks; see the README for the API tour."""
+    _emulator: Optional[emulation.Emulator] = None
 
-    def __init__(self, handle, rank: int, size: int, *, unique_id: str, name: str, label: str, options):
+    def __init__(self, handle, rank: int, size: int, *, unique_id: str, name: str, label: str, options,
+                 emulator: Optional[emulation.Emulator] = None):
         self._handle = handle
         self._rank = rank
         self._size = size
@@ -79,12 +82,21 @@ class Communicator:
         self._closed = False  # mirrors `closed` for the per-call fast path
         if self._log.isEnabledFor(log.TRACE):  # every call logged: an instance attribute shadows the method
             self._launch = self._launch_traced
+        elif emulator is not None:  # every call costed on the emulated interconnect (ncl/emulation.py)
+            self._emulator = emulator
+            self._newest = ffi.new("ncl_flight_entry[1]")
+            self._launch = self._launch_emulated
 
     @classmethod
     def _create(cls, name: str, label: str, rank: int, size: int, unique_id: str, options) -> "Communicator":
+        emulator = emulation.for_communicator(size, options.flight_entries)  # bad knobs fail before any rank waits
+        if emulator is not None and not options.flight_entries:
+            raise ValueError("NCL_EMULATE / NCL_TOPOLOGY cost calls through the flight recorder: NCL_TRACE_BUFFER "
+                             "must be at least 1")
         out = ffi.new("ncl_comm **")
         check(lib.ncl_comm_create(name.encode(), rank, size, options, out))
-        comm = cls(out[0], rank, size, unique_id=unique_id, name=name, label=label, options=options)
+        comm = cls(out[0], rank, size, unique_id=unique_id, name=name, label=label, options=options,
+                   emulator=emulator)
         if comm._log.isEnabledFor(log.logging.INFO):
             comm._log.info("%s", comm._setup_text())
         return comm
@@ -203,6 +215,52 @@ class Communicator:
         else:
             self._log.log(log.TRACE, "%s %s", name, "queued (async_op)" if async_op else "done")
         return out
+
+    def _launch_emulated(self, name: str, fn: Callable[..., int], args: tuple, result: Any, async_op: bool) -> Any:
+        """_launch, then the call costed on the emulated interconnect (and, in pace mode, waited
+        out to its emulated time).  Async calls are costed when they are queued, without wall time."""
+        start = time.perf_counter()
+        out = Communicator._launch(self, name, fn, args, result, async_op)
+        wall = 0.0 if async_op else time.perf_counter() - start
+        e = self._newest[0]
+        if lib.ncl_flight_entries(self._handle, self._newest, 1) == 1:
+            nbytes = e.count * lib.ncl_dtype_size(e.dtype) if e.dtype >= 0 else 0
+            host_algorithm = ffi.string(e.algorithm).decode() if e.algorithm else None
+            rest = self._emulator.record(e.seq, name, nbytes, host_algorithm, wall)
+            if rest > 0:
+                emulation.wait(rest)
+        return out
+
+    def last_stats(self) -> Optional[dict]:
+        """The last completed call: collective, bytes, the algorithm taken here (host_algorithm),
+        wall_us, and with a topology (NCL_TOPOLOGY) the algorithm the link model picks on the target
+        and its emulated_us.  None before the first call."""
+        if self._emulator is not None:
+            return dict(self._emulator.last) if self._emulator.last else None
+        from . import flight
+        calls = flight.entries(self)[-1:]
+        if not calls:
+            return None
+        c = calls[0]
+        return {"collective": c["collective"], "bytes": c["bytes"], "host_algorithm": c["algorithm"],
+                "target_algorithm": None, "wall_us": c["duration_us"], "emulated_us": None, "topology": None,
+                "mode": "off"}
+
+    def emulated_totals(self, reset: bool = False) -> Optional[dict]:
+        """Calls, wall seconds and emulated seconds since the communicator began (or the last
+        reset), in all and per collective; None without a topology."""
+        if self._emulator is None:
+            return None
+        totals = {**self._emulator.totals, "by_collective": {k: dict(v) for k, v in
+                                                             self._emulator.totals["by_collective"].items()}}
+        if reset:
+            self._emulator.reset()
+        return totals
+
+    @property
+    def topology(self):
+        """The emulated interconnect's Topology (ncl.topology), or None."""
+        return self._emulator.topology if self._emulator is not None else None
 
     def _fail(self, name: str, rc: int) -> None:
         """Raise the error of a failed call; a failure of the group is logged and, with

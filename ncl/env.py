@@ -63,6 +63,11 @@ KNOBS: Dict[str, Knob] = {
                             "compare every call's fingerprint across ranks (0 only to measure what the check costs)"),
     "NCL_HOSTS": Knob(_int_in(1, 1 << 16), 1, "split each host's ranks into this many emulated hosts, "
                                              "which talk over MPI (under mpiexec or ncl-run --hosts)"),
+    "NCL_TOPOLOGY": Knob(str, "", "the emulated interconnect: a topology file or a shipped name (topology/*.yaml); "
+                                  "each call is also costed on its links (ncl-run --topology sets it)"),
+    "NCL_EMULATE": Knob(lambda t: _choice(t, ("OFF", "ACCOUNT", "PACE")).lower(), None,
+                        "with a topology: account (report emulated time beside wall time; the default), pace "
+                        "(also make each call last at least its emulated time) or off"),
     "NCL_RANK": Knob(int, None, "this process's rank (set by ncl-run)"),
     "NCL_WORLD_SIZE": Knob(int, None, "number of ranks (set by ncl-run)"),
     "NCL_LOCAL_WORLD_SIZE": Knob(int, None, "ranks of the job on this machine (set by ncl-run)"),

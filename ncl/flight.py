@@ -49,6 +49,10 @@ def entries(comm) -> List[Dict[str, Any]]:
             "first_step": e.first_step, "steps": e.steps,
             "begin_s": e.t_begin, "duration_us": ((e.t_end if e.t_end else now) - e.t_begin) * 1e6,
         })
+    if comm._emulator is not None:  # the call on the emulated interconnect (ncl/emulation.py)
+        for entry in out:
+            cost = comm._emulator.of_seq(entry["seq"])
+            entry["target_algorithm"], entry["emulated_us"] = (cost[0], cost[1] * 1e6) if cost else (None, None)
     return out
 
 

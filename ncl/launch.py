@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-run", description="Start N local ranks of a program.")
     p.add_argument("-n", "--nproc", type=int, required=True, help="number of ranks")
     p.add_argument("--tag-output", action="store_true", help="prefix every output line with [rank]")
-    p.add_argument("--topology", help="topology file of the emulated interconnect (exported as NCL_TOPOLOGY)")
+    p.add_argument("--topology", help="the emulated interconnect: a topology file or a shipped name such as "
+                                      "pcie-gen5-8card (exported as NCL_TOPOLOGY; ncl-topo show describes it)")
+    p.add_argument("--emulate", choices=("account", "pace", "off"),
+                   help="with --topology: report emulated time beside wall time (account, the default), also "
+                        "stretch each call to it (pace), or neither (exported as NCL_EMULATE)")
     p.add_argument("--hosts", type=int, default=1, help="emulated hosts the ranks are split into")
     p.add_argument("--timeout", type=float, help="NCL_TIMEOUT for the ranks, in seconds")
     p.add_argument("command", nargs=argparse.REMAINDER, help="program and its arguments")
@@ -78,8 +82,7 @@ def _mpi_command(n: int, uid: str, command: List[str], args):
     env = dict(os.environ, NCL_HOSTS=str(args.hosts), NCL_UNIQUE_ID=uid)
     for name in ("NCL_RANK", "NCL_WORLD_SIZE"):
         env.pop(name, None)
-    if args.topology:
-        env["NCL_TOPOLOGY"] = os.path.abspath(args.topology)
+    env.update(_emulation_env(args))
     if args.timeout is not None:
         env["NCL_TIMEOUT"] = str(args.timeout)
     mpiexec = _mpiexec()
@@ -92,14 +95,22 @@ def _mpi_command(n: int, uid: str, command: List[str], args):
     return [mpiexec, "-n", str(n), *flags, *command], env
 
 
+def _emulation_env(args) -> dict:
+    out = {}
+    if args.topology:
+        out["NCL_TOPOLOGY"] = os.path.abspath(args.topology) if os.path.exists(args.topology) else args.topology
+    if args.emulate:
+        out["NCL_EMULATE"] = args.emulate
+    return out
+
+
 def _rank_env(rank: int, n: int, uid: str, port: int, args) -> dict:
     env = dict(os.environ)
     for names, value in ((("NCL_RANK", "RANK", "NCL_LOCAL_RANK", "LOCAL_RANK"), rank),
                          (("NCL_WORLD_SIZE", "WORLD_SIZE", "NCL_LOCAL_WORLD_SIZE", "LOCAL_WORLD_SIZE"), n)):
         env.update({name: str(value) for name in names})
     env.update(NCL_UNIQUE_ID=uid, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if args.topology:
-        env["NCL_TOPOLOGY"] = os.path.abspath(args.topology)
+    env.update(_emulation_env(args))
     if args.timeout is not None:
         env["NCL_TIMEOUT"] = str(args.timeout)
     return env
@@ -175,8 +186,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("no program given: ncl-run -n N prog args...")
     if not 1 <= args.hosts <= args.nproc or args.nproc % args.hosts:
         parser.error(f"--hosts {args.hosts} must divide -n {args.nproc}")
-    if args.topology and not os.path.isfile(args.topology):
-        parser.error(f"--topology {args.topology}: no such file")
+    if args.topology:
+        try:  # a bad file fails here, once, not in every rank
+            from .topology import load_topology
+            topology = load_topology(args.topology)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--topology {args.topology}: {exc}")
+        if topology.num_chips < args.nproc:
+            parser.error(f"--topology {args.topology} has {topology.num_chips} chips, fewer than -n {args.nproc}")
     if args.timeout is not None and not args.timeout > 0:
         parser.error("--timeout must be positive")
 

@@ -72,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=1,
                    help="ncl: split the ranks into this many emulated hosts that talk over MPI (ncl-run --hosts)")
     p.add_argument("--timeout", type=float, default=300.0, help="NCL_TIMEOUT of the ranks (seconds)")
+    p.add_argument("--topology", help="ncl: also cost every call on this emulated interconnect (a topology file or "
+                                      "shipped name; ncl-run --topology) and print its emulated time")
+    p.add_argument("--emulate", choices=("account", "pace"), default="account",
+                   help="with --topology: account (emulated time beside wall time) or pace (calls last at least "
+                        "their emulated time)")
     p.add_argument("--csv", help="write every row to this CSV file")
     p.add_argument("--json", help="write rows, command line and machine facts to this JSON file")
     p.add_argument("--xlsx", help="write a spreadsheet")
@@ -97,6 +102,16 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
     for path in (cfg.csv, cfg.json, cfg.xlsx, cfg.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"cannot write {path}: no such directory")
+    if cfg.topology:
+        try:
+            from ..topology import load_topology
+            chips = load_topology(cfg.topology).num_chips
+        except (ValueError, OSError) as exc:
+            p.error(f"--topology {cfg.topology}: {exc}")
+        if max(cfg.nranks) > chips:
+            p.error(f"--topology {cfg.topology} has {chips} chips, fewer than -n {max(cfg.nranks)}")
+        if cfg.hosts > 1:
+            p.error("--topology and --hosts: the emulated interconnect costs one host's communicator only")
     if cfg.hosts < 1 or any(n % cfg.hosts for n in cfg.nranks):
         p.error(f"--hosts {cfg.hosts} must divide every -n {cfg.nranks}")
     if ("mpi" in cfg.compare or cfg.hosts > 1) and not _mpiexec():
@@ -116,7 +131,7 @@ def _mpiexec():
 
 
 def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: str, hosts: int = 1,
-                timeout: float = 300.0) -> List[str]:
+                timeout: float = 300.0, topology: Optional[str] = None, emulate: str = "account") -> List[str]:
     """The command that starts a sweep worker (`python -m module`) on n ranks of a backend:
     mpiexec for MPI, ncl-run for ncl and gloo (gloo meets through a rendezvous file)."""
     worker = [sys.executable, "-m", module, "--backend", backend, "--config", json.dumps(settings)]
@@ -124,8 +139,10 @@ def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: s
         return [_mpiexec(), "-n", str(n)] + worker
     if backend == "gloo":
         worker += ["--rendezvous-file", rendezvous]
-    hosts_flag = ["--hosts", str(hosts)] if backend == "ncl" and hosts > 1 else []
-    return [sys.executable, "-m", "ncl.run", "-n", str(n), *hosts_flag, "--timeout", str(timeout), "--"] + worker
+    flags = ["--hosts", str(hosts)] if backend == "ncl" and hosts > 1 else []
+    if backend == "ncl" and topology:
+        flags += ["--topology", topology, "--emulate", emulate]
+    return [sys.executable, "-m", "ncl.run", "-n", str(n), *flags, "--timeout", str(timeout), "--"] + worker
 
 
 def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
@@ -133,7 +150,8 @@ def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
                                               "root", "warmup", "iters", "min_time", "check", "registered")}
     settings["registered"] = bool(cfg.registered) and backend == "ncl"
     settings["memcpy"] = backend == "ncl"
-    return launch_argv(backend, n, "ncl.perf.worker", settings, rendezvous, cfg.hosts, cfg.timeout)
+    return launch_argv(backend, n, "ncl.perf.worker", settings, rendezvous, cfg.hosts, cfg.timeout, cfg.topology,
+                       cfg.emulate)
 
 
 def run_worker(cmd: List[str], env: dict, progress, on_row) -> int:

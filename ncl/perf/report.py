@@ -18,11 +18,13 @@ _TYPE_NAMES = {"float32": "float", "float64": "double", "float16": "half", "bflo
 
 
 def add_bandwidths(row: dict, collective: str) -> dict:
-    """algbw and busbw (GB/s, 1e9 bytes) of a measured row."""
+    """algbw and busbw (GB/s, 1e9 bytes) of a measured row (and of its emulated time)."""
     if "time_us" in row:
         algbw = row["size"] / row["time_us"] / 1e3 if row["time_us"] > 0 else 0.0
         row["algbw"] = algbw
         row["busbw"] = algbw * SPECS[collective].bus_factor(row["nranks"])
+    if row.get("emulated_us"):
+        row["emulated_busbw"] = row["size"] / row["emulated_us"] / 1e3 * SPECS[collective].bus_factor(row["nranks"])
     return row
 
 
@@ -31,17 +33,21 @@ def header(collective: str, backend: str, nranks: int, cfg) -> str:
     hosts = getattr(cfg, "hosts", 1) > 1 and backend == "ncl"
     extra = "    memcpy  bound" if collective == "all_reduce" and backend == "ncl" and not hosts else ""
     extra += "     intra     inter" if hosts else ""
+    topology = getattr(cfg, "topology", None) if backend == "ncl" else None
+    emulated = "  emulated  em.busbw  target algo" if topology else ""
     title = (f"# {backend} {collective}: {nranks} ranks, {cfg.dtype}"
              f"{', op ' + cfg.op if spec.reduces else ''}{', root ' + str(cfg.root % nranks) if spec.rooted else ''}"
              f"{', registered buffers' if cfg.registered and backend == 'ncl' else ''}"
-             f"{f', {cfg.hosts} emulated hosts (MPI between them)' if hosts else ''}")
+             f"{f', {cfg.hosts} emulated hosts (MPI between them)' if hosts else ''}"
+             f"{f'; emulated on {topology} (out-of-place)' if topology else ''}")
     return "\n".join([
         title,
         "#" + " " * 54 + "out-of-place" + " " * 24 + "in-place",
         "#       size         count      type   redop    root     time   algbw   busbw  #wrong"
-        "     time   algbw   busbw  #wrong" + extra,
+        "     time   algbw   busbw  #wrong" + extra + emulated,
         "#        (B)    (elements)                               (us)  (GB/s)  (GB/s)        "
-        "     (us)  (GB/s)  (GB/s)        " + ("      (us)      (us)" if hosts else "      (us)    (%)" if extra else ""),
+        "     (us)  (GB/s)  (GB/s)        " + ("      (us)      (us)" if hosts else "      (us)    (%)" if extra else "")
+        + ("      (us)    (GB/s)" if topology else ""),
     ])
 
 
@@ -62,6 +68,10 @@ def line(collective: str, out_place: dict, in_place: dict, cfg) -> str:
         text += f"  {out_place['memcpy_us']:8.2f}  {100 * out_place['memcpy_us'] / out_place['time_us']:5.1f}"
     if "inter_us" in (out_place or {}):
         text += f"  {out_place['intra_us']:8.2f}  {out_place['inter_us']:8.2f}"
+    emulated = out_place if out_place and "emulated_us" in out_place else in_place
+    if emulated and "emulated_us" in emulated:
+        text += f"  {emulated['emulated_us']:8.2f}  {emulated.get('emulated_busbw', 0.0):8.2f}  " \
+                f"{emulated['target_algorithm']}"
     return text
 
 
@@ -139,7 +149,8 @@ def machine_facts() -> Dict[str, object]:
 
 
 FIELDS = ["backend", "collective", "nranks", "size", "count", "dtype", "op", "root", "in_place", "time_us", "algbw",
-          "busbw", "wrong", "iters", "memcpy_us", "intra_us", "inter_us", "rounds", "spread", "unsupported"]
+          "busbw", "wrong", "iters", "memcpy_us", "intra_us", "inter_us", "emulated_us", "emulated_busbw",
+          "target_algorithm", "rounds", "spread", "unsupported"]
 
 
 def median_rows(rows: List[dict]) -> List[dict]:

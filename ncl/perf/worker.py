@@ -9,6 +9,9 @@ long enough to rise above timer noise (all ranks agree on the count from the slo
 Across hosts (ncl-perf --hosts K) the ncl rows also say how much of each call went to the
 shared-memory steps and how much to MPI between hosts (waiting included), per call.
 
+With a topology (ncl-perf --topology) the ncl rows also carry the emulated time of the same
+call on that interconnect and the algorithm the link model picks there.
+
 For all_reduce the worker also times a plain memcpy of the same size on every rank at once: an
 all-reduce must at least read each input once and write each output once, which is the traffic
 of that copy, so copy time / all-reduce time is the fraction of the memory-traffic bound reached.
@@ -105,8 +108,20 @@ def measure(backend, cfg, spec, size, in_place):
         guess = _time_calls(backend, call, max(1, min(cfg.warmup, 5)))
         iters = max(iters, min(MAX_ITERS, math.ceil(cfg.min_time / max(guess, 1e-9))))
     phases = getattr(backend.comm, "phase_times", None) if hasattr(backend, "comm") else None
-    seconds = _time_calls(backend, call, iters, (lambda: phases(reset=True)) if phases else None)
+    emulated = getattr(backend.comm, "emulated_totals", None) if backend.name == "ncl" else None
+    if emulated is not None and emulated() is None:
+        emulated = None  # no topology
+
+    def on_start():
+        if phases:
+            phases(reset=True)
+        if emulated:
+            emulated(reset=True)
+    seconds = _time_calls(backend, call, iters, on_start)
     row.update(time_us=seconds * 1e6, wrong=wrong, iters=iters)
+    if emulated:  # the same calls on the emulated interconnect (every rank computes the same cost)
+        row.update(emulated_us=emulated()["emulated_s"] / iters * 1e6,
+                   target_algorithm=backend.comm.last_stats()["target_algorithm"])
     if phases:  # across hosts: where the time went (the slowest rank's share of each phase)
         spent = phases()
         row.update(intra_us=backend.max_over_ranks(spent["intra-host"] / iters) * 1e6,
