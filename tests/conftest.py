@@ -38,3 +38,13 @@ def pool_factory():
             for path in leftovers:  # do not let one failure pollute later runs
                 os.unlink(path)
     assert not problems, "\n".join(problems)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes, many GB) run only with NCL_SLOW=1."""
+    if os.environ.get("NCL_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set NCL_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
