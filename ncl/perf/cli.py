@@ -17,14 +17,20 @@ from ..env import parse_bytes
 from . import report, specs
 
 
-def rank_counts(text: str) -> List[int]:
-    try:
-        counts = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"-n takes rank counts like 8 or 2,4,8, not {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"rank counts must be >= 1, not {text!r}")
-    return counts
+def counts_parser(what: str, example: str):
+    """An argparse type for comma-separated positive ints (rank counts, token counts, ...)."""
+    def parse(text: str) -> List[int]:
+        try:
+            counts = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give {what} like {example}, not {text!r}") from None
+        if not counts or min(counts) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {text!r}")
+        return counts
+    return parse
+
+
+rank_counts = counts_parser("rank counts", "8 or 2,4,8")
 
 
 def _size(text: str) -> int:

@@ -22,23 +22,14 @@ FIELDS = ["backend", "mode", "nranks", "tokens", "hidden", "experts", "topk", "d
           "dispatch_gbps", "combine_gbps", "bytes", "received_rows", "wrong", "iters", "rounds", "spread"]
 
 
-def _counts(text: str) -> List[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"give counts like 1,16,128, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"counts must be >= 1, not {text!r}")
-    return values
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-perf moe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hidden", type=int, default=2880, help="row width (gpt-oss-120b: 2880)")
     p.add_argument("--experts", type=int, default=128, help="experts, in contiguous blocks over the ranks")
     p.add_argument("--topk", type=int, default=4, help="experts per token")
-    p.add_argument("--tokens", type=_counts, default=[1, 16, 128, 1024, 4096], help="tokens per rank")
+    p.add_argument("--tokens", type=cli.counts_parser("token counts", "1,16,128"), default=[1, 16, 128, 1024, 4096],
+                   help="tokens per rank")
     p.add_argument("-n", "--nranks", type=cli.rank_counts, default=[2, 4, 8], help="rank counts")
     p.add_argument("-d", "--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--compare", type=cli._peers, default=["mpi", "gloo"], help="peers: mpi and/or gloo ('' none)")
