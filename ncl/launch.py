@@ -113,6 +113,8 @@ def _rank_env(rank: int, n: int, uid: str, port: int, args) -> dict:
     env.update(_emulation_env(args))
     if args.timeout is not None:
         env["NCL_TIMEOUT"] = str(args.timeout)
+    if "OMP_NUM_THREADS" not in env:  # as torchrun: N ranks with a thread per CPU each would fight for the CPUs
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // n))
     return env
 
 
