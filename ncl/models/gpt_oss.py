@@ -36,7 +36,7 @@ from ..torch import tp as tpl
 from . import mxfp4
 from .checkpoint import read_config
 from .layers import KVCache, RMSNorm, apply_rope, attention, rope_frequencies
-from .weights import RandomWeights, weight_source
+from .weights import RandomWeights, weight_source, with_weight
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -166,11 +166,9 @@ def _rank_size(group) -> Tuple[int, int]:
 
 
 def _holding(make, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Module:
-    """make() built on the meta device (its own initialisation allocates nothing), then given the
-    weight (and bias) of this rank, generated or read for it."""
-    with torch.device("meta"):
-        layer = make()
-    layer.weight = nn.Parameter(weight, requires_grad=False)
+    """make() built without initialising its weight (weights.with_weight), then given the weight
+    (and bias) of this rank, generated or read for it."""
+    layer = with_weight(make, weight)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
     return layer
