@@ -1,0 +1,229 @@
+"""Calibrate this host's topology file and validate the model against measured times.
+
+    ncl-topo calibrate [--out topology/this-host.yaml] [--validate [FILE.json ...]]
+
+This host's ranks are processes exchanging through a shared-memory segment, modelled as chips (one per
+rank) on one "memory" switch that is also ncl's staging memory:
+  - each rank's link to it: what one core copies (broadcast of 2 ranks, single copy through
+    process_vm_readv: the reader alone copies S bytes);
+  - the switch's aggregate: what all cores copy at once (all_gather of 2 ranks, both copying S);
+  - latency: one step (broadcast of 8 B), split over the two links of a step;
+  - cache: while the ranks' send and receive buffers fit the L3, copies run cache_speedup x faster
+    (measured at 512 KiB-8 MiB against 64 MiB);
+  - cpus: ranks beyond the CPU count time-share them (the latency stretches, the reductions share).
+Validation predicts what ncl runs on this host (the algorithm ncl.tuning's thresholds pick, with the
+default NCL_CMA_MIN_BYTES for all_gather / all_to_all) for all_reduce, all_gather and all_to_all at
+2, 4 and 8 ranks from 64 KiB up, against a fresh short sweep or ncl-perf JSON files, and prints the
+median absolute relative error (the target: at most 25%)."""
+import datetime
+import os
+import statistics
+import sys
+from typing import Dict, List, Tuple
+
+from .schema import SHIPPED_DIR
+
+DEFAULT_OUT = os.path.join(SHIPPED_DIR, "this-host.yaml")
+VALIDATED = ("all_reduce", "all_gather", "all_to_all")
+MIN_VALIDATED = 64 << 10
+CMA_MIN_BYTES = 32 << 10   # NCL_CMA_MIN_BYTES's default (ncl/env.py)
+
+
+def _sweep(collective: str, n: int, lo: str, hi: str, factor: int, quick: bool = True) -> Dict[int, float]:
+    """{size: µs} of an ncl-perf sweep (out-of-place rows) on n local ranks."""
+    from ..perf import cli
+    argv = [collective, "-b", lo, "-e", hi, "-f", str(factor), "-n", str(n), "-c", "0"]
+    if quick:
+        argv += ["-w", "2", "-i", "5", "--min-time", "0.02"]
+    cfg = cli.parser().parse_args(argv)
+    rows: List[dict] = []
+    progress = cli.Progress(0)
+    with open(os.devnull, "w") as quiet:
+        saved, sys.stdout = sys.stdout, quiet
+        try:
+            code = cli.run_backend("ncl", n, cfg, rows, progress)
+        finally:
+            sys.stdout = saved
+    if code != 0:
+        raise RuntimeError(f"the {collective} sweep on {n} ranks failed (exit code {code})")
+    return {r["size"]: r["time_us"] for r in rows if not r["in_place"] and "time_us" in r}
+
+
+def _best_of(runs: List[Dict[int, float]]) -> Dict[int, float]:
+    """Per size, the fastest of several sweeps: the run least disturbed by other load."""
+    return {s: min(r[s] for r in runs if s in r) for s in runs[0]}
+
+
+def sweeps_from_json(paths: List[str]) -> Tuple[Dict[int, float], Dict[int, float], Dict[int, float]]:
+    """The 2-rank broadcast and all_gather and the 8-rank broadcast sweeps calibration needs, from ncl-perf
+    JSON files."""
+    import json
+    found: Dict[str, List[Dict[int, float]]] = {"broadcast": [], "all_gather": [], "broadcast8": []}
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read it: {exc}") from None
+        table: Dict[str, Dict[int, float]] = {}
+        for r in data.get("summary") or data.get("rows") or []:
+            name = r.get("collective", "") + ("8" if r.get("nranks") == 8 else "" if r.get("nranks") == 2 else "?")
+            if r.get("backend") == "ncl" and not r.get("in_place") and "time_us" in r and name in found:
+                table.setdefault(name, {})[int(r["size"])] = float(r["time_us"])
+        for coll, t in table.items():
+            found[coll].append(t)
+    for coll, runs in found.items():
+        if not runs:
+            raise ValueError(f"--measured: none of {', '.join(paths)} has an ncl sweep of {coll} "
+                             "(2 ranks; broadcast8: 8 ranks)")
+    return _best_of(found["broadcast"]), _best_of(found["all_gather"]), _best_of(found["broadcast8"])
+
+
+def measure(repeat: int = 3, measured: List[str] = ()) -> Dict[str, float]:
+    """The host's figures from two short sweeps on 2 ranks (each the best of `repeat`; about 10 s each),
+    or from ncl-perf JSON files of such sweeps."""
+    if measured:
+        bc, ag, bc8 = sweeps_from_json(list(measured))
+    else:
+        bc = _best_of([_sweep("broadcast", 2, "8", "64M", 4) for _ in range(repeat)])
+        ag = _best_of([_sweep("all_gather", 2, "512K", "64M", 4) for _ in range(repeat)])
+        bc8 = _best_of([_sweep("broadcast", 8, "8", "512", 4) for _ in range(repeat)])
+    ag = {s: t for s, t in ag.items() if s >= (512 << 10)}
+    lat = min(t for s, t in bc.items() if s <= 512)  # the least disturbed: other load only adds
+    big = max(bc)
+
+    def rate(table, s, copies):  # GB/s of bytes copied
+        return copies * s / max(table[s] - lat, 1e-3) / 1e3
+
+    core = rate(bc, big, 1)
+    core_cached = max(rate(bc, s, 1) for s in bc if (512 << 10) <= s <= (8 << 20))
+    both = rate(ag, max(ag), 2)
+    both_cached = max(rate(ag, s, 2) for s in ag if s <= (8 << 20))
+    lat8 = min(t for s, t in bc8.items() if s <= 512)
+    return {"latency_us": lat, "latency8_us": lat8, "core_gbps": core, "core_cached_gbps": core_cached,
+            "all_gbps": both, "all_cached_gbps": both_cached}
+
+
+def _l3_mib() -> float:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip().upper()
+        return float(text[:-1]) / 1024 if text.endswith("K") else float(text.rstrip("M"))
+    except (OSError, ValueError):
+        return 32.0
+
+
+def host_yaml(m: Dict[str, float], nchips: int = 8, source: str = "") -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    speedup = ((m["core_cached_gbps"] / m["core_gbps"]) * (m["all_cached_gbps"] / m["all_gbps"])) ** 0.5
+    busy = max(1.0, m["latency8_us"] / m["latency_us"]) if nchips > cpus else 1.0
+    slot = 4.0
+    try:
+        from .. import env
+        slot = env.get("NCL_BUFFSIZE") / (1 << 20)
+    except (ImportError, KeyError, TypeError):
+        pass
+    chips = ", ".join(f"rank{i}" for i in range(nchips))
+    return f"""# This host ({cpus} CPUs), calibrated on {datetime.date.today().isoformat()} by
+#   {source or 'ncl-topo calibrate'}
+# Ranks are processes (chips rank0..rank{nchips - 1}) exchanging through ncl's shared-memory segment (the switch
+# shm, also the staging memory ncl copies through in slots of NCL_BUFFSIZE).  Every figure is measured here:
+#   latency          {m['latency_us']:.2f} us  one step: broadcast of 8-512 B on 2 ranks (fastest)
+#   one core copies  {m['core_gbps']:.2f} GB/s (64 MiB; {m['core_cached_gbps']:.2f} GB/s in cache): broadcast on 2 ranks
+#   all cores copy   {m['all_gbps']:.2f} GB/s (64 MiB; {m['all_cached_gbps']:.2f} GB/s in cache): all_gather on 2 ranks
+#   cache            the L3 size; cache_speedup = geometric mean of the two in-cache / 64 MiB ratios
+#   busy latency     {m['latency8_us']:.2f} us: broadcast of 8-512 B on 8 ranks (fastest); the factor over 2 ranks
+# A reduction pass is costed like a copy (memory_bandwidth_gbps = one core's copy rate).
+name: this-host
+description: ranks as processes on this host ({cpus} CPUs), exchanging through shared memory
+chips:
+  - {{name: "rank{{i}}", count: {nchips}, memory_gib: 1, memory_bandwidth_gbps: {m['core_gbps']:.3f}}}
+switches:
+  - {{name: shm, kind: memory, staging: true, slot_mib: {slot:g}, bandwidth_gbps: {m['all_gbps']:.3f}}}
+links:
+  - {{a: "rank{{i}}", b: shm, count: {nchips}, bandwidth_gbps: {m['core_gbps']:.3f},
+     latency_us: {m['latency_us'] / 2:.3f}, kind: shm}}
+hosts:
+  - {{name: this-host, chips: [{chips}], cpus: {cpus},
+     cache_mib: {_l3_mib():g}, cache_speedup: {speedup:.3f}, busy_latency_factor: {busy:.3f}}}
+"""
+
+
+def ncl_algorithm(collective: str, nranks: int, nbytes: int) -> str:
+    """The algorithm ncl runs for unregistered buffers (native/all_reduce.c, broadcast.c, all_to_all.c)."""
+    if collective == "all_reduce":
+        from .. import tuning
+        one_shot_max, _, cma_min = tuning.thresholds(nranks)
+        return "cma" if nbytes >= cma_min else "one_shot" if nbytes <= one_shot_max else "two_shot"
+    if collective == "all_gather":
+        return "cma" if nranks == 2 and nbytes // nranks >= CMA_MIN_BYTES else "direct"
+    if collective == "all_to_all":
+        return "cma" if nbytes // nranks >= CMA_MIN_BYTES else "direct"
+    raise ValueError(f"no validation for {collective}")
+
+
+def rows_from_json(paths: List[str]) -> List[Tuple[str, int, int, float]]:
+    import json
+    out = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read it: {exc}") from None
+        rows = (data.get("summary") or data.get("rows") or []) if isinstance(data, dict) else data
+        for r in rows:
+            if (r.get("backend") == "ncl" and not r.get("in_place") and r.get("collective") in VALIDATED
+                    and r.get("size", 0) >= MIN_VALIDATED and "time_us" in r and r.get("nranks", 1) > 1):
+                out.append((r["collective"], int(r["nranks"]), int(r["size"]), float(r["time_us"])))
+    return out
+
+
+def rows_fresh(nranks=(2, 4, 8)) -> List[Tuple[str, int, int, float]]:
+    out = []
+    for coll in VALIDATED:
+        for n in nranks:
+            for size, t in sorted(_sweep(coll, n, "64K", "64M", 8).items()):
+                out.append((coll, n, size, t))
+    return out
+
+
+def validate(topo, rows: List[Tuple[str, int, int, float]]) -> Tuple[str, float]:
+    """A table of measured against predicted times, and the median absolute relative error."""
+    from tabulate import tabulate
+    table, errors = [], []
+    for coll, n, size, measured in rows:
+        algo = ncl_algorithm(coll, n, size)
+        predicted = topo.predict(coll, size, n, algo) * 1e6
+        err = (predicted - measured) / measured
+        errors.append(abs(err))
+        table.append([coll, n, size, algo, f"{measured:.1f}", f"{predicted:.1f}", f"{err:+.0%}"])
+    if not errors:
+        raise ValueError("no measured rows to validate against (all_reduce/all_gather/all_to_all, >= 64 KiB)")
+    med = statistics.median(errors)
+    text = tabulate(table, headers=["collective", "ranks", "bytes", "ncl algorithm", "measured µs", "predicted µs",
+                                    "error"], tablefmt="github")
+    return text + f"\n\nmedian absolute error {med:.1%} over {len(errors)} points (target <= 25%)", med
+
+
+def main(args) -> int:
+    """`ncl-topo calibrate` (args from cli.py)."""
+    from .core import Topology
+    from .schema import load
+    if not args.no_measure:
+        print("# measuring this host (broadcast and all_gather on 2 ranks) ..." if not args.measured else
+              f"# this host's figures from {', '.join(args.measured)}", flush=True)
+        m = measure(args.repeat, args.measured or ())
+        with open(args.out, "w") as f:
+            f.write(host_yaml(m, source=" ".join(["ncl-topo calibrate"] + (["--measured"] + args.measured
+                                                                                if args.measured else []))))
+        print("# " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
+        print(f"# wrote {args.out}")
+    if args.validate is None:
+        return 0
+    topo = Topology(load(args.out))
+    rows = rows_from_json(args.validate) if args.validate else rows_fresh()
+    text, med = validate(topo, rows)
+    print(text)
+    return 0 if med <= 0.25 else 1
+
