@@ -1,0 +1,7 @@
+"""`python -m ncl.bench ...`: the same as the ncl-bench command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

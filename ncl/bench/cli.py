@@ -1,0 +1,368 @@
+"""ncl-bench: how sharded Llama and gpt-oss inference scales over ncl, K-Perf style (tokens/s,
+TTFT, TPOT, ITL percentiles, communication share, scaling efficiency), measured on local ranks
+and projected to the full depth on a target topology.
+
+    ncl-bench                                   # the quick default sweep -> ncl-bench-report/
+    ncl-bench infer --model llama-3.1-405b --layers 1 --tp 1,2,4,8 --batch 1,8 --input-len 128 --output-len 16
+    ncl-bench infer --model gpt-oss-120b --layers 1 --tp ep --ep 1,2,4,8 --batch 8,32 --input-len 128
+    ncl-bench params                            # every config's parameter counts
+"""
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+from . import metrics, report, sizing
+
+DEFAULT_OUT = "ncl-bench-report"
+TRACE_BUFFER = 65536     # flight-record entries per communicator: a whole point's calls
+KILL_GRACE_S = 10.0
+
+# The quick default sweep: one full-width layer of each big model, small enough for a 2-core host.
+QUICK = [
+    dict(sweep="llama-3.1-405b", model="llama-3.1-405b", layers=1, splits=[(1, 1), (2, 1), (4, 1), (8, 1)],
+         batch=[1], input_len=[16], output_len=[4]),
+    # TP = EP: attention, embedding and LM head split with the experts (TP 1 would replicate the 2.3 GB
+    # embedding and head on every rank)
+    dict(sweep="gpt-oss-120b", model="gpt-oss-120b", layers=1, splits=[(1, 1), (2, 2), (4, 4), (8, 8)],
+         batch=[8], input_len=[16], output_len=[4]),
+]
+QUICK_COLLECTIVES = ("all_reduce", "all_gather", "all_to_all")
+
+
+def _ints(flag: str):
+    def parse(text: str) -> List[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes integers like 8 or 1,2,4, not {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, not {text!r}")
+        return sorted(set(values))
+    return parse
+
+
+def _tp_sizes(text: str):
+    return "ep" if text.strip() == "ep" else _ints("--tp")(text)
+
+
+def splits_of(args) -> List[tuple]:
+    """(tp, ep) of every point: every pair, or TP = EP with --tp ep."""
+    return [(e, e) for e in args.ep] if args.tp == "ep" else list(itertools.product(args.tp, args.ep))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", help="target topology, a shipped name or a YAML file (None: NCL_TOPOLOGY, else "
+                                      "ncl.topology's default)")
+    p.add_argument("--dtype", choices=sorted(sizing.DTYPE_BYTES), default="bf16", help="weights and activations")
+    p.add_argument("--out", default=DEFAULT_OUT, help="report directory (created)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed prefill + 2 decode steps before timing")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point before it is stopped")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    p.add_argument("--weights", choices=("fast", "seeded"), default="fast",
+                   help="fast: a seeded random pattern for large tensors (seconds per 405B layer); seeded: "
+                        "ncl.models' own seeded random weights (minutes per 405B layer)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ncl-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{infer,params,quick}")
+    infer = sub.add_parser("infer", help="sweep one model over TP / EP sizes, batches and lengths",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    infer.add_argument("--model", required=True, help="a config name (ncl-bench params lists them)")
+    infer.add_argument("--layers", type=int, help="run this many layers of the real width (None: all of them)")
+    infer.add_argument("--tp", type=_tp_sizes, default=[1],
+                       help="tensor-parallel sizes; 'ep': the same as --ep at every point (gpt-oss)")
+    infer.add_argument("--ep", type=_ints("--ep"), default=[1], help="expert-parallel sizes (gpt-oss)")
+    infer.add_argument("--batch", type=_ints("--batch"), default=[1], help="concurrent sequences")
+    infer.add_argument("--input-len", type=_ints("--input-len"), default=[128], help="prompt tokens")
+    infer.add_argument("--output-len", type=_ints("--output-len"), default=[16], help="decode steps")
+    _common(infer)
+    sub.add_parser("params", help="parameter counts of every model config")
+    quick = sub.add_parser("quick", help="the default sweep (what ncl-bench with no arguments runs)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(quick)
+    return p
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _models():
+    try:
+        import ncl.models as models
+        return models
+    except ImportError as exc:
+        raise SystemExit(f"ncl-bench: ncl.models cannot be imported ({exc}); it needs torch: "
+                         "pip install torch==2.13.0") from None
+
+
+def resolve_topology(p: argparse.ArgumentParser, name_or_path: Optional[str]) -> Optional[str]:
+    """What the workers load: the file's absolute path or a shipped name; None when no topology
+    loads (then nothing is emulated or projected, and the report says so)."""
+    if name_or_path:
+        try:
+            sizing.topology(name_or_path)
+        except (ValueError, OSError) as exc:
+            p.error(f"--topology {name_or_path}: {exc}")
+        return os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
+    try:
+        topo = sizing.topology(None)
+    except (ValueError, OSError) as exc:
+        report.log(f"# no target topology ({exc}): emulated and projected columns stay empty")
+        return None
+    return None if topo is None else os.environ.get("NCL_TOPOLOGY") or topo.name
+
+
+def _check_common(p: argparse.ArgumentParser, args) -> None:
+    missing = [m for m in ("torch", "matplotlib", "openpyxl") if not _importable(m)]
+    if missing:
+        p.error(f"ncl-bench needs {', '.join(missing)}: pip install torch==2.13.0 matplotlib openpyxl "
+                "(or the ncl[torch,bench] extras)")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, not {args.warmup}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be positive, not {args.timeout}")
+    args.target = resolve_topology(p, args.topology)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        p.error(f"--out {args.out} exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out} cannot be created: {exc.strerror}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        p.error(f"--out {args.out} is not writable")
+
+
+def _check_infer(p: argparse.ArgumentParser, args) -> None:
+    models = _models()
+    if args.model not in models.CONFIGS:
+        p.error(f"unknown model {args.model!r}; known: {', '.join(sorted(models.CONFIGS))}")
+    full = sizing.config_value(sizing.model_config(args.model), "n_layers")
+    if args.layers is None:
+        args.layers = full
+    if not 1 <= args.layers <= full:
+        p.error(f"--layers must be in 1..{full} for {args.model}, not {args.layers}")
+    cfg = sizing.model_config(args.model, args.layers)
+    for (tp, ep), batch in itertools.product(splits_of(args), args.batch):
+        why = sizing.split_problem(cfg, tp, ep, batch)
+        if why:
+            p.error(f"{args.model}: {why}")
+    longest = max(args.input_len) + max(args.output_len) + 1
+    limit = getattr(cfg, "max_seq_len", None)
+    if limit and longest > limit:
+        p.error(f"--input-len + --output-len ({longest}) exceed {args.model}'s {limit} positions")
+    _check_common(p, args)
+
+
+def plan(sweep: str, model: str, layers: int, splits, batch, input_len, output_len, args) -> List[dict]:
+    """Every point of one sweep, smallest world first (efficiency compares against 1 rank); points
+    that would not fit this host's memory come back refused, with the reason."""
+    cfg = sizing.model_config(model, layers)
+    points = []
+    for b, i, o, (t, e) in itertools.product(batch, input_len, output_len, splits):
+        n = sizing.world_size(cfg, t, e)
+        point = dict(sweep=sweep, model=model, layers=layers, tp=t, ep=e, nranks=n, batch=b, input_len=i,
+                     output_len=o, dtype=args.dtype, warmup=args.warmup, seed=args.seed, weights=args.weights,
+                     topology=args.target)
+        fp = sizing.footprint(cfg, t, e, n, sizing.local_batch(cfg, t, e, b), i + o + 1, args.dtype)
+        point["est_host_gib"] = fp.host / 2 ** 30
+        why = sizing.fits(fp)
+        if why:
+            point.update(status="refused", error=why)
+        points.append(point)
+    return sorted(points, key=lambda q: (q["batch"], q["input_len"], q["output_len"], q["nranks"], q["tp"]))
+
+
+def _worker_config(point: dict) -> dict:
+    keys = ("model", "layers", "tp", "ep", "batch", "input_len", "output_len", "dtype", "warmup", "seed", "topology",
+            "weights")
+    return {k: point[k] for k in keys}
+
+
+def run_point(point: dict, timeout: float, log_path: str) -> dict:
+    """Launch one point under ncl-run; the row (status ok), or the point with why it failed."""
+    cmd = [sys.executable, "-m", "ncl.run", "-n", str(point["nranks"]), "--timeout", str(timeout), "--",
+           sys.executable, "-m", "ncl.bench.worker", "--config", json.dumps(_worker_config(point))]
+    env = dict(os.environ)
+    env.setdefault("NCL_TRACE_BUFFER", str(TRACE_BUFFER))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on shared cores
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # ncl-run forwards it to the ranks
+            try:
+                out, _ = proc.communicate(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            code = f"timeout after {timeout:g} s"
+    row = dict(point, wall_s=time.perf_counter() - t0)
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if code == 0 and results:
+        row.update(results[-1], status="ok")
+    else:
+        with open(log_path) as f:
+            tail = [ln.rstrip() for ln in f.readlines() if ln.strip()][-3:]
+        row.update(status="failed", error=f"launcher exit code {code}: {' | '.join(tail)} (log: {log_path})")
+    return row
+
+
+class Progress:
+    """Rows to stdout as points complete; a tqdm bar on a terminal."""
+
+    def __init__(self, total: int, unit: str = "point"):
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, leave=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            report.log(text)
+
+    def update(self, text: str = "") -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
+    logs = os.path.join(os.path.abspath(args.out), "logs")
+    os.makedirs(logs, exist_ok=True)
+    rows = []
+    progress.write(report.point_header())
+    for k, point in enumerate(points):
+        available = sizing.available_bytes()  # again now: other processes may have taken memory since the plan
+        if point.get("status") != "refused" and point["est_host_gib"] * 2 ** 30 > sizing.HOST_RESERVE * available:
+            point.update(status="refused", error=f"needs ~{point['est_host_gib']:.1f} GiB but only "
+                         f"{available / 2 ** 30:.1f} GiB is available now (limit {sizing.HOST_RESERVE:.0%})")
+        if point.get("status") == "refused":
+            row = point
+        else:
+            label = f"{point['sweep']}-tp{point['tp']}-ep{point['ep']}-b{point['batch']}-" \
+                    f"i{point['input_len']}-o{point['output_len']}"
+            row = run_point(point, args.timeout, os.path.join(logs, f"{k:03d}-{label}.log"))
+        rows.append(row)
+        progress.write(report.point_line(row))
+        progress.update(f"{row['sweep']} n={row['nranks']}")
+    return rows
+
+
+def run_collectives(args, progress: Progress) -> List[dict]:
+    """A small ncl-perf sweep of each quick collective on 2, 4 and 8 ranks, with the topology's
+    prediction of each size beside the measured time."""
+    topo = sizing.topology(args.target) if args.target else None
+    rows = []
+    progress.write(report.collective_header())
+    with tempfile.TemporaryDirectory(prefix="ncl-bench-") as tmp:
+        for coll in QUICK_COLLECTIVES:
+            path = os.path.join(tmp, f"{coll}.json")
+            cmd = [sys.executable, "-m", "ncl.perf.cli", coll, "-b", "64K", "-e", "4M", "-f", "8", "-n", "2,4,8",
+                   "-w", "2", "-i", "5", "--min-time", "0", "--json", path]
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  timeout=args.timeout)
+            if done.returncode != 0 or not os.path.exists(path):
+                progress.write(f"# ncl-perf {coll} failed (exit code {done.returncode}): {done.stderr[-300:]}")
+                progress.update(coll)
+                continue
+            with open(path) as f:
+                for r in json.load(f)["summary"]:
+                    if "time_us" not in r or r.get("in_place"):
+                        continue
+                    r = dict(r, sweep="collectives")
+                    if topo is not None:
+                        r["emulated_us"] = sizing.fit_topology(topo, r["nranks"]).predict(
+                            coll, r["size"], r["nranks"]) * 1e6
+                    rows.append(r)
+            progress.write(report.collective_lines([r for r in rows if r["collective"] == coll]))
+            progress.update(coll)
+    return rows
+
+
+def _finish(args, rows: List[dict], collectives: List[dict], command: List[str], started: float) -> int:
+    metrics.add_efficiency(rows)
+    facts = report.machine_facts()
+    facts["sweep_wall_s"] = round(time.perf_counter() - started, 1)
+    topo = sizing.topology(args.target) if args.target else None
+    for path in report.write_all(args.out, rows, collectives, command, facts, topo, args.dtype):
+        report.log(f"# wrote {path}")
+    bad = [r for r in rows if r.get("status") != "ok"]
+    for r in bad:
+        report.log(f"# {r['sweep']} tp={r['tp']} ep={r['ep']} batch={r['batch']}: {r['status']}: {r.get('error')}")
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0
+
+
+def infer(p: argparse.ArgumentParser, args, command: List[str]) -> int:
+    _check_infer(p, args)
+    started = time.perf_counter()
+    points = plan(args.model, args.model, args.layers, splits_of(args), args.batch, args.input_len,
+                  args.output_len, args)
+    if all(q.get("status") == "refused" for q in points):
+        p.error(f"no point fits this host: {points[0]['error']} (try --layers 1, a smaller --batch or shorter "
+                "--input-len)")
+    progress = Progress(len(points))
+    try:
+        rows = run_points(points, args, progress)
+    finally:
+        progress.close()
+    return _finish(args, rows, [], command, started)
+
+
+def quick(p: argparse.ArgumentParser, args, command: List[str]) -> int:
+    _check_common(p, args)
+    started = time.perf_counter()
+    points = []
+    for s in QUICK:
+        points += plan(s["sweep"], s["model"], s["layers"], s["splits"], s["batch"], s["input_len"],
+                       s["output_len"], args)
+    progress = Progress(len(points) + len(QUICK_COLLECTIVES))
+    try:
+        collectives = run_collectives(args, progress)
+        rows = run_points(points, args, progress)
+    finally:
+        progress.close()
+    return _finish(args, rows, collectives, command, started)
+
+
+def params() -> int:
+    models = _models()
+    report.log(report.params_table(models))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick_options = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
+    args = p.parse_args(["quick"] + argv if quick_options else argv)  # `ncl-bench [--out DIR ...]`: the quick sweep
+    command = ["ncl-bench"] + argv
+    if args.command == "params":
+        return params()
+    if args.command == "infer":
+        return infer(p, args, command)
+    return quick(p, args, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

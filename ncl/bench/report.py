@@ -1,0 +1,379 @@
+"""ncl-bench's reports: progress lines, and the files in --out: points.csv (every point),
+ncl-bench.xlsx (one sheet per sweep, one row per point, every metric a column: K-Perf's
+spreadsheet form; plus the run's facts), PNG graphs and summary.md."""
+import csv
+import json
+import math
+import os
+import sys
+from typing import Dict, List
+
+from tabulate import tabulate
+
+from ncl.perf.report import machine_facts  # noqa: F401  (the same facts as ncl-perf's)
+
+FIELDS = [
+    "sweep", "model", "layers", "proj_layers", "tp", "ep", "nranks", "batch", "input_len", "output_len", "dtype",
+    "weights", "status", "ttft_ms", "tpot_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "output_tok_s",
+    "total_tok_s", "e2e_s", "compute_prefill_ms", "compute_decode_ms", "comm_prefill_ms", "comm_decode_ms",
+    "comm_emulated_prefill_ms", "comm_emulated_decode_ms", "comm_share", "scaling_eff", "param_mb_per_rank",
+    "rss_peak_mb", "est_host_gib",
+    "proj_host_ttft_ms", "proj_host_tpot_ms", "proj_host_output_tok_s", "proj_ttft_ms", "proj_tpot_ms",
+    "proj_output_tok_s", "proj_comm_share", "proj_scaling_eff", "proj_mem_gib_per_chip", "proj_fits_chip",
+    "topology", "chip", "chip_tflops", "chip_membw_gbs", "host_gflops_per_rank", "host_membw_gbs_per_rank",
+    "threads_per_rank", "build_s", "wall_s", "calls_recorded", "record_overflow", "error"]
+COLLECTIVE_FIELDS = ["collective", "nranks", "size", "count", "dtype", "time_us", "algbw", "busbw", "emulated_us",
+                     "wrong"]
+SUMMARY_COLUMNS = [("tp", "TP"), ("ep", "EP"), ("nranks", "ranks"), ("batch", "batch"), ("input_len", "in"),
+                   ("output_len", "out"), ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("itl_p99_ms", "ITL p99 ms"),
+                   ("output_tok_s", "out tok/s"), ("comm_share", "comm share"), ("scaling_eff", "eff"),
+                   ("rss_peak_mb", "RSS MB/rank"), ("proj_ttft_ms", "proj. TTFT ms"),
+                   ("proj_tpot_ms", "proj. TPOT ms"), ("proj_output_tok_s", "proj. out tok/s"),
+                   ("proj_comm_share", "proj. comm share"), ("proj_scaling_eff", "proj. eff"),
+                   ("proj_mem_gib_per_chip", "proj. GiB/chip"), ("proj_fits_chip", "fits chip")]
+
+METHOD = """\
+**Measured** (this host): every point runs `--layers L` transformer layers of the model's real width (plus
+the embedding, final norm and LM head), sharded over `ranks` local processes by ncl, with seeded random
+weights.  One batched prefill of `batch` random prompts of `in` tokens, then `out` greedy decode steps.
+TTFT = prefill time; TPOT = mean decode step; ITL p50/p90/p99 = percentiles of the decode steps (the slowest
+rank's time per phase); out tok/s = batch x out / decode time; total tok/s = batch x (in + out) / (prefill +
+decode).  Communication measured = sum of the flight-record durations of the ncl calls a rank made in a
+phase (waiting for slower ranks included); compute = wall - communication, per rank; comm share = measured
+communication / wall over the whole run, mean over ranks.  Scaling efficiency (strong scaling, same batch and
+lengths): out tok/s at n ranks / (n x out tok/s at 1 rank).  On this host all ranks share its CPU cores, so
+measured times grow with the rank count: the measured efficiency is a property of the host, not of ncl.
+gpt-oss: attention is tensor-parallel over `TP` ranks and data-parallel over ranks / TP groups (each its
+share of the batch); experts over `EP` ranks; ranks = lcm(TP, EP).
+
+**Emulated communication**: each recorded call priced by the target topology's model
+(`topology.predict(collective, nccl-tests size, group size)`); all_to_allv (MoE dispatch / combine) as one
+phase of concurrent transfers, each rank's recorded total split evenly over the other ranks.
+
+**Projected full model** (marked *proj.*): pre- and post-hooks on every transformer block time the layers;
+per phase and rank, the part inside the layers (wall, measured and emulated communication) is multiplied
+by n_layers / L and the rest (embedding, head, sampling) kept once.  On the target chips, the projected
+compute of a rank is its host compute time x host rate / chip rate, with the rate a matmul FLOP/s for the
+prefill (compute-bound: a [64, 4096] x [4096, 4096] matmul at the dtype) and a weight-streaming rate for
+decode steps (memory-bound: a one-row matmul over a 128 MiB weight, bytes of weight read per second); host
+rates are measured on each rank while all ranks run at once (what one rank gets of the shared cores), chip
+rates are the topology's chip peak at the dtype and its memory bandwidth.  gpt-oss experts are MXFP4,
+which this host decodes in software (a chip would natively): its projected times are upper bounds.
+Projected time = projected compute + emulated communication (no overlap assumed).  *proj. GiB/chip*: the
+full model's weights and KV cache on one rank, against the chip's memory (*fits chip*).  These are
+estimates, not measurements."""
+
+
+def log(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _fmt(v, digits: int = 3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+    return v
+
+
+def point_header() -> str:
+    return (f"# {'sweep':<16} {'tp':>3} {'ep':>3} {'batch':>5} {'in':>5} {'out':>4} {'TTFT ms':>10} {'TPOT ms':>9} "
+            f"{'out tok/s':>10} {'comm':>6} {'proj TPOT ms':>12} {'status':>8}")
+
+
+def point_line(r: dict) -> str:
+    def num(key, width, spec):
+        v = r.get(key)
+        return f"{v:{width}{spec}}" if isinstance(v, (int, float)) and not math.isnan(v) else " " * (width - 1) + "-"
+    share = r.get("comm_share")
+    share = f"{share:6.1%}" if isinstance(share, float) and not math.isnan(share) else "     -"
+    return (f"  {r['sweep']:<16} {r['tp']:>3} {r['ep']:>3} {r['batch']:>5} {r['input_len']:>5} {r['output_len']:>4} "
+            f"{num('ttft_ms', 10, '.2f')} {num('tpot_ms', 9, '.2f')} {num('output_tok_s', 10, '.2f')} {share} "
+            f"{num('proj_tpot_ms', 12, '.3f')} {r.get('status', ''):>8}")
+
+
+def collective_header() -> str:
+    return "# collectives: ncl-perf out of place, float32; emulated = the target topology's prediction"
+
+
+def collective_lines(rows: List[dict]) -> str:
+    return "\n".join(f"  {r['collective']:<12} n={r['nranks']} {r['size']:>9} B  {r['time_us']:10.1f} us measured  "
+                     f"{r.get('emulated_us', float('nan')):10.1f} us emulated" for r in rows)
+
+
+def params_table(models) -> str:
+    rows = []
+    for name in sorted(models.CONFIGS):
+        total, active = models.param_counts(name)
+        cfg = models.get_config(name)
+        layers = getattr(cfg, "n_layers", None)
+        rows.append([name, layers, f"{total / 1e9:.2f}B", f"{active / 1e9:.2f}B", f"{total:,}", f"{active:,}"])
+    return tabulate(rows, headers=["model", "layers", "total", "active", "total (exact)", "active (exact)"],
+                    colalign=("left", "right", "right", "right", "right", "right"))
+
+
+# ---- files -------------------------------------------------------------------------------------------------------
+
+def _cell(v):
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def write_csv(path: str, rows: List[dict], fields: List[str], command: List[str]) -> None:
+    with open(path, "w", newline="") as f:
+        f.write(f"# command: {' '.join(command)}\n")
+        w = csv.DictWriter(f, fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{k: _cell(r.get(k)) for k in fields} for r in rows])
+
+
+def write_xlsx(path: str, sheets: Dict[str, tuple], about: List[list]) -> None:
+    """sheets: name -> (fields, rows); one row per point, a header row, frozen panes."""
+    import openpyxl
+    from openpyxl.styles import Font
+    book = openpyxl.Workbook()
+    book.remove(book.active)
+    for name, (fields, rows) in sheets.items():
+        sheet = book.create_sheet(name[:31])
+        sheet.append(fields)
+        for c in sheet[1]:
+            c.font = Font(bold=True)
+        for r in rows:
+            sheet.append([_cell(r.get(k)) for k in fields])
+        sheet.freeze_panes = "A2"
+        for k, field in enumerate(fields):
+            sheet.column_dimensions[openpyxl.utils.get_column_letter(k + 1)].width = max(10, len(field) + 2)
+    run = book.create_sheet("run")
+    for line in about:
+        run.append([_cell(v) for v in line])
+    book.save(path)
+
+
+def _sweeps(rows: List[dict]) -> Dict[str, List[dict]]:
+    out: Dict[str, List[dict]] = {}
+    for r in rows:
+        out.setdefault(r["sweep"], []).append(r)
+    return out
+
+
+def _ok(rows, key):
+    return [r for r in rows if r.get("status") == "ok" and isinstance(r.get(key), (int, float))
+            and not math.isnan(r[key])]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _series(rows: List[dict], series: tuple) -> tuple:
+    """series, plus whichever of tp / ep varies among rows that share an x value (MoE splits)."""
+    extra = tuple(k for k in ("tp", "ep") if k not in series and len({r.get(k) for r in rows}) > 1
+                  and len({r.get("nranks") for r in rows}) < len({(r.get("tp"), r.get("ep")) for r in rows}))
+    return series + extra
+
+
+def _lines(ax, rows, x, y, series, style="-", label_prefix=""):
+    series = _series(rows, series)
+    groups: Dict[tuple, list] = {}
+    for r in _ok(rows, y):
+        groups.setdefault(tuple(r[k] for k in series), []).append((r[x], r[y]))
+    for key, pts in sorted(groups.items()):
+        pts.sort()
+        label = label_prefix + " ".join(f"{k}={v}" for k, v in zip(series, key))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, label=label)
+    return bool(groups)
+
+
+def plot_pair(path: str, rows: List[dict], x: str, ys: tuple, series: tuple, title: str, xlabel: str,
+              ylabels: tuple, logx: bool = True, percent: bool = False) -> bool:
+    """Two panels (measured, projected) of ys against x, one line per series; False if nothing to draw."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for ax, y, ylabel in zip(axes, ys, ylabels):
+        for sweep, srows in _sweeps(rows).items():
+            drawn |= _lines(ax, srows, x, y, series, label_prefix=f"{sweep} ")
+        xs = sorted({r[x] for r in rows if isinstance(r.get(x), int)})
+        if logx:
+            ax.set_xscale("log", base=2)
+        if xs:
+            ax.set_xticks(xs)
+            ax.xaxis.set_major_formatter(plt.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if percent:
+            from matplotlib.ticker import PercentFormatter
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def plot_collectives(path: str, rows: List[dict]) -> bool:
+    plt = _pyplot()
+    colls = sorted({r["collective"] for r in rows})
+    if not colls:
+        return False
+    fig, axes = plt.subplots(1, len(colls), figsize=(5 * len(colls), 4.2), squeeze=False)
+    for ax, coll in zip(axes[0], colls):
+        for n in sorted({r["nranks"] for r in rows if r["collective"] == coll}):
+            pts = sorted((r["size"], r["time_us"], r.get("emulated_us")) for r in rows
+                         if r["collective"] == coll and r["nranks"] == n)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker="o", ms=3,
+                            label=f"n={n} measured")
+            if all(p[2] is not None for p in pts):
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", color=line.get_color(), label=f"n={n} emulated")
+        ax.set(xscale="log", yscale="log", xlabel="size (bytes)", ylabel="time (µs)", title=coll)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(out: str, rows: List[dict], collectives: List[dict]) -> List[str]:
+    written = []
+    graphs = [
+        ("tokens_per_s_vs_batch.png", "batch", ("output_tok_s", "proj_output_tok_s"), ("nranks", "input_len"),
+         "output tokens/s against concurrency (batch)", "concurrent sequences",
+         ("out tok/s (measured)", "out tok/s (projected, target)"), False),
+        ("tpot_vs_tp.png", "nranks", ("tpot_ms", "proj_tpot_ms"), ("batch", "input_len"),
+         "time per output token against TP / EP size", "ranks (TP x EP split)",
+         ("TPOT ms (measured)", "TPOT ms (projected, target)"), False),
+        ("comm_share.png", "nranks", ("comm_share", "proj_comm_share"), ("batch", "input_len"),
+         "share of time in communication", "ranks", ("measured", "projected on the target"), True),
+        ("scaling_efficiency.png", "nranks", ("scaling_eff", "proj_scaling_eff"), ("batch", "input_len"),
+         "scaling efficiency against 1 rank", "ranks", ("measured", "projected on the target"), True),
+    ]
+    for name, x, ys, series, title, xlabel, ylabels, percent in graphs:
+        path = os.path.join(out, name)
+        if plot_pair(path, rows, x, ys, series, title, xlabel, ylabels, percent=percent):
+            written.append(path)
+    if collectives:
+        path = os.path.join(out, "collectives.png")
+        if plot_collectives(path, collectives):
+            written.append(path)
+    return written
+
+
+def _summary_table(rows: List[dict]) -> str:
+    table = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        line = []
+        for key, _ in SUMMARY_COLUMNS:
+            v = r.get(key)
+            if key.endswith("share") or key.endswith("eff"):
+                v = f"{v:.1%}" if isinstance(v, float) and not math.isnan(v) else ""
+            line.append(_fmt(v, 4))
+        table.append(line)
+    return tabulate(table, headers=[h for _, h in SUMMARY_COLUMNS], tablefmt="github", disable_numparse=True)
+
+
+def write_summary(path: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict,
+                  topo, files: List[str]) -> None:
+    chip = next((r for r in rows if r.get("chip")), {})
+    lines = ["# ncl-bench report", "", f"Command: `{' '.join(command)}`", "",
+             "## Machine", "",
+             tabulate([[k, v] for k, v in facts.items() if k != "env"], headers=["fact", "value"], tablefmt="github"),
+             "", f"Target topology: **{getattr(topo, 'name', 'none')}**"
+             + (f", chip {chip.get('chip')}: {_fmt(chip.get('chip_tflops'))} TFLOP/s at {rows[0].get('dtype')}, "
+                f"{_fmt(chip.get('chip_membw_gbs'))} GB/s memory" if chip else ""), ""]
+    for sweep, srows in _sweeps(rows).items():
+        first = srows[0]
+        lines += [f"## {sweep}", "",
+                  f"{first['model']}: {first['layers']} of {first.get('proj_layers') or '?'} layers measured "
+                  f"at full width, {first['dtype']}; *proj.* columns are projected to all "
+                  f"{first.get('proj_layers') or '?'} layers on the target topology.  Weights: "
+                  f"{first.get('weights', 'fast')} (see ncl.bench.weights); the ranks share this host's "
+                  f"{os.cpu_count()} cores.", "",
+                  _summary_table(srows), ""]
+        for r in srows:
+            if r.get("status") != "ok":
+                lines.append(f"- **{r['status']}**: TP {r['tp']} EP {r['ep']} batch {r['batch']} in {r['input_len']} "
+                             f"out {r['output_len']}: {r.get('error')}")
+        lines.append("")
+    if collectives:
+        lines += ["## Collectives (ncl-perf, out of place, float32)", "",
+                  tabulate([[r["collective"], r["nranks"], r["size"], _fmt(r["time_us"], 4), _fmt(r.get("busbw"), 3),
+                             _fmt(r.get("emulated_us"), 4)] for r in collectives],
+                           headers=["collective", "ranks", "bytes", "measured µs", "busbw GB/s", "emulated µs"],
+                           tablefmt="github"), ""]
+    lines += ["## Method", "", METHOD, "", "## Files", ""]
+    lines += [f"- [{os.path.basename(f)}]({os.path.basename(f)})" for f in files]
+    lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in files if f.endswith(".png")]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_all(out: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict, topo,
+              dtype: str) -> List[str]:
+    """Every report file into out; returns their paths (summary.md last)."""
+    os.makedirs(out, exist_ok=True)
+    files = []
+    if rows:
+        path = os.path.join(out, "points.csv")
+        write_csv(path, rows, FIELDS, command)
+        files.append(path)
+    if collectives:
+        path = os.path.join(out, "collectives.csv")
+        write_csv(path, collectives, COLLECTIVE_FIELDS, command)
+        files.append(path)
+    with open(os.path.join(out, "points.json"), "w") as f:
+        json.dump({"command": command, "machine": facts, "points": rows, "collectives": collectives}, f, indent=1,
+                  default=str)
+    files.append(os.path.join(out, "points.json"))
+    sheets = {name: (FIELDS, srows) for name, srows in _sweeps(rows).items()}
+    if collectives:
+        sheets["collectives"] = (COLLECTIVE_FIELDS, collectives)
+    about = [["command", " ".join(command)], ["topology", getattr(topo, "name", None)], ["dtype", dtype]]
+    about += [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in facts.items()]
+    about += [["method", METHOD.replace("\n", " ")]]
+    path = os.path.join(out, "ncl-bench.xlsx")
+    write_xlsx(path, sheets, about)
+    files.append(path)
+    files += write_plots(out, rows, collectives)
+    path = os.path.join(out, "summary.md")
+    write_summary(path, rows, collectives, command, facts, topo, files)
+    return files + [path]
+
+
+def main(argv=None) -> int:
+    """`python -m ncl.bench.report DIR...`: write DIR's report files again from its points.json."""
+    import argparse
+    from . import sizing
+    p = argparse.ArgumentParser(prog="python -m ncl.bench.report", description=main.__doc__)
+    p.add_argument("directory", nargs="+", help="directories written by ncl-bench --out")
+    for out in p.parse_args(argv).directory:
+        try:
+            with open(os.path.join(out, "points.json")) as f:
+                data = json.load(f)
+            rows, collectives = data["points"], data["collectives"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            p.error(f"{out}: no points.json written by ncl-bench ({exc})")
+        names = {r.get("topology") for r in rows if r.get("topology")}
+        topo = sizing.topology(names.pop()) if len(names) == 1 else None
+        dtype = rows[0].get("dtype", "") if rows else ""
+        for path in write_all(out, rows, collectives, data["command"], data["machine"], topo, dtype):
+            log(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""ncl-bench: the metrics against hand-computed numbers, the emulation of recorded calls, the sizing
+of points, the report files, argument validation, and one tiny sweep through real processes."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ncl.bench import cli, emulate, metrics, report, sizing, weights
+
+torch = pytest.importorskip("torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+
+def test_percentiles_interpolate_linearly():
+    steps = [0.1, 0.2, 0.3, 0.4]
+    assert metrics.percentile(steps, 50) == pytest.approx(0.25)
+    assert metrics.percentile(steps, 90) == pytest.approx(0.37)   # 0.3 + 0.7 * 0.1
+    assert metrics.percentile(steps, 99) == pytest.approx(0.397)
+    assert math.isnan(metrics.percentile([], 50))
+
+
+def _rank(wall, comm, emulated, layer_share=0.5):
+    return {"wall": wall, "comm": comm, "emulated": emulated, "layer_wall": [w * layer_share for w in wall],
+            "layer_comm": [c * layer_share for c in comm], "layer_emulated": [e * layer_share for e in emulated]}
+
+
+def test_summary_of_two_ranks_by_hand():
+    # prefill then 4 decode steps; rank 1 is slower at the prefill and step 3
+    r0 = _rank([1.0, 0.1, 0.2, 0.3, 0.4], [0.2, 0.01, 0.02, 0.03, 0.04], [0.002] * 5)
+    r1 = _rank([1.2, 0.1, 0.2, 0.35, 0.4], [0.1, 0.01, 0.02, 0.03, 0.04], [0.002] * 5)
+    row = metrics.summarize([r0, r1], batch=8, input_len=16, output_len=4, measured_layers=1, full_layers=1)
+    steps = [0.1, 0.2, 0.35, 0.4]                                   # the slowest rank per step
+    assert row["ttft_ms"] == pytest.approx(1200)
+    assert row["tpot_ms"] == pytest.approx(sum(steps) / 4 * 1e3)
+    assert row["itl_p50_ms"] == pytest.approx(275)
+    assert row["output_tok_s"] == pytest.approx(8 * 4 / 1.05)
+    assert row["total_tok_s"] == pytest.approx(8 * 20 / 2.25)
+    assert row["compute_prefill_ms"] == pytest.approx(1100)          # rank 1: 1.2 - 0.1
+    assert row["comm_decode_ms"] == pytest.approx(100)
+    assert row["comm_emulated_prefill_ms"] == pytest.approx(2)
+    share0, share1 = 0.3 / 2.0, 0.2 / 2.25
+    assert row["comm_share"] == pytest.approx((share0 + share1) / 2)
+    assert row["proj_host_ttft_ms"] == pytest.approx(1200)           # 1 of 1 layers: nothing to project
+    assert "proj_ttft_ms" not in row                                 # no rates, no target projection
+
+
+def test_projection_scales_the_layers_and_keeps_the_rest():
+    ph = metrics.project_phase(wall=10.0, comm=2.0, emulated=0.5, layer_wall=6.0, layer_comm=1.0,
+                               layer_emulated=0.25, measured_layers=2, full_layers=126)
+    assert ph["wall"] == pytest.approx(4 + 63 * 6)
+    assert ph["comm"] == pytest.approx(1 + 63 * 1)
+    assert ph["emulated"] == pytest.approx(0.25 + 63 * 0.25)
+    assert ph["compute"] == pytest.approx(ph["wall"] - ph["comm"])
+    t = metrics.on_target(host_compute_s=2.0, host_rate=1e11, chip_rate=1e14, emulated_comm_s=0.001)
+    assert t == pytest.approx({"compute": 0.002, "comm": 0.001, "time": 0.003})
+
+
+def test_target_projection_uses_flops_for_prefill_and_bandwidth_for_decode():
+    r = _rank([1.0, 0.5], [0.0, 0.0], [0.01, 0.001], layer_share=1.0)
+    row = metrics.summarize([r], batch=2, input_len=4, output_len=1, measured_layers=1, full_layers=10,
+                            host_rates={"flops": 1e11, "membw": 1e10}, chip_rates={"flops": 1e14, "membw": 1e12})
+    assert row["proj_ttft_ms"] == pytest.approx((10 * 1.0 * 1e-3 + 10 * 0.01) * 1e3)
+    assert row["proj_tpot_ms"] == pytest.approx((10 * 0.5 * 1e-2 + 10 * 0.001) * 1e3)
+    assert row["proj_output_tok_s"] == pytest.approx(2 / (row["proj_tpot_ms"] / 1e3))
+    assert row["proj_comm_share"] == pytest.approx((0.1 + 0.01) / (0.11 + 0.06))
+
+
+def test_efficiency_against_one_rank():
+    assert metrics.efficiency(30.0, 4, 10.0) == pytest.approx(0.75)
+    assert metrics.efficiency(30.0, 4, None) is None
+    rows = [dict(sweep="s", model="m", layers=1, batch=1, input_len=8, output_len=4, dtype="bf16", nranks=n,
+                 status="ok", output_tok_s=tok, proj_output_tok_s=2 * tok)
+            for n, tok in ((1, 10.0), (2, 15.0), (4, 20.0))]
+    rows.append(dict(rows[0], batch=2, nranks=2, output_tok_s=5.0))   # no 1-rank row at batch 2
+    metrics.add_efficiency(rows)
+    assert [r.get("scaling_eff") for r in rows] == pytest.approx([1.0, 0.75, 0.5, None])
+    assert rows[2]["proj_scaling_eff"] == pytest.approx(0.5)
+    assert metrics.comm_share(1.0, 4.0) == 0.25
+
+
+# ---- emulation of recorded calls ---------------------------------------------------------------------------------
+
+class FakeTopology:
+    name, num_chips = "fake", 8
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, collective, nbytes, nranks, algorithm=None):
+        self.calls.append((collective, nbytes, nranks))
+        return 1e-6 * (1 + nbytes / 1000)
+
+    def predict_transfers(self, transfers):
+        self.calls.append(("transfers", tuple(transfers)))
+        return 1e-6 * sum(b for _, _, b in transfers)
+
+
+def test_recorded_counts_become_nccl_tests_sizes():
+    e = {"collective": "all_gather", "bytes": 100}
+    assert emulate.nccl_bytes(e, 4) == 400
+    assert emulate.nccl_bytes({"collective": "all_reduce", "bytes": 100}, 4) == 100
+    assert emulate.nccl_bytes({"collective": "all_to_all", "bytes": 64}, 2) == 128
+    topo = FakeTopology()
+    emu = emulate.Emulator(topo)
+    assert emu.call(e, 4, [0, 1, 2, 3]) == pytest.approx(1.4e-6)
+    assert emu.call(e, 4, [0, 1, 2, 3]) == pytest.approx(1.4e-6)   # cached
+    assert topo.calls == [("all_gather", 400, 4)]
+    assert emu.call({"collective": "barrier", "bytes": 0}, 4, [0, 1, 2, 3]) == 0.0
+    assert emu.call(e, 1, [0]) == 0.0                                  # one rank: nothing moves
+    assert emu.call({"collective": "send", "bytes": 10}, 2, [0, 1]) > 0
+    assert topo.calls[-1] == ("send_recv", 10, 2)
+
+
+def test_all_to_allv_prices_every_ranks_total_spread_evenly():
+    topo = FakeTopology()
+    cost = emulate.Emulator(topo).call({"collective": "all_to_allv", "bytes": 300}, 3, [4, 5, 6], [300, 600, 0])
+    assert topo.calls == [("transfers", ((4, 5, 100), (4, 6, 100), (5, 4, 200), (5, 6, 200)))]
+    assert cost == pytest.approx(600e-6)
+
+
+def test_window_lookup():
+    windows = [(0.0, 1.0), (2.0, 3.0), (3.0, 3.5)]
+    assert [emulate.window_of(t, windows) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 3.4, 4.0)] == \
+        [0, 0, -1, -1, 1, 2, 2, -1]
+
+
+# ---- sizing ------------------------------------------------------------------------------------------------------
+
+def test_405b_layer_footprint_by_hand():
+    cfg = sizing.model_config("llama-3.1-405b", 1)
+    fp = sizing.footprint(cfg, tp=8, ep=1, nranks=8, batch=1, seq=21, dtype="bf16")
+    d, v = 16384, 128256
+    per_rank = d * 16 * 128 * 2 + d * 1 * 128 * 2 + 2 * d + 3 * d * (53248 // 8) + 2 * (v // 8) * d
+    assert fp.params == per_rank * 2
+    assert fp.kv_cache == 2 * 1 * 1 * 21 * 1 * 128 * 2
+    assert fp.host == 8 * fp.per_rank
+    assert sizing.fits(fp, available=64 << 30) is None
+    why = sizing.fits(fp, available=4 << 30)
+    assert "GiB on this host (8 ranks" in why and "4.0 GiB is available" in why
+
+
+@pytest.mark.parametrize("name, tp, ep", [("llama-tiny", 1, 1), ("llama-tiny", 2, 1), ("gpt-oss-tiny", 1, 1),
+                                          ("gpt-oss-tiny", 2, 2)])
+def test_footprint_matches_a_built_shard(name, tp, ep):
+    from ncl.models import build_model
+    cfg = sizing.model_config(name)
+    model = build_model(cfg, None, dtype=torch.bfloat16) if tp == ep == 1 else None
+    if model is None:  # a shard alone: the bytes of a TP/EP rank are those of the whole divided as the model does
+        whole = sizing.footprint(cfg, 1, 1, 1, 1, 8, "bf16").params
+        part = sizing.footprint(cfg, tp, ep, max(tp, ep), 1, 8, "bf16").params
+        assert whole / 2.2 < part < whole / 1.8
+        return
+    real = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert sizing.footprint(cfg, tp, ep, 1, 1, 8, "bf16").params == pytest.approx(real, rel=0.02)
+
+
+def test_splits_are_checked_against_the_config():
+    llama, moe = sizing.model_config("llama-3.1-405b", 1), sizing.model_config("gpt-oss-120b", 1)
+    assert sizing.split_problem(llama, 8, 1) is None
+    assert "attention heads" in sizing.split_problem(llama, 3, 1)
+    assert "mixture-of-experts" in sizing.split_problem(llama, 2, 2)
+    assert "experts" in sizing.split_problem(moe, 1, 3)
+    assert sizing.split_problem(moe, 1, 8, batch=8) is None
+    assert "data-parallel" in sizing.split_problem(moe, 1, 8, batch=4)
+    assert sizing.world_size(moe, 2, 8) == 8 and sizing.local_batch(moe, 2, 8, 8) == 2
+    assert sizing.world_size(llama, 4, 1) == 4 and sizing.local_batch(llama, 4, 1, 8) == 8
+    assert sizing.model_config("gpt-oss-120b", 2).layer_types == ("sliding_attention", "full_attention")
+
+
+# ---- the fast weight source ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(300, 200), (4, 64, 9, 16), (3, 5, 7), (5000,)])
+def test_fast_weights_shards_are_slices_of_one_full_tensor(shape):
+    src = weights.FastWeights(seed=3)
+    full = src._slice("w", shape, None, 0, 0, torch.float32, 0.02, 0.0)
+    for d in range(len(shape)):
+        idx = [slice(None)] * len(shape)
+        idx[d] = slice(1, shape[d] - 1)
+        assert torch.equal(src._slice("w", shape, d, 1, shape[d] - 1, torch.float32, 0.02, 0.0), full[tuple(idx)])
+    assert not torch.equal(full, src._slice("v", shape, None, 0, 0, torch.float32, 0.02, 0.0))  # names differ
+
+
+def test_fast_weights_small_tensors_are_the_models_seeded_values():
+    from ncl.models.weights import RandomWeights
+    src = weights.FastWeights(seed=3)
+    want = RandomWeights(3).get("model.norm.weight", (64,), dtype=torch.float32, mean=1.0)
+    assert torch.equal(src.get("model.norm.weight", (64,), dtype=torch.float32, mean=1.0), want)
+    blocks = src.get("l.mlp.experts.down_proj_blocks", (4, 64, 2, 16), 0, 2, 4, dtype=torch.uint8)
+    scales = src.get("l.mlp.experts.down_proj_scales", (4, 64, 2), 0, 2, 4, dtype=torch.uint8)
+    assert blocks.shape == (2, 64, 2, 16) and blocks.dtype == torch.uint8 and int(blocks.max()) > 15
+    assert scales.shape == (2, 64, 2) and int(scales.min()) == int(scales.max()) == weights.MXFP4_SCALE
+    assert "l.mlp.experts.down_proj_blocks" in src.files and "l.mlp.router.weight" not in src.files
+
+
+# ---- reports -----------------------------------------------------------------------------------------------------
+
+def _synthetic_rows():
+    rows = []
+    for n, tok in ((1, 10.0), (2, 16.0), (4, 24.0)):
+        r = dict(sweep="llama-3.1-405b", model="llama-3.1-405b", layers=1, tp=n, ep=1, nranks=n, batch=1,
+                 input_len=16, output_len=4, dtype="bf16", status="ok", output_tok_s=tok, proj_output_tok_s=10 * tok)
+        ranks = [_rank([0.5, 0.1, 0.1, 0.12, 0.1], [0.05 * n] * 5, [0.001] * 5)]
+        r.update(metrics.summarize(ranks, 1, 16, 4, 1, 126, {"flops": 1e10, "membw": 1e9},
+                                   {"flops": 1e14, "membw": 1e12}))
+        r["output_tok_s"] = tok
+        rows.append(r)
+    rows.append(dict(rows[0], tp=8, nranks=8, status="refused", error="needs ~99 GiB"))
+    metrics.add_efficiency(rows)
+    return rows
+
+
+def test_report_files(tmp_path):
+    rows = _synthetic_rows()
+    coll = [dict(sweep="collectives", collective="all_reduce", nranks=2, size=s, count=s // 4, dtype="float32",
+                 time_us=10.0 + s / 1e3, busbw=1.0, emulated_us=2.0 + s / 1e4, wrong=0) for s in (65536, 524288)]
+    files = report.write_all(str(tmp_path), rows, coll, ["ncl-bench", "infer"], {"cpu": "test"}, None, "bf16")
+    names = {os.path.basename(f) for f in files}
+    assert {"points.csv", "collectives.csv", "ncl-bench.xlsx", "summary.md", "tokens_per_s_vs_batch.png",
+            "tpot_vs_tp.png", "comm_share.png", "scaling_efficiency.png", "collectives.png"} <= names
+    with open(tmp_path / "points.csv") as f:
+        assert f.readline().startswith("# command: ncl-bench infer")
+        table = list(csv.DictReader(f))
+    assert [r["status"] for r in table] == ["ok", "ok", "ok", "refused"]
+    assert float(table[1]["scaling_eff"]) == pytest.approx(0.8)
+    import openpyxl
+    book = openpyxl.load_workbook(tmp_path / "ncl-bench.xlsx")
+    assert book.sheetnames == ["llama-3.1-405b", "collectives", "run"]
+    sheet = book["llama-3.1-405b"]
+    header = [c.value for c in sheet[1]]
+    assert header == report.FIELDS
+    assert sheet.cell(row=3, column=header.index("output_tok_s") + 1).value == 16.0
+    assert sheet.cell(row=5, column=header.index("status") + 1).value == "refused"
+    assert book["collectives"].max_row == 3
+    for png in ("tpot_vs_tp.png", "collectives.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "summary.md").read_text()
+    assert "Command: `ncl-bench infer`" in md and "| TP" in md and "proj. TPOT ms" in md
+    assert "Projected full model" in md and "**refused**: TP 8" in md
+    (tmp_path / "summary.md").unlink()
+    assert report.main([str(tmp_path)]) == 0                          # written again from points.json
+    assert (tmp_path / "summary.md").read_text() == md
+
+
+def test_point_lines_show_missing_numbers_as_dashes():
+    line = report.point_line(dict(sweep="x", tp=2, ep=1, batch=1, input_len=8, output_len=4, status="failed"))
+    assert "failed" in line and " -" in line
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["infer", "--model", "nope"], "unknown model 'nope'"),
+    (["infer", "--model", "llama-tiny", "--tp", "3"], "does not divide the 8 attention heads"),
+    (["infer", "--model", "llama-tiny", "--ep", "2"], "mixture-of-experts models only"),
+    (["infer", "--model", "gpt-oss-tiny", "--ep", "3"], "does not divide the 8 experts"),
+    (["infer", "--model", "gpt-oss-tiny", "--ep", "2", "--batch", "1"], "data-parallel attention groups"),
+    (["infer", "--model", "llama-tiny", "--input-len", "0"], "--input-len values must be >= 1"),
+    (["infer", "--model", "llama-tiny", "--batch", "two"], "--batch takes integers"),
+    (["infer", "--model", "llama-tiny", "--layers", "9"], "--layers must be in 1..4"),
+    (["infer", "--model", "llama-tiny", "--topology", "/nonexistent.yaml"], "--topology /nonexistent.yaml"),
+    (["infer", "--model", "llama-tiny", "--warmup", "-1"], "--warmup must be >= 0"),
+    (["infer", "--model", "llama-tiny", "--tp", "x"], "--tp takes integers"),
+    (["infer", "--model", "gpt-oss-tiny", "--tp", "ep", "--ep", "16"], "does not divide the 8 attention heads"),
+    (["infer", "--model", "llama-tiny", "--input-len", "1000", "--output-len", "100"], "exceed llama-tiny's 1024"),
+    (["infer", "--model", "llama-3.1-405b", "--batch", "64", "--input-len", "4096"], "no point fits this host"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args + ["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_must_be_a_writable_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["infer", "--model", "llama-tiny", "--out", str(tmp_path / "file")])
+    assert exc.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_params_lists_every_config(capsys):
+    assert cli.main(["params"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-3.1-405b" in out and "405.85B" in out and "116.83B" in out and "5.13B" in out
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_tiny_sweep_through_real_processes(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "llama-tiny", "--tp", "1,2", "--batch", "2",
+           "--input-len", "8", "--output-len", "4", "--dtype", "fp32", "--timeout", "120", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=230, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(out / "points.json") as f:
+        rows = json.load(f)["points"]
+    assert [(r["tp"], r["status"]) for r in rows] == [(1, "ok"), (2, "ok")]
+    assert rows[0]["first_tokens"] == rows[1]["first_tokens"]          # greedy tokens do not depend on TP
+    one, two = rows
+    assert one["comm_share"] == 0 and two["comm_share"] > 0 and two["comm_decode_ms"] > 0
+    assert two["calls_recorded"] >= 2 * (1 + 4) * 4                    # 2 all-reduces per layer and phase, 2 ranks
+    assert one["scaling_eff"] == pytest.approx(1.0) and two["scaling_eff"] > 0
+    assert not two["record_overflow"]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["itl_p99_ms"] >= r["itl_p50_ms"]
+        assert r["proj_layers"] == 4 and r["param_mb_per_rank"] > 0 and r["rss_peak_mb"] > r["param_mb_per_rank"]
+    for name in ("points.csv", "ncl-bench.xlsx", "summary.md", "tpot_vs_tp.png"):
+        assert (out / name).exists()
+    assert "llama-tiny" in done.stdout and "wrote" in done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_moe_point_through_real_processes(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "gpt-oss-tiny", "--tp", "ep", "--ep", "2",
+           "--batch", "2", "--input-len", "8", "--output-len", "3", "--timeout", "120", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=230, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(out / "points.json") as f:
+        (row,) = json.load(f)["points"]
+    assert (row["tp"], row["ep"], row["nranks"], row["status"]) == (2, 2, 2, "ok")
+    assert row["comm_emulated_decode_ms"] > 0 and row["proj_tpot_ms"] > 0   # all_to_allv priced on the topology
+
+
+@pytest.mark.timeout(120)
+def test_a_point_that_times_out_is_reported_and_the_sweep_goes_on(tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "llama-tiny", "--tp", "1,2", "--batch", "2",
+           "--input-len", "8", "--output-len", "2", "--timeout", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 1, done.stdout + done.stderr
+    with open(out / "points.json") as f:
+        rows = json.load(f)["points"]
+    assert [r["status"] for r in rows] == ["failed", "failed"]               # both points tried
+    assert all("timeout after 1 s" in r["error"] for r in rows)
+    assert (out / "summary.md").exists() and "**failed**" in (out / "summary.md").read_text()
