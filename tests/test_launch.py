@@ -86,7 +86,7 @@ def test_sigterm_to_the_launcher_reaches_the_ranks():
     (["-n", "0", "true"], "at least 1"),
     (["-n", "2"], "no program"),
     (["-n", "4", "--hosts", "3", "true"], "--hosts"),
-    (["-n", "2", "--topology", "/no/such/file.yaml", "true"], "no such file"),
+    (["-n", "2", "--topology", "/no/such/file.yaml", "true"], "neither a file nor one of"),
     (["-n", "x", "true"], "invalid int"),
 ])
 def test_bad_usage_exits_2_with_a_message(args, message):
