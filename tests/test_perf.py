@@ -135,3 +135,17 @@ def test_moe_check_counts_a_wrong_combine():
     y[3, 2] += 0.5
     assert moe_worker._wrong_rows(x, y, w) == 1
     assert moe_worker._wrong_rows(x, x * 0.75, w) == 5  # a rank's share missing
+
+
+@pytest.mark.timeout(200)
+def test_topology_columns_are_the_link_models_cost_of_the_swept_call(tmp_path):
+    from ncl.topology import load_topology
+    code, out, err = _perf(["all_reduce", "-b", "1M", "-e", "4M", "-f", "4", "-n", "3", "--topology", "pcie-gen5-8card",
+                            *QUICK, "--csv", "t.csv"], tmp_path)
+    assert code == 0, out + err
+    topo = load_topology("pcie-gen5-8card")
+    rows = [r for r in csv.DictReader(line for line in (tmp_path / "t.csv").open() if not line.startswith("#"))]
+    for r in rows:
+        size = int(r["size"])
+        assert r["target_algorithm"] == topo.best_algorithm("all_reduce", size, 3)
+        assert float(r["emulated_us"]) == pytest.approx(topo.predict("all_reduce", size, 3) * 1e6, rel=1e-9)

@@ -66,7 +66,7 @@ def _fill(backend, spec, send, recv, count, root, dtype, in_place):
         recv[...] = 0
 
 
-def _time_calls(backend, call, iters, on_start=None):
+def _time_calls(backend, call, iters, on_start=None, on_end=None):
     backend.barrier()
     if on_start:
         on_start()
@@ -74,6 +74,8 @@ def _time_calls(backend, call, iters, on_start=None):
     for _ in range(iters):
         call()
     local = (time.perf_counter() - t0) / iters
+    if on_end:  # before the bookkeeping all_reduce below
+        on_end()
     return backend.max_over_ranks(local)
 
 
@@ -117,11 +119,13 @@ def measure(backend, cfg, spec, size, in_place):
             phases(reset=True)
         if emulated:
             emulated(reset=True)
-    seconds = _time_calls(backend, call, iters, on_start)
+    totals = {}
+    seconds = _time_calls(backend, call, iters, on_start, lambda: totals.update(emulated() if emulated else {}))
     row.update(time_us=seconds * 1e6, wrong=wrong, iters=iters)
     if emulated:  # the same calls on the emulated interconnect (every rank computes the same cost)
-        row.update(emulated_us=emulated()["emulated_s"] / iters * 1e6,
-                   target_algorithm=backend.comm.last_stats()["target_algorithm"])
+        row.update(emulated_us=totals["emulated_s"] / iters * 1e6,
+                   # not last_stats(): the last call was the bookkeeping all_reduce of the timing
+                   target_algorithm=backend.comm.topology.best_algorithm(spec.name, row["size"], n))
     if phases:  # across hosts: where the time went (the slowest rank's share of each phase)
         spent = phases()
         row.update(intra_us=backend.max_over_ranks(spent["intra-host"] / iters) * 1e6,
