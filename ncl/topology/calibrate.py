@@ -57,16 +57,12 @@ def _best_of(runs: List[Dict[int, float]]) -> Dict[int, float]:
 def sweeps_from_json(paths: List[str]) -> Tuple[Dict[int, float], Dict[int, float], Dict[int, float]]:
     """The 2-rank broadcast and all_gather and the 8-rank broadcast sweeps calibration needs, from ncl-perf
     JSON files."""
-    import json
+    from ..perf.report import load  # the checked reader of ncl-perf --json files
     found: Dict[str, List[Dict[int, float]]] = {"broadcast": [], "all_gather": [], "broadcast8": []}
     for path in paths:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read it: {exc}") from None
+        data = load(path)
         table: Dict[str, Dict[int, float]] = {}
-        for r in data.get("summary") or data.get("rows") or []:
+        for r in data["summary"]:
             name = r.get("collective", "") + ("8" if r.get("nranks") == 8 else "" if r.get("nranks") == 2 else "?")
             if r.get("backend") == "ncl" and not r.get("in_place") and "time_us" in r and name in found:
                 table.setdefault(name, {})[int(r["size"])] = float(r["time_us"])
@@ -163,16 +159,10 @@ def ncl_algorithm(collective: str, nranks: int, nbytes: int) -> str:
 
 
 def rows_from_json(paths: List[str]) -> List[Tuple[str, int, int, float]]:
-    import json
+    from ..perf.report import load
     out = []
     for path in paths:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: cannot read it: {exc}") from None
-        rows = (data.get("summary") or data.get("rows") or []) if isinstance(data, dict) else data
-        for r in rows:
+        for r in load(path)["summary"]:
             if (r.get("backend") == "ncl" and not r.get("in_place") and r.get("collective") in VALIDATED
                     and r.get("size", 0) >= MIN_VALIDATED and "time_us" in r and r.get("nranks", 1) > 1):
                 out.append((r["collective"], int(r["nranks"]), int(r["size"]), float(r["time_us"])))
