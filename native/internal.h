@@ -152,6 +152,9 @@ int ncl_cma_read(ncl_comm* c, int peer, void* local, uint64_t remote, size_t byt
 /* window.c */
 ncl_reg ncl_registered(ncl_comm* c, const void* p, size_t bytes);
 uint8_t* ncl_reg_peer(const ncl_reg* r, int rank);
+/* Where rank's slice of window `id` (numbered alike on every rank) is mapped here; NULL if
+ * this rank has freed its view of it. */
+uint8_t* ncl_window_peer(ncl_comm* c, uint32_t id, int rank);
 uint32_t ncl_reg_id(const ncl_reg* r);
 /* The registration of a collective's source when the direct path should take it (registered,
  * more than one rank, at least direct_min_bytes); else an unregistered ncl_reg. */

@@ -89,6 +89,12 @@ const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx
  * 16-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
  * (integers: the exact sum, truncated toward zero).  dst may alias any source. */
 int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
+/* y[t] = the SUM (as ncl_reduce_local) of rows[index[t*n + j]] over j = 0..n-1 in order,
+ * skipping negative entries; zero when all are: a rank-ordered sum of the rows several
+ * ranks returned for each token (MoE combine), each row read once, each output row written
+ * once.  rows holds nrows rows of width elements. */
+int ncl_sum_rows(void* y, const void* rows, size_t nrows, const int64_t* index, size_t tokens, int n, size_t width,
+                 int dtype);
 
 /* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
  * Returns once all nranks have attached; the segment is unlinked at that moment. */
@@ -128,6 +134,12 @@ int ncl_all_to_all(ncl_comm* comm, const void* send, void* recv, size_t count, i
 /* counts in elements, one per peer; blocks are packed in peer order in both buffers */
 int ncl_all_to_allv(ncl_comm* comm, const void* send, const uint64_t* send_counts,
                     void* recv, const uint64_t* recv_counts, int dtype);
+/* all_to_allv when every rank already holds the whole matrix of rows [sender][receiver]
+ * (nranks x nranks, row elements per row, the same everywhere; checked against this rank's
+ * counts, and through a digest in the fingerprint against the peers'): small ones skip the
+ * exchange of counts, one step fewer; from cma_min_bytes per block up, as ncl_all_to_allv. */
+int ncl_all_to_allv_known(ncl_comm* comm, const void* send, const uint64_t* send_counts, void* recv,
+                          const uint64_t* recv_counts, const int64_t* matrix, uint64_t row, int dtype);
 int ncl_send(ncl_comm* comm, const void* buf, size_t count, int dtype, int peer);
 int ncl_recv(ncl_comm* comm, void* buf, size_t count, int dtype, int peer);
 /* END CDEF */

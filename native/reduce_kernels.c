@@ -87,3 +87,36 @@ int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int d
     chosen[dtype][op](dst, srcs, nsrc, count);
     return NCL_OK;
 }
+
+int ncl_sum_rows(void* y_, const void* rows_, size_t nrows, const int64_t* index, size_t tokens, int n, size_t width,
+                 int dtype) {
+    size_t es = (size_t)ncl_dtype_size(dtype), row = width * es;
+    if (!es) return ncl_error(NCL_ERR_ARGUMENT, "unknown dtype code %d", dtype);
+    if (n < 1 || n > 65536) return ncl_error(NCL_ERR_ARGUMENT, "sum_rows: %d sources per row", n);
+    if (!chosen) choose();
+    const void** srcs = malloc((size_t)n * sizeof *srcs);
+    if (!srcs) return ncl_error(NCL_ERR_SYSTEM, "sum_rows: out of memory");
+    uint8_t* y = y_;
+    const uint8_t* rows = rows_;
+    for (size_t t = 0; t < tokens; t++) {
+        int k = 0;
+        for (int j = 0; j < n; j++) {
+            int64_t i = index[t * (size_t)n + (size_t)j];
+            if (i < 0) continue;
+            if ((uint64_t)i >= nrows) {
+                free(srcs);
+                return ncl_error(NCL_ERR_ARGUMENT, "sum_rows: row %lld of %zu", (long long)i, nrows);
+            }
+            srcs[k++] = rows + (size_t)i * row;
+        }
+        uint8_t* dst = y + t * row;
+        if (k == 0)
+            memset(dst, 0, row);
+        else if (k == 1)
+            memcpy(dst, srcs[0], row);
+        else
+            chosen[dtype][NCL_SUM](dst, srcs, k, width);
+    }
+    free(srcs);
+    return NCL_OK;
+}

@@ -154,6 +154,18 @@ ncl_reg ncl_direct_source(ncl_comm* c, const void* p, size_t bytes) {
     return ncl_registered(c, p, bytes);
 }
 
+uint8_t* ncl_window_peer(ncl_comm* c, uint32_t id, int rank) {
+    uint8_t* at = NULL;
+    pthread_mutex_lock(&c->win_lock);
+    for (ncl_window* w = c->windows; w; w = w->next)
+        if (w->id == id) {
+            at = slice_of(w, rank);
+            break;
+        }
+    pthread_mutex_unlock(&c->win_lock);
+    return at;
+}
+
 uint8_t* ncl_reg_peer(const ncl_reg* r, int rank) { return slice_of(r->win, rank) + r->off; }
 
 uint32_t ncl_reg_id(const ncl_reg* r) { return r->win ? r->win->id : 0; }

@@ -45,6 +45,16 @@ def _numpy_dtype_code(dtype: np.dtype) -> Optional[int]:
     return code
 
 
+def torch_dtype_code(dtype) -> Optional[int]:
+    """The NCL_* code of a torch dtype; None for one the core does not handle."""
+    code = _torch_codes.get(dtype)
+    if code is None:
+        code = _TORCH_DTYPE_NAMES.get(str(dtype))
+        if code is not None:
+            _torch_codes[dtype] = code
+    return code
+
+
 class Buffer(NamedTuple):
     """A validated buffer: the object plus what the C core needs."""
     obj: Any
@@ -84,12 +94,9 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
         return _new_tuple(Buffer, (x, ptr, x.size, len(ptr), code, x.shape, False))
     tensor_type = _torch_tensor_type()
     if tensor_type is not None and isinstance(x, tensor_type):
-        code = _torch_codes.get(x.dtype)
+        code = torch_dtype_code(x.dtype)
         if code is None:
-            code = _TORCH_DTYPE_NAMES.get(str(x.dtype))
-            if code is None:
-                raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
-            _torch_codes[x.dtype] = code
+            raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {SUPPORTED}")
         if not x.is_cpu:
             raise ValueError(f"{name} is on device {x.device}; ncl works on CPU tensors")
         if x.is_sparse or not x.is_contiguous():

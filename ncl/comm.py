@@ -425,9 +425,12 @@ class Communicator:
         return self._launch("all_to_all", lib.ncl_all_to_all, args, dst.obj, async_op)
 
     def all_to_allv(self, x, send_counts: Sequence[int], recv_counts: Optional[Sequence[int]] = None, out=None,
-                    *, async_op: bool = False):
+                    *, all_counts=None, async_op: bool = False):
         """Rows send_counts[j] of x (consecutive, in peer order) go to rank j.  recv_counts, when
-        None, are learned from the peers first; the result stacks the received rows by source."""
+        None, are learned from the peers first; the result stacks the received rows by source.
+        all_counts: the whole matrix of rows [sender, receiver] when every rank already holds it
+        (say from an all_gather of send_counts), the same on every rank: small exchanges then
+        skip the core's exchange of counts (one step fewer); recv_counts may be left out."""
         src = as_buffer(x, "x", writable=False)
         n = rows(src, "x")
         send = check_counts(send_counts, "send_counts", self._size)
@@ -436,6 +439,11 @@ class Communicator:
         if out is not None:  # before any exchange of counts: peers must not be left waiting
             dst = output(out, src, (0,) + src.shape[1:], rows_known=False)
             check_aliasing(src, dst, "all_to_allv", None, "x and out must not share memory")
+        known = None
+        if all_counts is not None:  # checked against send_counts and recv_counts in the core
+            known = self._all_counts(all_counts)
+            if recv_counts is None:
+                recv_counts = known[:, self._rank].tolist()
         if recv_counts is not None:
             recv = check_counts(recv_counts, "recv_counts", self._size)
         else:
@@ -453,8 +461,24 @@ class Communicator:
         row = math.prod(src.shape[1:])
         send_c = ffi.new("uint64_t[]", [c * row for c in send])
         recv_c = ffi.new("uint64_t[]", [c * row for c in recv])
+        if known is not None:
+            args = (self._handle, _ptr(src), send_c, _ptr(dst), recv_c, ffi.from_buffer("int64_t[]", known), row,
+                    src.dtype)
+            return self._launch("all_to_allv", lib.ncl_all_to_allv_known, args, dst.obj, async_op)
         args = (self._handle, _ptr(src), send_c, _ptr(dst), recv_c, src.dtype)
         return self._launch("all_to_allv", lib.ncl_all_to_allv, args, dst.obj, async_op)
+
+    def _all_counts(self, all_counts) -> np.ndarray:
+        """all_counts as a C-contiguous (N, N) int64 array (its values are the core's to check)."""
+        known = all_counts
+        if not (isinstance(known, np.ndarray) and known.dtype == np.int64 and known.flags.c_contiguous):
+            known = np.asarray(all_counts)
+            if known.dtype.kind not in "iu":
+                raise ValueError(f"all_counts must hold ints, not {known.dtype}")
+            known = np.ascontiguousarray(known, dtype=np.int64)
+        if known.shape != (self._size, self._size):
+            raise ValueError(f"all_counts must be a ({self._size}, {self._size}) matrix, not {known.shape}")
+        return known
 
     # ---- point to point and synchronisation ------------------------------------------------------
     def send(self, x, dst: int, *, async_op: bool = False):

@@ -19,6 +19,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from . import buffers, scratch
+from ._native import check, ffi, lib
 from .torch.tp import Group
 
 
@@ -28,6 +30,7 @@ class Layout(NamedTuple):
     num_tokens_per_expert: torch.Tensor   # (E,) this rank's tokens routed to each expert
     is_token_in_rank: torch.Tensor        # (T, N) bool: token t goes to rank r
     num_recv_per_rank: torch.Tensor       # (N,) tokens this rank receives from each rank (exchanged)
+    rank_matrix: Optional[np.ndarray] = None  # (N, N) tokens rank i sends rank j (ncl groups; None: not known)
 
 
 class Handle(NamedTuple):
@@ -41,6 +44,7 @@ class Handle(NamedTuple):
     dropped: int = 0           # top-k choices dropped by the capacity factor on this rank
     recv_x: Optional[torch.Tensor] = None  # what dispatch returned (combine keeps the autograd graph whole)
     slots: int = 0             # low-latency mode: rows reserved per rank pair (max_tokens_per_rank); 0: normal
+    rank_matrix: Optional[np.ndarray] = None  # (N, N) rows rank i sent rank j in dispatch, when known
 
 
 def _experts_per_rank(num_experts: int, group: Group) -> int:
@@ -49,12 +53,16 @@ def _experts_per_rank(num_experts: int, group: Group) -> int:
     return num_experts // group.size
 
 
-def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> None:
+def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> np.ndarray:
+    """topk_idx checked, as an int64 numpy array (the routing bookkeeping runs in numpy: a few µs
+    where the same torch ops cost tens of µs)."""
     if topk_idx.dim() != 2 or topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_idx must be an int tensor of shape (tokens, k), not {topk_idx.dtype} "
                          f"{tuple(topk_idx.shape)}")
-    if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
+    idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
+    if idx.size and (idx.min() < -1 or idx.max() >= num_experts):
         raise ValueError(f"topk_idx holds expert ids outside 0..{num_experts - 1} (or -1 for none)")
+    return idx
 
 
 def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: float):
@@ -80,7 +88,7 @@ def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: fl
 
 def _is_in(idx: np.ndarray, per: int, n: int) -> np.ndarray:
     """(N, T) bool: rank r holds at least one of token t's experts (experts in blocks of `per`;
-    -1 choices go nowhere).  numpy: a few µs where the same torch ops cost tens of µs."""
+    -1 choices go nowhere)."""
     is_in = np.zeros((n, idx.shape[0]), dtype=bool)
     token, j = np.nonzero(idx >= 0)
     is_in[idx[token, j] // per, token] = True
@@ -100,43 +108,72 @@ def _local_ids(idx: np.ndarray, token: np.ndarray, dest: np.ndarray, per: int) -
     return np.where(ids // per == dest[:, None], ids, -1)
 
 
-def _routing_array(topk_idx: torch.Tensor) -> np.ndarray:
-    return topk_idx.detach().long().numpy()
-
-
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
     """Tokens per rank and per expert, which ranks each token goes to, and (one exchange of
     N counts) how many tokens each rank will receive from every other."""
     group = Group(group)
     per = _experts_per_rank(num_experts, group)
-    _check_routing(topk_idx, num_experts)
-    idx = _routing_array(topk_idx)
+    idx = _check_routing(topk_idx, num_experts)
     is_in = _is_in(idx, per, group.size)
     per_rank = np.count_nonzero(is_in, axis=1)
-    recv = _exchange_counts(group, per_rank)
+    recv, matrix = _exchange_counts(group, per_rank)
     per_expert = np.bincount(idx[idx >= 0], minlength=num_experts)
     return Layout(torch.from_numpy(per_rank), torch.from_numpy(per_expert), torch.from_numpy(is_in.T),
-                  torch.tensor(recv))
+                  torch.tensor(recv), matrix)
 
 
-def _exchange_counts(group: Group, counts: np.ndarray) -> list:
-    """What this rank sends to each rank -> what each rank sends to this one (one all_to_all)."""
+def _exchange_counts(group: Group, counts: np.ndarray):
+    """What this rank sends to each rank -> (what each rank sends to this one, the whole
+    (N, N) matrix [sender, receiver] or None).  An ncl group gathers the matrix (as cheap as an
+    all_to_all of N counts): with it every rank sizes the shared send buffer alike, and the
+    exchanges skip their own exchange of counts."""
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     if group.size == 1:
-        return counts.tolist()
+        return counts.tolist(), counts.reshape(1, 1)
     if group.is_ncl:
-        return group.group.all_to_all(counts).tolist()
+        matrix = group.group.all_gather(counts).reshape(group.size, group.size)
+        return matrix[:, group.rank].tolist(), matrix
     import torch.distributed as dist
     out = torch.empty(group.size, dtype=torch.int64)
     dist.all_to_all_single(out, torch.from_numpy(counts), group=group.group)
-    return out.tolist()
+    return out.tolist(), None
 
 
-def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list) -> torch.Tensor:
-    """Rows grouped by destination -> rows grouped by source (ncl communicator or torch group)."""
-    out = torch.empty((sum(recv),) + tuple(rows.shape[1:]), dtype=rows.dtype)
+PACKED_MAX_BYTES = 256 << 10       # dispatches whose largest send is smaller: rows, ids and weights in one exchange
+SEND_BUFFER_MIN_BYTES = 64 << 10   # from here up the rows are gathered into the registered send buffer
+
+
+class _Buffers(NamedTuple):
+    send: scratch.SendBuffer
+    outputs: scratch.OutputPool
+    back: scratch.OutputPool  # combine's received rows, dropped before combine returns
+
+
+_BUFFERS = weakref.WeakKeyDictionary()  # ncl communicator -> its _Buffers (None across hosts)
+
+
+def _buffers(group: Group) -> Optional[_Buffers]:
+    """The reused buffers of an ncl group's normal-mode exchanges (None over torch groups, and
+    across hosts, where the shared-memory send buffer would not reach the other hosts)."""
+    if not group.is_ncl:
+        return None
+    found = _BUFFERS.get(group.group, False)
+    if found is False:
+        from .hierarchical import HierarchicalCommunicator
+        found = None if isinstance(group.group, HierarchicalCommunicator) else \
+            _Buffers(scratch.SendBuffer(group.group), scratch.OutputPool(), scratch.OutputPool(1))
+        _BUFFERS[group.group] = found
+    return found
+
+
+def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list,
+                 pool: Optional[scratch.OutputPool] = None, matrix: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Rows grouped by destination -> rows grouped by source (ncl communicator or torch group),
+    into a tensor of pool when given; matrix: every rank's send counts, when every rank has it."""
+    shape = (sum(recv),) + tuple(rows.shape[1:])
+    out = pool.empty(shape, rows.dtype) if pool is not None else torch.empty(shape, dtype=rows.dtype)
     if group.is_ncl:
-        return group.group.all_to_allv(rows.contiguous(), send, recv, out=out)
+        return group.group.all_to_allv(rows.contiguous(), send, recv, out=out, all_counts=matrix)
     import torch.distributed as dist
     dist.all_to_all_single(out, rows.contiguous(), recv, send, group=group.group)
     return out
@@ -144,42 +181,109 @@ def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list) -> to
 
 def _dispatch(x, topk_idx, topk_weights, group: Group, num_experts: int, layout: Optional[Layout]):
     per, k = num_experts // group.size, topk_idx.shape[1]
-    idx = _routing_array(topk_idx)
+    idx = topk_idx.detach().numpy().astype(np.int64, copy=False)  # checked by dispatch()
     if layout is None:
         token, dest, send_counts = _route(_is_in(idx, per, group.size))
-        recv_counts = _exchange_counts(group, np.asarray(send_counts))
+        recv_counts, matrix = _exchange_counts(group, np.asarray(send_counts))
     else:
         token, dest, send_counts = _route(layout.is_token_in_rank.t().numpy())
-        recv_counts = layout.num_recv_per_rank.tolist()
+        recv_counts, matrix = layout.num_recv_per_rank.tolist(), layout.rank_matrix
     send_token = torch.from_numpy(token)
-    recv_x = _all_to_allv(group, x.detach().index_select(0, send_token), send_counts, recv_counts)
-    meta = np.empty((len(token), 2 * k))  # ids are exact in float64: one exchange for ids and weights
-    meta[:, :k] = _local_ids(idx, token, dest, per)
-    meta[:, k:] = topk_weights.detach().double().numpy()[token]
-    recv_meta = _all_to_allv(group, torch.from_numpy(meta), send_counts, recv_counts)
-    recv_idx = recv_meta[:, :k].long()
-    recv_w = recv_meta[:, k:].to(topk_weights.dtype)
-    handle = Handle(group, send_token, send_counts, recv_counts, x.shape[0], x.shape[1])
+    largest_rows = max(map(sum, matrix.tolist())) if matrix is not None else None  # of any sender
+    largest = largest_rows * x.shape[1] * x.element_size() if matrix is not None else None
+    if group.is_ncl and largest is not None and largest < PACKED_MAX_BYTES:
+        recv_x, recv_idx, recv_w = _exchange_packed(group, x, idx, topk_weights, token, dest, per,
+                                                    send_counts, recv_counts, matrix)
+    else:
+        buffers = _buffers(group)
+        if buffers is not None and largest is not None and largest >= SEND_BUFFER_MIN_BYTES:
+            # gathered where peers read them in place (one copy); the output's memory reused
+            rows = buffers.send.rows(len(token), x.shape[1], x.dtype, largest_rows)
+            torch.index_select(x.detach(), 0, send_token, out=rows)
+            recv_x = _all_to_allv(group, rows, send_counts, recv_counts, buffers.outputs, matrix)
+        else:
+            recv_x = _all_to_allv(group, x.detach().index_select(0, send_token), send_counts, recv_counts,
+                                  buffers.outputs if buffers is not None else None, matrix)
+        meta = np.empty((len(token), 2 * k))  # ids are exact in float64: one exchange for ids and weights
+        meta[:, :k] = _local_ids(idx, token, dest, per)
+        meta[:, k:] = _weights_array(topk_weights)[token]
+        recv_meta = _all_to_allv(group, torch.from_numpy(meta), send_counts, recv_counts, matrix=matrix)
+        recv_idx = recv_meta[:, :k].long()
+        recv_w = recv_meta[:, k:].to(topk_weights.dtype)
+    handle = Handle(group, send_token, send_counts, recv_counts, x.shape[0], x.shape[1], rank_matrix=matrix)
     return recv_x, recv_idx, recv_w, handle
 
 
-def _sum_by_token(back: torch.Tensor, handle: Handle) -> torch.Tensor:
-    """The rows each rank returned, added to their tokens one rank at a time (each token at
-    most once per rank), so every run sums in the same order.  Rank r's rows start at the
-    running count, or at r * slots in the low-latency mode."""
-    y = torch.zeros(handle.num_tokens, handle.hidden, dtype=back.dtype)
-    at = 0
-    for r, count in enumerate(handle.send_counts):
-        if count:
-            start = r * handle.slots if handle.slots else at
-            y.index_add_(0, handle.send_token[at:at + count], back[start:start + count])
-        at += count
+def _exchange_packed(group: Group, x, idx, topk_weights, token, dest, per: int, send_counts, recv_counts, matrix):
+    """Small dispatches: each row travels with its ids and weights in one exchange of byte rows
+    [x row | k ids | k weights (float64)], one exchange (and at 8 ranks on 2 CPUs, a scheduling
+    round of every rank) fewer than sending them apart."""
+    k, hb = idx.shape[1], x.shape[1] * x.element_size()
+    packed = np.empty((len(token), hb + 16 * k), np.uint8)
+    packed[:, :hb] = x.detach().contiguous().view(torch.uint8).numpy()[token]
+    meta = packed[:, hb:].view(np.float64)  # [rows, 2k]
+    meta[:, :k] = _local_ids(idx, token, dest, per)
+    meta[:, k:] = _weights_array(topk_weights)[token]
+    got = group.group.all_to_allv(packed, send_counts, recv_counts, all_counts=matrix)
+    recv_x = torch.empty((got.shape[0], x.shape[1]), dtype=x.dtype)
+    recv_x.view(torch.uint8).numpy()[...] = got[:, :hb]
+    recv_meta = got[:, hb:].view(np.float64)
+    return recv_x, torch.from_numpy(recv_meta[:, :k].astype(np.int64)), _weights_tensor(recv_meta[:, k:], topk_weights)
+
+
+def _weights_array(topk_weights: torch.Tensor) -> np.ndarray:
+    """The routing weights in numpy (float64 for a dtype numpy lacks, bfloat16)."""
+    w = topk_weights.detach()
+    return w.double().numpy() if w.dtype == torch.bfloat16 else w.numpy()
+
+
+_NUMPY_FLOATS = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _weights_tensor(received: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Received float64 weights as a contiguous tensor of like's dtype."""
+    if like.dtype in _NUMPY_FLOATS:
+        return torch.from_numpy(received.astype(_NUMPY_FLOATS[like.dtype]))
+    return torch.from_numpy(np.ascontiguousarray(received)).to(like.dtype)
+
+
+def _sum_by_token(back: torch.Tensor, handle: Handle, pool: Optional[scratch.OutputPool] = None) -> torch.Tensor:
+    """The rows each rank returned, summed per token in rank order, so every run adds in the
+    same order (in the C core: each row read once, each token written once; 16-bit floats
+    add in float32 and round once, as ncl's all_reduce).  Rank r's rows start at the running
+    count, or at r * slots in the low-latency mode."""
+    shape = (handle.num_tokens, handle.hidden)
+    y = pool.empty(shape, back.dtype) if pool is not None else torch.empty(shape, dtype=back.dtype)
+    code = buffers.torch_dtype_code(back.dtype)
+    n = len(handle.send_counts)
+    index = np.full((handle.num_tokens, n), -1, dtype=np.int64)  # [token, rank]: its row from that rank
+    rank = np.repeat(np.arange(n), handle.send_counts)  # the rank each sent row went to
+    row = np.arange(len(rank))
+    if handle.slots:  # rank r's rows start at r * slots
+        row = row + rank * handle.slots - np.repeat(np.cumsum([0] + handle.send_counts[:-1]), handle.send_counts)
+    index[handle.send_token.numpy(), rank] = row
+    if code is None:  # a dtype the core has no kernel for: the same sum, in torch
+        y.zero_()
+        for r in range(n):
+            has = np.flatnonzero(index[:, r] >= 0)
+            y[has] += back[index[has, r]]
+        return y
+    back = back.contiguous()
+    check(lib.ncl_sum_rows(ffi.cast("void *", y.data_ptr()), ffi.cast("const void *", back.data_ptr()),
+                           back.shape[0], ffi.from_buffer("int64_t[]", index), handle.num_tokens, n,
+                           handle.hidden, code))
     return y
 
 
 def _combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
     """Rows back to their tokens' ranks, summed per token in rank order."""
-    return _sum_by_token(_all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts), handle)
+    buffers = _buffers(handle.group)
+    matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
+    if buffers is None:
+        back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts, matrix=matrix)
+        return _sum_by_token(back, handle)
+    back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts, buffers.back, matrix)
+    return _sum_by_token(back, handle, buffers.outputs)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -241,7 +345,7 @@ def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: 
     n, per, k = group.size, num_experts // group.size, topk_idx.shape[1]
     if x.shape[0] > slots:
         raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={slots}")
-    idx = _routing_array(topk_idx)
+    idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
     token, dest, send_counts = _route(_is_in(idx, per, n))
     starts = np.repeat(np.cumsum([0] + send_counts[:-1]), send_counts)
     at = dest * slots + np.arange(len(token)) - starts  # block of the destination, its next free slot

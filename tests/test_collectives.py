@@ -348,7 +348,7 @@ def _counts_matrix(n, trial, seed):
     return c
 
 
-def _all_to_allv_sweep(comm, tag, dtypes, kind="numpy"):
+def _all_to_allv_sweep(comm, tag, dtypes, kind="numpy", known=False):
     n, me = comm.size, comm.rank
     failures = []
     for dtype in dtypes:
@@ -369,7 +369,9 @@ def _all_to_allv_sweep(comm, tag, dtypes, kind="numpy"):
                                  f"{out_mode} rank={me}/{n} send={send} recv={recv_given}")
                         x = _wrap(datas[me].copy(), kind)
                         out = _wrap(garbage_like(want), kind) if out_mode == "out" else None
-                        res = comm.all_to_allv(x, send, recv_given if recv_mode == "given" else None, out=out)
+                        matrix = {"all_counts": counts} if known else {}  # every rank's counts, known to all
+                        res = comm.all_to_allv(x, send, recv_given if recv_mode == "given" else None, out=out,
+                                               **matrix)
                         _check_result(label, res, out, kind, want, x, datas[me], failures)
     return failures
 
@@ -751,3 +753,84 @@ def test_single_copy_on_some_ranks_only_is_a_mismatch(pool_factory):
     through CMA is caught by the fingerprints on every rank."""
     errors = pool_factory(2, CMA_ENVS["cma_forced"]).run_expect_error(_all_to_all_in_place_on_rank_0)
     assert all(e.is_a("NclMismatchError") and "single-copy reads" in e.message for e in errors), errors
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", (2, 3, 8))
+@pytest.mark.parametrize("path", sorted(CMA_ENVS))
+def test_all_to_allv_cma_on_and_off(pool_factory, size, path):
+    """all_to_allv with every block read from the sender's buffer, and with every block staged."""
+    failures = pool_factory(size, CMA_ENVS[path]).run(_all_to_allv_sweep, "a2av-cma", ["float32", "int8"], timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+def _all_to_allv_registered(comm, registered_ranks):
+    """A large uneven all_to_allv whose send buffer is registered on registered_ranks only:
+    (failures, the path the call took)."""
+    n, me = comm.size, comm.rank
+    counts = _counts_matrix(n, "large", case_seed("a2av-reg", n)) + 100  # every rank sends
+    datas = [rank_data(case_seed("a2av-reg", n, r), r, (int(counts[r].sum()), 64), "float32") for r in range(n)]
+    offsets = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+    want = np.concatenate([datas[i][offsets[i, me]:offsets[i, me] + counts[i, me]] for i in range(n)])
+    window = comm.empty((int(counts.sum(1).max()), 64), np.float32)  # collective: the same shape everywhere
+    x = window[:len(datas[me])] if me in registered_ranks else np.empty_like(datas[me])
+    x[...] = datas[me]
+    res = comm.all_to_allv(x, [int(c) for c in counts[me]])
+    failures = [] if np.array_equal(res, want) and np.array_equal(x, datas[me]) else \
+        [f"registered all_to_allv rank {me}/{n} (registered on {registered_ranks}): wrong result or input changed"]
+    return failures, comm.last_stats()["host_algorithm"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", (2, 4))
+@pytest.mark.parametrize("registered, env, expected", [
+    ("all", (), "direct"),             # every sender's buffer mapped by every rank: plain memcpy
+    ("rank 0", (), "cma"),             # the others' buffers read through process_vm_readv
+    ("rank 0", (("NCL_CMA", "0"),), "staged"),  # neither: through the shared slots
+])
+def test_all_to_allv_reads_registered_senders_in_place(pool_factory, size, registered, env, expected):
+    ranks = tuple(range(size)) if registered == "all" else (0,)
+    results = pool_factory(size, env).run(_all_to_allv_registered, ranks, timeout=100)
+    assert not sum((f for f, _ in results), []), report(sum((f for f, _ in results), []))
+    assert [path for _, path in results] == [expected] * size
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("size", (2, 3, 8))
+@pytest.mark.parametrize("env", ["small staging", "cma_forced"])
+def test_all_to_allv_with_the_count_matrix_known(pool_factory, size, env):
+    """all_counts= skips the exchange of counts (staged), or takes the single-copy path (CMA
+    from 1 byte): the same results either way."""
+    items = SMALL_STAGING if env == "small staging" else CMA_ENVS["cma_forced"]
+    failures = pool_factory(size, items).run(_all_to_allv_sweep, "a2av-known", ["float32", "int8"], "numpy", True,
+                                             timeout=180)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+def _all_to_allv_bad_matrix(comm, how):
+    n = comm.size
+    matrix = np.full((n, n), 2)
+    if how == "shape":
+        matrix = matrix[:, :1]
+    elif how == "floats":
+        matrix = matrix.astype(np.float32)
+    elif how == "own row":  # this rank's row is not its send_counts
+        matrix[comm.rank, (comm.rank + 1) % n] = 3
+    elif how == "another matrix":  # rank 0 disagrees with the others about two other ranks' counts
+        if comm.rank == 0:
+            matrix[1, 2] = matrix[2, 1] = 1
+    comm.all_to_allv(np.arange(2.0 * n, dtype=np.float32), [2] * n, all_counts=matrix)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how, error, says", [
+    ("shape", "ValueError", "must be a (3, 3) matrix"),
+    ("floats", "ValueError", "must hold ints"),
+    ("own row", "ValueError", "all_counts disagree with this rank's counts"),
+    ("another matrix", "NclMismatchError", ""),
+])
+def test_all_to_allv_count_matrix_errors(pool_factory, how, error, says):
+    """A malformed matrix, or one that disagrees with this rank's own counts, fails before any
+    exchange on every rank; ranks holding different matrices get a mismatch, not garbage."""
+    errors = pool_factory(3).run_expect_error(_all_to_allv_bad_matrix, how)
+    assert len(errors) == 3 and all(e.is_a(error) and says in e.message for e in errors), errors

@@ -100,6 +100,17 @@ def test_kv_cache_steps_equal_the_whole_sequence():
     assert torch.equal(model.next_tokens(tokens[:, 12:], 12), whole[:, -1].argmax(-1))
 
 
+def test_chunked_prefill_equals_one_pass_across_the_window():
+    """Prefill in chunks of 5 positions over a prompt longer than the sliding window: the same
+    greedy continuation as one pass (sinks, window and cache offsets all in play)."""
+    from ncl.models import Generator
+    model = GptOss(TINY, dtype=torch.float32, seed=SEED, init_std=STD)
+    length = TINY.sliding_window + 6
+    prompts = torch.randint(0, TINY.vocab_size, (2, length), generator=torch.Generator().manual_seed(7))
+    whole = Generator(model, max_batch=2, max_seq=length + 6).generate(prompts, 6)
+    assert torch.equal(Generator(model, max_batch=2, max_seq=length + 6, chunk_tokens=10).generate(prompts, 6), whole)
+
+
 def test_bfloat16_by_default():
     model = GptOss(TINY, seed=SEED, init_std=STD)
     assert model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

@@ -198,6 +198,21 @@ def test_decoding_with_the_cache_equals_recomputing_the_sequence():
             assert torch.allclose(logits[:, -1], plain(tokens)[:, -1], atol=1e-5), step
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 8, 1000])
+def test_chunked_prefill_generates_what_one_pass_does(chunk_tokens):
+    """Prompts of 11 positions prefilled in chunks (2 sequences: 1, 1, 4 and 11 positions a pass)
+    continue exactly as prefilling them at once, and as the model run over the whole sequence."""
+    model = Llama(get_config("llama-tiny", n_layers=2), seed=4)
+    prompts = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(2))
+    whole = Generator(model, max_batch=2, max_seq=20).generate(prompts, 8)
+    out = Generator(model, max_batch=2, max_seq=20, chunk_tokens=chunk_tokens).generate(prompts, 8)
+    assert torch.equal(out, whole)
+    full = torch.cat([prompts, out[:, :-1]], 1)
+    assert torch.equal(Llama(get_config("llama-tiny", n_layers=2), seed=4)(full)[:, 10:].argmax(-1), out)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        Generator(model, max_batch=2, max_seq=20, chunk_tokens=0)
+
+
 def test_generator_steps_and_timing():
     model = Llama(get_config("llama-tiny", n_layers=2), seed=2)
     prompts = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(1))

@@ -62,7 +62,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                                       "ncl.topology's default)")
     p.add_argument("--dtype", choices=sorted(sizing.DTYPE_BYTES), default="bf16", help="weights and activations")
     p.add_argument("--out", default=DEFAULT_OUT, help="report directory (created)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed prefill + 2 decode steps before timing")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed prefills of up to 128 prompt positions + 2 decode steps before timing")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per point before it is stopped")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--weights", choices=("fast", "seeded"), default="fast",

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-PROCESS_BYTES = 600 << 20   # one rank's interpreter, torch, ncl, buffers and build temporaries (measured)
+PROCESS_BYTES = 450 << 20   # one rank's interpreter, torch, ncl and buffers: peak RSS less weights, 405B TP 8
+MOE_CHUNK_TOKENS = 8192     # MoE prefill passes: each pass decodes the MXFP4 experts anew, so fewer, larger ones
 HOST_RESERVE = 0.90         # use at most this share of MemAvailable
 MXFP4_BYTES = 0.5 + 1 / 32  # 4-bit values plus one e8m0 scale per 32
 
@@ -61,6 +62,12 @@ def is_moe(cfg) -> bool:
     return config_value(cfg, "num_experts", 0) > 0
 
 
+def chunk_tokens(cfg) -> int:
+    """Prompt tokens (over the batch) per prefill pass of cfg's model."""
+    from ncl.models.generate import PREFILL_CHUNK_TOKENS
+    return MOE_CHUNK_TOKENS if is_moe(cfg) else PREFILL_CHUNK_TOKENS
+
+
 @dataclass
 class Footprint:
     params: int        # bytes of weights on the largest rank
@@ -96,9 +103,12 @@ def footprint(cfg, tp: int, ep: int, nranks: int, batch: int, seq: int, dtype: s
         act_ffn = batch * seq * 2 * (f // tp) * es
     params = int(layers * layer + tables * es)
     kv_cache = 2 * layers * batch * seq * kv_local * hd * es
-    scores = batch * (h // tp) * seq * seq * 4  # one layer's attention scores (float32)
+    from ncl.models.generate import prefill_chunk
+    chunk = prefill_chunk(batch, seq, chunk_tokens(cfg))  # the prefill runs in chunks of this many positions
+    act_ffn = act_ffn * chunk // seq
+    scores = batch * (h // tp) * chunk * seq * 4  # one layer's attention scores of a chunk (float32)
     logits = batch * math.ceil(v / tp) * 4 * 2  # last position's logits (and their gather)
-    hidden = batch * seq * d * es * 4  # the residual stream and three temporaries
+    hidden = batch * chunk * d * es * 4  # the residual stream and three temporaries
     return Footprint(params, kv_cache, int(max(scores, act_ffn) + logits + hidden), nranks)
 
 

@@ -176,19 +176,24 @@ def _prompts(cfg, mcfg, comm):
     return every[group * b:(group + 1) * b]
 
 
-def _generate(model, prompts, cfg, comm):
+WARMUP_PROMPT = 128  # prompt positions of the untimed warm-up prefill
+
+
+def _generate(model, mcfg, prompts, cfg, comm):
     """Warm-up, then the timed prefill and decode steps: (phase windows, layer windows, last tokens)."""
     import torch
     from ncl.models.generate import Generator
+    from . import sizing
     max_seq = cfg.input_len + cfg.output_len + 1
     clock = LayerClock(_layers(model))
     with torch.inference_mode():
-        gen = Generator(model, max_batch=prompts.shape[0], max_seq=max_seq)
-        for _ in range(cfg.warmup):
-            nxt = gen.prefill(prompts)
+        chunk = sizing.chunk_tokens(mcfg)
+        gen = Generator(model, max_batch=prompts.shape[0], max_seq=max_seq, chunk_tokens=chunk)
+        for _ in range(cfg.warmup):  # a short prompt warms the kernels and allocator; a long one would double the cost
+            nxt = gen.prefill(prompts[:, :WARMUP_PROMPT])
             for _ in range(min(2, cfg.output_len)):
                 nxt = gen.decode(nxt)
-        gen = Generator(model, max_batch=prompts.shape[0], max_seq=max_seq)
+        gen = Generator(model, max_batch=prompts.shape[0], max_seq=max_seq, chunk_tokens=chunk)
         comm.barrier()
         clock.on = True
         start = now()
@@ -209,7 +214,7 @@ def run(cfg, comm):
     mcfg, model, build_s = _build(cfg, comm)
     comms = _communicators(model, comm)
     before = host_rates(comm, sizing.torch_dtype(cfg.dtype))
-    phases, layer_windows, nxt = _generate(model, _prompts(cfg, mcfg, comm), cfg, comm)
+    phases, layer_windows, nxt = _generate(model, mcfg, _prompts(cfg, mcfg, comm), cfg, comm)
     after = host_rates(comm, sizing.torch_dtype(cfg.dtype))  # the load of a shared host drifts: average both
     flops, membw = ((x + y) / 2 for x, y in zip(before, after))
     calls, overflow = _record(comms, phases[0][0])

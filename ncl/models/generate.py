@@ -9,21 +9,35 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 
+PREFILL_CHUNK_TOKENS = 1024  # tokens (over the whole batch) per prefill pass: bounds the activations
+
+
+def prefill_chunk(batch: int, length: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
+    """Prompt positions per prefill pass for `batch` sequences of `length`."""
+    return max(1, min(length, chunk_tokens // max(1, batch)))
+
+
 class Generator:
-    def __init__(self, model, *, max_batch: int, max_seq: int):
-        if max_batch < 1 or max_seq < 1:
-            raise ValueError(f"max_batch and max_seq must be >= 1, not {max_batch} and {max_seq}")
-        self.model, self.max_batch, self.max_seq = model, max_batch, max_seq
+    def __init__(self, model, *, max_batch: int, max_seq: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+        if max_batch < 1 or max_seq < 1 or chunk_tokens < 1:
+            raise ValueError(f"max_batch, max_seq and chunk_tokens must be >= 1, not {max_batch}, {max_seq} "
+                             f"and {chunk_tokens}")
+        self.model, self.max_batch, self.max_seq, self.chunk_tokens = model, max_batch, max_seq, chunk_tokens
         model.setup_cache(max_batch, max_seq)
         self.pos = 0  # positions held in the cache (the same for every sequence)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T], every sequence from position 0 -> the next token of each [B]; fills the cache."""
+        """tokens [B, T], every sequence from position 0 -> the next token of each [B]; fills the cache.
+        Long prompts go through in chunks of about chunk_tokens tokens (chunked prefill, as serving
+        engines do): each chunk attends to the cache the earlier ones filled, so the activations
+        stay those of one chunk."""
         if tokens.dim() != 2 or tokens.shape[1] < 1:
             raise ValueError(f"prompts must be [batch, length >= 1], not {tuple(tokens.shape)}")
         self._check(tokens.shape[0], tokens.shape[1], start=0)
-        out = self.model.next_tokens(tokens, 0)
+        step = prefill_chunk(tokens.shape[0], tokens.shape[1], self.chunk_tokens)
+        for start in range(0, tokens.shape[1], step):
+            out = self.model.next_tokens(tokens[:, start:start + step], start)
         self.pos = tokens.shape[1]
         return out
 

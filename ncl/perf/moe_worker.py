@@ -98,12 +98,8 @@ class MpiMoe:
     def combine(self, out, handle):
         token, send, recv, tokens = handle
         back = self._alltoallv(out, recv, send)
-        y = torch.zeros(tokens, out.shape[1], dtype=out.dtype)
-        at = 0
-        for count in send:  # rank order, as ncl does
-            y.index_add_(0, token[at:at + count], back[at:at + count])
-            at += count
-        return y
+        # the same rank-ordered sum as ncl's: the comparison is of the transports
+        return self.moe._sum_by_token(back, self.moe.Handle(None, token, send, recv, tokens, out.shape[1]))
 
 
 def exchanges(backend, cfg, tokens):
