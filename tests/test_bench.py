@@ -319,6 +319,33 @@ def test_tiny_sweep_through_real_processes(tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
+    """SIGINT after the first point: its ranks are stopped, the report is written with the point
+    measured and the others marked interrupted, and the exit code is 130."""
+    import signal
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "llama-tiny", "--tp", "1,2,4", "--batch", "2",
+           "--input-len", "8", "--output-len", "200", "--dtype", "fp32", "--timeout", "120", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    seen = []
+    for line in proc.stdout:  # the first point's row, then stop the sweep in the second
+        seen.append(line)
+        if line.strip().startswith("llama-tiny") and line.rstrip().endswith("ok"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(seen) + rest
+    with open(out / "points.json") as f:
+        rows = json.load(f)["points"]
+    assert [(r["tp"], r["status"]) for r in rows] == [(1, "ok"), (2, "interrupted"), (4, "interrupted")]
+    assert "interrupted" in rest and (out / "summary.md").exists()
+    leftovers = subprocess.run(["pgrep", "-f", 'ncl.bench.worker.*"model": "llama-tiny"'], capture_output=True,
+                               text=True).stdout.split()
+    assert not leftovers, f"ranks left running: {leftovers}"
+
+
+@pytest.mark.timeout(240)
 def test_moe_point_through_real_processes(tmp_path):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "gpt-oss-tiny", "--tp", "ep", "--ep", "2",

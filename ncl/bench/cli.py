@@ -205,13 +205,11 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
             out, _ = proc.communicate(timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # ncl-run forwards it to the ranks
-            try:
-                out, _ = proc.communicate(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
+            out = _stop(proc)
             code = f"timeout after {timeout:g} s"
+        except KeyboardInterrupt:  # the sweep is being stopped: take the ranks down with it
+            _stop(proc)
+            raise
     row = dict(point, wall_s=time.perf_counter() - t0)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     if code == 0 and results:
@@ -221,6 +219,17 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
             tail = [ln.rstrip() for ln in f.readlines() if ln.strip()][-3:]
         row.update(status="failed", error=f"launcher exit code {code}: {' | '.join(tail)} (log: {log_path})")
     return row
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """SIGTERM to ncl-run (it forwards it to the ranks), SIGKILL to the group after a grace period."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return out
 
 
 class Progress:
@@ -254,20 +263,30 @@ def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
     rows = []
     progress.write(report.point_header())
     for k, point in enumerate(points):
-        available = sizing.available_bytes()  # again now: other processes may have taken memory since the plan
-        if point.get("status") != "refused" and point["est_host_gib"] * 2 ** 30 > sizing.HOST_RESERVE * available:
-            point.update(status="refused", error=f"needs ~{point['est_host_gib']:.1f} GiB but only "
-                         f"{available / 2 ** 30:.1f} GiB is available now (limit {sizing.HOST_RESERVE:.0%})")
-        if point.get("status") == "refused":
-            row = point
-        else:
-            label = f"{point['sweep']}-tp{point['tp']}-ep{point['ep']}-b{point['batch']}-" \
-                    f"i{point['input_len']}-o{point['output_len']}"
-            row = run_point(point, args.timeout, os.path.join(logs, f"{k:03d}-{label}.log"))
+        try:
+            row = _run_planned(k, point, args, logs)
+        except KeyboardInterrupt:  # keep what was measured: the report is written with the rest marked
+            why = "not run: the sweep was interrupted (SIGINT)"
+            rows += [dict(q, status="interrupted", error=why) for q in points[k:]]
+            progress.write(f"# interrupted: {len(points) - k} of {len(points)} points not run; writing the report")
+            break
         rows.append(row)
         progress.write(report.point_line(row))
         progress.update(f"{row['sweep']} n={row['nranks']}")
     return rows
+
+
+def _run_planned(k: int, point: dict, args, logs: str) -> dict:
+    """Point k run (or refused, if the memory it needs is not available now): its row."""
+    available = sizing.available_bytes()  # again now: other processes may have taken memory since the plan
+    if point.get("status") != "refused" and point["est_host_gib"] * 2 ** 30 > sizing.HOST_RESERVE * available:
+        point.update(status="refused", error=f"needs ~{point['est_host_gib']:.1f} GiB but only "
+                     f"{available / 2 ** 30:.1f} GiB is available now (limit {sizing.HOST_RESERVE:.0%})")
+    if point.get("status") == "refused":
+        return point
+    label = f"{point['sweep']}-tp{point['tp']}-ep{point['ep']}-b{point['batch']}-" \
+            f"i{point['input_len']}-o{point['output_len']}"
+    return run_point(point, args.timeout, os.path.join(logs, f"{k:03d}-{label}.log"))
 
 
 def run_collectives(args, progress: Progress) -> List[dict]:
@@ -311,6 +330,8 @@ def _finish(args, rows: List[dict], collectives: List[dict], command: List[str],
     bad = [r for r in rows if r.get("status") != "ok"]
     for r in bad:
         report.log(f"# {r['sweep']} tp={r['tp']} ep={r['ep']} batch={r['batch']}: {r['status']}: {r.get('error')}")
+    if any(r.get("status") == "interrupted" for r in rows):
+        return 130  # as a shell reports a run stopped by SIGINT
     return 1 if any(r.get("status") == "failed" for r in rows) else 0
 
 
