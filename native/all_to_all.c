@@ -255,7 +255,11 @@ int ncl_all_to_allv_known(ncl_comm* c, const void* send, const uint64_t* send_co
     }
     ncl_call_begin(c, NCL_COLL_ALL_TO_ALLV, dtype, sent, -1, -1);
     size_t es = (size_t)ncl_dtype_size(dtype);
-    if (n > 1 && ncl_use_cma(c, max_count * es)) /* large: the single-copy paths need the published step */
+    /* Large: the single-copy paths, which need the published step and a last one.  With more
+     * ranks than CPUs every step is a scheduling round of all of them, so what fits one staged
+     * step goes staged: one step and two copies beat two steps and one copy there. */
+    bool one_step = max_count <= c->slot_bytes / es / (size_t)n;
+    if (n > 1 && ncl_use_cma(c, max_count * es) && !(c->oversubscribed && one_step))
         return ncl_call_end(c, all_to_allv_impl(c, send, send_counts, recv, recv_counts, dtype));
     /* the digest and the largest count in the fingerprint: ranks holding different matrices
      * get a mismatch error at the first step, not garbage */
