@@ -35,7 +35,9 @@ SUMMARY_COLUMNS = [("tp", "TP"), ("ep", "EP"), ("nranks", "ranks"), ("batch", "b
 METHOD = """\
 **Measured** (this host): every point runs `--layers L` transformer layers of the model's real width (plus
 the embedding, final norm and LM head), sharded over `ranks` local processes by ncl, with seeded random
-weights.  One batched prefill of `batch` random prompts of `in` tokens, then `out` greedy decode steps.
+weights.  A batched prefill of `batch` random prompts of `in` tokens (in chunks of about 1024 tokens over
+the batch, 8192 for gpt-oss, each attending to the cache the earlier ones filled), then `out` greedy decode
+steps, after an untimed warm-up (a prefill of at most 128 positions and 2 decode steps).
 TTFT = prefill time; TPOT = mean decode step; ITL p50/p90/p99 = percentiles of the decode steps (the slowest
 rank's time per phase); out tok/s = batch x out / decode time; total tok/s = batch x (in + out) / (prefill +
 decode).  Communication measured = sum of the flight-record durations of the ncl calls a rank made in a
