@@ -326,8 +326,11 @@ def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "ncl.bench", "infer", "--model", "llama-tiny", "--tp", "1,2,4", "--batch", "2",
            "--input-len", "8", "--output-len", "200", "--dtype", "fp32", "--timeout", "120", "--out", str(out)]
+    # a shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: give
+    # the sweep the default disposition, as a terminal's Ctrl-C finds it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
-                            env=dict(os.environ, PYTHONPATH=ROOT))
+                            env=dict(os.environ, PYTHONPATH=ROOT),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:  # the first point's row, then stop the sweep in the second
         seen.append(line)
