@@ -386,7 +386,7 @@ class HierarchicalCommunicator(Communicator):
         self._all_to_allv(src, counts, dst, counts, dtype)
 
     def _all_to_allv(self, src, send_c, dst, recv_c, *rest):
-        dtype = rest[-1]  # (max_count, digest, dtype) from all_to_allv(all_counts=): the counts travel here anyway
+        dtype = rest[-1]  # (matrix, row, dtype) from all_to_allv(all_counts=): the counts travel here anyway
         es, n = lib.ncl_dtype_size(dtype), self._size
         send = [int(send_c[j]) for j in range(n)]
         recv = [int(recv_c[j]) for j in range(n)]
