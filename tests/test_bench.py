@@ -248,6 +248,35 @@ def test_report_files(tmp_path):
     assert (tmp_path / "summary.md").read_text() == md
 
 
+def test_reports_merge_into_one_with_efficiency_against_the_earlier_tp1(tmp_path, capsys):
+    """A sweep resumed at the sizes an earlier one did not reach: one report, the latest ok row of
+    each point, efficiency of the later rows against the earlier TP 1 row."""
+    tp1, tp2, tp4 = (r for r in _synthetic_rows() if r["status"] == "ok")
+    first = [tp1, tp2, dict(tp4, status="interrupted", error="not run")]
+    again = dict(tp2, output_tok_s=18.0)
+    second = [dict(tp4, scaling_eff=0.123), dict(tp2, status="refused", error="needs ~99 GiB"), again]
+    dirs = []
+    for k, rows in enumerate((first, second)):
+        d = tmp_path / f"part{k}"
+        facts = {"date": f"day{k}", "ncl_commit": f"c{k}", "sweep_wall_s": 10 * k, "cpu": "test"}
+        report.write_all(str(d), rows, [], ["ncl-bench", "infer", f"--part{k}"], facts, None, "bf16")
+        dirs.append(str(d))
+    out = tmp_path / "merged"
+    assert report.main(["--out", str(out)] + dirs) == 0
+    data = json.loads((out / "points.json").read_text())
+    rows = data["points"]
+    assert [(r["tp"], r["status"]) for r in rows] == [(1, "ok"), (2, "ok"), (4, "ok")]
+    assert rows[1]["output_tok_s"] == 18.0                                 # measured again: the later ok row
+    assert [r["scaling_eff"] for r in rows] == pytest.approx([1.0, 18.0 / 20, 24.0 / 40])   # not the stale 0.123
+    assert data["machine"] == {"cpu": "test", "source 1": "day0, ncl c0, 0 s: ncl-bench infer --part0",
+                               "source 2": "day1, ncl c1, 10 s: ncl-bench infer --part1"}
+    md = (out / "summary.md").read_text()
+    assert "day0, ncl c0, 0 s: ncl-bench infer --part0" in md and "interrupted" not in md
+    with pytest.raises(SystemExit):
+        report.main(["--out", str(out), str(tmp_path / "nowhere")])
+    assert "no points.json written by ncl-bench" in capsys.readouterr().err
+
+
 def test_point_lines_show_missing_numbers_as_dashes():
     line = report.point_line(dict(sweep="x", tp=2, ep=1, batch=1, input_len=8, output_len=4, status="failed"))
     assert "failed" in line and " -" in line

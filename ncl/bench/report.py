@@ -12,6 +12,8 @@ from tabulate import tabulate
 
 from ncl.perf.report import machine_facts  # noqa: F401  (the same facts as ncl-perf's)
 
+from . import metrics
+
 FIELDS = [
     "sweep", "model", "layers", "proj_layers", "tp", "ep", "nranks", "batch", "input_len", "output_len", "dtype",
     "weights", "status", "ttft_ms", "tpot_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "output_tok_s",
@@ -356,24 +358,76 @@ def write_all(out: str, rows: List[dict], collectives: List[dict], command: List
     return files + [path]
 
 
-def main(argv=None) -> int:
-    """`python -m ncl.bench.report DIR...`: write DIR's report files again from its points.json."""
-    import argparse
+POINT_KEYS = ("sweep", "model", "layers", "tp", "ep", "batch", "input_len", "output_len", "dtype", "weights",
+              "topology")
+
+
+def merge(reports: List[dict]) -> tuple:
+    """The points and collectives of several points.json files as one report's: a point measured
+    again (same POINT_KEYS) keeps its latest ok row, and a row that is not ok (refused, failed,
+    interrupted) never replaces an ok one; scaling efficiency is computed again against the merged
+    1-rank rows, so a sweep resumed at other TP sizes is compared with the TP 1 row of an earlier one."""
+    points: Dict[tuple, dict] = {}
+    for data in reports:
+        for r in data["points"]:
+            key = tuple(r.get(k) for k in POINT_KEYS)
+            if key not in points or r.get("status") == "ok" or points[key].get("status") != "ok":
+                points[key] = {k: v for k, v in r.items() if k not in ("scaling_eff", "proj_scaling_eff")}
+    order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in points))}
+    rows = sorted(points.values(), key=lambda q: (order[q["sweep"]], q["batch"], q["input_len"], q["output_len"],
+                                                  q["nranks"], q["tp"]))
+    metrics.add_efficiency(rows)
+    return rows, [c for data in reports for c in data["collectives"]]
+
+
+def _load(p, directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, "points.json")) as f:
+            data = json.load(f)
+        missing = [k for k in ("command", "machine", "points", "collectives") if k not in data]
+        if missing:
+            raise KeyError(", ".join(missing))
+        if not isinstance(data["points"], list) or not isinstance(data["collectives"], list):
+            raise TypeError("points and collectives must be lists")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        p.error(f"{directory}: no points.json written by ncl-bench ({exc})")
+    return data
+
+
+def _write(out: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict) -> None:
     from . import sizing
+    names = {r.get("topology") for r in rows if r.get("topology")}
+    topo = sizing.topology(names.pop()) if len(names) == 1 else None
+    dtype = rows[0].get("dtype", "") if rows else ""
+    for path in write_all(out, rows, collectives, command, facts, topo, dtype):
+        log(f"# wrote {path}")
+
+
+def main(argv=None) -> int:
+    """`python -m ncl.bench.report DIR...`: write each DIR's report files again from its points.json.
+    With `--out NEW`: merge the DIRs' points into one report in NEW (e.g. a sweep resumed at the sizes
+    an earlier one did not reach)."""
+    import argparse
     p = argparse.ArgumentParser(prog="python -m ncl.bench.report", description=main.__doc__)
     p.add_argument("directory", nargs="+", help="directories written by ncl-bench --out")
-    for out in p.parse_args(argv).directory:
-        try:
-            with open(os.path.join(out, "points.json")) as f:
-                data = json.load(f)
-            rows, collectives = data["points"], data["collectives"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            p.error(f"{out}: no points.json written by ncl-bench ({exc})")
-        names = {r.get("topology") for r in rows if r.get("topology")}
-        topo = sizing.topology(names.pop()) if len(names) == 1 else None
-        dtype = rows[0].get("dtype", "") if rows else ""
-        for path in write_all(out, rows, collectives, data["command"], data["machine"], topo, dtype):
-            log(f"# wrote {path}")
+    p.add_argument("--out", help="merge every DIR into one report here (created) instead of rewriting each")
+    args = p.parse_args(argv)
+    reports = [_load(p, d) for d in args.directory]
+    if args.out is None:
+        for directory, data in zip(args.directory, reports):
+            _write(directory, data["points"], data["collectives"], data["command"], data["machine"])
+        return 0
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} exists and is not a directory")
+    rows, collectives = merge(reports)
+    per_run = ("date", "ncl_commit", "sweep_wall_s")  # facts of one run: given per source instead
+    facts = {k: v for k, v in reports[0]["machine"].items() if k not in per_run}
+    for k, data in enumerate(reports):
+        m = data["machine"]
+        facts[f"source {k + 1}"] = (f"{m.get('date', '?')}, ncl {m.get('ncl_commit', '?')}, "
+                                    f"{m.get('sweep_wall_s', '?')} s: {' '.join(data['command'])}")
+    command = ["python", "-m", "ncl.bench.report", "--out", args.out] + list(args.directory)
+    _write(args.out, rows, collectives, command, facts)
     return 0
 
 
