@@ -182,7 +182,7 @@ def plan(sweep: str, model: str, layers: int, splits, batch, input_len, output_l
         if why:
             point.update(status="refused", error=why)
         points.append(point)
-    return sorted(points, key=lambda q: (q["batch"], q["input_len"], q["output_len"], q["nranks"], q["tp"]))
+    return sorted(points, key=report.point_order)
 
 
 def _worker_config(point: dict) -> dict:

@@ -362,6 +362,12 @@ POINT_KEYS = ("sweep", "model", "layers", "tp", "ep", "batch", "input_len", "out
               "topology")
 
 
+def point_order(q: dict) -> tuple:
+    """Where a point goes in a sweep: smallest world first within each batch and lengths, so that
+    the 1-rank row efficiency compares against comes first."""
+    return q["batch"], q["input_len"], q["output_len"], q["nranks"], q["tp"]
+
+
 def merge(reports: List[dict]) -> tuple:
     """The points and collectives of several points.json files as one report's: a point measured
     again (same POINT_KEYS) keeps its latest ok row, and a row that is not ok (refused, failed,
@@ -374,8 +380,7 @@ def merge(reports: List[dict]) -> tuple:
             if key not in points or r.get("status") == "ok" or points[key].get("status") != "ok":
                 points[key] = {k: v for k, v in r.items() if k not in ("scaling_eff", "proj_scaling_eff")}
     order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in points))}
-    rows = sorted(points.values(), key=lambda q: (order[q["sweep"]], q["batch"], q["input_len"], q["output_len"],
-                                                  q["nranks"], q["tp"]))
+    rows = sorted(points.values(), key=lambda q: (order[q["sweep"]],) + point_order(q))
     metrics.add_efficiency(rows)
     return rows, [c for data in reports for c in data["collectives"]]
 
