@@ -201,9 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     uid, port, n = secrets.token_hex(16), _free_port(), args.nproc
     procs: List[subprocess.Popen] = []
-    interrupts = [0]
+    interrupts, signals = [0], []
 
     def forward(signum, _frame):
+        signals.append(signum)
         if signum == signal.SIGINT:
             interrupts[0] += 1
         for p in procs:
@@ -226,13 +227,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _supervise(procs)
         pipe = subprocess.PIPE if args.tag_output else None
         for rank in range(n):
+            if signals:  # stopped while starting: start no more ranks, the ones running got the signal
+                break
+            before = len(signals)
             try:
                 p = subprocess.Popen(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe)
             except OSError as exc:
                 print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
                 _stop(procs)
                 return 127
+            missed = signals[before:]  # forwarded while this rank was being started, so not to it
             procs.append(p)
+            for signum in missed:
+                p.send_signal(signum)
             if args.tag_output:
                 taggers += [_Tagger(rank, p.stdout, sys.stdout), _Tagger(rank, p.stderr, sys.stderr)]
         code = _supervise(procs)

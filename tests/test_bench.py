@@ -347,6 +347,51 @@ def test_tiny_sweep_through_real_processes(tmp_path):
     assert "llama-tiny" in done.stdout and "wrote" in done.stdout
 
 
+def test_sigint_deferred_holds_ctrl_c_until_the_block_ends():
+    import signal
+    inside = []
+    with pytest.raises(KeyboardInterrupt):
+        with cli.sigint_deferred():
+            signal.raise_signal(signal.SIGINT)
+            inside.append("not cut short")
+    assert inside == ["not cut short"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with cli.sigint_deferred():  # nothing held: the block ends quietly
+        pass
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_a_point_starts_stops_its_launcher(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after Popen has forked the launcher but before run_point holds its handle
+    (the window CI once hit: the ranks ran on after the sweep had gone) still takes the point down."""
+    import signal
+    parser = cli.parser()
+    args = parser.parse_args(["infer", "--model", "llama-tiny", "--tp", "2", "--batch", "2", "--input-len", "8",
+                              "--output-len", "400", "--dtype", "fp32"])
+    cli._check_infer(parser, args)
+    point, = cli.plan("t", "llama-tiny", 2, [(2, 1)], [2], [8], [400], args)
+    started, real_popen = [], subprocess.Popen
+
+    def popen_then_ctrl_c(*a, **kw):
+        proc = real_popen(*a, **kw)
+        started.append(proc)
+        signal.raise_signal(signal.SIGINT)
+        return proc
+    try:
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(cli.subprocess, "Popen", popen_then_ctrl_c)
+            cli.run_point(point, 60.0, str(tmp_path / "point.log"))
+        assert len(started) == 1 and started[0].poll() is not None, "the launcher outlived the Ctrl-C"
+        pattern = f'ncl.bench.worker.*"output_len": {point["output_len"]}'
+        leftovers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        assert not leftovers, f"ranks left running: {leftovers}"
+    finally:  # a failure must not leave the job running for the rest of the suite
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @pytest.mark.timeout(240)
 def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
     """SIGINT after the first point: its ranks are stopped, the report is written with the point

@@ -82,6 +82,31 @@ def test_sigterm_to_the_launcher_reaches_the_ranks():
     assert not any(pid_alive(p) for p in pids)
 
 
+def test_a_signal_while_ranks_start_stops_the_started_and_starts_no_more(monkeypatch):
+    """SIGTERM lands while rank 0 is being forked, before ncl-run holds its handle: rank 0 still
+    gets it, and ranks 1..3 are never started (the launcher in-process, its Popen watched)."""
+    from ncl import launch
+    started, real_popen = [], subprocess.Popen
+
+    def popen_then_sigterm(*a, **kw):
+        proc = real_popen(*a, **kw)
+        started.append(proc)
+        if len(started) == 1:
+            signal.raise_signal(signal.SIGTERM)  # forward() runs now, with rank 0 not yet in its list
+        return proc
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_sigterm)
+    try:
+        code = launch.main(["-n", "4", sys.executable, "-c", "import time; time.sleep(30)"])
+        assert len(started) == 1, f"{len(started)} ranks started after the launcher was told to stop"
+        assert code == 128 + signal.SIGTERM and started[0].returncode == -signal.SIGTERM
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the launcher put its handlers back
+
+
 @pytest.mark.parametrize("args, message", [
     (["-n", "0", "true"], "at least 1"),
     (["-n", "2"], "no program"),

@@ -8,6 +8,7 @@ and projected to the full depth on a target topology.
     ncl-bench params                            # every config's parameter counts
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -199,16 +200,20 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
     env.setdefault("NCL_TRACE_BUFFER", str(TRACE_BUFFER))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on shared cores
     t0 = time.perf_counter()
+    proc = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
         try:
+            with sigint_deferred():  # a Ctrl-C inside Popen would orphan the launcher it had just forked
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                        start_new_session=True)
             out, _ = proc.communicate(timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:
             out = _stop(proc)
             code = f"timeout after {timeout:g} s"
         except KeyboardInterrupt:  # the sweep is being stopped: take the ranks down with it
-            _stop(proc)
+            if proc is not None:
+                _stop(proc)
             raise
     row = dict(point, wall_s=time.perf_counter() - t0)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -219,6 +224,20 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
             tail = [ln.rstrip() for ln in f.readlines() if ln.strip()][-3:]
         row.update(status="failed", error=f"launcher exit code {code}: {' | '.join(tail)} (log: {log_path})")
     return row
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold a SIGINT that arrives inside the block and deliver it on the way out, once the block's
+    work (a child started and its handle kept) cannot be cut in half. Main thread only, as signals are."""
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _stop(proc: subprocess.Popen) -> str:
