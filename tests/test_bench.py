@@ -392,6 +392,48 @@ def test_ctrl_c_while_a_point_starts_stops_its_launcher(tmp_path, monkeypatch):
                 proc.wait()
 
 
+def test_a_second_ctrl_c_cuts_the_stop_grace_short():
+    """While _stop waits out a launcher's grace period, another Ctrl-C kills its group at once
+    (a launcher that ignores SIGTERM can only end by SIGKILL) and still stops the sweep."""
+    import signal
+    import threading
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            cli._stop(proc)
+        assert proc.poll() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_ctrl_c_while_a_row_is_printed_keeps_the_row(tmp_path, monkeypatch):
+    """The window CI hit next: SIGINT lands while the first point's row is being written, between
+    points. The measured row stays ok and only the points not run are marked interrupted."""
+    from types import SimpleNamespace
+    points = [dict(sweep="s", tp=t, nranks=t) for t in (1, 2, 4)]
+    monkeypatch.setattr(cli, "_run_planned", lambda k, point, args, logs: dict(point, status="ok"))
+    monkeypatch.setattr(cli.report, "point_line", lambda row: f"row tp={row['tp']}")
+    written = []
+
+    class CtrlCOnFirstRow(cli.Progress):
+        def write(self, text):
+            written.append(text)
+            if text.startswith("row"):
+                raise KeyboardInterrupt
+    try:
+        rows = cli.run_points(points, SimpleNamespace(out=str(tmp_path)), CtrlCOnFirstRow(0))
+    except KeyboardInterrupt:  # caught, or it would stop the whole test session rather than fail this test
+        pytest.fail("the Ctrl-C escaped run_points: the sweep would end with no report")
+    assert [(r["tp"], r["status"]) for r in rows] == [(1, "ok"), (2, "interrupted"), (4, "interrupted")]
+    assert written[-1].startswith("# interrupted: 2 of 3 points not run")
+
+
 @pytest.mark.timeout(240)
 def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
     """SIGINT after the first point: its ranks are stopped, the report is written with the point

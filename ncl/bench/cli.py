@@ -246,8 +246,17 @@ def _stop(proc: subprocess.Popen) -> str:
     try:
         out, _ = proc.communicate(timeout=KILL_GRACE_S)
     except subprocess.TimeoutExpired:
+        out = _kill(proc)
+    except KeyboardInterrupt:  # another Ctrl-C: no more grace, and the sweep stops
+        _kill(proc)
+        raise
+    return out
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    with contextlib.suppress(ProcessLookupError):  # the group may have gone already
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    out, _ = proc.communicate()
     return out
 
 
@@ -281,17 +290,17 @@ def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
     os.makedirs(logs, exist_ok=True)
     rows = []
     progress.write(report.point_header())
-    for k, point in enumerate(points):
-        try:
+    try:
+        for k, point in enumerate(points):
             row = _run_planned(k, point, args, logs)
-        except KeyboardInterrupt:  # keep what was measured: the report is written with the rest marked
-            why = "not run: the sweep was interrupted (SIGINT)"
-            rows += [dict(q, status="interrupted", error=why) for q in points[k:]]
-            progress.write(f"# interrupted: {len(points) - k} of {len(points)} points not run; writing the report")
-            break
-        rows.append(row)
-        progress.write(report.point_line(row))
-        progress.update(f"{row['sweep']} n={row['nranks']}")
+            rows.append(row)
+            progress.write(report.point_line(row))
+            progress.update(f"{row['sweep']} n={row['nranks']}")
+    except KeyboardInterrupt:  # at any moment of the loop: keep what was measured, mark the rest
+        left = points[len(rows):]
+        why = "not run: the sweep was interrupted (SIGINT)"
+        rows += [dict(q, status="interrupted", error=why) for q in left]
+        progress.write(f"# interrupted: {len(left)} of {len(points)} points not run; writing the report")
     return rows
 
 
