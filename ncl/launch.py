@@ -201,15 +201,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     uid, port, n = secrets.token_hex(16), _free_port(), args.nproc
     procs: List[subprocess.Popen] = []
-    interrupts, signals = [0], []
+    signals: List[int] = []  # every SIGINT / SIGTERM received, in order
 
     def forward(signum, _frame):
         signals.append(signum)
-        if signum == signal.SIGINT:
-            interrupts[0] += 1
         for p in procs:
             if p.poll() is None:
-                if interrupts[0] > 1:
+                if signals.count(signal.SIGINT) > 1:
                     p.kill()
                 else:
                     p.send_signal(signum)
@@ -243,6 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.tag_output:
                 taggers += [_Tagger(rank, p.stdout, sys.stdout), _Tagger(rank, p.stderr, sys.stderr)]
         code = _supervise(procs)
+        if len(procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
+            code = 128 + signals[0]
         for t in taggers:
             t.thread.join(timeout=5)
         return code

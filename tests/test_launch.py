@@ -82,23 +82,30 @@ def test_sigterm_to_the_launcher_reaches_the_ranks():
     assert not any(pid_alive(p) for p in pids)
 
 
-def test_a_signal_while_ranks_start_stops_the_started_and_starts_no_more(monkeypatch):
+@pytest.mark.parametrize("on_sigterm, rank_code", [
+    ("", -signal.SIGTERM),                                                   # killed by it
+    ("signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); ", 0),          # stops cleanly
+])
+def test_a_signal_while_ranks_start_stops_the_started_and_starts_no_more(monkeypatch, on_sigterm, rank_code):
     """SIGTERM lands while rank 0 is being forked, before ncl-run holds its handle: rank 0 still
-    gets it, and ranks 1..3 are never started (the launcher in-process, its Popen watched)."""
+    gets it, ranks 1..3 are never started, and the job does not pass for having run even if rank 0
+    stops cleanly (the launcher in-process, its Popen watched)."""
     from ncl import launch
     started, real_popen = [], subprocess.Popen
 
     def popen_then_sigterm(*a, **kw):
-        proc = real_popen(*a, **kw)
+        proc = real_popen(*a, **dict(kw, stdout=subprocess.PIPE, text=True))
         started.append(proc)
         if len(started) == 1:
+            assert proc.stdout.readline() == "ready\n"  # its handler, if any, is in place
             signal.raise_signal(signal.SIGTERM)  # forward() runs now, with rank 0 not yet in its list
         return proc
     monkeypatch.setattr(launch.subprocess, "Popen", popen_then_sigterm)
+    program = f"import signal, sys, time; {on_sigterm}print('ready', flush=True); time.sleep(30)"
     try:
-        code = launch.main(["-n", "4", sys.executable, "-c", "import time; time.sleep(30)"])
+        code = launch.main(["-n", "4", sys.executable, "-c", program])
         assert len(started) == 1, f"{len(started)} ranks started after the launcher was told to stop"
-        assert code == 128 + signal.SIGTERM and started[0].returncode == -signal.SIGTERM
+        assert started[0].returncode == rank_code and code == 128 + signal.SIGTERM
     finally:
         for proc in started:
             if proc.poll() is None:
