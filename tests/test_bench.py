@@ -413,7 +413,7 @@ def test_a_second_ctrl_c_cuts_the_stop_grace_short():
 
 
 def test_ctrl_c_while_a_row_is_printed_keeps_the_row(tmp_path, monkeypatch):
-    """The window CI hit next: SIGINT lands while the first point's row is being written, between
+    """The window stress runs hit next: SIGINT lands while the first point's row is being written, between
     points. The measured row stays ok and only the points not run are marked interrupted."""
     from types import SimpleNamespace
     points = [dict(sweep="s", tp=t, nranks=t) for t in (1, 2, 4)]
