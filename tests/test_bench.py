@@ -47,7 +47,6 @@ def test_summary_of_two_ranks_by_hand():
     share0, share1 = 0.3 / 2.0, 0.2 / 2.25
     assert row["comm_share"] == pytest.approx((share0 + share1) / 2)
     assert row["proj_host_ttft_ms"] == pytest.approx(1200)           # 1 of 1 layers: nothing to project
-    assert "proj_ttft_ms" not in row                                 # no rates, no target projection
 
 
 def test_projection_scales_the_layers_and_keeps_the_rest():
@@ -57,30 +56,26 @@ def test_projection_scales_the_layers_and_keeps_the_rest():
     assert ph["comm"] == pytest.approx(1 + 63 * 1)
     assert ph["emulated"] == pytest.approx(0.25 + 63 * 0.25)
     assert ph["compute"] == pytest.approx(ph["wall"] - ph["comm"])
-    t = metrics.on_target(host_compute_s=2.0, host_rate=1e11, chip_rate=1e14, emulated_comm_s=0.001)
-    assert t == pytest.approx({"compute": 0.002, "comm": 0.001, "time": 0.003})
 
 
-def test_target_projection_uses_flops_for_prefill_and_bandwidth_for_decode():
+def test_the_host_projection_scales_every_phase_to_the_full_depth():
     r = _rank([1.0, 0.5], [0.0, 0.0], [0.01, 0.001], layer_share=1.0)
-    row = metrics.summarize([r], batch=2, input_len=4, output_len=1, measured_layers=1, full_layers=10,
-                            host_rates={"flops": 1e11, "membw": 1e10}, chip_rates={"flops": 1e14, "membw": 1e12})
-    assert row["proj_ttft_ms"] == pytest.approx((10 * 1.0 * 1e-3 + 10 * 0.01) * 1e3)
-    assert row["proj_tpot_ms"] == pytest.approx((10 * 0.5 * 1e-2 + 10 * 0.001) * 1e3)
-    assert row["proj_output_tok_s"] == pytest.approx(2 / (row["proj_tpot_ms"] / 1e3))
-    assert row["proj_comm_share"] == pytest.approx((0.1 + 0.01) / (0.11 + 0.06))
+    row = metrics.summarize([r], batch=2, input_len=4, output_len=1, measured_layers=1, full_layers=10)
+    assert row["proj_host_ttft_ms"] == pytest.approx(10 * 1.0 * 1e3)
+    assert row["proj_host_tpot_ms"] == pytest.approx(10 * 0.5 * 1e3)
+    assert row["proj_host_output_tok_s"] == pytest.approx(2 / 5.0)
 
 
 def test_efficiency_against_one_rank():
     assert metrics.efficiency(30.0, 4, 10.0) == pytest.approx(0.75)
     assert metrics.efficiency(30.0, 4, None) is None
     rows = [dict(sweep="s", model="m", layers=1, batch=1, input_len=8, output_len=4, dtype="bf16", nranks=n,
-                 status="ok", output_tok_s=tok, proj_output_tok_s=2 * tok)
+                 status="ok", output_tok_s=tok, pred_output_tok_s=2 * tok)
             for n, tok in ((1, 10.0), (2, 15.0), (4, 20.0))]
     rows.append(dict(rows[0], batch=2, nranks=2, output_tok_s=5.0))   # no 1-rank row at batch 2
     metrics.add_efficiency(rows)
     assert [r.get("scaling_eff") for r in rows] == pytest.approx([1.0, 0.75, 0.5, None])
-    assert rows[2]["proj_scaling_eff"] == pytest.approx(0.5)
+    assert rows[2]["pred_scaling_eff"] == pytest.approx(0.5)
     assert metrics.comm_share(1.0, 4.0) == 0.25
 
 
@@ -204,10 +199,10 @@ def _synthetic_rows():
     rows = []
     for n, tok in ((1, 10.0), (2, 16.0), (4, 24.0)):
         r = dict(sweep="llama-3.1-405b", model="llama-3.1-405b", layers=1, tp=n, ep=1, nranks=n, batch=1,
-                 input_len=16, output_len=4, dtype="bf16", status="ok", output_tok_s=tok, proj_output_tok_s=10 * tok)
+                 input_len=16, output_len=4, dtype="bf16", status="ok", output_tok_s=tok, pred_output_tok_s=10 * tok,
+                 pred_tpot_ms=1.0 / n)
         ranks = [_rank([0.5, 0.1, 0.1, 0.12, 0.1], [0.05 * n] * 5, [0.001] * 5)]
-        r.update(metrics.summarize(ranks, 1, 16, 4, 1, 126, {"flops": 1e10, "membw": 1e9},
-                                   {"flops": 1e14, "membw": 1e12}))
+        r.update(metrics.summarize(ranks, 1, 16, 4, 1, 126))
         r["output_tok_s"] = tok
         rows.append(r)
     rows.append(dict(rows[0], tp=8, nranks=8, status="refused", error="needs ~99 GiB"))
@@ -230,19 +225,19 @@ def test_report_files(tmp_path):
     assert float(table[1]["scaling_eff"]) == pytest.approx(0.8)
     import openpyxl
     book = openpyxl.load_workbook(tmp_path / "ncl-bench.xlsx")
-    assert book.sheetnames == ["llama-3.1-405b", "collectives", "run"]
-    sheet = book["llama-3.1-405b"]
+    assert book.sheetnames == ["host llama-3.1-405b", "host collectives", "run"]
+    sheet = book["host llama-3.1-405b"]
     header = [c.value for c in sheet[1]]
     assert header == report.FIELDS
     assert sheet.cell(row=3, column=header.index("output_tok_s") + 1).value == 16.0
     assert sheet.cell(row=5, column=header.index("status") + 1).value == "refused"
-    assert book["collectives"].max_row == 3
+    assert book["host collectives"].max_row == 3
     for png in ("tpot_vs_tp.png", "collectives.png"):
         with open(tmp_path / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "summary.md").read_text()
-    assert "Command: `ncl-bench infer`" in md and "| TP" in md and "proj. TPOT ms" in md
-    assert "Projected full model" in md and "**refused**: TP 8" in md
+    assert "Command: `ncl-bench infer`" in md and "| TP" in md and "target: pred. TPOT ms" in md
+    assert "This host's measurements" in md and "**refused**: TP 8" in md
     (tmp_path / "summary.md").unlink()
     assert report.main([str(tmp_path)]) == 0                          # written again from points.json
     assert (tmp_path / "summary.md").read_text() == md
@@ -475,7 +470,7 @@ def test_moe_point_through_real_processes(tmp_path):
     with open(out / "points.json") as f:
         (row,) = json.load(f)["points"]
     assert (row["tp"], row["ep"], row["nranks"], row["status"]) == (2, 2, 2, "ok")
-    assert row["comm_emulated_decode_ms"] > 0 and row["proj_tpot_ms"] > 0   # all_to_allv priced on the topology
+    assert row["comm_emulated_decode_ms"] > 0 and row["pred_tpot_ms"] > 0   # all_to_allv priced on the topology
 
 
 @pytest.mark.timeout(120)

@@ -13,7 +13,8 @@ from ncl.topology.core import Topology, default_topology, load_topology  # noqa:
 from ncl.topology.schema import parse, shipped_names  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = ["pcie-gen5-8card", "ring-8chip", "nvswitch-8gpu", "torus-4x4", "two-servers-400g", "this-host"]
+SHIPPED = ["pcie-gen5-8card", "ring-8chip", "nvswitch-8gpu", "torus-4x4", "two-servers-400g", "this-host",
+           "hgx-h200-8gpu", "mi300x-8gpu", "l40s-pcie-8gpu"]
 HUGE = 1e9  # GB/s of chip memory: reductions cost nothing beside the links in the hand-computed cases
 
 
@@ -64,7 +65,7 @@ def _bad_cases():
         (link(b="c0"), "links[0].b joins 'c0' to itself"),
         (link(colour="red"), "links[0].colour is not a known field"),
         (chip(memory_gib=True), "chips[0].memory_gib must be a positive number, not True"),
-        (chip(type="tpu"), "chips[0].type 'tpu' is not one of chip_types"),
+        (chip(type="tpu"), "chips[0].type 'tpu' is neither one of chip_types"),
         (chip(name="c1"), "chips[1].name 'c1' is already the name of a chip"),
         (with_("colour", 1), "colour is not a known field"),
         (with_("placement", ["c0", "c9"]), "placement[1] 'c9' is not a chip"),

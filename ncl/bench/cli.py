@@ -35,6 +35,16 @@ QUICK = [
          batch=[8], input_len=[16], output_len=[4]),
 ]
 QUICK_COLLECTIVES = ("all_reduce", "all_gather", "all_to_all")
+# What the quick job predicts on the target (what the report leads with): both big models over 1-8 chips, at
+# batch 1, 8, 32 and the largest that fits, at three length pairs; 405B in bf16, fp8 and MXFP4 (only MXFP4 fits
+# eight 48 GB cards), gpt-oss as it ships.
+QUICK_LENGTHS = [(128, 128), (2048, 128), (128, 2048)]
+QUICK_PREDICTION = [
+    dict(model="llama-3.1-405b", tp=[1, 2, 4, 8], precision=["bf16", "fp8", "mxfp4"], batch=[1, 8, 32, "max"],
+         lengths=QUICK_LENGTHS),
+    dict(model="gpt-oss-120b", tp="ep", ep=[1, 2, 4, 8], precision=["mxfp4"], batch=[1, 8, 32, "max"],
+         lengths=QUICK_LENGTHS),
+]
 
 
 def _ints(flag: str):
@@ -75,7 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{infer,params,quick}")
+    sub = p.add_subparsers(dest="command", metavar="{infer,predict,validate,params,quick}")
     infer = sub.add_parser("infer", help="sweep one model over TP / EP sizes, batches and lengths",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     infer.add_argument("--model", required=True, help="a config name (ncl-bench params lists them)")
@@ -88,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("--output-len", type=_ints("--output-len"), default=[16], help="decode steps")
     _common(infer)
     sub.add_parser("params", help="parameter counts of every model config")
+    from . import predict, validate
+    predict.add_arguments(sub.add_parser("predict", help="predict a grid from the chip and link model (runs nothing)",
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    validate.add_arguments(sub.add_parser("validate", help="predict published measurements and print the error",
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     quick = sub.add_parser("quick", help="the default sweep (what ncl-bench with no arguments runs)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(quick)
@@ -290,9 +305,12 @@ def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
     os.makedirs(logs, exist_ok=True)
     rows = []
     progress.write(report.point_header())
+    from . import predict
+    topo = sizing.topology(args.target) if args.target else None
     try:
         for k, point in enumerate(points):
             row = _run_planned(k, point, args, logs)
+            predict.annotate([row], topo)  # the same point on the target, beside this host's measurement
             rows.append(row)
             progress.write(report.point_line(row))
             progress.update(f"{row['sweep']} n={row['nranks']}")
@@ -348,12 +366,28 @@ def run_collectives(args, progress: Progress) -> List[dict]:
     return rows
 
 
-def _finish(args, rows: List[dict], collectives: List[dict], command: List[str], started: float) -> int:
+def predicted(topo, sweeps: List[dict]) -> List[dict]:
+    """The prediction grid of each sweep on the target (none without a topology that has chip rates)."""
+    from . import predict
+    chip = topo.spec.chips[0].type if topo is not None else None
+    if chip is None or not chip.compute_tflops:
+        return []
+    rows = []
+    for s in sweeps:
+        rows += predict.grid(topo, [s["model"]], s["tp"], s.get("ep"), s["precision"], s["batch"], s["lengths"])
+    return rows
+
+
+def _finish(args, rows: List[dict], collectives: List[dict], command: List[str], started: float,
+            prediction_sweeps: List[dict]) -> int:
+    topo = sizing.topology(args.target) if args.target else None
+    prediction = predicted(topo, prediction_sweeps)
+    if prediction:
+        report.log(f"# predicted on {topo.name}: {len(prediction)} points (summary.md leads with them)")
     metrics.add_efficiency(rows)
     facts = report.machine_facts()
     facts["sweep_wall_s"] = round(time.perf_counter() - started, 1)
-    topo = sizing.topology(args.target) if args.target else None
-    for path in report.write_all(args.out, rows, collectives, command, facts, topo, args.dtype):
+    for path in report.write_all(args.out, rows, collectives, command, facts, topo, args.dtype, prediction):
         report.log(f"# wrote {path}")
     bad = [r for r in rows if r.get("status") != "ok"]
     for r in bad:
@@ -376,7 +410,10 @@ def infer(p: argparse.ArgumentParser, args, command: List[str]) -> int:
         rows = run_points(points, args, progress)
     finally:
         progress.close()
-    return _finish(args, rows, [], command, started)
+    tps = "ep" if args.tp == "ep" else args.tp
+    sweep = dict(model=args.model, tp=tps, ep=args.ep, precision=[args.dtype], batch=args.batch,
+                 lengths=list(itertools.product(args.input_len, args.output_len)))
+    return _finish(args, rows, [], command, started, [sweep])
 
 
 def quick(p: argparse.ArgumentParser, args, command: List[str]) -> int:
@@ -392,7 +429,7 @@ def quick(p: argparse.ArgumentParser, args, command: List[str]) -> int:
         rows = run_points(points, args, progress)
     finally:
         progress.close()
-    return _finish(args, rows, collectives, command, started)
+    return _finish(args, rows, collectives, command, started, QUICK_PREDICTION)
 
 
 def params() -> int:
@@ -409,6 +446,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = ["ncl-bench"] + argv
     if args.command == "params":
         return params()
+    if args.command == "predict":
+        from . import predict
+        return predict.main(p, args)
+    if args.command == "validate":
+        from . import validate
+        return validate.main(p, args)
     if args.command == "infer":
         return infer(p, args, command)
     return quick(p, args, command)

@@ -11,9 +11,11 @@ rebuilt from every rank's total (exact) split evenly over the destinations (an a
 routed tokens spread over experts uniformly on average) and priced as one phase of concurrent
 transfers.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-BLOCK_COUNTED = {"all_gather", "gather", "reduce_scatter", "scatter", "all_to_all"}
+from ncl.topology.arch import BLOCK_COUNTED
+from ncl.topology.core import uniform_matrix
+
 NOT_PRICED = {"barrier"}
 
 
@@ -22,14 +24,6 @@ def nccl_bytes(entry: dict, nranks: int) -> int:
     if entry["collective"] in BLOCK_COUNTED:
         return entry["bytes"] * nranks
     return entry["bytes"]
-
-
-def uniform_matrix(totals: Sequence[int], members: Sequence[int]) -> List[Tuple[int, int, int]]:
-    """Transfers (src, dst, bytes) between world ranks when group rank i sends totals[i] bytes
-    spread evenly over the group (its own share stays local)."""
-    n = len(members)
-    return [(members[i], members[j], totals[i] // n) for i in range(n) for j in range(n)
-            if i != j and totals[i] // n > 0]
 
 
 class Emulator:

@@ -58,24 +58,14 @@ def project_phase(wall: float, comm: float, emulated: float, layer_wall: float, 
     return out
 
 
-def on_target(host_compute_s: float, host_rate: float, chip_rate: float, emulated_comm_s: float) -> Dict[str, float]:
-    """A phase on the target chips: this host's compute time scaled by host_rate / chip_rate
-    (FLOP/s for prefill, memory bytes/s for decode), plus the emulated communication (no overlap)."""
-    compute = host_compute_s * host_rate / chip_rate if chip_rate > 0 else float("nan")
-    return {"compute": compute, "comm": emulated_comm_s, "time": compute + emulated_comm_s}
-
-
 def _phases(ranks: List[Dict[str, List[float]]], field: str) -> np.ndarray:
     """[rank, phase] array of one field."""
     return np.asarray([r[field] for r in ranks], dtype=np.float64)
 
 
 def summarize(ranks: List[Dict[str, List[float]]], batch: int, input_len: int, output_len: int,
-              measured_layers: int, full_layers: int, host_rates: Optional[Dict[str, float]] = None,
-              chip_rates: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """One report row from every rank's per-phase lists (phase 0 the prefill, then the decode
-    steps).  host_rates / chip_rates: {"flops": ..., "membw": ...} per rank and per chip, for
-    the projection onto the target; without them only the host projection is made."""
+              measured_layers: int, full_layers: int) -> Dict[str, float]:
+    """One report row from every rank's per-phase lists (phase 0 the prefill, then the decode steps)."""
     data = {f: _phases(ranks, f) for f in PHASE_FIELDS}
     wall = data["wall"].max(axis=0)                       # [phase] the slowest rank decides latency
     steps = wall[1:]
@@ -99,46 +89,26 @@ def summarize(ranks: List[Dict[str, List[float]]], batch: int, input_len: int, o
         "comm_share": float(np.mean([comm_share(c, w) for c, w in
                                      zip(data["comm"].sum(axis=1), data["wall"].sum(axis=1))])),
     }
-    row.update(_projection(data, batch, output_len, measured_layers, full_layers, host_rates, chip_rates))
+    row.update(_projection(data, batch, output_len, measured_layers, full_layers))
     return row
 
 
-def _projection(data, batch, output_len, measured_layers, full_layers, host_rates, chip_rates) -> Dict[str, float]:
-    """Full depth on this host, then on the target chips (per rank, slowest rank per phase)."""
+def _projection(data, batch, output_len, measured_layers, full_layers) -> Dict[str, float]:
+    """Full depth on this host (per rank, slowest rank per phase)."""
     nranks, nphases = data["wall"].shape
     full = [[project_phase(*(data[f][r, p] for f in PHASE_FIELDS), measured_layers, full_layers)
              for p in range(nphases)] for r in range(nranks)]
     host_wall = np.asarray([[ph["wall"] for ph in rank] for rank in full]).max(axis=0)
     host_decode = float(host_wall[1:].sum())
-    row = {"proj_layers": full_layers,
-           "proj_host_ttft_ms": float(host_wall[0]) * 1e3,
-           "proj_host_tpot_ms": float(host_wall[1:].mean()) * 1e3 if nphases > 1 else float("nan"),
-           "proj_host_output_tok_s": tokens_per_s(batch * output_len, host_decode)}
-    if not host_rates or not chip_rates:
-        return row
-    target = []
-    for rank in full:
-        phases = []
-        for p, ph in enumerate(rank):
-            kind = "flops" if p == 0 else "membw"  # prefill compute-bound, decode memory-bound
-            phases.append(on_target(ph["compute"], host_rates[kind], chip_rates[kind], ph["emulated"]))
-        target.append(phases)
-    time = np.asarray([[ph["time"] for ph in rank] for rank in target]).max(axis=0)
-    comm = np.asarray([[ph["comm"] for ph in rank] for rank in target])
-    total = np.asarray([[ph["time"] for ph in rank] for rank in target])
-    decode = float(time[1:].sum())
-    row.update({
-        "proj_ttft_ms": float(time[0]) * 1e3,
-        "proj_tpot_ms": float(time[1:].mean()) * 1e3 if nphases > 1 else float("nan"),
-        "proj_output_tok_s": tokens_per_s(batch * output_len, decode),
-        "proj_comm_share": float(np.mean(comm.sum(axis=1) / total.sum(axis=1))),
-    })
-    return row
+    return {"proj_layers": full_layers,
+            "proj_host_ttft_ms": float(host_wall[0]) * 1e3,
+            "proj_host_tpot_ms": float(host_wall[1:].mean()) * 1e3 if nphases > 1 else float("nan"),
+            "proj_host_output_tok_s": tokens_per_s(batch * output_len, host_decode)}
 
 
 def add_efficiency(rows: List[dict], key: str = "output_tok_s") -> None:
-    """Set `scaling_eff` (and `proj_scaling_eff` from the projected tok/s) of every row against
-    the 1-rank row of the same model, layers, batch and lengths, where the sweep has one."""
+    """Set `scaling_eff` (and `pred_scaling_eff` from the predicted tok/s) of every row against the
+    1-rank row of the same model, layers, batch and lengths, where the sweep has one."""
     def ident(r):
         return (r.get("sweep"), r.get("model"), r.get("layers"), r.get("batch"), r.get("input_len"),
                 r.get("output_len"), r.get("dtype"))
@@ -148,5 +118,5 @@ def add_efficiency(rows: List[dict], key: str = "output_tok_s") -> None:
         if r.get("status") != "ok" or b is None:
             continue
         r["scaling_eff"] = efficiency(r[key], r["nranks"], b.get(key))
-        if "proj_" + key in r and "proj_" + key in b:
-            r["proj_scaling_eff"] = efficiency(r["proj_" + key], r["nranks"], b["proj_" + key])
+        if "pred_" + key in r and "pred_" + key in b:
+            r["pred_scaling_eff"] = efficiency(r["pred_" + key], r["nranks"], b["pred_" + key])

@@ -19,20 +19,23 @@ FIELDS = [
     "weights", "status", "ttft_ms", "tpot_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "output_tok_s",
     "total_tok_s", "e2e_s", "compute_prefill_ms", "compute_decode_ms", "comm_prefill_ms", "comm_decode_ms",
     "comm_emulated_prefill_ms", "comm_emulated_decode_ms", "comm_share", "scaling_eff", "param_mb_per_rank",
-    "rss_peak_mb", "est_host_gib",
-    "proj_host_ttft_ms", "proj_host_tpot_ms", "proj_host_output_tok_s", "proj_ttft_ms", "proj_tpot_ms",
-    "proj_output_tok_s", "proj_comm_share", "proj_scaling_eff", "proj_mem_gib_per_chip", "proj_fits_chip",
-    "topology", "chip", "chip_tflops", "chip_membw_gbs", "host_gflops_per_rank", "host_membw_gbs_per_rank",
-    "threads_per_rank", "build_s", "wall_s", "calls_recorded", "record_overflow", "error"]
+    "rss_peak_mb", "est_host_gib", "proj_host_ttft_ms", "proj_host_tpot_ms", "proj_host_output_tok_s",
+    "pred_ttft_ms", "pred_tpot_ms", "pred_output_tok_s", "pred_scaling_eff", "pred_bound", "pred_comm_share",
+    "pred_fits", "pred_max_batch", "topology", "chip", "threads_per_rank", "build_s", "wall_s", "calls_recorded",
+    "record_overflow", "error"]
+PREDICTION_FIELDS = [
+    "model", "precision", "kv_precision", "tp", "ep", "chips", "requested_batch", "batch", "input_len", "output_len",
+    "ttft_ms", "tpot_ms", "output_tok_s", "total_tok_s", "e2e_s", "scaling_eff", "bound", "compute_share",
+    "memory_share", "comm_share", "fixed_share", "fits", "max_batch", "weights_gib", "kv_gib", "memory_gib",
+    "ttft_floor_ms", "tpot_floor_ms", "topology", "chip", "status", "error"]
 COLLECTIVE_FIELDS = ["collective", "nranks", "size", "count", "dtype", "time_us", "algbw", "busbw", "emulated_us",
                      "wrong"]
 SUMMARY_COLUMNS = [("tp", "TP"), ("ep", "EP"), ("nranks", "ranks"), ("batch", "batch"), ("input_len", "in"),
                    ("output_len", "out"), ("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("itl_p99_ms", "ITL p99 ms"),
                    ("output_tok_s", "out tok/s"), ("comm_share", "comm share"), ("scaling_eff", "eff"),
-                   ("rss_peak_mb", "RSS MB/rank"), ("proj_ttft_ms", "proj. TTFT ms"),
-                   ("proj_tpot_ms", "proj. TPOT ms"), ("proj_output_tok_s", "proj. out tok/s"),
-                   ("proj_comm_share", "proj. comm share"), ("proj_scaling_eff", "proj. eff"),
-                   ("proj_mem_gib_per_chip", "proj. GiB/chip"), ("proj_fits_chip", "fits chip")]
+                   ("rss_peak_mb", "RSS MB/rank"), ("proj_host_tpot_ms", "all layers, TPOT ms"),
+                   ("pred_tpot_ms", "target: pred. TPOT ms"), ("pred_output_tok_s", "target: pred. out tok/s"),
+                   ("pred_scaling_eff", "target: pred. eff")]
 
 METHOD = """\
 **Measured** (this host): every point runs `--layers L` transformer layers of the model's real width (plus
@@ -54,18 +57,16 @@ share of the batch); experts over `EP` ranks; ranks = lcm(TP, EP).
 (`topology.predict(collective, nccl-tests size, group size)`); all_to_allv (MoE dispatch / combine) as one
 phase of concurrent transfers, each rank's recorded total split evenly over the other ranks.
 
-**Projected full model** (marked *proj.*): pre- and post-hooks on every transformer block time the layers;
-per phase and rank, the part inside the layers (wall, measured and emulated communication) is multiplied
-by n_layers / L and the rest (embedding, head, sampling) kept once.  On the target chips, the projected
-compute of a rank is its host compute time x host rate / chip rate, with the rate a matmul FLOP/s for the
-prefill (compute-bound: a [64, 4096] x [4096, 4096] matmul at the dtype) and a weight-streaming rate for
-decode steps (memory-bound: a one-row matmul over a 128 MiB weight, bytes of weight read per second); host
-rates are measured on each rank while all ranks run at once (what one rank gets of the shared cores), chip
-rates are the topology's chip peak at the dtype and its memory bandwidth.  gpt-oss experts are MXFP4,
-which this host decodes in software (a chip would natively): its projected times are upper bounds.
-Projected time = projected compute + emulated communication (no overlap assumed).  *proj. GiB/chip*: the
-full model's weights and KV cache on one rank, against the chip's memory (*fits chip*).  These are
-estimates, not measurements."""
+**This host's full depth** (*all layers*): pre- and post-hooks on every transformer block time the layers;
+per phase and rank, the part inside the layers is multiplied by n_layers / L and the rest (embedding, head,
+sampling) kept once.  Still this host's time: 2 cores shared by every rank.
+
+**Predicted on the target** (*pred.*, and the whole Prediction section): nothing measured here is scaled.
+The chip and link model (ncl.topology.inference) gives every operator of a prefill chunk and a decode step
+its FLOPs and bytes per rank after sharding, costs it at max(FLOPs / achievable compute, bytes / achievable
+bandwidth) plus a fixed cost on the topology's chip type (datasheet peaks, one efficiency fitted per chip type
+to one published point), and prices the collectives the sharded model issues (the same list this run recorded)
+on the topology's links.  `ncl-bench validate` reports its error against published measurements."""
 
 
 def log(text: str) -> None:
@@ -83,7 +84,7 @@ def _fmt(v, digits: int = 3):
 
 def point_header() -> str:
     return (f"# {'sweep':<16} {'tp':>3} {'ep':>3} {'batch':>5} {'in':>5} {'out':>4} {'TTFT ms':>10} {'TPOT ms':>9} "
-            f"{'out tok/s':>10} {'comm':>6} {'proj TPOT ms':>12} {'status':>8}")
+            f"{'out tok/s':>10} {'comm':>6} {'pred TPOT ms':>12} {'status':>8}")
 
 
 def point_line(r: dict) -> str:
@@ -94,7 +95,7 @@ def point_line(r: dict) -> str:
     share = f"{share:6.1%}" if isinstance(share, float) and not math.isnan(share) else "     -"
     return (f"  {r['sweep']:<16} {r['tp']:>3} {r['ep']:>3} {r['batch']:>5} {r['input_len']:>5} {r['output_len']:>4} "
             f"{num('ttft_ms', 10, '.2f')} {num('tpot_ms', 9, '.2f')} {num('output_tok_s', 10, '.2f')} {share} "
-            f"{num('proj_tpot_ms', 12, '.3f')} {r.get('status', ''):>8}")
+            f"{num('pred_tpot_ms', 12, '.3f')} {r.get('status', ''):>8}")
 
 
 def collective_header() -> str:
@@ -250,19 +251,19 @@ def plot_collectives(path: str, rows: List[dict]) -> bool:
     return True
 
 
-def write_plots(out: str, rows: List[dict], collectives: List[dict]) -> List[str]:
+def write_plots(out: str, rows: List[dict], collectives: List[dict], prediction: List[dict] = ()) -> List[str]:
     written = []
     graphs = [
-        ("tokens_per_s_vs_batch.png", "batch", ("output_tok_s", "proj_output_tok_s"), ("nranks", "input_len"),
+        ("tokens_per_s_vs_batch.png", "batch", ("output_tok_s", "pred_output_tok_s"), ("nranks", "input_len"),
          "output tokens/s against concurrency (batch)", "concurrent sequences",
-         ("out tok/s (measured)", "out tok/s (projected, target)"), False),
-        ("tpot_vs_tp.png", "nranks", ("tpot_ms", "proj_tpot_ms"), ("batch", "input_len"),
+         ("out tok/s (this host, measured)", "out tok/s (target, predicted)"), False),
+        ("tpot_vs_tp.png", "nranks", ("tpot_ms", "pred_tpot_ms"), ("batch", "input_len"),
          "time per output token against TP / EP size", "ranks (TP x EP split)",
-         ("TPOT ms (measured)", "TPOT ms (projected, target)"), False),
-        ("comm_share.png", "nranks", ("comm_share", "proj_comm_share"), ("batch", "input_len"),
-         "share of time in communication", "ranks", ("measured", "projected on the target"), True),
-        ("scaling_efficiency.png", "nranks", ("scaling_eff", "proj_scaling_eff"), ("batch", "input_len"),
-         "scaling efficiency against 1 rank", "ranks", ("measured", "projected on the target"), True),
+         ("TPOT ms (this host, measured)", "TPOT ms (target, predicted)"), False),
+        ("comm_share.png", "nranks", ("comm_share", "pred_comm_share"), ("batch", "input_len"),
+         "share of time in communication", "ranks", ("this host, measured", "target, predicted"), True),
+        ("scaling_efficiency.png", "nranks", ("scaling_eff", "pred_scaling_eff"), ("batch", "input_len"),
+         "scaling efficiency against 1 rank", "ranks", ("this host, measured", "target, predicted"), True),
     ]
     for name, x, ys, series, title, xlabel, ylabels, percent in graphs:
         path = os.path.join(out, name)
@@ -272,6 +273,65 @@ def write_plots(out: str, rows: List[dict], collectives: List[dict]) -> List[str
         path = os.path.join(out, "collectives.png")
         if plot_collectives(path, collectives):
             written.append(path)
+    if prediction:
+        written += plot_prediction(out, prediction)
+    return written
+
+
+def plot_prediction(out: str, prediction: List[dict]) -> List[str]:
+    """The predicted grid: TPOT and output tok/s against chips (one panel per length pair, a line per
+    model, precision and batch), and where the time goes (compute, memory, communication, fixed costs)."""
+    plt = _pyplot()
+    ok = [r for r in prediction if r.get("status") == "ok"]
+    pairs = sorted({(r["input_len"], r["output_len"]) for r in ok})
+    written = []
+    for name, y, ylabel in (("prediction_tpot.png", "tpot_ms", "TPOT ms"),
+                            ("prediction_tokens_per_s.png", "output_tok_s", "output tok/s"),
+                            ("prediction_efficiency.png", "scaling_eff", "scaling efficiency")):
+        if not pairs:
+            break
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
+        for ax, (i, o) in zip(axes[0], pairs):
+            lines: Dict[tuple, list] = {}
+            for r in ok:
+                if (r["input_len"], r["output_len"]) == (i, o) and isinstance(r.get(y), (int, float)):
+                    lines.setdefault((r["model"], r["precision"], str(r["requested_batch"])), []).append(
+                        (r["chips"], r[y]))
+            for (model, precision, batch), pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                        label=f"{model} {precision} batch {batch}")
+            ax.set(xscale="log", xlabel="chips", ylabel=ylabel, title=f"in {i} / out {o}")
+            if y != "scaling_eff":
+                ax.set_yscale("log")
+            ax.set_xticks(sorted({r["chips"] for r in ok}))
+            ax.xaxis.set_major_formatter(plt.ScalarFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"predicted on {ok[0]['topology']} ({ok[0]['chip']} chips)")
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    shares = [r for r in ok if (r["input_len"], r["output_len"]) == pairs[0]] if pairs else []
+    if shares:
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(shares)), 4.5))
+        bottom = [0.0] * len(shares)
+        for part in ("compute", "memory", "comm", "fixed"):
+            v = [r[f"{part}_share"] for r in shares]
+            ax.bar(range(len(shares)), v, bottom=bottom, label=part)
+            bottom = [b + x for b, x in zip(bottom, v)]
+        ax.set_xticks(range(len(shares)))
+        ax.set_xticklabels([f"{r['model']} {r['precision']} n={r['chips']} b={r['requested_batch']}" for r in shares],
+                           rotation=90, fontsize=6)
+        ax.set(ylabel="share of the request's time", title=f"where the time goes (in {pairs[0][0]} / out {pairs[0][1]})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out, "prediction_shares.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
@@ -291,22 +351,30 @@ def _summary_table(rows: List[dict]) -> str:
 
 
 def write_summary(path: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict,
-                  topo, files: List[str]) -> None:
-    chip = next((r for r in rows if r.get("chip")), {})
-    lines = ["# ncl-bench report", "", f"Command: `{' '.join(command)}`", "",
-             "## Machine", "",
-             tabulate([[k, v] for k, v in facts.items() if k != "env"], headers=["fact", "value"], tablefmt="github"),
-             "", f"Target topology: **{getattr(topo, 'name', 'none')}**"
-             + (f", chip {chip.get('chip')}: {_fmt(chip.get('chip_tflops'))} TFLOP/s at {rows[0].get('dtype')}, "
-                f"{_fmt(chip.get('chip_membw_gbs'))} GB/s memory" if chip else ""), ""]
+                  topo, files: List[str], prediction: List[dict] = ()) -> None:
+    from .predict import table
+    lines = ["# ncl-bench report", "", f"Command: `{' '.join(command)}`", ""]
+    ok = [r for r in prediction if r.get("status") == "ok"]
+    if prediction:
+        chip = next((r["chip"] for r in ok), None)
+        lines += [f"## Prediction on {getattr(topo, 'name', '?')} ({chip} chips)", "",
+                  "What the sharded models do on the target server, from the chip and link model (nothing here is "
+                  "this host's time): TTFT and TPOT per request of a static batch, output tok/s over the batch, "
+                  "strong-scaling efficiency against 1 chip, what bounds the point (the largest of compute, memory "
+                  "and communication time) with each share, whether weights and KV cache fit the chips, and the "
+                  "largest batch they allow (*max batch*; batch *max* runs it, at most 1024).  TPOT floor: the "
+                  "weights and KV cache read at peak bandwidth plus the collectives' bytes at line rate.", ""]
+        for model in dict.fromkeys(r["model"] for r in prediction):
+            lines += [f"### {model}", "", table([r for r in prediction if r["model"] == model], "github"), ""]
     for sweep, srows in _sweeps(rows).items():
         first = srows[0]
-        lines += [f"## {sweep}", "",
-                  f"{first['model']}: {first['layers']} of {first.get('proj_layers') or '?'} layers measured "
-                  f"at full width, {first['dtype']}; *proj.* columns are projected to all "
-                  f"{first.get('proj_layers') or '?'} layers on the target topology.  Weights: "
-                  f"{first.get('weights', 'fast')} (see ncl.bench.weights); the ranks share this host's "
-                  f"{os.cpu_count()} cores.", "",
+        lines += [f"## This host's measurements: {sweep}", "",
+                  f"{first['model']}: {first['layers']} of {first.get('proj_layers') or '?'} layers measured at full "
+                  f"width, {first['dtype']}, on this host: its {os.cpu_count()} cores shared by every rank, so these "
+                  f"times and their scaling are the host's, not a chip's.  *All layers*: this host's time projected "
+                  f"to the full depth.  *Target* columns: the same point predicted on "
+                  f"{getattr(topo, 'name', 'the target')}.  Weights: {first.get('weights', 'fast')} "
+                  "(see ncl.bench.weights).", "",
                   _summary_table(srows), ""]
         for r in srows:
             if r.get("status") != "ok":
@@ -314,12 +382,14 @@ def write_summary(path: str, rows: List[dict], collectives: List[dict], command:
                              f"out {r['output_len']}: {r.get('error')}")
         lines.append("")
     if collectives:
-        lines += ["## Collectives (ncl-perf, out of place, float32)", "",
+        lines += ["## This host's collectives (ncl-perf, out of place, float32)", "",
                   tabulate([[r["collective"], r["nranks"], r["size"], _fmt(r["time_us"], 4), _fmt(r.get("busbw"), 3),
                              _fmt(r.get("emulated_us"), 4)] for r in collectives],
                            headers=["collective", "ranks", "bytes", "measured µs", "busbw GB/s", "emulated µs"],
                            tablefmt="github"), ""]
-    lines += ["## Method", "", METHOD, "", "## Files", ""]
+    lines += ["## Machine", "",
+              tabulate([[k, v] for k, v in facts.items() if k != "env"], headers=["fact", "value"], tablefmt="github"),
+              "", "## Method", "", METHOD, "", "## Files", ""]
     lines += [f"- [{os.path.basename(f)}]({os.path.basename(f)})" for f in files]
     lines += [""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in files if f.endswith(".png")]
     with open(path, "w") as f:
@@ -327,34 +397,32 @@ def write_summary(path: str, rows: List[dict], collectives: List[dict], command:
 
 
 def write_all(out: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict, topo,
-              dtype: str) -> List[str]:
+              dtype: str, prediction: List[dict] = ()) -> List[str]:
     """Every report file into out; returns their paths (summary.md last)."""
     os.makedirs(out, exist_ok=True)
     files = []
-    if rows:
-        path = os.path.join(out, "points.csv")
-        write_csv(path, rows, FIELDS, command)
-        files.append(path)
-    if collectives:
-        path = os.path.join(out, "collectives.csv")
-        write_csv(path, collectives, COLLECTIVE_FIELDS, command)
-        files.append(path)
+    for name, data, fields in (("prediction.csv", prediction, PREDICTION_FIELDS), ("points.csv", rows, FIELDS),
+                               ("collectives.csv", collectives, COLLECTIVE_FIELDS)):
+        if data:
+            write_csv(os.path.join(out, name), data, fields, command)
+            files.append(os.path.join(out, name))
     with open(os.path.join(out, "points.json"), "w") as f:
-        json.dump({"command": command, "machine": facts, "points": rows, "collectives": collectives}, f, indent=1,
-                  default=str)
+        json.dump({"command": command, "machine": facts, "points": rows, "collectives": collectives,
+                   "prediction": list(prediction)}, f, indent=1, default=str)
     files.append(os.path.join(out, "points.json"))
-    sheets = {name: (FIELDS, srows) for name, srows in _sweeps(rows).items()}
+    sheets = {"prediction": (PREDICTION_FIELDS, prediction)} if prediction else {}
+    sheets.update({f"host {name}": (FIELDS, srows) for name, srows in _sweeps(rows).items()})
     if collectives:
-        sheets["collectives"] = (COLLECTIVE_FIELDS, collectives)
+        sheets["host collectives"] = (COLLECTIVE_FIELDS, collectives)
     about = [["command", " ".join(command)], ["topology", getattr(topo, "name", None)], ["dtype", dtype]]
     about += [[k, json.dumps(v) if isinstance(v, dict) else v] for k, v in facts.items()]
     about += [["method", METHOD.replace("\n", " ")]]
     path = os.path.join(out, "ncl-bench.xlsx")
     write_xlsx(path, sheets, about)
     files.append(path)
-    files += write_plots(out, rows, collectives)
+    files += write_plots(out, rows, collectives, prediction)
     path = os.path.join(out, "summary.md")
-    write_summary(path, rows, collectives, command, facts, topo, files)
+    write_summary(path, rows, collectives, command, facts, topo, files, prediction)
     return files + [path]
 
 
@@ -378,11 +446,12 @@ def merge(reports: List[dict]) -> tuple:
         for r in data["points"]:
             key = tuple(r.get(k) for k in POINT_KEYS)
             if key not in points or r.get("status") == "ok" or points[key].get("status") != "ok":
-                points[key] = {k: v for k, v in r.items() if k not in ("scaling_eff", "proj_scaling_eff")}
+                points[key] = {k: v for k, v in r.items() if k not in ("scaling_eff", "pred_scaling_eff")}
     order = {name: i for i, name in enumerate(dict.fromkeys(k[0] for k in points))}
     rows = sorted(points.values(), key=lambda q: (order[q["sweep"]],) + point_order(q))
     metrics.add_efficiency(rows)
-    return rows, [c for data in reports for c in data["collectives"]]
+    prediction = next((data["prediction"] for data in reversed(reports) if data.get("prediction")), [])
+    return rows, [c for data in reports for c in data["collectives"]], prediction
 
 
 def _load(p, directory: str) -> dict:
@@ -399,12 +468,13 @@ def _load(p, directory: str) -> dict:
     return data
 
 
-def _write(out: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict) -> None:
+def _write(out: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict,
+           prediction: List[dict] = ()) -> None:
     from . import sizing
-    names = {r.get("topology") for r in rows if r.get("topology")}
+    names = {r.get("topology") for r in list(rows) + list(prediction) if r.get("topology")}
     topo = sizing.topology(names.pop()) if len(names) == 1 else None
     dtype = rows[0].get("dtype", "") if rows else ""
-    for path in write_all(out, rows, collectives, command, facts, topo, dtype):
+    for path in write_all(out, rows, collectives, command, facts, topo, dtype, prediction):
         log(f"# wrote {path}")
 
 
@@ -420,11 +490,12 @@ def main(argv=None) -> int:
     reports = [_load(p, d) for d in args.directory]
     if args.out is None:
         for directory, data in zip(args.directory, reports):
-            _write(directory, data["points"], data["collectives"], data["command"], data["machine"])
+            _write(directory, data["points"], data["collectives"], data["command"], data["machine"],
+                   data.get("prediction", []))
         return 0
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} exists and is not a directory")
-    rows, collectives = merge(reports)
+    rows, collectives, prediction = merge(reports)
     per_run = ("date", "ncl_commit", "sweep_wall_s")  # facts of one run: given per source instead
     facts = {k: v for k, v in reports[0]["machine"].items() if k not in per_run}
     for k, data in enumerate(reports):
@@ -432,7 +503,7 @@ def main(argv=None) -> int:
         facts[f"source {k + 1}"] = (f"{m.get('date', '?')}, ncl {m.get('ncl_commit', '?')}, "
                                     f"{m.get('sweep_wall_s', '?')} s: {' '.join(data['command'])}")
     command = ["python", "-m", "ncl.bench.report", "--out", args.out] + list(args.directory)
-    _write(args.out, rows, collectives, command, facts)
+    _write(args.out, rows, collectives, command, facts, prediction)
     return 0
 
 

@@ -1,5 +1,5 @@
 """What a point needs before it runs: per-rank parameter and KV-cache bytes, the peak of the
-activations, whether all ranks fit this host's memory; and the target chip's rates.
+activations, whether all ranks fit this host's memory.
 
 The byte counts come from the config alone (nothing is built), with the sharding rules of
 ncl.models: attention heads, FFN columns and the vocabulary split over TP (KV heads replicated
@@ -8,26 +8,16 @@ when TP exceeds them), experts split over EP, MXFP4 experts at 4.25 bits per wei
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
+
+from ncl.topology.arch import config_value  # noqa: F401  (the one reader of config fields; callers use it from here)
+from ncl.topology.chip import WEIGHT_BYTES
 
 PROCESS_BYTES = 450 << 20   # one rank's interpreter, torch, ncl and buffers: peak RSS less weights, 405B TP 8
 MOE_CHUNK_TOKENS = 8192     # MoE prefill passes: each pass decodes the MXFP4 experts anew, so fewer, larger ones
 HOST_RESERVE = 0.90         # use at most this share of MemAvailable
-MXFP4_BYTES = 0.5 + 1 / 32  # 4-bit values plus one e8m0 scale per 32
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-ALIASES = {
-    "n_layers": ("n_layers", "num_hidden_layers", "num_layers"),
-    "dim": ("dim", "hidden_size", "d_model"),
-    "n_heads": ("n_heads", "num_attention_heads", "num_heads"),
-    "n_kv_heads": ("n_kv_heads", "num_key_value_heads", "num_kv_heads"),
-    "head_dim": ("head_dim",),
-    "ffn_dim": ("ffn_dim", "expert_dim", "intermediate_size", "hidden_dim"),
-    "vocab_size": ("vocab_size",),
-    "num_experts": ("n_experts", "num_experts", "num_local_experts"),
-    "top_k": ("top_k", "experts_per_token", "num_experts_per_tok", "n_active_experts"),
-    "tie_embeddings": ("tie_embeddings", "tie_word_embeddings"),
-}
 
 
 def model_config(name: str, layers: Optional[int] = None):
@@ -44,18 +34,6 @@ def model_config(name: str, layers: Optional[int] = None):
 def torch_dtype(name: str):
     import torch
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def config_value(cfg, key: str, default=None):
-    """A field of a model config under any of its usual names."""
-    for name in ALIASES.get(key, (key,)):
-        if hasattr(cfg, name):
-            return getattr(cfg, name)
-    if key == "head_dim":
-        return config_value(cfg, "dim") // config_value(cfg, "n_heads")
-    if default is not None:
-        return default
-    raise AttributeError(f"{type(cfg).__name__} has no {key} (looked for {', '.join(ALIASES.get(key, (key,)))})")
 
 
 def is_moe(cfg) -> bool:
@@ -95,7 +73,7 @@ def footprint(cfg, tp: int, ep: int, nranks: int, batch: int, seq: int, dtype: s
     tables = (1 if config_value(cfg, "tie_embeddings", False) else 2) * math.ceil(v / tp) * d
     if is_moe(cfg):
         e = config_value(cfg, "num_experts")
-        experts = math.ceil(e / ep) * (3 * d * f * MXFP4_BYTES + (2 * f + d) * es)  # MXFP4 weights, biases
+        experts = math.ceil(e / ep) * (3 * d * f * WEIGHT_BYTES["mxfp4"] + (2 * f + d) * es)  # MXFP4 weights, biases
         layer = (attn + d * e + e) * es + experts
         act_ffn = batch * seq * config_value(cfg, "top_k") * 2 * f * 4  # routed copies, float32 worst case
     else:
@@ -150,21 +128,6 @@ def topology(name_or_path: Optional[str]):
 def fit_topology(topo, nranks: int):
     """topo grown to nranks chips when it has fewer (more servers of the same kind)."""
     return topo.scaled(nranks) if topo is not None and nranks > topo.num_chips else topo
-
-
-def chip_rates(topo, dtype: str) -> Dict[str, float]:
-    """Rank 0's chip: peak FLOP/s at dtype, memory bytes/s and bytes ({} when unknown)."""
-    spec = getattr(topo, "spec", None)
-    if spec is None or not spec.chips:
-        return {}
-    first = spec.placement[0] if spec.placement else spec.chips[0].name
-    chip = next((c for c in spec.chips if c.name == first), spec.chips[0])
-    tflops = chip.compute_tflops
-    peak = tflops.get(dtype) or tflops.get({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype])
-    if not peak:
-        return {}
-    return {"name": chip.name, "flops": peak * 1e12, "membw": chip.memory_bandwidth_gbps * 1e9,
-            "memory": chip.memory_gib * 2 ** 30}
 
 
 # ---- the split --------------------------------------------------------------------------------------------------

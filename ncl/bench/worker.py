@@ -1,8 +1,6 @@
 """One rank of an `ncl-bench infer` point (started by ncl-bench under ncl-run).
 
-Each rank builds only its shard of the model (seeded random weights), measures this host's
-matmul and memory rates with every rank running at once (what one rank gets of the shared
-cores), warms up, then times one batched prefill of random prompts and `output_len` greedy
+Each rank builds only its shard of the model (seeded random weights), warms up, then times one batched prefill of random prompts and `output_len` greedy
 decode steps.  Phase boundaries and every transformer layer's start and end are taken on the
 C core's clock (CLOCK_MONOTONIC), so the flight record's calls fall into phases and layers
 by their start time.  Rank 0 prints one JSON object (the point's row) on stdout; nothing else
@@ -18,7 +16,6 @@ import time
 import numpy as np
 
 from .metrics import PHASE_FIELDS
-RATE_S = 0.25  # each host-rate measurement runs this long
 
 
 def now() -> float:
@@ -70,32 +67,6 @@ class LayerClock:
     def _end(self, *_):
         if self.on:
             self.windows.append((self.start, now()))
-
-
-def host_rates(comm, dtype):
-    """(matmul FLOP/s, weight-streaming bytes/s) of this rank while all ranks measure at once: a
-    [64, 4096] x [4096, 4096] matmul (prefill-like), and a one-row matmul over a 128 MiB weight that
-    no cache holds (decode-like: the time is reading the weight)."""
-    import torch
-    rates = []
-    a, w = torch.randn(64, 4096).to(dtype), torch.randn(4096, 4096).to(dtype)
-    row, big = torch.randn(1, 16384).to(dtype), torch.empty((64 << 20) // 16384 * 2 // _itemsize(dtype), 16384,
-                                                              dtype=dtype).fill_(0.01)
-    for work, amount in ((lambda: torch.nn.functional.linear(a, w), 2 * 64 * 4096 * 4096),
-                         (lambda: torch.nn.functional.linear(row, big), big.numel() * big.element_size())):
-        work()
-        comm.barrier()
-        t0, n = now(), 0
-        while now() - t0 < RATE_S:
-            work()
-            n += 1
-        rates.append(amount * n / (now() - t0))
-    return rates
-
-
-def _itemsize(dtype) -> int:
-    import torch
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _record(comms, start: float):
@@ -213,14 +184,11 @@ def run(cfg, comm):
     topology = sizing.fit_topology(sizing.topology(cfg.topology) if cfg.topology else None, comm.size)
     mcfg, model, build_s = _build(cfg, comm)
     comms = _communicators(model, comm)
-    before = host_rates(comm, sizing.torch_dtype(cfg.dtype))
     phases, layer_windows, nxt = _generate(model, mcfg, _prompts(cfg, mcfg, comm), cfg, comm)
-    after = host_rates(comm, sizing.torch_dtype(cfg.dtype))  # the load of a shared host drifts: average both
-    flops, membw = ((x + y) / 2 for x, y in zip(before, after))
     calls, overflow = _record(comms, phases[0][0])
     costs = phase_costs(comms, calls, phases, layer_windows, topology)
     mine = np.concatenate([np.asarray(costs[f]) for f in PHASE_FIELDS] + [np.asarray(
-        [_param_bytes(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flops, membw, overflow,
+        [_param_bytes(model), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, overflow,
          build_s, sum(len(c) for c in calls)], dtype=np.float64)])
     every = comm.all_gather(mine).reshape(comm.size, -1) if comm.size > 1 else mine[None, :]
     return every, [int(x) for x in nxt.reshape(-1).tolist()], topology
@@ -232,24 +200,14 @@ def row_from(cfg, every, tokens, topology, nranks):
     nph = cfg.output_len + 1
     ranks = [{f: list(r[i * nph:(i + 1) * nph]) for i, f in enumerate(PHASE_FIELDS)} for r in every]
     extra = every[:, len(PHASE_FIELDS) * nph:]
-    params, rss, flops, membw, overflow, build_s, ncalls = (extra[:, k] for k in range(7))
-    chip = sizing.chip_rates(topology, cfg.dtype)
-    host = {"flops": float(np.min(flops)), "membw": float(np.min(membw))}
+    params, rss, overflow, build_s, ncalls = (extra[:, k] for k in range(5))
     full = sizing.config_value(sizing.model_config(cfg.model), "n_layers")
-    row = metrics.summarize(ranks, cfg.batch, cfg.input_len, cfg.output_len, cfg.layers, full, host, chip)
-    whole = sizing.model_config(cfg.model)  # the full depth on one target chip: weights + KV cache of a rank
-    need = sizing.footprint(whole, cfg.tp, cfg.ep, nranks, sizing.local_batch(whole, cfg.tp, cfg.ep, cfg.batch),
-                            cfg.input_len + cfg.output_len + 1, cfg.dtype)
-    row["proj_mem_gib_per_chip"] = (need.params + need.kv_cache) / 2 ** 30
-    if chip:
-        row["proj_fits_chip"] = need.params + need.kv_cache <= chip["memory"]
+    row = metrics.summarize(ranks, cfg.batch, cfg.input_len, cfg.output_len, cfg.layers, full)
     row.update(nranks=nranks, param_mb_per_rank=float(params.max()) / 2**20, rss_peak_mb=float(rss.max()) / 2**20,
-               host_gflops_per_rank=host["flops"] / 1e9, host_membw_gbs_per_rank=host["membw"] / 1e9,
                build_s=float(build_s.max()), threads_per_rank=max(1, len(os.sched_getaffinity(0)) // nranks),
                calls_recorded=int(ncalls.sum()), record_overflow=bool(overflow.any()), weights=cfg.weights,
-               topology=getattr(topology, "name", None), chip=chip.get("name"),
-               chip_tflops=chip["flops"] / 1e12 if chip else None, chip_membw_gbs=chip["membw"] / 1e9 if chip else None,
-               first_tokens=tokens[:8], per_rank={f: [sum(r[f]) for r in ranks] for f in ("wall", "comm")})
+               topology=getattr(topology, "name", None), first_tokens=tokens[:8],
+               per_rank={f: [sum(r[f]) for r in ranks] for f in ("wall", "comm")})
     return row
 
 

@@ -1,4 +1,4 @@
-"""Model architectures sharded with ncl: Llama 3.x (and gpt-oss, when its module is present).
+"""Model architectures sharded with ncl: Llama 3.x, EXAONE 4.0 (and gpt-oss, when its module is present).
 
     model = build_model("llama-tiny", comm)           # random weights, TP over comm
     tokens = Generator(model, max_batch=4, max_seq=64).generate(prompts, 16)
@@ -10,15 +10,24 @@ from typing import Tuple
 
 import torch
 
+from .exaone import EXAONE_CONFIGS, Exaone, ExaoneConfig, param_count as exaone_param_count
 from .generate import Generator
 from .llama import LLAMA_CONFIGS, Llama, LlamaConfig, param_count as llama_param_count
 
-CONFIGS = dict(LLAMA_CONFIGS)
+CONFIGS = {**LLAMA_CONFIGS, **EXAONE_CONFIGS}
 try:
     from .gpt_oss import GPT_OSS_CONFIGS
     CONFIGS.update(GPT_OSS_CONFIGS)
 except ImportError:
     GPT_OSS_CONFIGS = {}
+
+# the dense models: config class, model class, parameter count (every parameter active for every token)
+DENSE = ((LlamaConfig, Llama, llama_param_count), (ExaoneConfig, Exaone, exaone_param_count))
+
+
+def _dense(cfg):
+    """(model class, parameter count) of a dense model's config; None for any other config."""
+    return next(((model, count) for kind, model, count in DENSE if isinstance(cfg, kind)), None)
 
 
 def get_config(name: str, **overrides):
@@ -38,16 +47,17 @@ def _config(name_or_cfg):
 
 def build_model(name_or_cfg, group=None, *, tp=None, ep=None, dtype=torch.float32, seed: int = 0, checkpoint=None):
     """A model of a config (or its name) over group, with seeded random weights or a checkpoint's.
-    Llama is tensor-parallel over the whole group (tp, if given, must equal its size; ep must be
-    None or 1); gpt-oss takes its TP x EP split from tp and ep."""
+    Llama and EXAONE are tensor-parallel over the whole group (tp, if given, must equal its size; ep
+    must be None or 1); gpt-oss takes its TP x EP split from tp and ep."""
     cfg = _config(name_or_cfg)
-    if isinstance(cfg, LlamaConfig):
-        size = 1 if group is None else getattr(group, "size", None)
+    dense = _dense(cfg)
+    if dense is not None:
+        model, name, size = dense[0], dense[0].__name__, 1 if group is None else getattr(group, "size", None)
         if tp is not None and size is not None and tp != size:
-            raise ValueError(f"Llama is tensor-parallel over the whole group: tp={tp}, but the group has {size} ranks")
+            raise ValueError(f"{name} is tensor-parallel over the whole group: tp={tp}, but the group has {size} ranks")
         if ep not in (None, 1):
-            raise ValueError(f"Llama has no experts: ep must be 1, not {ep}")
-        return Llama(cfg, group, dtype=dtype, seed=seed, checkpoint=checkpoint)
+            raise ValueError(f"{name} has no experts: ep must be 1, not {ep}")
+        return model(cfg, group, dtype=dtype, seed=seed, checkpoint=checkpoint)
     if GPT_OSS_CONFIGS:
         from .gpt_oss import GptOss, GptOssConfig
         if isinstance(cfg, GptOssConfig):
@@ -58,8 +68,9 @@ def build_model(name_or_cfg, group=None, *, tp=None, ep=None, dtype=torch.float3
 def param_counts(name_or_cfg) -> Tuple[int, int]:
     """(total, active per token) parameters of a config."""
     cfg = _config(name_or_cfg)
-    if isinstance(cfg, LlamaConfig):
-        n = llama_param_count(cfg)
+    dense = _dense(cfg)
+    if dense is not None:
+        n = dense[1](cfg)
         return n, n
     if GPT_OSS_CONFIGS:
         from .gpt_oss import GptOssConfig, param_count as gpt_oss_param_count
@@ -79,4 +90,5 @@ def memory_bytes(model) -> dict:
     return {"weights": total(model.parameters()), "buffers": total(model.buffers())}
 
 
-__all__ = ["CONFIGS", "get_config", "build_model", "param_counts", "memory_bytes", "Generator", "Llama", "LlamaConfig"]
+__all__ = ["CONFIGS", "get_config", "build_model", "param_counts", "memory_bytes", "Generator", "Llama", "LlamaConfig",
+           "Exaone", "ExaoneConfig"]

@@ -72,6 +72,7 @@ class LlamaConfig:
 LLAMA_CONFIGS = {
     "llama-3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336),
     "llama-3.3-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
+    "llama-3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),  # 3.3's architecture
     "llama-3.1-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248),
     # for tests: 2 KV heads, so TP 4 and 8 replicate them; long-context rope scaling as the big ones
     "llama-tiny": LlamaConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=256,

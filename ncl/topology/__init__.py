@@ -1,5 +1,6 @@
 """The emulated interconnect: topology files, rings and trees over their links, and a link cost model
-that predicts what a collective's traffic would take on the described hardware.
+that predicts what a collective's traffic would take on the described hardware; chip types (chip.py) and
+the operator-level cost model of sharded inference on them (arch.py, inference.py, predict.py).
 
     from ncl.topology import load_topology, default_topology
     topo = load_topology("pcie-gen5-8card")          # a shipped name (topology/*.yaml) or a path
@@ -12,8 +13,11 @@ Schema of a topology file (YAML; unknown keys are errors, every number positive 
 
     name: str                          # required
     description: str
-    chip_types:                        # optional shared fields, referenced by chips[].type
-      TYPE: {memory_gib, memory_bandwidth_gbps, compute_tflops: {DTYPE: TFLOP/s}}
+    chip_types:                        # optional shared fields, referenced by chips[].type; a type not
+      TYPE: {memory_gib, memory_bandwidth_gbps,          # declared here comes from topology/chips/TYPE.yaml
+             compute_tflops: {PRECISION: dense TFLOP/s}, sram_mib, tdp_w, idle_w, compute_efficiency,
+             memory_efficiency, kernel_overhead_us, calibrated_from, calibrated_field,
+             sources: {FIELD: where the figure comes from}}   # a type that cites must cite every field
     chips:                             # required, at least one
       - {name, type | memory_gib + memory_bandwidth_gbps [+ compute_tflops]}
       - {name: "npu{i}", count: 8, type: rngd}       # count: N expands {i}, {i+1}, {(i+1)%8}, ...
@@ -21,7 +25,7 @@ Schema of a topology file (YAML; unknown keys are errors, every number positive 
       - {name, kind: pcie|nvswitch|ethernet|memory|cpu, bandwidth_gbps (aggregate, optional),
          staging: bool (a shared memory chips copy through), slot_mib (its chunk size)}
     links:                             # required; a and b: chip, switch or nic names
-      - {a, b, bandwidth_gbps (GB/s per direction), latency_us (>= 0), kind}
+      - {a, b, bandwidth_gbps (GB/s per direction), efficiency (payload share, default 1), latency_us, kind}
       - {a: "chip{i}", b: "chip{(i+1)%8}", count: 8, ...}
     hosts:                             # default: one host with every chip
       - {name, chips: [names], nics: [names], cpus (chips are processes sharing them),

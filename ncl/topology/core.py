@@ -133,6 +133,14 @@ class Topology:
         return f"Topology({self.name!r}, {self.num_chips} chips)"
 
 
+def uniform_matrix(totals: Sequence[int], members: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """Transfers (src, dst, bytes) between world ranks when group rank i sends totals[i] bytes spread
+    evenly over the group (its own share stays local): an all_to_allv under balanced routing."""
+    n = len(members)
+    return [(members[i], members[j], totals[i] // n) for i in range(n) for j in range(n)
+            if i != j and totals[i] // n > 0]
+
+
 _LOADED: Dict[str, Topology] = {}
 
 

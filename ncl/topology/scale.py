@@ -15,6 +15,8 @@ from .schema import Spec, parse
 
 
 def _chip(c) -> dict:
+    if c.type is not None:  # keeps the chip type (its rates, power and sources) in the grown file
+        return {"name": c.name, "type": c.type.name}
     return {"name": c.name, "memory_gib": c.memory_gib, "memory_bandwidth_gbps": c.memory_bandwidth_gbps,
             "compute_tflops": dict(c.compute_tflops)}
 
@@ -28,7 +30,8 @@ def scale(spec: Spec, nchips: int) -> Spec:
     if not isinstance(nchips, int) or isinstance(nchips, bool) or nchips < 1:
         raise ValueError(f"nchips must be a positive integer, not {nchips!r}")
     kind = spec.scale.get("kind", "servers")
-    raw = {"name": f"{spec.name}-x{nchips}", "description": f"{spec.name} scaled to {nchips} chips"}
+    raw = {"name": f"{spec.name}-x{nchips}", "description": f"{spec.name} scaled to {nchips} chips",
+           "chip_types": spec.raw.get("chip_types", {})}
     if kind in ("ring", "torus"):
         shape = _torus_shape(nchips, spec) if kind == "torus" else (nchips,)
         raw["chips"] = [dict(_chip(spec.chips[0]), name=f"chip{i}") for i in range(nchips)]

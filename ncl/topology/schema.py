@@ -5,7 +5,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from .chip import CALIBRATED_FIELDS, FIELDS as CHIP_TYPE_FIELDS, NUMBER_FIELDS as CHIP_NUMBERS, ChipType
+
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topology")
+CHIPS_DIR = os.path.join(SHIPPED_DIR, "chips")
 NODE_KINDS = ("chip", "switch", "nic")
 
 
@@ -15,6 +18,7 @@ class Chip:
     memory_gib: float
     memory_bandwidth_gbps: float
     compute_tflops: Dict[str, float]
+    type: Optional[ChipType] = None   # the chip type it was declared with (None: fields given inline)
 
 
 @dataclass
@@ -30,7 +34,7 @@ class Switch:
 class Link:
     a: str
     b: str
-    bandwidth_gbps: float   # per direction
+    bandwidth_gbps: float   # payload GB/s per direction: the line rate times the file's efficiency
     latency_us: float
     kind: str = ""
 
@@ -147,9 +151,11 @@ def parse(data: Any, path: str) -> Spec:
     ct = top.get("chip_types", {})
     if not isinstance(ct, dict):
         ck.fail("chip_types", f"must be a mapping of type name to fields, not {ct!r}")
+    chip_types: Dict[str, ChipType] = {}
     for tname, tval in ct.items():
-        types[tname] = ck.keys(tval, f"chip_types.{tname}", (), ("memory_gib", "memory_bandwidth_gbps",
-                                                                 "compute_tflops"))
+        types[tname] = ck.keys(tval, f"chip_types.{tname}", ("memory_gib", "memory_bandwidth_gbps"),
+                               CHIP_TYPE_FIELDS)
+        chip_types[tname] = _chip_type(str(tname), types[tname], ck)
     nodes: Dict[str, str] = {}
 
     def add_node(n: str, kind: str, where: str):
@@ -163,8 +169,12 @@ def parse(data: Any, path: str) -> Spec:
         fields = {}
         if "type" in item:
             t = ck.string(item, "type", where)
+            if t not in types and t in shipped_chip_types():  # the shipped chip library (topology/chips/)
+                types[t] = shipped_chip_types()[t]
+                chip_types[t] = _chip_type(t, types[t], _Checker(os.path.join(CHIPS_DIR, t + ".yaml")))
             if t not in types:
-                ck.fail(f"{where}.type", f"{t!r} is not one of chip_types ({', '.join(types) or 'none'})")
+                ck.fail(f"{where}.type", f"{t!r} is neither one of chip_types ({', '.join(types) or 'none'}) nor "
+                                         f"a shipped chip type ({', '.join(sorted(shipped_chip_types()))})")
             fields.update(types[t])
         fields.update({k: v for k, v in item.items() if k not in ("name", "type")})
         for key in ("memory_gib", "memory_bandwidth_gbps"):
@@ -176,8 +186,10 @@ def parse(data: Any, path: str) -> Spec:
         compute = {str(k): ck.number(tf, k, f"{where}.compute_tflops") for k in tf}
         cname = ck.string(item, "name", where)
         add_node(cname, "chip", f"{where}.name")
+        inline = set(item) - {"name", "type"}
         chips.append(Chip(cname, ck.number(fields, "memory_gib", where),
-                          ck.number(fields, "memory_bandwidth_gbps", where), compute))
+                          ck.number(fields, "memory_bandwidth_gbps", where), compute,
+                          chip_types.get(item.get("type")) if not inline else None))
     if not chips:
         ck.fail("chips", "must list at least one chip")
 
@@ -223,14 +235,17 @@ def parse(data: Any, path: str) -> Spec:
 
     links = []
     for where, item in _expand(ck.list_of(top, "links", ""), ck, "links", ("a", "b")):
-        ck.keys(item, where, ("a", "b", "bandwidth_gbps", "latency_us"), ("kind",))
+        ck.keys(item, where, ("a", "b", "bandwidth_gbps", "latency_us"), ("kind", "efficiency"))
         a, b = ck.string(item, "a", where), ck.string(item, "b", where)
         for key, end in (("a", a), ("b", b)):
             if end not in nodes:
                 ck.fail(f"{where}.{key}", f"{end!r} is not a chip, switch or nic of this file")
         if a == b:
             ck.fail(f"{where}.b", f"joins {a!r} to itself")
-        links.append(Link(a, b, ck.number(item, "bandwidth_gbps", where),
+        efficiency = ck.number(item, "efficiency", where, 1.0)
+        if efficiency > 1:
+            ck.fail(f"{where}.efficiency", f"is the payload share of the line rate, in (0, 1], not {efficiency!r}")
+        links.append(Link(a, b, ck.number(item, "bandwidth_gbps", where) * efficiency,
                           ck.number(item, "latency_us", where, allow_zero=True), item.get("kind", "")))
     if not links and len(chips) > 1:
         ck.fail("links", "must join the chips (none given)")
@@ -254,6 +269,38 @@ def parse(data: Any, path: str) -> Spec:
     for key in ("nic_bandwidth_gbps", "nic_latency_us"):
         ck.number(scale, key, "scale", allow_zero=key == "nic_latency_us")
     return Spec(name, path, str(top.get("description", "")), chips, switches, links, hosts, placement, scale, top)
+
+
+def _chip_type(name: str, obj: dict, ck: _Checker) -> ChipType:
+    """A chip type whose every figure names its source: `sources` maps each field given (and each
+    compute_tflops precision, or compute_tflops as a whole) to where it comes from."""
+    where = f"chip_types.{name}"
+    sources = obj.get("sources", {})
+    if not isinstance(sources, dict) or not all(isinstance(v, str) and v.strip() for v in sources.values()):
+        ck.fail(f"{where}.sources", f"must map field names to non-empty source strings, not {sources!r}")
+    tf = obj.get("compute_tflops", {})
+    if not isinstance(tf, dict):
+        ck.fail(f"{where}.compute_tflops", f"must be a mapping of precision to TFLOP/s, not {tf!r}")
+    compute = {str(k): ck.number(tf, k, f"{where}.compute_tflops") for k in tf}
+    numbers = {k: ck.number(obj, k, where) for k in CHIP_NUMBERS if k in obj}
+    for key in ("compute_efficiency", "memory_efficiency"):
+        if numbers.get(key, 1.0) > 1:
+            ck.fail(f"{where}.{key}", f"is a share of the peak, in (0, 1], not {numbers[key]!r}")
+    if "kernel_overhead_us" in obj:
+        numbers["kernel_overhead_us"] = ck.number(obj, "kernel_overhead_us", where, allow_zero=True)
+    if sources:  # a type that cites at all must cite everything it gives
+        needed = [k for k in numbers] + ([] if "compute_tflops" in sources else [f"compute_tflops.{p}" for p in compute])
+        missing = [k for k in needed if k not in sources]
+        if missing:
+            ck.fail(f"{where}.sources", f"gives no source for {', '.join(missing)}")
+    calibrated, field_ = obj.get("calibrated_from"), obj.get("calibrated_field")
+    if calibrated is not None and not (isinstance(calibrated, str) and calibrated.strip()):
+        ck.fail(f"{where}.calibrated_from", f"must name a published point, not {calibrated!r}")
+    if (calibrated is None) != (field_ is None) or (field_ is not None and field_ not in CALIBRATED_FIELDS):
+        ck.fail(f"{where}.calibrated_field", f"must be one of {', '.join(CALIBRATED_FIELDS)}, given with "
+                                            f"calibrated_from, not {field_!r}")
+    return ChipType(name, compute_tflops=compute, sources=dict(sources), calibrated_from=calibrated,
+                    calibrated_field=field_, **numbers)
 
 
 def _name_list(obj: dict, key: str, where: str, ck: _Checker) -> List[str]:
@@ -289,6 +336,23 @@ def resolve(name_or_path: str) -> str:
         if os.path.isfile(cand):
             return cand
     raise ValueError(f"no topology {name_or_path!r}: neither a file nor one of {', '.join(shipped_names())}")
+
+
+def shipped_chip_types() -> Dict[str, dict]:
+    """The chip library: topology/chips/<type>.yaml, each one chip type's fields and sources (read once)."""
+    if not _CHIP_LIBRARY:
+        import yaml
+        names = sorted(f[:-5] for f in os.listdir(CHIPS_DIR) if f.endswith(".yaml")) if os.path.isdir(CHIPS_DIR) else []
+        for name in names:
+            path = os.path.join(CHIPS_DIR, name + ".yaml")
+            with open(path) as f:
+                data = yaml.safe_load(f)
+            _Checker(path).keys(data, "", ("memory_gib", "memory_bandwidth_gbps"), CHIP_TYPE_FIELDS)
+            _CHIP_LIBRARY[name] = data
+    return _CHIP_LIBRARY
+
+
+_CHIP_LIBRARY: Dict[str, dict] = {}
 
 
 def shipped_names() -> List[str]:

@@ -1,0 +1,52 @@
+"""The calls a sharded model really makes: the program test_predict.py runs under `ncl-run -n N`.
+Builds MODEL (a tiny config) over the world with TP and EP, prefills a batch in one chunk and decodes
+a few steps, and writes each rank's flight record of that generation, every communicator's calls
+merged in the order they began: OUT_DIR/rank<r>.json {"rank", "failures", "calls": [[kind, bytes,
+group size], ...]}.  argv: OUT_DIR MODEL TP EP BATCH PROMPT STEPS."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+import ncl
+from ncl.models import Generator, build_model, get_config
+
+
+def communicators(model, world):
+    from ncl.torch.tp import Group
+    found = [world]
+    for module in model.modules():
+        for value in vars(module).values():
+            comm = value.group if isinstance(value, Group) and value.is_ncl else value
+            if isinstance(comm, ncl.Communicator) and all(comm is not c for c in found):
+                found.append(comm)
+    return found
+
+
+def main():
+    out, name, tp, ep, batch, prompt, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+    comm = ncl.init()
+    cfg = get_config(name)
+    moe = hasattr(cfg, "n_experts")
+    model = build_model(cfg, comm, tp=tp, ep=ep if moe else None, dtype=torch.bfloat16, seed=3)
+    groups = comm.size // tp if moe else 1  # a MoE rank runs its data-parallel group's share of the batch
+    mine = batch // groups
+    tokens = torch.randint(0, cfg.vocab_size, (mine, prompt), generator=torch.Generator().manual_seed(comm.rank // tp))
+    with torch.inference_mode():
+        gen = Generator(model, max_batch=mine, max_seq=prompt + steps + 1, chunk_tokens=1 << 20)
+        comm.barrier()
+        start = time.clock_gettime(time.CLOCK_MONOTONIC)
+        nxt = gen.prefill(tokens)
+        for _ in range(steps):
+            nxt = gen.decode(nxt)
+    calls = [(e["begin_s"], e["collective"], e["bytes"], c.size) for c in communicators(model, comm)
+             for e in c.flight_record() if e["begin_s"] >= start]
+    with open(os.path.join(out, f"rank{comm.rank}.json"), "w") as f:
+        json.dump({"rank": comm.rank, "failures": [], "calls": [c[1:] for c in sorted(calls)]}, f)
+    comm.close()
+
+
+if __name__ == "__main__":
+    main()
