@@ -6,11 +6,12 @@
 """
 from . import log
 from ._native import kernel_isa
-from .bootstrap import get_unique_id, init
+from .bootstrap import init
 from .buffers import ReduceOp
 from .comm import Communicator
 from .errors import (NclError, NclMismatchError, NclPeerError, NclStateError, NclSystemError,
                      NclTimeoutError)
+from .job import get_unique_id
 from .work import Work
 
 SUM, PROD, MIN, MAX, AVG = ReduceOp.SUM, ReduceOp.PROD, ReduceOp.MIN, ReduceOp.MAX, ReduceOp.AVG

@@ -2,42 +2,13 @@
 (as ncclCommInitRank with a unique id), or alone as a group of one."""
 import numbers
 import os
-import secrets
 import string
 from typing import Optional
 
-from . import env, tuning
-from ._native import ffi
-from .comm import Communicator, segment_name
-
-
-def get_unique_id() -> str:
-    """A fresh secret id for a new job (128 random bits, hex); share it with every rank."""
-    return secrets.token_hex(16)
-
-
-def options(nranks: int, timeout: Optional[float] = None, host_ranks: Optional[int] = None):
-    """The C core's options, from the NCL_* knobs and the cost model; every rank must use the
-    same sizes.  host_ranks: processes of the job on this machine (default: NCL_LOCAL_WORLD_SIZE
-    from ncl-run, else nranks); more than the CPUs means no spinning."""
-    opts = ffi.new("ncl_options *")
-    opts.host_ranks = max(nranks, host_ranks or env.get("NCL_LOCAL_WORLD_SIZE") or nranks)
-    opts.one_shot_max_bytes, opts.direct_min_bytes, opts.cma_all_reduce_min_bytes = tuning.thresholds(nranks)
-    opts.cma_min_bytes = env.get("NCL_CMA_MIN_BYTES") if env.get("NCL_CMA") else 0
-    opts.staging_bytes = env.get("NCL_BUFFSIZE")
-    opts.p2p_bytes = env.get("NCL_P2P_BUFFSIZE")
-    opts.timeout_s = env.get("NCL_TIMEOUT") if timeout is None else timeout
-    opts.spin_us = env.get("NCL_SPIN_US")
-    opts.yield_us = env.get("NCL_YIELD_US")
-    opts.flight_entries = env.get("NCL_TRACE_BUFFER")
-    opts.verify_calls = env.get("NCL_CHECK_CALLS")
-    for field, minimum in (("staging_bytes", 4096), ("p2p_bytes", 4096)):
-        if getattr(opts, field) < minimum:
-            knob = "NCL_BUFFSIZE" if field == "staging_bytes" else "NCL_P2P_BUFFSIZE"
-            raise ValueError(f"{knob} must be at least {minimum} bytes, not {getattr(opts, field)}")
-    if not opts.timeout_s > 0:
-        raise ValueError(f"NCL_TIMEOUT (or timeout=) must be > 0 seconds, not {opts.timeout_s}")
-    return opts
+from . import env
+from .comm import Communicator
+from .job import get_unique_id, segment_name
+from .tuning import options
 
 
 def _check_int(value, name: str) -> int:

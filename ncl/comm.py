@@ -7,7 +7,6 @@ stay in program order).  The C core releases the GIL while it waits and copies.
 A communicator is not safe to use from several threads at once (as in NCCL).
 """
 import concurrent.futures
-import hashlib
 import math
 import time
 import weakref
@@ -20,19 +19,12 @@ from ._native import check, error, ffi, lib
 from .buffers import (SUPPORTED, Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank,
                       output, rows)
 from .errors import NclStateError
-from .launch import shm_prefix
+from .job import segment_name
 from .work import Work
 
 # (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
 # Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
 _GROUP_FAILURES = (lib.NCL_ERR_TIMEOUT, lib.NCL_ERR_PEER, lib.NCL_ERR_MISMATCH)
-
-
-def segment_name(unique_id: str, label: str) -> str:
-    """Shared-memory name of a communicator: the job's prefix (so that ncl-run can clean up
-    after a crash) plus a digest of the secret id, so that nobody can guess it."""
-    digest = hashlib.sha256(f"{unique_id}/{label}".encode()).hexdigest()[:32]
-    return "/" + shm_prefix(unique_id) + digest
 
 
 def _dtypes(dtype):
@@ -530,4 +522,4 @@ class Communicator:
         return Communicator._create(name, label, new_rank, len(members), self._unique_id, options)
 
 
-__all__ = ["Communicator", "segment_name"]
+__all__ = ["Communicator"]

@@ -33,10 +33,11 @@ import numpy as np
 
 from . import env, log
 from ._native import ffi, lib
-from .bootstrap import get_unique_id, options
-from .comm import Communicator, segment_name
+from .comm import Communicator
 from .errors import NclError, NclMismatchError, NclStateError
+from .job import get_unique_id, segment_name
 from .transport.mpi import MpiTransport, import_mpi
+from .tuning import options
 
 _TAG = 77
 # Up to this many bytes a message crosses hosts in the fewest rounds: reduced onto each

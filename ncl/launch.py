@@ -12,12 +12,11 @@ Guarantees:
 - whatever shared memory the job left in /dev/shm is removed on the way out;
 - --hosts K > 1 splits the ranks into K emulated hosts that talk over MPI: mpiexec starts
   them (NCL_HOSTS=K; ranks come from MPI_COMM_WORLD).
-Standard library only, so it starts fast and works even if the C core does not.
+Standard library only (and ncl.job's names), so it starts fast.
 """
 import argparse
 import glob
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -27,14 +26,11 @@ import threading
 import time
 from typing import List, Optional
 
+from .job import get_unique_id, shm_prefix
+
 GRACE_S = 3.0
 REPORT_S = 2.0  # after a rank fails, the others get this long to notice (~0.1 s) and report it themselves
 POLL_S = 0.02
-
-
-def shm_prefix(unique_id: str) -> str:
-    """Name prefix (in /dev/shm) of every shared-memory segment of the job `unique_id`."""
-    return f"ncl-{unique_id[:12]}-"
 
 
 def remove_job_segments(unique_id: str) -> None:
@@ -199,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.timeout is not None and not args.timeout > 0:
         parser.error("--timeout must be positive")
 
-    uid, port, n = secrets.token_hex(16), _free_port(), args.nproc
+    uid, port, n = get_unique_id(), _free_port(), args.nproc
     procs: List[subprocess.Popen] = []
     signals: List[int] = []  # every SIGINT / SIGTERM received, in order
 

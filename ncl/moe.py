@@ -21,7 +21,7 @@ import torch
 
 from . import buffers, scratch
 from ._native import check, ffi, lib
-from .torch.tp import Group
+from .group import Group
 
 
 class Layout(NamedTuple):

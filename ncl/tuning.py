@@ -14,15 +14,16 @@ path stays a comparison in C):
                          from here up (when the kernel allows it between the ranks)
 Rank counts between calibrated ones use the next larger one.  NCL_ALGO forces an all_reduce
 algorithm; NCL_ONE_SHOT_MAX_BYTES and NCL_DIRECT_MIN_BYTES override the thresholds.
+`options` hands the thresholds and the other NCL_* knobs to the C core when a communicator is created.
 """
 import bisect
 import functools
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import env
-from ._native import lib
+from ._native import ffi, lib
 
 ALGORITHMS = {"one_shot": lib.NCL_ALGO_ONE_SHOT, "two_shot": lib.NCL_ALGO_TWO_SHOT, "direct": lib.NCL_ALGO_DIRECT,
               "cma": lib.NCL_ALGO_CMA}
@@ -112,3 +113,27 @@ def forced_all_reduce_algorithm() -> int:
     if name not in ALGORITHMS:
         raise ValueError(f"NCL_ALGO={name!r} is not an all_reduce algorithm; choose one of {sorted(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+def options(nranks: int, timeout: Optional[float] = None, host_ranks: Optional[int] = None):
+    """The C core's options, from the NCL_* knobs and the cost model; every rank must use the
+    same sizes.  host_ranks: processes of the job on this machine (default: NCL_LOCAL_WORLD_SIZE
+    from ncl-run, else nranks); more than the CPUs means no spinning."""
+    opts = ffi.new("ncl_options *")
+    opts.host_ranks = max(nranks, host_ranks or env.get("NCL_LOCAL_WORLD_SIZE") or nranks)
+    opts.one_shot_max_bytes, opts.direct_min_bytes, opts.cma_all_reduce_min_bytes = thresholds(nranks)
+    opts.cma_min_bytes = env.get("NCL_CMA_MIN_BYTES") if env.get("NCL_CMA") else 0
+    opts.staging_bytes = env.get("NCL_BUFFSIZE")
+    opts.p2p_bytes = env.get("NCL_P2P_BUFFSIZE")
+    opts.timeout_s = env.get("NCL_TIMEOUT") if timeout is None else timeout
+    opts.spin_us = env.get("NCL_SPIN_US")
+    opts.yield_us = env.get("NCL_YIELD_US")
+    opts.flight_entries = env.get("NCL_TRACE_BUFFER")
+    opts.verify_calls = env.get("NCL_CHECK_CALLS")
+    for field, minimum in (("staging_bytes", 4096), ("p2p_bytes", 4096)):
+        if getattr(opts, field) < minimum:
+            knob = "NCL_BUFFSIZE" if field == "staging_bytes" else "NCL_P2P_BUFFSIZE"
+            raise ValueError(f"{knob} must be at least {minimum} bytes, not {getattr(opts, field)}")
+    if not opts.timeout_s > 0:
+        raise ValueError(f"NCL_TIMEOUT (or timeout=) must be > 0 seconds, not {opts.timeout_s}")
+    return opts

@@ -20,10 +20,10 @@ import torch
 
 from harness import ncl_run_argv, program_failures
 from ncl.models import CONFIGS, Generator, Llama, build_model, get_config, memory_bytes, param_counts
-from ncl.models.checkpoint import CheckpointWeights, load_shard, read_config, write_checkpoint
+from ncl.models.checkpoint import CheckpointWeights, read_config, write_checkpoint
 from ncl.models.layers import KVCache, apply_rope, attention, rope_frequencies
 from ncl.models.llama import Attention, LlamaConfig, weight_shapes
-from ncl.models.weights import RandomWeights, TensorWeights, random_shard
+from ncl.models.weights import RandomWeights, TensorWeights, load_shard, random_shard
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_program.py")
 CHECKPOINT_SEED = 21

@@ -188,7 +188,7 @@ def test_predict_prints_a_grid_and_json(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "nope"], "unknown model"),
+    (["--model", "nope"], "unknown: nope"),
     (["--model", "llama-3.1-8b", "--precision", "fp4x"], "--precision takes"),
     (["--model", "llama-3.1-8b", "--tp", "0"], "must be >= 1"),
     (["--model", "llama-3.1-8b", "--batch", "big"], "or max"),

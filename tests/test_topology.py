@@ -7,6 +7,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from ncl.perf import report as perf_report  # noqa: E402
 from ncl.topology import cli, graph  # noqa: E402
 from ncl.topology import calibrate as calib  # noqa: E402
 from ncl.topology.core import Topology, default_topology, load_topology  # noqa: E402
@@ -279,11 +280,40 @@ def test_this_host_validates_against_committed_measurements():
              ("all_reduce_np2_4_8_pow2.json", "all_gather_np2_np8.json", "all_to_all_np2_np8.json")]
     if not all(os.path.exists(f) for f in files):
         pytest.skip("the committed benchmark results are not here")
-    rows = calib.rows_from_json(files)
+    rows = calib.validation_rows([r for f in files for r in perf_report.load(f)["summary"]])
     assert {(c, n) for c, n, _, _ in rows} >= {("all_reduce", 2), ("all_reduce", 8), ("all_to_all", 8)}
     text, median = calib.validate(load_topology("this-host"), rows)
     assert "median absolute error" in text
     assert median <= 0.25
+
+
+def test_calibrate_from_committed_sweeps_writes_a_valid_topology(tmp_path, capsys):
+    """ncl-topo calibrate --measured: the fit from ncl-perf JSON files, no rank started."""
+    files = [os.path.join(REPO, "benchmarks", "results", f + "_np2_np8.json") for f in ("broadcast", "all_gather")]
+    if not all(os.path.exists(f) for f in files):
+        pytest.skip("the committed benchmark results are not here")
+    out = tmp_path / "host.yaml"
+    assert cli.main(["calibrate", "--measured", *files, "--out", str(out)]) == 0
+    assert f"# wrote {out}" in capsys.readouterr().out
+    assert load_topology(str(out)).num_chips == 8
+
+
+def test_calibration_figures_from_sweeps():
+    """Latency: the fastest small broadcast; copy rates: bytes over (time - latency), best in cache."""
+    bc = {8: 5.0, 512: 4.0, 1 << 20: 4.0 + (1 << 20) / 20e3, 64 << 20: 4.0 + (64 << 20) / 10e3}
+    ag = {1 << 20: 4.0 + 2 * (1 << 20) / 40e3, 64 << 20: 4.0 + 2 * (64 << 20) / 16e3}
+    m = calib.figures({"broadcast": bc, "all_gather": ag, "broadcast8": {8: 30.0, 512: 24.0}})
+    assert (m["latency_us"], m["latency8_us"]) == (4.0, 24.0)
+    got = [m[k] for k in ("core_gbps", "core_cached_gbps", "all_gbps", "all_cached_gbps")]
+    assert got == pytest.approx([10.0, 20.0, 16.0, 40.0])
+    slow = {"collective": "broadcast", "nranks": 2, "backend": "ncl", "in_place": False, "size": 8, "time_us": 9.0}
+    fast = dict(slow, time_us=3.0)
+    eight = dict(slow, nranks=8)
+    gather = dict(slow, collective="all_gather")
+    sweeps = calib.sweeps_from_rows({"a.json": [slow, eight, gather], "b.json": [fast, dict(slow, in_place=True)]})
+    assert sweeps == {"broadcast": {8: 3.0}, "broadcast8": {8: 9.0}, "all_gather": {8: 9.0}}  # the best of the files
+    with pytest.raises(ValueError, match="none of a.json has an ncl sweep of all_gather"):
+        calib.sweeps_from_rows({"a.json": [slow, eight]})
 
 
 def test_calibrated_file_is_a_valid_topology(tmp_path):

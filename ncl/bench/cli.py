@@ -1,8 +1,11 @@
-"""ncl-bench: how sharded Llama and gpt-oss inference scales over ncl, K-Perf style (tokens/s,
-TTFT, TPOT, ITL percentiles, communication share, scaling efficiency), measured on local ranks
-and projected to the full depth on a target topology.
+"""ncl-bench: how sharded Llama, EXAONE and gpt-oss inference scales on an NPU server.  The answer comes from
+the chip and link model (predict, validate, kperf: nothing runs); the models also run sharded on local ranks
+here (infer: correctness, traces, this host's times, each point predicted beside them).
 
-    ncl-bench                                   # the quick default sweep -> ncl-bench-report/
+    ncl-bench                                   # the main job: the prediction + a small real run -> ncl-bench-report/
+    ncl-bench predict --model llama-3.1-405b --tp 1,2,4,8 --batch 1,8,32,max --input-len 128,2048 --output-len 128
+    ncl-bench validate                          # published measurements predicted, with the error
+    ncl-bench kperf                             # K-Perf: concurrent users, precision, energy
     ncl-bench infer --model llama-3.1-405b --layers 1 --tp 1,2,4,8 --batch 1,8 --input-len 128 --output-len 16
     ncl-bench infer --model gpt-oss-120b --layers 1 --tp ep --ep 1,2,4,8 --batch 8,32 --input-len 128
     ncl-bench params                            # every config's parameter counts
@@ -26,12 +29,14 @@ TRACE_BUFFER = 65536     # flight-record entries per communicator: a whole point
 KILL_GRACE_S = 10.0
 
 # The quick default sweep: one full-width layer of each big model, small enough for a 2-core host.
+# The real run of the main job: one full-width layer of each big model on 1 and 8 local ranks (the model runs,
+# sharded, and records the collectives the prediction prices); the scaling itself is the prediction's.
 QUICK = [
-    dict(sweep="llama-3.1-405b", model="llama-3.1-405b", layers=1, splits=[(1, 1), (2, 1), (4, 1), (8, 1)],
+    dict(sweep="llama-3.1-405b", model="llama-3.1-405b", layers=1, splits=[(1, 1), (8, 1)],
          batch=[1], input_len=[16], output_len=[4]),
     # TP = EP: attention, embedding and LM head split with the experts (TP 1 would replicate the 2.3 GB
     # embedding and head on every rank)
-    dict(sweep="gpt-oss-120b", model="gpt-oss-120b", layers=1, splits=[(1, 1), (2, 2), (4, 4), (8, 8)],
+    dict(sweep="gpt-oss-120b", model="gpt-oss-120b", layers=1, splits=[(1, 1), (8, 8)],
          batch=[8], input_len=[16], output_len=[4]),
 ]
 QUICK_COLLECTIVES = ("all_reduce", "all_gather", "all_to_all")
@@ -85,7 +90,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="{infer,predict,validate,params,quick}")
+    sub = p.add_subparsers(dest="command", metavar="{infer,predict,validate,kperf,params,quick}")
     infer = sub.add_parser("infer", help="sweep one model over TP / EP sizes, batches and lengths",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     infer.add_argument("--model", required=True, help="a config name (ncl-bench params lists them)")
@@ -103,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     validate.add_arguments(sub.add_parser("validate", help="predict published measurements and print the error",
                                           formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    from . import kperf
+    kperf.add_arguments(sub.add_parser("kperf", help="a K-Perf evaluation: concurrent users, precision, energy",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     quick = sub.add_parser("quick", help="the default sweep (what ncl-bench with no arguments runs)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(quick)
@@ -306,7 +314,8 @@ def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
     rows = []
     progress.write(report.point_header())
     from . import predict
-    topo = sizing.topology(args.target) if args.target else None
+    target = getattr(args, "target", None)
+    topo = sizing.topology(target) if target else None
     try:
         for k, point in enumerate(points):
             row = _run_planned(k, point, args, logs)
@@ -336,7 +345,7 @@ def _run_planned(k: int, point: dict, args, logs: str) -> dict:
 
 
 def run_collectives(args, progress: Progress) -> List[dict]:
-    """A small ncl-perf sweep of each quick collective on 2, 4 and 8 ranks, with the topology's
+    """A small ncl-perf sweep of each quick collective on 2 and 8 ranks, with the topology's
     prediction of each size beside the measured time."""
     topo = sizing.topology(args.target) if args.target else None
     rows = []
@@ -344,7 +353,7 @@ def run_collectives(args, progress: Progress) -> List[dict]:
     with tempfile.TemporaryDirectory(prefix="ncl-bench-") as tmp:
         for coll in QUICK_COLLECTIVES:
             path = os.path.join(tmp, f"{coll}.json")
-            cmd = [sys.executable, "-m", "ncl.perf.cli", coll, "-b", "64K", "-e", "4M", "-f", "8", "-n", "2,4,8",
+            cmd = [sys.executable, "-m", "ncl.perf.cli", coll, "-b", "64K", "-e", "4M", "-f", "8", "-n", "2,8",
                    "-w", "2", "-i", "5", "--min-time", "0", "--json", path]
             done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   timeout=args.timeout)
@@ -452,6 +461,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "validate":
         from . import validate
         return validate.main(p, args)
+    if args.command == "kperf":
+        from . import kperf
+        return kperf.main(p, args, command)
     if args.command == "infer":
         return infer(p, args, command)
     return quick(p, args, command)

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List
 
 from ncl.topology import predict as model_predict
 from ncl.topology.arch import Arch, Split
@@ -152,16 +152,52 @@ def table(result: List[dict], tablefmt: str = "simple") -> str:
     return tabulate(body, headers=[h for _, h in COLUMNS], disable_numparse=True, tablefmt=tablefmt)
 
 
+def _num(v: float) -> str:
+    """Three significant digits, never an exponent."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def pivot(result: List[dict], tablefmt: str = "github") -> str:
+    """A compact view of one model's grid at one length pair: a row per precision and batch, per chip count
+    the TPOT and the output tok/s with the scaling efficiency; then what bounds the largest split.  A
+    time marked * is a configuration whose weights and KV cache do not fit the chips (as if they did)."""
+    from tabulate import tabulate
+    chips = sorted({r["chips"] for r in result})
+    rows: Dict[tuple, Dict[int, dict]] = {}
+    for r in result:
+        rows.setdefault((r["precision"], str(r["requested_batch"])), {})[r["chips"]] = r
+    body = []
+    for (precision, batch), by in rows.items():
+        line = [precision, batch]
+        for n in chips:
+            r = by.get(n)
+            if r is None or r.get("status") != "ok":
+                line += ["-", "-"]
+                continue
+            mark = "" if r["fits"] else "*"
+            eff = f" ({100 * r['scaling_eff']:.0f}%)" if r.get("scaling_eff") is not None else ""
+            line += [f"{_num(r['tpot_ms'])}{mark}", f"{_num(r['output_tok_s'])}{eff}"]
+        last = by.get(chips[-1], {})
+        line.append(f"{last.get('bound', '-')} ({100 * last['comm_share']:.0f}% comm)" if last.get("status") == "ok"
+                    else "-")
+        body.append(line)
+    headers = ["prec", "batch"] + [h for n in chips for h in (f"{n} chips: TPOT ms", "out tok/s (eff)")]
+    return tabulate(body, headers=headers + [f"bound at {chips[-1]}"], tablefmt=tablefmt, disable_numparse=True)
+
+
+def names(p: argparse.ArgumentParser, flag: str, text: str, known) -> List[str]:
+    """A comma-separated list of known names (models, precisions), or a usage error naming the flag."""
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in values if x not in known]
+    if bad or not values:
+        p.error(f"{flag} takes {', '.join(sorted(known))}; unknown: {', '.join(bad) or repr('')}")
+    return values
+
+
 def check(p: argparse.ArgumentParser, args):
     from ncl.models import CONFIGS
-    args.model = [m.strip() for m in args.model.split(",") if m.strip()]
-    unknown = [m for m in args.model if m not in CONFIGS]
-    if unknown or not args.model:
-        p.error(f"unknown model {', '.join(unknown) or repr('')}; known: {', '.join(sorted(CONFIGS))}")
-    args.precision = [x.strip() for x in args.precision.split(",") if x.strip()]
-    bad = [x for x in args.precision if x not in WEIGHT_BYTES]
-    if bad or not args.precision:
-        p.error(f"--precision takes {', '.join(WEIGHT_BYTES)}, not {', '.join(bad) or repr('')}")
+    args.model = names(p, "--model", args.model, CONFIGS)
+    args.precision = names(p, "--precision", args.precision, WEIGHT_BYTES)
     if args.tp.strip() == "ep":
         if not args.ep:
             p.error("--tp ep needs --ep")

@@ -352,20 +352,24 @@ def _summary_table(rows: List[dict]) -> str:
 
 def write_summary(path: str, rows: List[dict], collectives: List[dict], command: List[str], facts: dict,
                   topo, files: List[str], prediction: List[dict] = ()) -> None:
-    from .predict import table
+    from .predict import pivot
     lines = ["# ncl-bench report", "", f"Command: `{' '.join(command)}`", ""]
     ok = [r for r in prediction if r.get("status") == "ok"]
     if prediction:
         chip = next((r["chip"] for r in ok), None)
         lines += [f"## Prediction on {getattr(topo, 'name', '?')} ({chip} chips)", "",
                   "What the sharded models do on the target server, from the chip and link model (nothing here is "
-                  "this host's time): TTFT and TPOT per request of a static batch, output tok/s over the batch, "
+                  "this host's time): TPOT per request of a static batch, output tok/s over the batch with its "
                   "strong-scaling efficiency against 1 chip, what bounds the point (the largest of compute, memory "
-                  "and communication time) with each share, whether weights and KV cache fit the chips, and the "
-                  "largest batch they allow (*max batch*; batch *max* runs it, at most 1024).  TPOT floor: the "
-                  "weights and KV cache read at peak bandwidth plus the collectives' bytes at line rate.", ""]
+                  "and communication time) with the communication share; a time marked * is a configuration "
+                  "whose weights and KV cache do not fit the chips (predicted as if they did).  Batch *max*: "
+                  "the largest that fits (at most 1024).", ""]
         for model in dict.fromkeys(r["model"] for r in prediction):
-            lines += [f"### {model}", "", table([r for r in prediction if r["model"] == model], "github"), ""]
+            for i, o in dict.fromkeys((r["input_len"], r["output_len"]) for r in prediction if r["model"] == model):
+                grid = [r for r in prediction if r["model"] == model and (r["input_len"], r["output_len"]) == (i, o)]
+                lines += [f"### {model}, {i} in / {o} out", "", pivot(grid), ""]
+        lines += ["Every point with its shares, floors and memory: prediction.csv and the *prediction* sheet of "
+                  "ncl-bench.xlsx.", ""]
     for sweep, srows in _sweeps(rows).items():
         first = srows[0]
         lines += [f"## This host's measurements: {sweep}", "",

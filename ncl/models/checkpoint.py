@@ -9,8 +9,6 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .weights import shard_range
-
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -81,17 +79,6 @@ class CheckpointWeights:
 
     def __repr__(self) -> str:
         return f"CheckpointWeights({self.dir!r})"
-
-
-def load_shard(dir: str, name: str, shard_dim: Optional[int], index: int, parts: int,
-               dtype=torch.float32) -> torch.Tensor:
-    """Part `index` of `parts` equal parts along shard_dim (None: the whole tensor) of a checkpoint's tensor."""
-    source = CheckpointWeights(dir)
-    if shard_dim is None:
-        return source.get(name, dtype=dtype)
-    shape = source.shape(name)
-    start, stop = shard_range(shape[shard_dim], index, parts, f"{name} dimension {shard_dim}")
-    return source.get(name, None, shard_dim, start, stop, dtype=dtype)
 
 
 def write_checkpoint(dir: str, config: dict, tensors: Dict[str, torch.Tensor], *, files: int = 1) -> None:

@@ -9,7 +9,7 @@ split, and no rank materialises more than its slice plus one tile.
 
 A weight source is anything with `get(name, full_shape, dim, start, stop, *, dtype, std, mean)` giving
 full[name] restricted to start:stop along dim (dim None: the whole tensor): `RandomWeights` here,
-`ncl.models.checkpoint.CheckpointWeights` for a Hugging Face directory.
+`ncl.models.checkpoint.CheckpointWeights` for a Hugging Face directory; `weight_source` picks one.
 """
 import itertools
 import zlib
@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .checkpoint import CheckpointWeights
 
 TILE = 256
 
@@ -129,8 +131,18 @@ def weight_source(seed: int = 0, checkpoint=None):
         return RandomWeights(seed)
     if hasattr(checkpoint, "get") and not isinstance(checkpoint, (str, bytes)):
         return checkpoint
-    from .checkpoint import CheckpointWeights
     return CheckpointWeights(checkpoint)
+
+
+def load_shard(dir: str, name: str, shard_dim: Optional[int], index: int, parts: int,
+               dtype=torch.float32) -> torch.Tensor:
+    """Part `index` of `parts` equal parts along shard_dim (None: the whole tensor) of a checkpoint's tensor."""
+    source = CheckpointWeights(dir)
+    if shard_dim is None:
+        return source.get(name, dtype=dtype)
+    shape = source.shape(name)
+    start, stop = shard_range(shape[shard_dim], index, parts, f"{name} dimension {shard_dim}")
+    return source.get(name, None, shard_dim, start, stop, dtype=dtype)
 
 
 class _SkipInit(TorchFunctionMode):

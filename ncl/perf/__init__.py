@@ -4,5 +4,6 @@
     backends.py  the same collectives through ncl, mpi4py and torch.distributed (gloo)
     worker.py    one rank's sweep: verify, warm up, time; rank 0 prints one JSON line per size
     report.py    tables, ratios, CSV / JSON / spreadsheet files and plots
+    runner.py    what the commands share: argument types, starting a sweep's ranks, reading their rows, progress
     cli.py       the ncl-perf command: launches the ranks of each backend and gathers their lines
 """

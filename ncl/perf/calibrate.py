@@ -14,7 +14,7 @@ import statistics
 import sys
 from typing import Dict, List, Tuple
 
-from . import cli
+from . import cli, report, runner
 
 ALGORITHMS = ("one_shot", "two_shot", "direct", "cma")
 SMALL = 1024
@@ -36,7 +36,7 @@ def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncl.perf.calibrate", description=__doc__.split("\n\n")[0])
-    p.add_argument("-n", "--nranks", type=cli.rank_counts, default=[2, 4, 8])
+    p.add_argument("-n", "--nranks", type=runner.rank_counts, default=[2, 4, 8])
     p.add_argument("-b", "--minbytes", default="8")
     p.add_argument("-e", "--maxbytes", default="64M")
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     table: Dict[str, Dict[str, List[float]]] = {a: {} for a in ALGORITHMS}
     measured: Dict[str, Dict[str, list]] = {}
-    progress = cli.Progress(len(ALGORITHMS) * len(args.nranks) * args.repeat)
+    progress = runner.Progress(len(ALGORITHMS) * len(args.nranks) * args.repeat)
     for n in args.nranks:
         times: Dict[str, Dict[int, List[float]]] = {a: {} for a in ALGORITHMS}
         for _ in range(args.repeat):  # interleaved, so that a slow minute hits every algorithm alike
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     progress.close()
     with open(args.out, "w") as f:
         json.dump({"command": ["python", "-m", "ncl.perf.calibrate"] + (sys.argv[1:] if argv is None else argv),
-                   "machine": cli.report.machine_facts(), "all_reduce": table,
+                   "machine": report.machine_facts(), "all_reduce": table,
                    "measured_us": measured}, f, indent=1)
     print(f"# wrote {args.out}")
     return 0

@@ -5,32 +5,14 @@ starts itself, optionally side by side with MPI (mpi4py, under mpiexec) and torc
     ncl-perf moe --hidden 2880 --experts 128 --topk 4 --tokens 1,16,128 -n 2,4,8   (ncl/perf/moe.py)
 """
 import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..env import parse_bytes
 from . import report, specs
-
-
-def counts_parser(what: str, example: str):
-    """An argparse type for comma-separated positive ints (rank counts, token counts, ...)."""
-    def parse(text: str) -> List[int]:
-        try:
-            counts = [int(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"give {what} like {example}, not {text!r}") from None
-        if not counts or min(counts) < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 1, not {text!r}")
-        return counts
-    return parse
-
-
-rank_counts = counts_parser("rank counts", "8 or 2,4,8")
+from .runner import Progress, launch_argv, mpiexec, peers, rank_counts, run_worker
 
 
 def _size(text: str) -> int:
@@ -41,14 +23,6 @@ def _size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"sizes must be >= 0, not {text!r}")
     return value
-
-
-def _peers(text: str) -> List[str]:
-    peers = [t.strip() for t in text.split(",") if t.strip()]
-    for p in peers:
-        if p not in ("mpi", "gloo"):
-            raise argparse.ArgumentTypeError(f"--compare takes mpi and/or gloo, not {p!r}")
-    return peers
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="verify results")
     p.add_argument("-R", "--registered", type=int, choices=(0, 1), default=0,
                    help="1: ncl buffers from comm.empty (registered, no staging copies)")
-    p.add_argument("--compare", type=_peers, default=[], help="also run the sweep through mpi and/or gloo")
+    p.add_argument("--compare", type=peers, default=[], help="also run the sweep through mpi and/or gloo")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every backend's sweep this many times, interleaved, and report the median time "
                         "(this host's speed drifts by 2-4x over minutes: interleaving keeps ratios fair)")
@@ -120,7 +94,7 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
             p.error("--topology and --hosts: the emulated interconnect costs one host's communicator only")
     if cfg.hosts < 1 or any(n % cfg.hosts for n in cfg.nranks):
         p.error(f"--hosts {cfg.hosts} must divide every -n {cfg.nranks}")
-    if ("mpi" in cfg.compare or cfg.hosts > 1) and not _mpiexec():
+    if ("mpi" in cfg.compare or cfg.hosts > 1) and not mpiexec():
         p.error("--compare mpi and --hosts need mpi4py and an MPI launcher: pip install mpi4py mpich "
                 "(or Debian's mpich), so that mpiexec is on PATH")
     if "gloo" in cfg.compare:
@@ -130,27 +104,6 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
             p.error("--compare gloo needs torch: pip install torch==2.13.0")
 
 
-def _mpiexec():
-    """The launcher beside this Python first (the mpich wheel's, matching the mpi4py it built
-    against), else the one on PATH."""
-    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-
-
-def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: str, hosts: int = 1,
-                timeout: float = 300.0, topology: Optional[str] = None, emulate: str = "account") -> List[str]:
-    """The command that starts a sweep worker (`python -m module`) on n ranks of a backend:
-    mpiexec for MPI, ncl-run for ncl and gloo (gloo meets through a rendezvous file)."""
-    worker = [sys.executable, "-m", module, "--backend", backend, "--config", json.dumps(settings)]
-    if backend == "mpi":
-        return [_mpiexec(), "-n", str(n)] + worker
-    if backend == "gloo":
-        worker += ["--rendezvous-file", rendezvous]
-    flags = ["--hosts", str(hosts)] if backend == "ncl" and hosts > 1 else []
-    if backend == "ncl" and topology:
-        flags += ["--topology", topology, "--emulate", emulate]
-    return [sys.executable, "-m", "ncl.run", "-n", str(n), *flags, "--timeout", str(timeout), "--"] + worker
-
-
 def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
     settings = {k: getattr(cfg, k) for k in ("collective", "min_bytes", "max_bytes", "factor", "step", "dtype", "op",
                                               "root", "warmup", "iters", "min_time", "check", "registered")}
@@ -158,20 +111,6 @@ def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
     settings["memcpy"] = backend == "ncl"
     return launch_argv(backend, n, "ncl.perf.worker", settings, rendezvous, cfg.hosts, cfg.timeout, cfg.topology,
                        cfg.emulate)
-
-
-def run_worker(cmd: List[str], env: dict, progress, on_row) -> int:
-    """Start a sweep's ranks; pass each JSON line rank 0 prints to on_row and anything else
-    to progress; the launcher's exit code."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    for text in proc.stdout:
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            progress.write(text.rstrip("\n"))
-            continue
-        on_row(row)
-    return proc.wait()
 
 
 def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: int = 0,
@@ -206,28 +145,23 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
         return code
 
 
-class Progress:
-    """Rows to stdout as they come; a tqdm bar on a terminal (tqdm.write keeps them apart)."""
-
-    def __init__(self, total: int):
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="size", file=sys.stderr, leave=False)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            report.log(text)
-
-    def update(self, k: int) -> None:
-        if self.bar is not None:
-            self.bar.update(k)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def sweep_times(collective: str, n: int, lo: str, hi: str, factor: int, quick: bool = True) -> Dict[int, float]:
+    """{size: µs} of a quiet ncl sweep (out-of-place rows) on n local ranks: ncl-perf called from
+    Python (ncl-topo calibrate measures this host with it)."""
+    argv = [collective, "-b", lo, "-e", hi, "-f", str(factor), "-n", str(n), "-c", "0"]
+    if quick:
+        argv += ["-w", "2", "-i", "5", "--min-time", "0.02"]
+    cfg = parser().parse_args(argv)
+    rows: List[dict] = []
+    with open(os.devnull, "w") as quiet:
+        saved, sys.stdout = sys.stdout, quiet
+        try:
+            code = run_backend("ncl", n, cfg, rows, Progress(0))
+        finally:
+            sys.stdout = saved
+    if code != 0:
+        raise RuntimeError(f"the {collective} sweep on {n} ranks failed (exit code {code})")
+    return {r["size"]: r["time_us"] for r in rows if not r["in_place"] and "time_us" in r}
 
 
 def main(argv=None) -> int:

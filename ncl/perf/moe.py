@@ -16,7 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
-from . import cli, report
+from . import report, runner
 
 FIELDS = ["backend", "mode", "nranks", "tokens", "hidden", "experts", "topk", "dtype", "dispatch_us", "combine_us",
           "dispatch_gbps", "combine_gbps", "bytes", "received_rows", "wrong", "iters", "rounds", "spread"]
@@ -28,11 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=2880, help="row width (gpt-oss-120b: 2880)")
     p.add_argument("--experts", type=int, default=128, help="experts, in contiguous blocks over the ranks")
     p.add_argument("--topk", type=int, default=4, help="experts per token")
-    p.add_argument("--tokens", type=cli.counts_parser("token counts", "1,16,128"), default=[1, 16, 128, 1024, 4096],
+    p.add_argument("--tokens", type=runner.counts_parser("token counts", "1,16,128"), default=[1, 16, 128, 1024, 4096],
                    help="tokens per rank")
-    p.add_argument("-n", "--nranks", type=cli.rank_counts, default=[2, 4, 8], help="rank counts")
+    p.add_argument("-n", "--nranks", type=runner.rank_counts, default=[2, 4, 8], help="rank counts")
     p.add_argument("-d", "--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--compare", type=cli._peers, default=["mpi", "gloo"], help="peers: mpi and/or gloo ('' none)")
+    p.add_argument("--compare", type=runner.peers, default=["mpi", "gloo"], help="peers: mpi and/or gloo ('' none)")
     p.add_argument("--low-latency-max", type=int, default=128,
                    help="also time ncl's low-latency mode (max_tokens_per_rank) up to this many tokens (0: never)")
     p.add_argument("-w", "--warmup", type=int, default=3)
@@ -61,7 +61,7 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
     for path in (cfg.csv, cfg.json, cfg.xlsx, cfg.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             p.error(f"cannot write {path}: no such directory")
-    if "mpi" in cfg.compare and not cli._mpiexec():
+    if "mpi" in cfg.compare and not runner.mpiexec():
         p.error("--compare mpi needs mpi4py and an MPI launcher: pip install mpi4py mpich")
     try:
         import torch  # noqa: F401
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     settings = {k: getattr(cfg, k) for k in ("hidden", "experts", "topk", "tokens", "dtype", "warmup", "iters",
                                               "min_time", "low_latency_max")}
     backends = ["ncl"] + cfg.compare
-    progress = cli.Progress(len(cfg.tokens) * len(backends) * len(cfg.nranks) * cfg.repeat)
+    progress = runner.Progress(len(cfg.tokens) * len(backends) * len(cfg.nranks) * cfg.repeat)
     rows: List[dict] = []
     failed = 0
     try:
@@ -178,9 +178,9 @@ def main(argv=None) -> int:
                         progress.update(row["mode"] == "normal")
 
                     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
-                        cmd = cli.launch_argv(backend, n, "ncl.perf.moe_worker", settings,
+                        cmd = runner.launch_argv(backend, n, "ncl.perf.moe_worker", settings,
                                               os.path.join(tmp, "rendezvous"), timeout=cfg.timeout)
-                        code = cli.run_worker(cmd, dict(os.environ, NCL_TIMEOUT=str(cfg.timeout)), progress, on_row)
+                        code = runner.run_worker(cmd, dict(os.environ, NCL_TIMEOUT=str(cfg.timeout)), progress, on_row)
                     if code:
                         progress.write(f"# {backend} on {n} ranks failed (exit code {code})")
                     failed += code != 0

@@ -1,4 +1,5 @@
-"""Calibrate this host's topology file and validate the model against measured times.
+"""Calibrate this host's topology file and validate the model against measured times: the fit, from sweeps
+that `ncl-topo calibrate` (ncl/topology/cli.py) measures with ncl-perf or reads from its JSON files.
 
     ncl-topo calibrate [--out topology/this-host.yaml] [--validate [FILE.json ...]]
 
@@ -18,7 +19,6 @@ median absolute relative error (the target: at most 25%)."""
 import datetime
 import os
 import statistics
-import sys
 from typing import Dict, List, Tuple
 
 from .schema import SHIPPED_DIR
@@ -27,64 +27,41 @@ DEFAULT_OUT = os.path.join(SHIPPED_DIR, "this-host.yaml")
 VALIDATED = ("all_reduce", "all_gather", "all_to_all")
 MIN_VALIDATED = 64 << 10
 CMA_MIN_BYTES = 32 << 10   # NCL_CMA_MIN_BYTES's default (ncl/env.py)
+# the sweeps the fit takes, by name: (collective, ranks, smallest size, largest size, step factor)
+SWEEPS = {"broadcast": ("broadcast", 2, "8", "64M", 4), "all_gather": ("all_gather", 2, "512K", "64M", 4),
+          "broadcast8": ("broadcast", 8, "8", "512", 4)}
+# validation: these collectives on these rank counts, from 64 KiB up
+VALIDATION_SWEEPS = [(coll, n, "64K", "64M", 8) for coll in VALIDATED for n in (2, 4, 8)]
 
 
-def _sweep(collective: str, n: int, lo: str, hi: str, factor: int, quick: bool = True) -> Dict[int, float]:
-    """{size: µs} of an ncl-perf sweep (out-of-place rows) on n local ranks."""
-    from ..perf import cli
-    argv = [collective, "-b", lo, "-e", hi, "-f", str(factor), "-n", str(n), "-c", "0"]
-    if quick:
-        argv += ["-w", "2", "-i", "5", "--min-time", "0.02"]
-    cfg = cli.parser().parse_args(argv)
-    rows: List[dict] = []
-    progress = cli.Progress(0)
-    with open(os.devnull, "w") as quiet:
-        saved, sys.stdout = sys.stdout, quiet
-        try:
-            code = cli.run_backend("ncl", n, cfg, rows, progress)
-        finally:
-            sys.stdout = saved
-    if code != 0:
-        raise RuntimeError(f"the {collective} sweep on {n} ranks failed (exit code {code})")
-    return {r["size"]: r["time_us"] for r in rows if not r["in_place"] and "time_us" in r}
-
-
-def _best_of(runs: List[Dict[int, float]]) -> Dict[int, float]:
+def best_of(runs: List[Dict[int, float]]) -> Dict[int, float]:
     """Per size, the fastest of several sweeps: the run least disturbed by other load."""
     return {s: min(r[s] for r in runs if s in r) for s in runs[0]}
 
 
-def sweeps_from_json(paths: List[str]) -> Tuple[Dict[int, float], Dict[int, float], Dict[int, float]]:
-    """The 2-rank broadcast and all_gather and the 8-rank broadcast sweeps calibration needs, from ncl-perf
-    JSON files."""
-    from ..perf.report import load  # the checked reader of ncl-perf --json files
-    found: Dict[str, List[Dict[int, float]]] = {"broadcast": [], "all_gather": [], "broadcast8": []}
-    for path in paths:
-        data = load(path)
+def sweeps_from_rows(files: Dict[str, List[dict]]) -> Dict[str, Dict[int, float]]:
+    """The sweeps of SWEEPS from the summary rows of ncl-perf JSON files ({path: rows}), each the best of
+    the files that have it."""
+    found: Dict[str, List[Dict[int, float]]] = {name: [] for name in SWEEPS}
+    for rows in files.values():
         table: Dict[str, Dict[int, float]] = {}
-        for r in data["summary"]:
+        for r in rows:
             name = r.get("collective", "") + ("8" if r.get("nranks") == 8 else "" if r.get("nranks") == 2 else "?")
             if r.get("backend") == "ncl" and not r.get("in_place") and "time_us" in r and name in found:
                 table.setdefault(name, {})[int(r["size"])] = float(r["time_us"])
-        for coll, t in table.items():
-            found[coll].append(t)
-    for coll, runs in found.items():
+        for name, t in table.items():
+            found[name].append(t)
+    for name, runs in found.items():
         if not runs:
-            raise ValueError(f"--measured: none of {', '.join(paths)} has an ncl sweep of {coll} "
+            raise ValueError(f"--measured: none of {', '.join(files)} has an ncl sweep of {name} "
                              "(2 ranks; broadcast8: 8 ranks)")
-    return _best_of(found["broadcast"]), _best_of(found["all_gather"]), _best_of(found["broadcast8"])
+    return {name: best_of(runs) for name, runs in found.items()}
 
 
-def measure(repeat: int = 3, measured: List[str] = ()) -> Dict[str, float]:
-    """The host's figures from two short sweeps on 2 ranks (each the best of `repeat`; about 10 s each),
-    or from ncl-perf JSON files of such sweeps."""
-    if measured:
-        bc, ag, bc8 = sweeps_from_json(list(measured))
-    else:
-        bc = _best_of([_sweep("broadcast", 2, "8", "64M", 4) for _ in range(repeat)])
-        ag = _best_of([_sweep("all_gather", 2, "512K", "64M", 4) for _ in range(repeat)])
-        bc8 = _best_of([_sweep("broadcast", 8, "8", "512", 4) for _ in range(repeat)])
-    ag = {s: t for s, t in ag.items() if s >= (512 << 10)}
+def figures(sweeps: Dict[str, Dict[int, float]]) -> Dict[str, float]:
+    """The host's figures (latency, copy rates in and out of cache) from the sweeps of SWEEPS ({size: µs})."""
+    bc, bc8 = sweeps["broadcast"], sweeps["broadcast8"]
+    ag = {s: t for s, t in sweeps["all_gather"].items() if s >= (512 << 10)}
     lat = min(t for s, t in bc.items() if s <= 512)  # the least disturbed: other load only adds
     big = max(bc)
 
@@ -158,23 +135,13 @@ def ncl_algorithm(collective: str, nranks: int, nbytes: int) -> str:
     raise ValueError(f"no validation for {collective}")
 
 
-def rows_from_json(paths: List[str]) -> List[Tuple[str, int, int, float]]:
-    from ..perf.report import load
+def validation_rows(rows: List[dict]) -> List[Tuple[str, int, int, float]]:
+    """(collective, ranks, bytes, µs) of the ncl rows worth validating, from ncl-perf summary rows."""
     out = []
-    for path in paths:
-        for r in load(path)["summary"]:
-            if (r.get("backend") == "ncl" and not r.get("in_place") and r.get("collective") in VALIDATED
-                    and r.get("size", 0) >= MIN_VALIDATED and "time_us" in r and r.get("nranks", 1) > 1):
-                out.append((r["collective"], int(r["nranks"]), int(r["size"]), float(r["time_us"])))
-    return out
-
-
-def rows_fresh(nranks=(2, 4, 8)) -> List[Tuple[str, int, int, float]]:
-    out = []
-    for coll in VALIDATED:
-        for n in nranks:
-            for size, t in sorted(_sweep(coll, n, "64K", "64M", 8).items()):
-                out.append((coll, n, size, t))
+    for r in rows:
+        if (r.get("backend") == "ncl" and not r.get("in_place") and r.get("collective") in VALIDATED
+                and r.get("size", 0) >= MIN_VALIDATED and "time_us" in r and r.get("nranks", 1) > 1):
+            out.append((r["collective"], int(r["nranks"]), int(r["size"]), float(r["time_us"])))
     return out
 
 
@@ -194,26 +161,3 @@ def validate(topo, rows: List[Tuple[str, int, int, float]]) -> Tuple[str, float]
     text = tabulate(table, headers=["collective", "ranks", "bytes", "ncl algorithm", "measured µs", "predicted µs",
                                     "error"], tablefmt="github")
     return text + f"\n\nmedian absolute error {med:.1%} over {len(errors)} points (target <= 25%)", med
-
-
-def main(args) -> int:
-    """`ncl-topo calibrate` (args from cli.py)."""
-    from .core import Topology
-    from .schema import load
-    if not args.no_measure:
-        print("# measuring this host (broadcast and all_gather on 2 ranks) ..." if not args.measured else
-              f"# this host's figures from {', '.join(args.measured)}", flush=True)
-        m = measure(args.repeat, args.measured or ())
-        with open(args.out, "w") as f:
-            f.write(host_yaml(m, source=" ".join(["ncl-topo calibrate"] + (["--measured"] + args.measured
-                                                                                if args.measured else []))))
-        print("# " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
-        print(f"# wrote {args.out}")
-    if args.validate is None:
-        return 0
-    topo = Topology(load(args.out))
-    rows = rows_from_json(args.validate) if args.validate else rows_fresh()
-    text, med = validate(topo, rows)
-    print(text)
-    return 0 if med <= 0.25 else 1
-

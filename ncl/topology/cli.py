@@ -12,7 +12,7 @@ from typing import List
 
 from . import calibrate, graph
 from .core import BUS_FACTOR, Topology, load_topology
-from .schema import shipped_names
+from .schema import load as load_spec, shipped_names
 
 SCALED = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -75,6 +75,37 @@ def parser() -> argparse.ArgumentParser:
                         "instead of measuring (for a host too busy to measure now)")
     c.add_argument("--repeat", type=int, default=3, help="measure each sweep this many times, keep the fastest")
     return p
+
+
+def calibrate_host(args) -> int:
+    """`ncl-topo calibrate`: this host's sweeps, measured with ncl-perf or read from its JSON files, fitted
+    (ncl/topology/calibrate.py) and written; then the model against measured times."""
+    from ..perf.cli import sweep_times  # ncl-perf, a tool beside this one: only this command needs it
+    from ..perf.report import load      # the checked reader of ncl-perf --json files
+    if not args.no_measure:
+        print("# measuring this host (broadcast and all_gather on 2 ranks) ..." if not args.measured else
+              f"# this host's figures from {', '.join(args.measured)}", flush=True)
+        if args.measured:
+            sweeps = calibrate.sweeps_from_rows({path: load(path)["summary"] for path in args.measured})
+        else:  # each the best of --repeat: other load only slows a run down
+            sweeps = {name: calibrate.best_of([sweep_times(*sweep) for _ in range(args.repeat)])
+                      for name, sweep in calibrate.SWEEPS.items()}
+        m = calibrate.figures(sweeps)
+        source = " ".join(["ncl-topo calibrate"] + (["--measured"] + args.measured if args.measured else []))
+        with open(args.out, "w") as f:
+            f.write(calibrate.host_yaml(m, source=source))
+        print("# " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()))
+        print(f"# wrote {args.out}")
+    if args.validate is None:
+        return 0
+    if args.validate:
+        rows = calibrate.validation_rows([r for path in args.validate for r in load(path)["summary"]])
+    else:
+        rows = [(coll, n, size, t) for coll, n, lo, hi, factor in calibrate.VALIDATION_SWEEPS
+                for size, t in sorted(sweep_times(coll, n, lo, hi, factor).items())]
+    text, med = calibrate.validate(Topology(load_spec(args.out)), rows)  # as written now, never cached
+    print(text)
+    return 0 if med <= 0.25 else 1
 
 
 def show(args) -> int:
@@ -191,7 +222,7 @@ def main(argv=None) -> int:
     for path in (args.validate or []) + (args.measured or []):
         if not os.path.isfile(path):
             p.error(f"no such file {path}")
-    return calibrate.main(args)
+    return calibrate_host(args)
 
 
 if __name__ == "__main__":

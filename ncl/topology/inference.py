@@ -15,13 +15,14 @@ The floor of a step (`floor`) uses peak rates, no fixed costs and only the bytes
 per chip the weights and KV cache it must read once and the FLOPs it must do, plus each collective's
 bytes over the chip's own links at line rate.  No prediction is faster.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .arch import Arch, Collective, Split, forward_collectives, moe_rows_per_rank
+from .arch import Arch, Collective, Split, forward_collectives
 from .chip import WEIGHT_BYTES, ChipType
 from .core import uniform_matrix
 
@@ -117,6 +118,8 @@ class Server:
         self.chip.compute_precision(precision)  # a clear error now if the chip cannot run it
         self._priced: Dict[Tuple[str, int, int], float] = {}
         self._comm: Dict[Tuple[int, int], float] = {}
+        self._link_j: Optional[float] = None
+        self._one_two = [dataclasses.replace(arch, n_layers=n, sliding_layers=0) for n in (1, 2)]
         self.links_gbps = self._injection_gbps(chip.name)
 
     # ---- memory ------------------------------------------------------------------------------------------
@@ -181,18 +184,17 @@ class Server:
         return int(free // one) // dp * dp  # whole sequences on every data-parallel group
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def step(self, tokens, sequences: int, keys: Keys) -> StepCost:
-        """The cost of one step: `tokens` new tokens (scalar or array) of `sequences` sequences."""
-        a, s, chip = self.arch, self.split, self.chip
+    def step(self, tokens, sequences, keys: Keys) -> StepCost:
+        """The cost of one step: `tokens` new tokens of `sequences` sequences (scalars, or arrays of steps)."""
+        a, s = self.arch, self.split
         dp = s.dp(a)
         t = np.asarray(tokens, dtype=np.float64) / dp   # tokens through this rank's attention
-        seqs = sequences / dp
+        seqs = np.asarray(sequences, dtype=np.float64) / dp
         hl, kvl = s.heads(a)
         pa, pw = attention_precision(self.precision), self.precision
         wa, ww, we = WEIGHT_BYTES[pa], WEIGHT_BYTES[pw], WEIGHT_BYTES[EMBED_PRECISION]
         kvb = WEIGHT_BYTES[self.kv_precision]
         d, hd = a.dim, a.head_dim
-        ops = []   # (flops, bytes, precision, kernels) per layer, or for the whole step with layers=1
 
         def matmul(n_in, n_out, rows, wbytes, precision, kernels=1):
             return (2 * rows * n_in * n_out, n_in * n_out * wbytes + rows * (n_in + n_out) * ACT_BYTES, precision,
@@ -225,12 +227,14 @@ class Server:
         compute, memory, overhead = self._price_ops(layer, a.n_layers)
         vocab = math.ceil(a.vocab / s.tp)
         rest = [(np.zeros_like(t), t * d * ACT_BYTES, "bf16", 1),                       # embedding rows
-                matmul(d, vocab, np.full_like(t, seqs), we, EMBED_PRECISION, 2)]        # LM head, argmax
+                matmul(d, vocab, seqs + np.zeros_like(t), we, EMBED_PRECISION, 2)]      # LM head, argmax
         c2, m2, o2 = self._price_ops(rest, 1)
-        if np.ndim(tokens):
-            comm = np.asarray([self.comm_seconds(int(x), sequences) for x in np.ravel(tokens)]).reshape(np.shape(tokens))
+        if np.ndim(tokens) or np.ndim(sequences):
+            t_all, s_all = np.broadcast_arrays(np.asarray(tokens), np.asarray(sequences))
+            comm = np.asarray([self.comm_seconds(int(x), int(y)) for x, y in zip(t_all.ravel(), s_all.ravel())]
+                              ).reshape(t_all.shape)
         else:
-            comm = self.comm_seconds(int(tokens), sequences)
+            comm = self.comm_seconds(int(tokens), int(sequences))
         return StepCost(compute + c2, memory + m2, overhead + o2, comm, self.overlap)
 
     def _price_ops(self, ops, times: int):
@@ -251,9 +255,17 @@ class Server:
         return forward_collectives(self.arch, self.split, -(-tokens // dp), max(1, -(-sequences // dp)), ACT_BYTES)
 
     def comm_seconds(self, tokens: int, sequences: int) -> float:
+        """Seconds in the collectives of one step.  Every layer issues the same calls, so a 1-layer and
+        a 2-layer model give the rest (embedding, LM head) and one layer's share; the step is their sum."""
         key = (tokens, sequences)
         if key not in self._comm:
-            self._comm[key] = sum(self.price(c) for c in self.collectives(tokens, sequences))
+            dp = self.split.dp(self.arch)
+            t, s = -(-tokens // dp), max(1, -(-sequences // dp))
+            one, two = (sum(self.price(c) for c in forward_collectives(layers, self.split, t, s, ACT_BYTES))
+                        for layers in self._one_two)
+            if len(self._comm) > 1 << 16:  # callers with ever-new step shapes: keep the memory bounded
+                self._comm.clear()
+            self._comm[key] = one + (two - one) * (self.arch.n_layers - 1)
         return self._comm[key]
 
     def price(self, c: Collective) -> float:
@@ -265,6 +277,22 @@ class Server:
             else:
                 self._priced[key] = float(self.topology.predict(c.kind, c.nccl_bytes, c.size))
         return self._priced[key]
+
+    def link_joules_per_token(self) -> float:
+        """Energy the collectives of a step spend per token on the links: what every rank must send (the
+        bandwidth-optimal bytes) over the hops between two chips (two through a switch, one on a direct
+        link), at the chip's links' mean energy per bit."""
+        if self._link_j is None:
+            spec = self.topology.spec
+            chip = spec.placement[0]
+            mine = [lk for lk in spec.links if chip in (lk.a, lk.b)]
+            chips = {c.name for c in spec.chips}
+            hops = 1 if all(lk.a in chips and lk.b in chips for lk in mine) else 2
+            pj = sum(lk.energy_pj_per_bit for lk in mine) / len(mine) if mine else 0.0
+            probe = 1024
+            sent = sum(_bytes_out(c) for c in self.collectives(probe, 1)) * self.nranks
+            self._link_j = sent * 8 * pj * 1e-12 * hops / probe
+        return self._link_j
 
     def _injection_gbps(self, chip: str) -> float:
         """GB/s per direction one chip's own links carry (the most any collective can move per chip)."""

@@ -14,7 +14,7 @@ Two kinds of point:
                    the mean context, the token budget and MAX_SEQS.
 """
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -116,16 +116,14 @@ def max_throughput(server: Server, input_len: int, output_len: int, chunk_tokens
         return {"batch": 0, "output_tok_s": 0.0, "total_tok_s": 0.0, "fits": False}
     fill = running * prefill_per_running
     w = server.arch.sliding_window
-    # decodes at contexts spread over the request's life, plus the prompt chunks (their tokens attend to
-    # input_len / 2 earlier ones on average)
+    # decodes at contexts spread evenly over a request's life, plus the prompt chunks of the requests that
+    # replace the finished ones (a prompt token attends to (input_len + 1) / 2 keys on average)
     contexts = input_len + (np.arange(running) + 0.5) * output_len / running
     dk = decode_keys(1, contexts, w)
-    pk = Keys.prefill(np.array([fill]), np.array([0.0]), 0)
-    mean_attended = fill * (input_len + 1) / 2
-    keys = Keys(np.sum(dk.attended_full) + mean_attended, np.sum(dk.attended_window) + fill * min(w or input_len,
-                                                                                                 (input_len + 1) / 2),
+    prompt_keys = (input_len + 1) / 2
+    keys = Keys(np.sum(dk.attended_full) + fill * prompt_keys,
+                np.sum(dk.attended_window) + fill * (min(w, prompt_keys) if w else prompt_keys),
                 np.sum(dk.read_full) + fill, np.sum(dk.read_window) + fill)
-    del pk
     tokens = int(math.ceil(running + fill))
     cost = server.step(tokens, running, keys)
     step_s = float(np.sum(cost.seconds))

@@ -23,7 +23,7 @@ def _chip(c) -> dict:
 
 def _link(lk, a=None, b=None) -> dict:
     return {"a": a or lk.a, "b": b or lk.b, "bandwidth_gbps": lk.bandwidth_gbps, "latency_us": lk.latency_us,
-            "kind": lk.kind or "link"}
+            "kind": lk.kind or "link", "energy_pj_per_bit": lk.energy_pj_per_bit}
 
 
 def scale(spec: Spec, nchips: int) -> Spec:

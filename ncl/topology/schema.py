@@ -1,5 +1,6 @@
 """Topology files: read a YAML description and check every field, naming the file and the field path
 of the first bad one.  The schema is documented in ncl/topology/__init__.py and topology/README.md."""
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -7,8 +8,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .chip import CALIBRATED_FIELDS, FIELDS as CHIP_TYPE_FIELDS, NUMBER_FIELDS as CHIP_NUMBERS, ChipType
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topology")
-CHIPS_DIR = os.path.join(SHIPPED_DIR, "chips")
+
+def _shipped_dir() -> str:
+    """The folder of the shipped topology files: the package ncl.topology.shipped, which pyproject.toml maps to
+    the checkout's topology/ folder, so that wheels and editable installs both carry it.  A checkout used without
+    installing it (or installed before that mapping) has no such package: its topology/ beside ncl/ then."""
+    spec = importlib.util.find_spec(__package__ + ".shipped")  # where it is, without running it
+    if spec is None or not spec.submodule_search_locations:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "topology")
+    return os.path.abspath(list(spec.submodule_search_locations)[0])
+
+
+SHIPPED_DIR = _shipped_dir()                      # topology/*.yaml
+CHIPS_DIR = os.path.join(SHIPPED_DIR, "chips")    # topology/chips/<type>.yaml
 NODE_KINDS = ("chip", "switch", "nic")
 
 
@@ -37,6 +49,7 @@ class Link:
     bandwidth_gbps: float   # payload GB/s per direction: the line rate times the file's efficiency
     latency_us: float
     kind: str = ""
+    energy_pj_per_bit: float = 0.0   # what moving a bit over it costs (0: not given)
 
 
 @dataclass
@@ -235,7 +248,7 @@ def parse(data: Any, path: str) -> Spec:
 
     links = []
     for where, item in _expand(ck.list_of(top, "links", ""), ck, "links", ("a", "b")):
-        ck.keys(item, where, ("a", "b", "bandwidth_gbps", "latency_us"), ("kind", "efficiency"))
+        ck.keys(item, where, ("a", "b", "bandwidth_gbps", "latency_us"), ("kind", "efficiency", "energy_pj_per_bit"))
         a, b = ck.string(item, "a", where), ck.string(item, "b", where)
         for key, end in (("a", a), ("b", b)):
             if end not in nodes:
@@ -246,7 +259,8 @@ def parse(data: Any, path: str) -> Spec:
         if efficiency > 1:
             ck.fail(f"{where}.efficiency", f"is the payload share of the line rate, in (0, 1], not {efficiency!r}")
         links.append(Link(a, b, ck.number(item, "bandwidth_gbps", where) * efficiency,
-                          ck.number(item, "latency_us", where, allow_zero=True), item.get("kind", "")))
+                          ck.number(item, "latency_us", where, allow_zero=True), item.get("kind", ""),
+                          ck.number(item, "energy_pj_per_bit", where, 0.0, allow_zero=True)))
     if not links and len(chips) > 1:
         ck.fail("links", "must join the chips (none given)")
     _check_connected(chips, links, ck)
@@ -335,7 +349,11 @@ def resolve(name_or_path: str) -> str:
     for cand in (os.path.join(SHIPPED_DIR, name_or_path), os.path.join(SHIPPED_DIR, name_or_path + ".yaml")):
         if os.path.isfile(cand):
             return cand
-    raise ValueError(f"no topology {name_or_path!r}: neither a file nor one of {', '.join(shipped_names())}")
+    names = shipped_names()
+    if not names:  # say where we looked: an install without its package data would otherwise look like a typo
+        raise ValueError(f"no topology {name_or_path!r}: not a file, and {SHIPPED_DIR} holds no shipped topologies "
+                         "(a broken install of ncl?)")
+    raise ValueError(f"no topology {name_or_path!r}: neither a file nor one of {', '.join(names)}")
 
 
 def shipped_chip_types() -> Dict[str, dict]:

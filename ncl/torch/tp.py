@@ -2,7 +2,7 @@
 functions, and the layers built from them.
 
 A `group` is an ncl.Communicator or a torch.distributed ProcessGroup (any backend): `Group`
-gives both the same three collectives on tensors.
+(ncl/group.py, shared with ncl.moe) gives both the same three collectives on tensors.
 
 Mappings (forward / backward):
     copy_to_region              identity        / all-reduce
@@ -26,55 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ncl
-
-
-class Group:
-    """all_reduce / all_gather / reduce_scatter along dim 0 on either kind of group."""
-
-    def __init__(self, group: Union["ncl.Communicator", dist.ProcessGroup, "Group"]):
-        if isinstance(group, Group):
-            group = group.group
-        self.group = group
-        self.is_ncl = isinstance(group, ncl.Communicator)
-        self.rank = group.rank if self.is_ncl else dist.get_rank(group)
-        self.size = group.size if self.is_ncl else dist.get_world_size(group)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        if self.size > 1:
-            self.group.all_reduce(t) if self.is_ncl else dist.all_reduce(t, group=self.group)
-        return t
-
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's t stacked along dim 0."""
-        t = t.contiguous()
-        if self.size == 1:
-            return t
-        if self.is_ncl:
-            return self.group.all_gather(t)
-        out = torch.empty((self.size * t.shape[0],) + t.shape[1:], dtype=t.dtype)
-        dist.all_gather_into_tensor(out, t, group=self.group)
-        return out
-
-    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of t, this rank's block of dim 0."""
-        t = t.contiguous()
-        if self.size == 1:
-            return t
-        if self.is_ncl:
-            return self.group.reduce_scatter(t)
-        out = torch.empty((t.shape[0] // self.size,) + t.shape[1:], dtype=t.dtype)
-        dist.reduce_scatter_tensor(out, t, group=self.group)
-        return out
-
-    def split_last(self, t: torch.Tensor) -> torch.Tensor:
-        if t.shape[-1] % self.size:
-            raise ValueError(f"the last dimension ({t.shape[-1]}) must divide by the group size {self.size}")
-        return t.chunk(self.size, dim=-1)[self.rank].contiguous()
-
-    def gather_last(self, t: torch.Tensor) -> torch.Tensor:
-        stacked = self.all_gather(t.unsqueeze(0))  # (size, ...)
-        return torch.cat(stacked.unbind(0), dim=-1)
+from ..group import Group  # the layers take an ncl communicator or a torch group through it
 
 
 def _mapping(name: str, forward, backward):
