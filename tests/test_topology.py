@@ -80,7 +80,7 @@ def _bad_cases():
         ({"name": "t", "chips": [{"name": "c{i}", "count": 0, "memory_gib": 1, "memory_bandwidth_gbps": 1}],
           "links": []}, "chips[0].count must be a positive integer"),
         ({"name": "t", "chips": [{"name": "c{__import__}", "count": 2, "memory_gib": 1, "memory_bandwidth_gbps": 1}],
-          "links": []}, "chips[0].name has a template {__import__} that is not arithmetic on i"),
+          "links": []}, "chips[0].name has a template {...} that is not bounded integer arithmetic on i"),
         ([1, 2], "must be a mapping"),
     ]
 
@@ -96,10 +96,47 @@ def test_bad_file_names_the_field(raw, message):
 def test_bad_yaml_and_unknown_name(tmp_path):
     bad = tmp_path / "x.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(ValueError, match="x.yaml: cannot read it"):
+    with pytest.raises(ValueError, match=r"x.yaml: not valid YAML \(line 2\)"):
         load_topology(str(bad))
     with pytest.raises(ValueError, match="no topology 'nope'"):
         load_topology("nope")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("template", ["chip{9**9**9**9}", "chip{i*1000000*1000000}", "chip{(lambda: 1)()}",
+                                      "chip{i.__class__}", "chip{1/0}", "chip{" + "(" * 40 + "i" + ")" * 40 + "}"])
+def test_a_topology_file_is_data_never_evaluated(tmp_path, template):
+    """The template of a chip's name is bounded integer arithmetic: a power tower, a huge product, a call or
+    an attribute is an error at once (the old evaluator let `**` through to eval, which spun forever)."""
+    raw = small(chips=())
+    raw["chips"] = [{"name": template, "count": 2, "memory_gib": 1, "memory_bandwidth_gbps": 1}]
+    with pytest.raises(ValueError, match="not bounded integer arithmetic on i"):
+        parse(raw, "evil.yaml")
+
+
+@pytest.mark.timeout(20)
+def test_a_topology_file_is_bounded_in_size_depth_and_items(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="deep.yaml: nested too deeply|deep.yaml: not valid YAML"):
+        load_topology(str(deep))
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ValueError, match="big.yaml: larger than"):
+        load_topology(str(big))
+    raw = small(chips=())
+    raw["chips"] = [{"name": "c{i}", "count": 10 ** 6, "memory_gib": 1, "memory_bandwidth_gbps": 1}]
+    with pytest.raises(ValueError, match=r"chips\[0\].count makes chips hold more than 65536 items"):
+        parse(raw, "many.yaml")
+    secret = tmp_path / "notes.yaml"
+    secret.write_text("password: hunter2\n  - broken: [\n")
+    with pytest.raises(ValueError) as err:
+        load_topology(str(secret))
+    assert "hunter2" not in str(err.value)                 # a file that is not a topology is not echoed
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="a topology file is a mapping"):
+        load_topology(str(listing))
 
 
 # ---- rings and trees

@@ -1,6 +1,8 @@
 """Topology files: read a YAML description and check every field, naming the file and the field path
 of the first bad one.  The schema is documented in ncl/topology/__init__.py and topology/README.md."""
 import importlib.util
+import ast
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ def _shipped_dir() -> str:
 SHIPPED_DIR = _shipped_dir()                      # topology/*.yaml
 CHIPS_DIR = os.path.join(SHIPPED_DIR, "chips")    # topology/chips/<type>.yaml
 NODE_KINDS = ("chip", "switch", "nic")
+# A topology file is data from outside: bounded so that no file can make ncl spin or swallow memory.
+MAX_FILE_BYTES = 1 << 20         # the largest shipped file is a few KiB
+MAX_ITEMS = 1 << 16              # chips, switches, links or hosts after `count` is expanded
+MAX_TEMPLATE_VALUE = 1 << 20     # any value inside a {...} template
 
 
 @dataclass
@@ -133,6 +139,8 @@ def _expand(items: list, ck: _Checker, section: str, template_keys: Tuple[str, .
             n = item["count"]
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 ck.fail(f"{where}.count", f"must be a positive integer, not {n!r}")
+            if len(out) + n > MAX_ITEMS:
+                ck.fail(f"{where}.count", f"makes {section} hold more than {MAX_ITEMS} items")
             base = {key: v for key, v in item.items() if key != "count"}
             for i in range(n):
                 one = dict(base)
@@ -146,13 +154,41 @@ def _expand(items: list, ck: _Checker, section: str, template_keys: Tuple[str, .
 
 
 def _template(text: str, i: int, ck: _Checker, where: str) -> str:
-    """"{i}", "{i+1}", "{i%4}", "{(i+1)%8}" and such: integer arithmetic on i only."""
+    """"{i}", "{i+1}", "{i%4}", "{(i+1)%8}" and such: + - * / % on integers and i, nothing else (no power,
+    no names, no calls), every value within MAX_TEMPLATE_VALUE.  A file is data: it is never evaluated."""
     def sub(m):
         expr = m.group(1)
-        if not re.fullmatch(r"[\di+\-*/%() ]+", expr):
-            ck.fail(where, f"has a template {{{expr}}} that is not arithmetic on i")
-        return str(eval(expr.replace("/", "//"), {"__builtins__": {}}, {"i": i}))  # only digits, i and + - * / %
+        try:
+            tree = ast.parse(expr, mode="eval") if len(expr) <= 64 else None
+            value = _arithmetic(tree.body, i) if tree is not None else None
+        except (SyntaxError, ValueError, ZeroDivisionError):
+            value = None
+        if value is None:
+            ck.fail(where, "has a template {...} that is not bounded integer arithmetic on i (+ - * / %, at most "
+                           f"{MAX_TEMPLATE_VALUE} in size)")
+        return str(value)
     return re.sub(r"\{([^{}]*)\}", sub, text)
+
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.floordiv,
+              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def _arithmetic(node, i: int) -> Optional[int]:
+    """The value of a template's expression tree, or None if it is anything but small integer arithmetic."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        value = node.value
+    elif isinstance(node, ast.Name) and node.id == "i":
+        value = i
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _arithmetic(node.operand, i)
+        value = None if inner is None else (-inner if isinstance(node.op, ast.USub) else inner)
+    elif isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        a, b = _arithmetic(node.left, i), _arithmetic(node.right, i)
+        value = None if a is None or b is None else _OPERATORS[type(node.op)](a, b)
+    else:
+        return None
+    return value if value is not None and abs(value) <= MAX_TEMPLATE_VALUE else None
 
 
 def parse(data: Any, path: str) -> Spec:
@@ -381,11 +417,24 @@ def shipped_names() -> List[str]:
 
 
 def load(name_or_path: str) -> Spec:
+    """Read and check a topology file.  Errors name the file and what is wrong, never echo its contents
+    (an argument that is not a topology file may be anything)."""
     import yaml
     path = resolve(name_or_path)
     try:
-        with open(path) as f:
+        if os.path.getsize(path) > MAX_FILE_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_FILE_BYTES} bytes: not a topology file")
+        with open(path, "rb") as f:
             data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read it: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it: {exc.strerror}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {exc.problem}") from None
+    except yaml.YAMLError:
+        raise ValueError(f"{path}: not valid YAML") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a topology file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a topology file is a mapping (name, chips, links, ...), not a {type(data).__name__}")
     return parse(data, path)
