@@ -419,8 +419,12 @@ def infer(p: argparse.ArgumentParser, args, command: List[str]) -> int:
         rows = run_points(points, args, progress)
     finally:
         progress.close()
+    from ncl.models import get_config
+    from ncl.topology.arch import Arch
+    from .predict import run_precision
     tps = "ep" if args.tp == "ep" else args.tp
-    sweep = dict(model=args.model, tp=tps, ep=args.ep, precision=[args.dtype], batch=args.batch,
+    precision = run_precision(Arch.of(get_config(args.model)), args.dtype)
+    sweep = dict(model=args.model, tp=tps, ep=args.ep, precision=[precision], batch=args.batch,
                  lengths=list(itertools.product(args.input_len, args.output_len)))
     return _finish(args, rows, [], command, started, [sweep])
 

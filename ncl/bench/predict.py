@@ -99,6 +99,11 @@ def grid(topology, models, tps, eps, precisions, batches, lengths, kv_precision=
     return result
 
 
+def run_precision(arch: Arch, dtype: str) -> str:
+    """The weight precision a run of ncl.models holds: its dtype, but MoE experts stay in MXFP4 (gpt-oss)."""
+    return "mxfp4" if arch.moe else dtype
+
+
 def annotate(rows: List[dict], topology) -> None:
     """Give each measured ncl-bench infer row the prediction of the same point on the target topology
     (pred_* columns): the model's whole depth at the run's batch, lengths and precision."""
@@ -111,7 +116,8 @@ def annotate(rows: List[dict], topology) -> None:
         if key not in servers:
             arch = Arch.of(get_config(r["model"]), r["model"])
             try:
-                servers[key] = Server(topology, arch, Split(r["tp"], r["ep"] if arch.moe else 1), r["dtype"])
+                servers[key] = Server(topology, arch, Split(r["tp"], r["ep"] if arch.moe else 1),
+                                      run_precision(arch, r["dtype"]))
             except ValueError:
                 servers[key] = None
         if servers[key] is None:
