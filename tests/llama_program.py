@@ -32,10 +32,12 @@ def close(failures, label, got, want):
         failures.append(f"{label}: max diff {float((got - want).abs().max()):.3g}")
 
 
-def check_generation(failures, cfg, comm, ref, par):
+def check_generation(failures, cfg, comm, ref, par, longest=STEPS):
+    """Prefill logits, greedy tokens and whole-sequence logits of the TP = N model against TP = 1 (also run
+    by exaone_program.py)."""
     me = f"rank {comm.rank}/{comm.size}"
-    ref_gen, par_gen = Generator(ref, max_batch=3, max_seq=7 + STEPS), Generator(par, max_batch=3, max_seq=7 + STEPS)
-    for batch, length, steps in ((1, 5, 4), (3, 7, STEPS)):  # every step costs 2 * layers + 2 collectives
+    ref_gen, par_gen = (Generator(m, max_batch=3, max_seq=7 + longest) for m in (ref, par))
+    for batch, length, steps in ((1, 5, 4), (3, 7, longest)):  # every step costs 2 * layers + 2 collectives
         tokens = prompts(batch, length, seed=batch)
         close(failures, f"prefill logits batch={batch} {me}", par(tokens), ref(tokens))
         want, got = ref_gen.generate(tokens, steps), par_gen.generate(tokens, steps)

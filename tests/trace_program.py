@@ -11,18 +11,8 @@ import time
 import torch
 
 import ncl
+from ncl.bench.worker import _communicators as communicators  # every ncl communicator the model holds
 from ncl.models import Generator, build_model, get_config
-
-
-def communicators(model, world):
-    from ncl.torch.tp import Group
-    found = [world]
-    for module in model.modules():
-        for value in vars(module).values():
-            comm = value.group if isinstance(value, Group) and value.is_ncl else value
-            if isinstance(comm, ncl.Communicator) and all(comm is not c for c in found):
-                found.append(comm)
-    return found
 
 
 def main():

@@ -21,11 +21,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ncl.torch.tp import ParallelLMHead, VocabParallelEmbedding
-
-from .layers import KVCache, RMSNorm, apply_rope, attention, rope_frequencies
-from .llama import Attention as LlamaAttention, FeedForward, as_group
-from .weights import shard_range, weight_source, with_weight
+from .layers import KVCache, RMSNorm, apply_rope, attention
+from .llama import Attention as LlamaAttention, DenseDecoder, FeedForward, as_group, config_from
+from .weights import weight_source
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # Hugging Face's layer_types strings (as gpt-oss's)
 EXAONE_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -190,7 +188,7 @@ class Block(nn.Module):
         super().__init__()
         group, source = as_group(group), source or weight_source(seed)
         p = f"model.layers.{index}"
-        self.self_attn = Attention(cfg, index, group, source, dtype)
+        self.attention = Attention(cfg, index, group, source, dtype)
         self.post_attention_layernorm = _norm(source, f"{p}.post_attention_layernorm.weight", cfg.dim, cfg.norm_eps,
                                               dtype)
         self.mlp = FeedForward(cfg, f"{p}.mlp", group, source, dtype)  # SwiGLU, the same tensor names as Llama's
@@ -198,14 +196,13 @@ class Block(nn.Module):
                                                 cfg.norm_eps, dtype)
 
     def forward(self, x, positions, cos, sin, start_pos: int):  # x: [B, T, D]
-        h = x + self.post_attention_layernorm(self.self_attn(x, positions, cos, sin, start_pos))
+        h = x + self.post_attention_layernorm(self.attention(x, positions, cos, sin, start_pos))
         return h + self.post_feedforward_layernorm(self.mlp(h))  # [B, T, D]
 
 
-class Exaone(nn.Module):
-    """The interface of ncl.models.llama.Llama: forward(tokens [B, T], start_pos) -> logits [B, T,
-    vocab] float32 on every rank; next_tokens(tokens, start_pos) -> [B] greedy; setup_cache(max_batch,
-    max_seq) before continuing sequences from start_pos > 0.
+class Exaone(DenseDecoder):
+    """EXAONE 4.0 over a tensor-parallel group, with the interface of Llama (DenseDecoder).  Sliding
+    layers keep every position in their KV cache too, their window applied by the mask.
 
     group: an ncl Communicator, torch ProcessGroup or tp.Group (None: TP = 1).  checkpoint: a Hugging
     Face directory (cfg None: its config.json) or any weight source; None: random weights from seed."""
@@ -213,72 +210,11 @@ class Exaone(nn.Module):
     def __init__(self, cfg: Optional[ExaoneConfig] = None, group=None, *, dtype=torch.float32, seed: int = 0,
                  checkpoint=None):
         super().__init__()
-        if cfg is None:
-            if not isinstance(checkpoint, (str, bytes)) and not hasattr(checkpoint, "__fspath__"):
-                raise ValueError("Exaone needs a config, or a checkpoint directory to read one from")
-            from .checkpoint import read_config
-            cfg = ExaoneConfig.from_hf(read_config(checkpoint))
-        self.config, self.group, self.dtype = cfg, as_group(group), dtype
-        source, g = weight_source(seed, checkpoint), self.group
-        if cfg.n_heads % g.size:
-            raise ValueError(f"{cfg.n_heads} attention heads do not split over {g.size} ranks")
-        vocab_rows = shard_range(cfg.vocab_size, g.rank, g.size, "vocab_size")
-        embed = source.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim), 0, *vocab_rows, dtype=dtype)
-        self.embed_tokens = with_weight(VocabParallelEmbedding, embed, cfg.vocab_size, cfg.dim, g)
-        self.layers = nn.ModuleList(Block(cfg, i, g, source=source, dtype=dtype) for i in range(cfg.n_layers))
+        cfg = cfg if cfg is not None else config_from(ExaoneConfig, "Exaone", checkpoint)
+        source = weight_source(seed, checkpoint)
+        self._tables(cfg, group, source, dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, self.group, source=source, dtype=dtype) for i in range(cfg.n_layers))
         self.norm = _norm(source, "model.norm.weight", cfg.dim, cfg.norm_eps, dtype)
-        head = embed if cfg.tie_embeddings else source.get("lm_head.weight", (cfg.vocab_size, cfg.dim), 0,
-                                                           *vocab_rows, dtype=dtype)
-        self.lm_head = with_weight(ParallelLMHead, head, cfg.dim, cfg.vocab_size, g)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        self.max_batch = self.max_seq = 0
-        self._cos = self._sin = None
-
-    def setup_cache(self, max_batch: int, max_seq: int) -> None:
-        """A KV cache for max_batch sequences of up to max_seq positions (this rank's KV heads; sliding
-        layers keep every position too, their window applied by the mask)."""
-        if max_seq > self.config.max_seq_len:
-            raise ValueError(f"max_seq {max_seq} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        for layer in self.layers:
-            a = layer.self_attn
-            a.cache = KVCache(max_batch, max_seq, a.n_kv_heads, a.head_dim, self.dtype)
-        self.max_batch, self.max_seq = max_batch, max_seq
-        self._rope(max_seq)
-
-    def _rope(self, n: int):
-        if self._cos is None or self._cos.shape[0] < n:
-            c = self.config
-            self._cos, self._sin = rope_frequencies(c.head_dim, max(n, self.max_seq), c.rope_theta, c.rope_scaling)
-        return self._cos, self._sin
-
-    def hidden(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """The final normed hidden states [B, T, D]."""
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an int tensor [batch, seq], not {tokens.dtype} {tuple(tokens.shape)}")
-        b, t = tokens.shape
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
-        if start_pos < 0:
-            raise ValueError(f"start_pos must be >= 0, not {start_pos}")
-        if self.max_seq == 0 and start_pos != 0:
-            raise ValueError("start_pos > 0 needs a KV cache: call setup_cache(max_batch, max_seq) first")
-        if self.max_seq and (b > self.max_batch or start_pos + t > self.max_seq):
-            raise ValueError(f"{b} sequences up to position {start_pos + t} exceed the cache "
-                             f"({self.max_batch} x {self.max_seq})")
-        positions = torch.arange(start_pos, start_pos + t)
-        cos, sin = self._rope(start_pos + t)
-        h = self.embed_tokens(tokens)                              # [B, T, D]
-        for layer in self.layers:
-            h = layer(h, positions, cos, sin, start_pos)
-        return self.norm(h)
-
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.lm_head(self.hidden(tokens, start_pos)).float()  # all-gather -> [B, T, vocab]
-
-    @torch.no_grad()
-    def next_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.lm_head.argmax(self.hidden(tokens, start_pos)[:, -1])  # [B]
 
 
 __all__ = ["ExaoneConfig", "EXAONE_CONFIGS", "Exaone", "param_count", "weight_shapes", "SLIDING", "FULL"]

@@ -191,36 +191,26 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))           # [B, T, D]
 
 
-class Llama(nn.Module):
-    """model.forward(tokens [B, T], start_pos) -> logits [B, T, vocab] (float32, the full vocabulary on
+class DenseDecoder(nn.Module):
+    """What a dense decoder of tensor-parallel blocks shares (Llama, EXAONE): the vocabulary-parallel
+    embedding and LM head, the KV caches, rotary tables and the forward pass.  A subclass builds
+    `self.layers` (blocks taking (h, positions, cos, sin, start_pos), each with an `attention` holding a
+    `cache`) and `self.norm`, after calling `_tables`.
+
+    model.forward(tokens [B, T], start_pos) -> logits [B, T, vocab] (float32, the full vocabulary on
     every rank); model.next_tokens(tokens, start_pos) -> [B] greedy, with no vocabulary all-gather.
     After setup_cache(max_batch, max_seq) calls continue a sequence from start_pos; without a cache
-    every call is a whole sequence (start_pos 0).
+    every call is a whole sequence (start_pos 0)."""
 
-    group: an ncl Communicator, torch ProcessGroup or tp.Group (None: TP = 1).  checkpoint: a Hugging
-    Face directory (cfg None: its config.json) or any weight source; None: random weights from seed."""
-
-    def __init__(self, cfg: Optional[LlamaConfig] = None, group=None, *, dtype=torch.float32, seed: int = 0,
-                 checkpoint=None):
-        super().__init__()
-        if cfg is None:
-            if checkpoint is None:
-                raise ValueError("Llama needs a config, or a checkpoint to read one from")
-            from .checkpoint import read_config
-            if not isinstance(checkpoint, (str, bytes)) and not hasattr(checkpoint, "__fspath__"):
-                raise ValueError("a config can only be read from a checkpoint directory")
-            cfg = LlamaConfig.from_hf(read_config(checkpoint))
+    def _tables(self, cfg, group, source, dtype) -> None:
+        """The embedding and LM head: this rank's rows of the vocabulary (one tensor when tied)."""
         self.config, self.group, self.dtype = cfg, as_group(group), dtype
-        source = weight_source(seed, checkpoint)
         g = self.group
         if cfg.n_heads % g.size:
             raise ValueError(f"{cfg.n_heads} attention heads do not split over {g.size} ranks")
         vocab_rows = shard_range(cfg.vocab_size, g.rank, g.size, "vocab_size")
         embed = source.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim), 0, *vocab_rows, dtype=dtype)
         self.tok_embeddings = with_weight(VocabParallelEmbedding, embed, cfg.vocab_size, cfg.dim, g)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i, g, source=source, dtype=dtype)
-                                    for i in range(cfg.n_layers))
-        self.norm = _norm(cfg, "model.norm.weight", source, dtype)
         head = embed if cfg.tie_embeddings else source.get("lm_head.weight", (cfg.vocab_size, cfg.dim), 0,
                                                            *vocab_rows, dtype=dtype)
         self.output = with_weight(ParallelLMHead, head, cfg.dim, cfg.vocab_size, g)
@@ -272,6 +262,31 @@ class Llama(nn.Module):
     @torch.no_grad()
     def next_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         return self.output.argmax(self.hidden(tokens, start_pos)[:, -1])  # [B]
+
+
+def config_from(cls, name: str, checkpoint):
+    """A model's config read from a checkpoint directory's config.json (when no config is given)."""
+    if checkpoint is None or (not isinstance(checkpoint, (str, bytes)) and not hasattr(checkpoint, "__fspath__")):
+        raise ValueError(f"{name} needs a config, or a checkpoint directory to read one from")
+    from .checkpoint import read_config
+    return cls.from_hf(read_config(checkpoint))
+
+
+class Llama(DenseDecoder):
+    """Llama 3.x over a tensor-parallel group (see DenseDecoder for the interface).
+
+    group: an ncl Communicator, torch ProcessGroup or tp.Group (None: TP = 1).  checkpoint: a Hugging
+    Face directory (cfg None: its config.json) or any weight source; None: random weights from seed."""
+
+    def __init__(self, cfg: Optional[LlamaConfig] = None, group=None, *, dtype=torch.float32, seed: int = 0,
+                 checkpoint=None):
+        super().__init__()
+        cfg = cfg if cfg is not None else config_from(LlamaConfig, "Llama", checkpoint)
+        source = weight_source(seed, checkpoint)
+        self._tables(cfg, group, source, dtype)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i, self.group, source=source, dtype=dtype)
+                                    for i in range(cfg.n_layers))
+        self.norm = _norm(cfg, "model.norm.weight", source, dtype)
 
 
 def weight_shapes(cfg: LlamaConfig) -> Dict[str, Tuple[int, ...]]:
