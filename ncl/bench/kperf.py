@@ -67,7 +67,9 @@ class ServerSteps:
 
     def energy(self, steps: serving.StepRecords, begin: float, end: float) -> Dict[str, float]:
         """Joules of the chips and links over the steps that start inside [begin, end), and the window's
-        idle time at idle power."""
+        idle time at idle power.  The steps are priced again from their records, which keep sums, not each
+        sequence: decodes at their mean context, a step's prompt tokens as one fresh prompt (an upper bound
+        on the prefill's attention, and so on the busy share)."""
         s, chip, n = self.server, self.server.chip, self.server.nranks
         inside = (steps.start >= begin) & (steps.start < end)
         dec, ctx = steps.decode_seqs[inside], steps.decode_context_tokens[inside]
