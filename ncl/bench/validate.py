@@ -60,7 +60,7 @@ def server_for(pt: dict, chip=None) -> Server:
     topology = load_topology(pt["topology"])
     arch = Arch.of(get_config(pt["model"]), pt["model"])
     server = Server(topology, arch, Split(int(pt.get("tp", 1)), int(pt.get("ep", 1))), pt["precision"],
-                    pt["kv_precision"])
+                    pt.get("kv_precision"))  # unstated: fp8 with fp8 weights, else bf16 (Server)
     if chip is not None:
         server.chip = chip
     return server
