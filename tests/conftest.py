@@ -30,7 +30,7 @@ FAST_MODULES = {
     "test_exaone.py": ("test_tensor_parallel_exaone_equals_tp1",),
     "test_gpt_oss.py": ("test_sharded_model_equals_the_single_process_model",),
     "test_predict.py": ("test_a_dense_models_calls_are_the_predicted_list",
-                        "test_a_moe_models_calls_are_the_predicted_list_but_for_the_routed_bytes"),
+                        "test_a_moe_models_calls_are_the_predicted_list_given_the_runs_routing"),
 }
 _LAUNCHERS = ("ncl.run", "ncl-run", "mpiexec")
 

@@ -29,38 +29,43 @@ LENGTHS = [(128, 128), (2048, 128), (128, 2048), (2048, 2048)]
 
 # ---- the collectives the sharded model really issues ------------------------------------------------------
 
-def _recorded(tmp_path, model, tp, ep, n, batch=4, prompt=5, steps=2):
+def _recorded(tmp_path, model, tp, ep, n, rank=0, batch=4, prompt=5, steps=2):
+    """(calls, routing) that rank of a real run recorded."""
     argv = ncl_run_argv(n, PROGRAM, str(tmp_path), model, str(tp), str(ep), str(batch), str(prompt), str(steps))
     assert program_failures(argv, tmp_path, n) == []
-    with open(tmp_path / "rank0.json") as f:
-        return [tuple(c) for c in json.load(f)["calls"]]
+    with open(tmp_path / f"rank{rank}.json") as f:
+        data = json.load(f)
+    return [tuple(c) for c in data["calls"]], [tuple(r) for r in data["routing"]]
 
 
-def _predicted(model, tp, ep, batch=4, prompt=5, steps=2):
+def _predicted(model, tp, ep, batch=4, prompt=5, steps=2, routing=None):
+    """The list of the same generation from the model; routing: a run's, per MoE layer call in order."""
     arch, split = Arch.of(get_config(model), model), Split(tp, ep)
     b = batch // split.dp(arch)
-    calls = forward_collectives(arch, split, b * prompt, b)
-    for _ in range(steps):
-        calls += forward_collectives(arch, split, b, b)
+    passes = [(b * prompt, b)] + [(b, b)] * steps
+    calls = []
+    for k, (tokens, sequences) in enumerate(passes):
+        routed = routing[k * arch.n_layers:(k + 1) * arch.n_layers] if routing else None
+        calls += forward_collectives(arch, split, tokens, sequences, routing=routed)
     return [(c.kind, c.nbytes, c.size) for c in calls]
 
 
 @pytest.mark.parametrize("model, tp, n", [("llama-tiny", 2, 2), ("llama-tiny", 4, 4), ("exaone-tiny", 2, 2)])
 def test_a_dense_models_calls_are_the_predicted_list(tmp_path, model, tp, n):
-    assert _recorded(tmp_path, model, tp, 1, n) == _predicted(model, tp, 1)
+    calls, routing = _recorded(tmp_path, model, tp, 1, n)
+    assert calls == _predicted(model, tp, 1) and routing == []
 
 
-@pytest.mark.parametrize("tp, ep", [(2, 2), (1, 2)])
-def test_a_moe_models_calls_are_the_predicted_list_but_for_the_routed_bytes(tmp_path, tp, ep):
-    """Everything but the all_to_allv byte counts, which follow the routing: those must be whole rows
-    (dispatch: hidden bf16 + top_k ids and weights as float64, packed; combine: hidden bf16)."""
-    got, want = _recorded(tmp_path, "gpt-oss-tiny", tp, ep, 2), _predicted("gpt-oss-tiny", tp, ep)
-    assert [(k, s) for k, _, s in got] == [(k, s) for k, _, s in want]
-    assert [c for c in got if c[0] != "all_to_allv"] == [c for c in want if c[0] != "all_to_allv"]
-    cfg = get_config("gpt-oss-tiny")
-    exchanges = [b for k, b, _ in got if k == "all_to_allv"]  # per layer: dispatch (packed), then combine (rows)
-    assert exchanges and all(b % (cfg.dim * 2 + 16 * cfg.top_k) == 0 for b in exchanges[0::2])
-    assert all(b % (cfg.dim * 2) == 0 for b in exchanges[1::2])
+@pytest.mark.parametrize("tp, ep, rank", [(2, 2, 1), (1, 2, 0)])
+def test_a_moe_models_calls_are_the_predicted_list_given_the_runs_routing(tmp_path, tp, ep, rank):
+    """With the routing the run recorded (rows each dispatch sent), every call is the predicted one, the
+    all_to_allv byte counts included; under balanced routing's expectation only those differ."""
+    got, routing = _recorded(tmp_path, "gpt-oss-tiny", tp, ep, 2, rank)
+    assert len(routing) == 3 * get_config("gpt-oss-tiny").n_layers            # prefill + 2 decode steps
+    assert got == _predicted("gpt-oss-tiny", tp, ep, routing=routing)
+    expected = _predicted("gpt-oss-tiny", tp, ep)
+    assert [(k, s) for k, _, s in got] == [(k, s) for k, _, s in expected]
+    assert [c for c in got if c[0] != "all_to_allv"] == [c for c in expected if c[0] != "all_to_allv"]
 
 
 # ---- floors -------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 Builds MODEL (a tiny config) over the world with TP and EP, prefills a batch in one chunk and decodes
 a few steps, and writes each rank's flight record of that generation, every communicator's calls
 merged in the order they began: OUT_DIR/rank<r>.json {"rank", "failures", "calls": [[kind, bytes,
-group size], ...]}.  argv: OUT_DIR MODEL TP EP BATCH PROMPT STEPS."""
+group size], ...], "routing": [[rows sent, most rows any EP rank sent, rows received] per MoE layer
+call]}.
+argv: OUT_DIR MODEL TP EP BATCH PROMPT STEPS."""
 import json
 import os
 import sys
@@ -11,6 +13,7 @@ import time
 import torch
 
 import ncl
+from ncl.torch import tp as tpl
 from ncl.bench.worker import _communicators as communicators  # every ncl communicator the model holds
 from ncl.models import Generator, build_model, get_config
 
@@ -24,6 +27,12 @@ def main():
     groups = comm.size // tp if moe else 1  # a MoE rank runs its data-parallel group's share of the batch
     mine = batch // groups
     tokens = torch.randint(0, cfg.vocab_size, (mine, prompt), generator=torch.Generator().manual_seed(comm.rank // tp))
+    routing = []  # per MoE layer call, in order: (rows sent, the most any EP rank sends, rows received)
+    for module in model.modules():
+        if getattr(module, "ep_group", None) is not None and hasattr(module, "routing"):
+            ep_rank = tpl.Group(module.ep_group).rank
+            module.register_forward_hook(lambda m, *_, r=ep_rank: routing.append(
+                (int(m.routing[r].sum()), int(m.routing.sum(axis=1).max()), int(m.routing[:, r].sum()))))
     with torch.inference_mode():
         gen = Generator(model, max_batch=mine, max_seq=prompt + steps + 1, chunk_tokens=1 << 20)
         comm.barrier()
@@ -34,7 +43,7 @@ def main():
     calls = [(e["begin_s"], e["collective"], e["bytes"], c.size) for c in communicators(model, comm)
              for e in c.flight_record() if e["begin_s"] >= start]
     with open(os.path.join(out, f"rank{comm.rank}.json"), "w") as f:
-        json.dump({"rank": comm.rank, "failures": [], "calls": [c[1:] for c in sorted(calls)]}, f)
+        json.dump({"rank": comm.rank, "failures": [], "calls": [c[1:] for c in sorted(calls)], "routing": routing}, f)
     comm.close()
 
 

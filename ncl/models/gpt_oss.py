@@ -302,6 +302,7 @@ class MoE(nn.Module):
                                source.get(p + "bias", (cfg.n_experts,), dtype=dtype))
         per = cfg.n_experts // ep
         self.experts = MXFP4Experts(cfg, layer, ep_rank * per, per, source, dtype)
+        self.routing = None  # the last dispatch's [sender, receiver] row counts (an ncl EP group's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -319,6 +320,7 @@ class MoE(nn.Module):
         else:
             recv_x, recv_idx, recv_w, handle = moe.dispatch(mine, idx, weights, self.ep_group,
                                                             num_experts=self.n_experts)
+            self.routing = handle.rank_matrix  # [sender, receiver] rows of this dispatch, for tracing
             y = moe.combine(self.experts(recv_x, recv_idx, recv_w), handle)        # [rows, D]
         if tp > 1:
             y = tpl.Group(self.tp_group).all_gather(y)[:n]                         # [n, D]

@@ -15,7 +15,7 @@ with the byte counts the flight recorder keeps (the collective's own count argum
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 SLIDING = "sliding_attention"
 ALIASES = {
@@ -158,11 +158,12 @@ def moe_rows_per_rank(arch: Arch, split: Split, tokens_per_group: int) -> int:
 
 
 def forward_collectives(arch: Arch, split: Split, tokens: int, sequences: int, act_bytes: int = 2,
-                        rows_sent: Optional[List[int]] = None) -> List[Collective]:
+                        routing: Optional[Sequence[Tuple[int, int, int]]] = None) -> List[Collective]:
     """The collectives of one forward pass of `tokens` new positions over `sequences` sequences (one
     rank's batch: a dense model's whole batch, a MoE rank's data-parallel share), that ends in the
-    greedy next token of each sequence.  rows_sent[layer]: the largest number of rows any EP rank sends
-    in that layer's dispatch, if a run recorded it; else balanced routing's expectation."""
+    greedy next token of each sequence.  routing[layer] = (rows this rank sends, the most any rank of its
+    EP group sends, rows this rank receives) in that layer's dispatch, when a run recorded its routing;
+    else balanced routing's expectation for all three (a rank receives what it sends)."""
     tp, n = split.tp, split.world(arch)
     act = tokens * arch.dim * act_bytes
     calls: List[Collective] = []
@@ -176,22 +177,20 @@ def forward_collectives(arch: Arch, split: Split, tokens: int, sequences: int, a
             if tp > 1:
                 calls.append(Collective("all_reduce", act, tp_group, tp))           # MLP down projection
             continue
-        calls += _moe_calls(arch, split, tokens, act_bytes,
-                            None if rows_sent is None else rows_sent[layer])
+        calls += _moe_calls(arch, split, tokens, act_bytes, None if routing is None else routing[layer])
     if tp > 1:
         calls += [Collective("all_reduce", sequences * b, tp_group, tp) for b in ARGMAX_BYTES]
     return calls
 
 
 def _moe_calls(arch: Arch, split: Split, group_tokens: int, act_bytes: int,
-               largest_rows: Optional[int]) -> List[Collective]:
+               routed: Optional[Tuple[int, int, int]]) -> List[Collective]:
     tp, ep, n = split.tp, split.ep, split.world(arch)
     rows = moe_rows_per_rank(arch, split, group_tokens)
     calls = []
     if ep > 1:
         ep_group = "world" if ep == n else "ep"
-        sent = round(rows * distinct_ranks(arch, ep))
-        largest = sent if largest_rows is None else largest_rows
+        sent, largest, received = routed or (round(rows * distinct_ranks(arch, ep)),) * 3
         row = arch.dim * act_bytes
         calls.append(Collective("all_gather", ep * COUNT_BYTES, ep_group, ep))      # the send-count matrix
         if largest * row < MOE_PACKED_MAX_BYTES:
@@ -199,7 +198,7 @@ def _moe_calls(arch: Arch, split: Split, group_tokens: int, act_bytes: int,
         else:
             calls.append(Collective("all_to_allv", sent * row, ep_group, ep))       # rows
             calls.append(Collective("all_to_allv", sent * 2 * arch.top_k * 8, ep_group, ep))  # ids, weights
-        calls.append(Collective("all_to_allv", sent * row, ep_group, ep))           # combine
+        calls.append(Collective("all_to_allv", received * row, ep_group, ep))       # combine: the rows back
     if tp > 1:
         calls.append(Collective("all_gather", rows * arch.dim * act_bytes, "world" if tp == n else "tp", tp))
     return calls
