@@ -23,6 +23,7 @@ import time
 from typing import List, Optional
 
 from . import metrics, report, sizing
+from .predict import positive_ints
 
 DEFAULT_OUT = "ncl-bench-report"
 TRACE_BUFFER = 65536     # flight-record entries per communicator: a whole point's calls
@@ -52,16 +53,8 @@ QUICK_PREDICTION = [
 ]
 
 
-def _ints(flag: str):
-    def parse(text: str) -> List[int]:
-        try:
-            values = [int(t) for t in text.split(",") if t.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} takes integers like 8 or 1,2,4, not {text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, not {text!r}")
-        return sorted(set(values))
-    return parse
+Progress = report.Progress
+_ints = positive_ints
 
 
 def _tp_sizes(text: str):
@@ -281,31 +274,6 @@ def _kill(proc: subprocess.Popen) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate()
     return out
-
-
-class Progress:
-    """Rows to stdout as points complete; a tqdm bar on a terminal."""
-
-    def __init__(self, total: int, unit: str = "point"):
-        self.bar = None
-        if sys.stderr.isatty() and total:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, leave=False)
-
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            report.log(text)
-
-    def update(self, text: str = "") -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_points(points: List[dict], args, progress: Progress) -> List[dict]:

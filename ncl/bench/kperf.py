@@ -229,29 +229,25 @@ def check(p: argparse.ArgumentParser, args):
 
 def main(p: argparse.ArgumentParser, args, command: List[str]) -> int:
     from . import kperf_report
+    from .report import Progress
     topologies = check(p, args)
     started = time.perf_counter()
     points = [q for t in topologies for q in plan(t, args.models, args.precision, args.kv_precision, args.chips,
                                                    args.lengths, args.concurrency)]
-    runnable = [q for q in points if q["status"] == "planned"]
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=len(runnable), unit="point", file=sys.stderr, leave=False)
+    progress = Progress(sum(q["status"] == "planned" for q in points))
     rows, servers = [], {}
     by_name = {t.name: t for t in topologies}
-    for q in points:
-        if q["status"] != "planned":
-            rows.append(q)
-            continue
-        rows.append(run_point(by_name[q["topology"]], q, servers))
-        if bar is not None:
-            bar.set_postfix_str(f"{q['model']} {q['precision']} n={q['chips']} c={q['concurrency']}")
-            bar.update(1)
-        elif len(rows) % 50 == 0:
-            sys.stderr.write(f"# {len(rows)} of {len(points)} points\n")
-    if bar is not None:
-        bar.close()
+    try:
+        for q in points:
+            if q["status"] != "planned":
+                rows.append(q)
+                continue
+            rows.append(run_point(by_name[q["topology"]], q, servers))
+            progress.update(f"{q['model']} {q['precision']} n={q['chips']} c={q['concurrency']}")
+            if len(rows) % 100 == 0:  # a line now and then also where no bar is drawn (a log, CI)
+                progress.write(f"# {len(rows)} of {len(points)} points")
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - started
     for path in kperf_report.write(os.path.abspath(args.out), rows, command, topologies, elapsed, args.accuracy_rows):
         sys.stdout.write(f"# wrote {path}\n")

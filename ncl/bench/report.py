@@ -74,6 +74,31 @@ def log(text: str) -> None:
     sys.stdout.flush()
 
 
+class Progress:
+    """Rows to stdout as points complete; a tqdm bar on a terminal."""
+
+    def __init__(self, total: int, unit: str = "point"):
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, leave=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            log(text)
+
+    def update(self, text: str = "") -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _fmt(v, digits: int = 3):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""

@@ -87,10 +87,10 @@ def predict(pt: dict, chip=None) -> float:
 
 def calibration_points() -> dict:
     """point id -> the chip types it calibrates (from the shipped chip library)."""
-    from ncl.topology.schema import CHIPS_DIR, _Checker, _chip_type, shipped_chip_types
+    from ncl.topology.schema import library_chip_type, shipped_chip_types
     out = {}
-    for name, fields in shipped_chip_types().items():
-        chip = _chip_type(name, fields, _Checker(os.path.join(CHIPS_DIR, name + ".yaml")))
+    for name in shipped_chip_types():
+        chip = library_chip_type(name)
         if chip.calibrated_from:
             out.setdefault(chip.calibrated_from, []).append(chip)
     return out
@@ -125,7 +125,7 @@ def write_field(chip: str, field: str, value: str) -> None:
         raise ValueError(f"{path}: no single top-level {field} to set")
     with open(path, "w") as f:
         f.write(text)
-    schema._CHIP_LIBRARY.clear()  # read again by the next load
+    schema.forget_chip_types()
 
 
 def rows(data: dict) -> List[dict]:

@@ -220,7 +220,7 @@ def parse(data: Any, path: str) -> Spec:
             t = ck.string(item, "type", where)
             if t not in types and t in shipped_chip_types():  # the shipped chip library (topology/chips/)
                 types[t] = shipped_chip_types()[t]
-                chip_types[t] = _chip_type(t, types[t], _Checker(os.path.join(CHIPS_DIR, t + ".yaml")))
+                chip_types[t] = library_chip_type(t)
             if t not in types:
                 ck.fail(f"{where}.type", f"{t!r} is neither one of chip_types ({', '.join(types) or 'none'}) nor "
                                          f"a shipped chip type ({', '.join(sorted(shipped_chip_types()))})")
@@ -407,6 +407,16 @@ def shipped_chip_types() -> Dict[str, dict]:
 
 
 _CHIP_LIBRARY: Dict[str, dict] = {}
+
+
+def library_chip_type(name: str) -> ChipType:
+    """The shipped chip type `name` (topology/chips/<name>.yaml), checked."""
+    return _chip_type(name, shipped_chip_types()[name], _Checker(os.path.join(CHIPS_DIR, name + ".yaml")))
+
+
+def forget_chip_types() -> None:
+    """Read the chip library again at its next use (after a calibration rewrote a file)."""
+    _CHIP_LIBRARY.clear()
 
 
 def shipped_names() -> List[str]:
