@@ -182,6 +182,24 @@ def test_validate_reproduces_each_calibration_and_predicts_every_point():
     assert s["points"] >= 8 and len(s["chip_types"]) >= 3
 
 
+def test_the_trtllm_table_is_whole_and_keeps_the_calibration_ids():
+    data = validate.load(os.path.join(os.path.dirname(validate.DATA), "trtllm-perf-overview.yaml"))
+    assert len(data["points"]) == 60  # 3 models x 2 chips x 10 lengths, none left out
+    result = validate.rows(data)
+    assert sum(r["role"] == "calibration" for r in result) == 1 and all(r["predicted"] > 0 for r in result)
+
+
+def test_admission_full_request_holds_prompt_plus_output_and_on_demand_the_mean():
+    server = Server(load_topology("nvswitch-8gpu"), Arch.of(get_config("llama-3.1-405b")), Split(8), "fp8")
+    full = model_predict.max_throughput(server, 128, 4096, admission="full_request")
+    paged = model_predict.max_throughput(server, 128, 4096, admission="on_demand")
+    assert full["batch"] == server.max_sequences(128 + 4096)          # by hand: KV of 4224 positions each
+    assert paged["batch"] == server.max_sequences(128 + 4096 / 2) > full["batch"]
+    assert paged["output_tok_s"] > full["output_tok_s"]
+    with pytest.raises(ValueError, match="admission must be one of"):
+        model_predict.max_throughput(server, 128, 128, admission="greedy")
+
+
 def test_predict_prints_a_grid_and_json(capsys):
     assert cli.main(["predict", "--model", "llama-3.1-8b,gpt-oss-120b", "--tp", "1,2", "--precision", "mxfp4",
                      "--batch", "1,max", "--input-len", "128", "--output-len", "64"]) == 0

@@ -52,6 +52,9 @@ def load(path: str) -> dict:
             raise ValueError(f"{path}: points[{k}].metric must be one of {', '.join(METRICS)}, not {pt['metric']!r}")
         if not isinstance(pt["value"], (int, float)) or pt["value"] <= 0:
             raise ValueError(f"{path}: points[{k}].value must be a positive number, not {pt['value']!r}")
+        if pt.get("admission", "on_demand") not in model_predict.ADMISSION:
+            raise ValueError(f"{path}: points[{k}].admission must be one of {', '.join(model_predict.ADMISSION)}, "
+                             f"not {pt['admission']!r}")
     return data
 
 
@@ -74,14 +77,15 @@ def predict(pt: dict, chip=None) -> float:
         return topology.busbw(pt["collective"], size, n, topology.predict(pt["collective"], size, n))
     server = server_for(pt, chip)
     i, o, c = int(pt["input_len"]), int(pt["output_len"]), pt["concurrency"]
+    admission = pt.get("admission", "on_demand")
     if c != "max" and pt.get("batching") == "static":
         row = model_predict.static_batch(server, int(c), i, o)
     elif c == "max":
-        row = model_predict.max_throughput(server, i, o)
+        row = model_predict.max_throughput(server, i, o, admission=admission)
     elif int(c) == 1:
         row = model_predict.static_batch(server, 1, i, o)
     else:  # c requests kept in flight: continuous batching with c running
-        row = model_predict.max_throughput(server, i, o, max_seqs=int(c))
+        row = model_predict.max_throughput(server, i, o, max_seqs=int(c), admission=admission)
     return float(row[pt["metric"]])
 
 

@@ -10,8 +10,8 @@ Two kinds of point:
                    are running, each step decodes one token for each and prefills the prompts of those that
                    replace the finished ones in the same step (chunked prefill).  In steady state the step's
                    prefill tokens are B x input_len / (output_len - 1), and the running contexts are spread
-                   evenly over input_len .. input_len + output_len.  B is the largest that fits the KV cache at
-                   the mean context, the token budget and MAX_SEQS.
+                   evenly over input_len .. input_len + output_len.  B is the largest that fits the KV cache
+                   under the stack's admission rule (ADMISSION), the token budget and MAX_SEQS.
 """
 import math
 from typing import Dict
@@ -24,6 +24,17 @@ from .inference import Keys, Server
 # (max_num_batched_tokens 8192, max_num_seqs 1024 on data-centre GPUs; vllm/engine/arg_utils.py)
 CHUNK_TOKENS = 8192
 MAX_SEQS = 1024
+
+# KV positions a running request holds, by the serving stack's admission rule, as a function of (input_len,
+# output_len).  on_demand: vLLM allocates pages as a sequence grows and preempts when the cache is full, so
+# the running requests hold their mean context (vllm/v1/core/sched/scheduler.py).  full_request:
+# TensorRT-LLM's default capacity policy GUARANTEED_NO_EVICT admits a request only when its prompt plus
+# its whole output fit, so each holds input_len + output_len
+# (https://nvidia.github.io/TensorRT-LLM/performance/performance-tuning-guide/useful-runtime-flags.html).
+ADMISSION = {
+    "on_demand": lambda input_len, output_len: input_len + output_len / 2,
+    "full_request": lambda input_len, output_len: input_len + output_len,
+}
 
 
 def _parts(cost, weight=1.0) -> Dict[str, float]:
@@ -103,12 +114,13 @@ def _shares(*phases) -> Dict[str, object]:
 
 
 def max_throughput(server: Server, input_len: int, output_len: int, chunk_tokens: int = CHUNK_TOKENS,
-                   max_seqs: int = MAX_SEQS) -> Dict[str, float]:
+                   max_seqs: int = MAX_SEQS, admission: str = "on_demand") -> Dict[str, float]:
     """Continuous batching at steady state with as many running requests as fit (see the module doc)."""
+    if admission not in ADMISSION:
+        raise ValueError(f"admission must be one of {', '.join(ADMISSION)}, not {admission!r}")
     steps = max(1, output_len - 1)
     prefill_per_running = input_len / steps          # prompt tokens per step per running request
-    mean_context = input_len + output_len / 2
-    running = min(server.max_sequences(mean_context), max_seqs,
+    running = min(server.max_sequences(ADMISSION[admission](input_len, output_len)), max_seqs,
                   int(chunk_tokens // (1 + prefill_per_running)))
     dp = server.split.dp(server.arch)
     running = running // dp * dp
