@@ -189,6 +189,20 @@ def test_the_trtllm_table_is_whole_and_keeps_the_calibration_ids():
     assert sum(r["role"] == "calibration" for r in result) == 1 and all(r["predicted"] > 0 for r in result)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("admission", "greedy", "admission must be one of on_demand, full_request"),
+    ("max_seqs", 0, "max_seqs must be an integer >= 1"),
+    ("max_seqs", "256", "max_seqs must be an integer >= 1"),
+])
+def test_validate_refuses_a_bad_stack_field(tmp_path, field, value, message):
+    import yaml
+    point = dict(validate.load(validate.DATA)["points"][0], **{field: value})
+    path = tmp_path / "points.yaml"
+    path.write_text(yaml.safe_dump({"points": [point]}))
+    with pytest.raises(ValueError, match=message):
+        validate.load(str(path))
+
+
 def test_admission_full_request_holds_prompt_plus_output_and_on_demand_the_mean():
     server = Server(load_topology("nvswitch-8gpu"), Arch.of(get_config("llama-3.1-405b")), Split(8), "fp8")
     full = model_predict.max_throughput(server, 128, 4096, admission="full_request")

@@ -52,6 +52,8 @@ def load(path: str) -> dict:
             raise ValueError(f"{path}: points[{k}].metric must be one of {', '.join(METRICS)}, not {pt['metric']!r}")
         if not isinstance(pt["value"], (int, float)) or pt["value"] <= 0:
             raise ValueError(f"{path}: points[{k}].value must be a positive number, not {pt['value']!r}")
+        if "max_seqs" in pt and not (isinstance(pt["max_seqs"], int) and pt["max_seqs"] >= 1):
+            raise ValueError(f"{path}: points[{k}].max_seqs must be an integer >= 1, not {pt['max_seqs']!r}")
         if pt.get("admission", "on_demand") not in model_predict.ADMISSION:
             raise ValueError(f"{path}: points[{k}].admission must be one of {', '.join(model_predict.ADMISSION)}, "
                              f"not {pt['admission']!r}")
@@ -81,7 +83,8 @@ def predict(pt: dict, chip=None) -> float:
     if c != "max" and pt.get("batching") == "static":
         row = model_predict.static_batch(server, int(c), i, o)
     elif c == "max":
-        row = model_predict.max_throughput(server, i, o, admission=admission)
+        row = model_predict.max_throughput(server, i, o, max_seqs=int(pt.get("max_seqs", model_predict.MAX_SEQS)),
+                                           admission=admission)
     elif int(c) == 1:
         row = model_predict.static_batch(server, 1, i, o)
     else:  # c requests kept in flight: continuous batching with c running
