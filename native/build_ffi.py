@@ -27,7 +27,10 @@ ffibuilder.set_source(
     # setuptools wants paths relative to the project root
     sources=sorted(os.path.relpath(p, os.path.dirname(HERE)) for p in glob.glob(os.path.join(HERE, "*.c"))),
     include_dirs=[os.path.relpath(HERE, os.path.dirname(HERE))],
-    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wextra",
+    # -fno-loop-unroll-and-jam: GCC would fuse two sources of a reduction into one scalar loop with branches
+    # (the NaN-propagating MIN/MAX: 13x slower) instead of vectorising the loop over elements
+    extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing", "-fno-loop-unroll-and-jam",
+                        "-Wall", "-Wextra",
                         "-Wno-unused-parameter"],
     libraries=["rt"],
 )

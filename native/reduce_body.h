@@ -7,7 +7,8 @@
  * stored once.  16-bit floats accumulate in float32 and round once at the store.  Integer
  * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
  * integer AVG sums exactly in a wider type W, so an average never overflows, then divides
- * (truncating toward zero). */
+ * (truncating toward zero).  Float MIN/MAX propagate NaN: the result is the NaN of the first
+ * source (in rank order) that holds one, so every rank gets the same bits whichever rank had it. */
 #define KCAT_(a, b) a##_##b
 #define KCAT(a, b) KCAT_(a, b)
 #define BLOCK 512
@@ -34,6 +35,10 @@
 #define K_ID(x) (x)
 #define K_MIN(a, b) ((b) < (a) ? (b) : (a))
 #define K_MAX(a, b) ((b) > (a) ? (b) : (a))
+/* a NaN accumulator stays; a NaN source replaces a number (x != x only for NaN; no -ffast-math).
+ * Three plain selects, each of a comparison always evaluated, so the loop vectorises. */
+#define K_FMIN(a, b) ((a) != (a) ? (a) : (b) != (b) ? (b) : K_MIN(a, b))
+#define K_FMAX(a, b) ((a) != (a) ? (a) : (b) != (b) ? (b) : K_MAX(a, b))
 #define K_ADD(a, b) ((a) + (b))
 #define K_MUL(a, b) ((a) * (b))
 #define K_AVG(x) ((x) / nsrc)
@@ -49,8 +54,8 @@
 #define DEFINE_FLOAT_KERNELS(TAG, T, A, LOAD, STORE)                                          \
     DEFINE_KERNEL(TAG##_sum, T, A, LOAD, STORE, K_ADD, K_ID)                                  \
     DEFINE_KERNEL(TAG##_prod, T, A, LOAD, STORE, K_MUL, K_ID)                                 \
-    DEFINE_KERNEL(TAG##_min, T, A, LOAD, STORE, K_MIN, K_ID)                                  \
-    DEFINE_KERNEL(TAG##_max, T, A, LOAD, STORE, K_MAX, K_ID)                                  \
+    DEFINE_KERNEL(TAG##_min, T, A, LOAD, STORE, K_FMIN, K_ID)                                 \
+    DEFINE_KERNEL(TAG##_max, T, A, LOAD, STORE, K_FMAX, K_ID)                                 \
     DEFINE_KERNEL(TAG##_avg, T, A, LOAD, STORE, K_ADD, (A)K_AVG)
 
 /* wrapping add/multiply through the unsigned type */

@@ -144,6 +144,63 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
     assert not differ, f"algorithms disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
+QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000}
+
+
+def _nan_sweep(comm, count=3001):
+    """MIN and MAX with NaNs on every rank but 0 (payload: the rank), each rank at positions of its
+    own and all of them at a few shared ones; all_reduce and reduce_scatter.  Returns (failures,
+    {case: digest}); the reference by hand: NaN wherever some rank holds one, with the payload of
+    the lowest such rank (float32/float64 keep it whole), every other element the plain min/max."""
+    n, me = comm.size, comm.rank
+    failures, digests = [], {}
+    where = [np.zeros(count, bool)] + [(np.arange(count) % (n + 3) == r) | (np.arange(count) % 97 == 0)
+                                       for r in range(1, n)]
+    for dtype in FLOATS:
+        t = np.dtype(dtype) if dtype != "bfloat16" else rank_data(0, 0, (1,), dtype).dtype
+        u = f"u{t.itemsize}"
+        datas = [rank_data(case_seed("nan", dtype, r), r, (count,), dtype) for r in range(n)]
+        for r in range(1, n):
+            datas[r].view(u)[where[r]] = QUIET_NAN[dtype] | r
+        for op in ("MIN", "MAX"):
+            plain = reference_reduce([np.where(w, d[0], d) for w, d in zip(where, datas)], op)
+            first = np.zeros(count, int)
+            for r in range(n - 1, 0, -1):
+                first[where[r]] = r
+            for kind in ("all_reduce", "reduce_scatter"):
+                x = datas[me].copy()
+                if kind == "all_reduce":
+                    got, want_nan, lo = comm.all_reduce(x, op=_op(op)), first > 0, 0
+                else:
+                    per = count // n
+                    got = comm.reduce_scatter(x[:per * n], op=_op(op))
+                    want_nan, lo = first[me * per:(me + 1) * per] > 0, me * per
+                label = f"{kind} {dtype} {op} NaN rank={me}/{n}"
+                if not np.array_equal(np.isnan(got.astype(np.float64)), want_nan):
+                    failures.append(f"{label}: NaN at {np.flatnonzero(np.isnan(got.astype(np.float64)))[:8]}, "
+                                    f"expected at {np.flatnonzero(want_nan)[:8]}")
+                    continue
+                numbers = ~want_nan
+                if (bad := mismatch(label + " (numbers)", got[numbers], plain[lo:lo + len(got)][numbers])):
+                    failures.append(bad)
+                if dtype in ("float32", "float64"):
+                    payload = got.view(u)[want_nan] & 0xFF
+                    expected = first[lo:lo + len(got)][want_nan]
+                    if not np.array_equal(payload, expected):
+                        failures.append(f"{label}: NaN payloads {payload[:8]}, expected the lowest rank's "
+                                        f"{expected[:8]}")
+                if kind == "all_reduce":  # (reduce_scatter gives each rank its own block)
+                    digests[(kind, dtype, op)] = digest(got)
+    return failures, digests
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("algo", ("one_shot", "two_shot", "cma"))
+def test_min_max_propagate_nan_from_any_rank(pool_factory, algo):
+    """A NaN held by any rank but 0 reaches every rank, with the same bits everywhere."""
+    _assert_sweep(pool_factory(3, ALGO_ENVS[algo]).run(_nan_sweep, timeout=120))
+
+
 def _integer_avg_sweep(comm, tag):
     failures, digests = _all_reduce_sweep(comm, tag, INTEGERS, ("AVG",), (1, 7, 1001, BIG))
     failures += _reduce_sweep(comm, tag, INTEGERS, ("AVG",), (7, 1001))

@@ -28,7 +28,16 @@ def make_sources(dtype, op, nsrc, count, seed):
         return [rng.integers(max(lo, info.min), min(hi, info.max), count, endpoint=True).astype(dtype)
                 for _ in range(nsrc)]
     scale = 2.0 if op == lib.NCL_PROD else 100.0
-    return [(rng.standard_normal(count) * scale).astype(dtype) for _ in range(nsrc)]
+    srcs = [(rng.standard_normal(count) * scale).astype(dtype) for _ in range(nsrc)]
+    if op in (lib.NCL_MIN, lib.NCL_MAX):
+        for k, s in enumerate(srcs):  # NaNs in every source, each with its own payload (quiet NaN | k + 1)
+            bits = s.view(np.dtype(f"u{s.itemsize}"))
+            bits[rng.random(count) < 0.05] = QUIET_NAN[s.itemsize, s.dtype == np.float16] | (k + 1)
+    return srcs
+
+
+# a quiet NaN's bits by (itemsize, is float16); the low bits are free for a payload
+QUIET_NAN = {(2, True): 0x7E00, (2, False): 0x7FC0, (4, False): 0x7FC00000, (8, False): 0x7FF8000000000000}
 
 
 def reference(srcs, op):
@@ -47,7 +56,11 @@ def reference(srcs, op):
                    "max": np.maximum}[OPS[op]](acc, s).astype(wide)
     if OPS[op] == "avg":
         acc = (acc / np.array(len(srcs), dtype=wide)).astype(wide)
-    return acc.astype(dtype)
+    out = acc.astype(dtype)
+    if dtype == ml_dtypes.bfloat16:  # a NaN keeps the top of its payload, quieted (ml_dtypes makes it canonical)
+        nan = np.isnan(acc)
+        out.view(np.uint16)[nan] = (acc.view(np.uint32)[nan] >> 16).astype(np.uint16) | 0x40
+    return out
 
 
 def reduce_local(srcs, op):
@@ -67,6 +80,21 @@ def test_matches_numpy_left_to_right(dtype, op):
             srcs = make_sources(DTYPES[dtype], op, nsrc, count, seed=nsrc * 1000 + count)
             got, want = reduce_local(srcs, op), reference(srcs, op)
             assert got.tobytes() == want.tobytes(), f"nsrc={nsrc} count={count}: {got[:8]} != {want[:8]}"
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if not np.issubdtype(DTYPES[d], np.integer)],
+                         ids=lambda c: np.dtype(DTYPES[c]).name)
+@pytest.mark.parametrize("op", (lib.NCL_MIN, lib.NCL_MAX), ids=("min", "max"))
+def test_min_max_keep_the_first_sources_nan(dtype, op):
+    """By hand: a NaN wins over any number, whichever source holds it, and of two NaNs the first."""
+    t = np.dtype(DTYPES[dtype])
+    nan = [np.array([QUIET_NAN[t.itemsize, t == np.float16] | k], f"u{t.itemsize}").view(t)[0] for k in (1, 2)]
+    one, two = t.type(1.0), t.type(2.0)
+    srcs = [np.array([one, nan[0], one, nan[0]], t), np.array([nan[1], two, two, nan[1]], t)]
+    got = reduce_local(srcs, op).view(f"u{t.itemsize}")
+    bits = [np.array([x], t).view(f"u{t.itemsize}")[0] for x in (nan[1], nan[0], two if op == lib.NCL_MAX else one,
+                                                                 nan[0])]
+    assert list(got) == bits
 
 
 def test_in_place_destination_may_alias_a_source():
