@@ -2,9 +2,11 @@
  * best instruction set this CPU has, chosen once at run time (never -march=native: the
  * build must run on any x86-64).  Every variant computes the same bits: same operations
  * in the same order per element, no FP contraction, vectorised across elements only.
- * NCL_KERNEL_ISA=generic|avx2|avx512 forces a variant (capped at what the CPU has). */
+ * NCL_KERNEL_ISA=generic|avx2|avx512 (any case) forces a variant (capped at what the CPU has);
+ * ncl/env.py refuses any other value before a communicator exists. */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "internal.h"
 
@@ -51,8 +53,8 @@ static const char* chosen_name;
 static void choose(void) {
     const char* want = getenv("NCL_KERNEL_ISA");
     int cap = 2; /* 0 generic, 1 avx2, 2 avx512 */
-    if (want && strcmp(want, "generic") == 0) cap = 0;
-    if (want && strcmp(want, "avx2") == 0) cap = 1;
+    if (want && strcasecmp(want, "generic") == 0) cap = 0;
+    if (want && strcasecmp(want, "avx2") == 0) cap = 1;
     chosen = kernels_generic;
     chosen_name = "generic";
 #if defined(__x86_64__)

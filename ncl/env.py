@@ -22,6 +22,19 @@ def _choice(text: str, choices) -> str:
     return value
 
 
+def _lower_choice(*choices: str) -> Callable[[str], str]:
+    """A parser of one of `choices`, any case, returned in lower case."""
+    return lambda text: _choice(text, tuple(c.upper() for c in choices)).lower()
+
+
+_YES, _NO = ("1", "YES", "TRUE", "ON"), ("0", "NO", "FALSE", "OFF")
+
+
+def _flag(text: str) -> bool:
+    """1/yes/true/on or 0/no/false/off, any case; anything else is an error, not a silent 'on'."""
+    return _choice(text, _YES + _NO) in _YES
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     """A parser of ints in [lo, hi] (what the C core's fields hold)."""
     def parse(text: str) -> int:
@@ -43,23 +56,25 @@ KNOBS: Dict[str, Knob] = {
                          "staging bytes per rank for collectives (two slots); longer messages are pipelined"),
     "NCL_P2P_BUFFSIZE": Knob(parse_bytes, 256 << 10, "staging bytes per ordered pair of ranks for send/recv"),
     "NCL_TIMEOUT": Knob(float, 600.0, "seconds any wait may last before NclTimeoutError"),
-    "NCL_ALGO": Knob(str.lower, "", "force the all_reduce algorithm: one_shot, two_shot, direct or cma"),
+    "NCL_ALGO": Knob(_lower_choice("one_shot", "two_shot", "direct", "cma"), "",
+                     "force the all_reduce algorithm: one_shot, two_shot, direct or cma"),
     "NCL_ONE_SHOT_MAX_BYTES": Knob(parse_bytes, None, "all_reduce: one-shot up to this size (default: the cost model)"),
     "NCL_DIRECT_MIN_BYTES": Knob(parse_bytes, None,
                                  "registered buffers: read peers in place from this size up (default: the cost model)"),
     "NCL_TUNING_FILE": Knob(str, "", "cost-model calibration to use (default: the one shipped, measured here)"),
-    "NCL_CMA": Knob(lambda t: t.strip().lower() not in ("0", "no", "false", "off"), True,
+    "NCL_CMA": Knob(_flag, True,
                     "single-copy reads of peers' buffers with process_vm_readv (0: stage everything)"),
     "NCL_CMA_MIN_BYTES": Knob(parse_bytes, 32 << 10, "single-copy reads from this many bytes per peer block up"),
     "NCL_SPIN_US": Knob(_int_in(0, 10**7), 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
     "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000, "sched_yield microseconds before sleeping on a futex"),
-    "NCL_KERNEL_ISA": Knob(str.lower, "", "force the reduction kernels: generic, avx2 or avx512 (read by C)"),
+    "NCL_KERNEL_ISA": Knob(_lower_choice("generic", "avx2", "avx512"), "",
+                           "force the reduction kernels: generic, avx2 or avx512 (read by C, checked by Python)"),
     "NCL_DEBUG": Knob(lambda t: _choice(t, ("WARN", "INFO", "TRACE")), "",
                       "log to stderr, rank-prefixed: WARN (failures), INFO (+ setup decisions), TRACE (+ every call)"),
     "NCL_TRACE_DIR": Knob(str, "", "on a timeout, dead peer or mismatch, write this rank's flight record "
                                    "(Chrome trace JSON) into this directory"),
     "NCL_TRACE_BUFFER": Knob(_int_in(0, 1 << 20), 1024, "calls the flight recorder keeps per communicator (0: none)"),
-    "NCL_CHECK_CALLS": Knob(lambda t: t.strip().lower() not in ("0", "no", "false", "off"), True,
+    "NCL_CHECK_CALLS": Knob(_flag, True,
                             "compare every call's fingerprint across ranks (0 only to measure what the check costs)"),
     "NCL_HOSTS": Knob(_int_in(1, 1 << 16), 1, "split each host's ranks into this many emulated hosts, "
                                              "which talk over MPI (under mpiexec or ncl-run --hosts)"),

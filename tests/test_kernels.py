@@ -137,3 +137,9 @@ def test_every_instruction_set_gives_the_same_bits():
         results[out[0]] = out[1]  # the CPU may lack an ISA: then it falls back, and the key says so
     assert "generic" in results
     assert len(set(results.values())) == 1, results
+
+
+def test_the_core_reads_the_isa_knob_in_any_case():
+    out = subprocess.run([sys.executable, "-c", "import ncl; print(ncl.kernel_isa())"], capture_output=True, text=True,
+                         env=dict(os.environ, NCL_KERNEL_ISA="GENERIC"), check=True).stdout.strip()
+    assert out == "generic"

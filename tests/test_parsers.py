@@ -103,3 +103,28 @@ def test_malformed_sweep_exits_2_naming_the_file(tmp_path, capsys, text):
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(path)])
     assert exit_info.value.code == 2 and f"error: {path} is not a sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text", [("NCL_KERNEL_ISA", "AVX2x"), ("NCL_KERNEL_ISA", "avx1024"), ("NCL_CMA", "maybe"),
+                                        ("NCL_CHECK_CALLS", "sometimes"), ("NCL_ALGO", "ring")])
+def test_an_unknown_knob_value_is_an_error_not_ignored(name, text, monkeypatch):
+    """NCL_KERNEL_ISA=avx1024 was silently ignored and NCL_CMA=maybe taken as on."""
+    monkeypatch.setenv(name, text)
+    with pytest.raises(ValueError, match=f"environment variable {name}={text!r} is not valid"):
+        env.get(name)
+
+
+@pytest.mark.parametrize("name, text, value", [("NCL_KERNEL_ISA", "AVX2", "avx2"), ("NCL_KERNEL_ISA", " Generic ", "generic"),
+                                               ("NCL_CMA", "OFF", False), ("NCL_CMA", "Yes", True),
+                                               ("NCL_CHECK_CALLS", "0", False), ("NCL_ALGO", "Two_Shot", "two_shot")])
+def test_knob_values_match_in_any_case(name, text, value, monkeypatch):
+    monkeypatch.setenv(name, text)
+    assert env.get(name) == value
+
+
+def test_a_bad_kernel_isa_is_refused_before_a_communicator_exists(monkeypatch):
+    import ncl
+    monkeypatch.setenv("NCL_KERNEL_ISA", "avx1024")
+    with pytest.raises(ValueError, match="NCL_KERNEL_ISA"):
+        tuning.options(2)
+    assert ncl.kernel_isa() in ("generic", "avx2", "avx512")
