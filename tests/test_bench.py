@@ -344,15 +344,20 @@ def test_tiny_sweep_through_real_processes(tmp_path):
 
 def test_sigint_deferred_holds_ctrl_c_until_the_block_ends():
     import signal
-    inside = []
-    with pytest.raises(KeyboardInterrupt):
-        with cli.sigint_deferred():
-            signal.raise_signal(signal.SIGINT)
-            inside.append("not cut short")
-    assert inside == ["not cut short"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with cli.sigint_deferred():  # nothing held: the block ends quietly
-        pass
+    # Python's own handler, whatever pytest was started with (a background job inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        inside = []
+        with pytest.raises(KeyboardInterrupt):
+            with cli.sigint_deferred():
+                signal.raise_signal(signal.SIGINT)
+                inside.append("not cut short")
+        assert inside == ["not cut short"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with cli.sigint_deferred():  # nothing held: the block ends quietly
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.timeout(120)
