@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._native import ffi, lib
+from ._native import check, ffi, lib
 
 
 class ReduceOp(enum.IntEnum):
@@ -183,3 +183,17 @@ def check_counts(counts: Any, name: str, size: int) -> Tuple[int, ...]:
         if c < 0:
             raise ValueError(f"{name}[{i}] = {c} is negative")
     return tuple(int(c) for c in counts)
+
+
+def sum_rows(out, rows, index: np.ndarray) -> bool:
+    """In the C core, out[t] = the sum over ranks r, in rank order, of rows[index[t, r]] (-1: no
+    row): each row read once, each token written once, 16-bit floats added in float32 and rounded
+    once.  out [tokens, hidden] and rows [R, hidden]: contiguous torch tensors of one dtype;
+    index: int64 [tokens, ranks].  False (out untouched) for a dtype the core has no kernel for."""
+    code = torch_dtype_code(rows.dtype)
+    if code is None:
+        return False
+    check(lib.ncl_sum_rows(ffi.cast("void *", out.data_ptr()), ffi.cast("const void *", rows.data_ptr()),
+                           rows.shape[0], ffi.from_buffer("int64_t[]", index), index.shape[0], index.shape[1],
+                           out.shape[1], code))
+    return True

@@ -136,6 +136,12 @@ class Communicator:
     def closed(self) -> bool:
         return not self._destroy.alive
 
+    @property
+    def single_host(self) -> bool:
+        """True when every rank maps every rank's registered memory (`empty`), so that collectives
+        on it read peers' buffers in place; False across hosts."""
+        return True
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<ncl.Communicator rank {self._rank} of {self._size}, {state}>"

@@ -61,7 +61,8 @@ KNOBS: Dict[str, Knob] = {
     "NCL_ONE_SHOT_MAX_BYTES": Knob(parse_bytes, None, "all_reduce: one-shot up to this size (default: the cost model)"),
     "NCL_DIRECT_MIN_BYTES": Knob(parse_bytes, None,
                                  "registered buffers: read peers in place from this size up (default: the cost model)"),
-    "NCL_TUNING_FILE": Knob(str, "", "cost-model calibration to use (default: the one shipped, measured here)"),
+    "NCL_TUNING_FILE": Knob(str, "", "cost-model calibration to use (default: this host's in the user cache, "
+                                     "else the shipped one; see ncl/tuning.py)"),
     "NCL_CMA": Knob(_flag, True,
                     "single-copy reads of peers' buffers with process_vm_readv (0: stage everything)"),
     "NCL_CMA_MIN_BYTES": Knob(parse_bytes, 32 << 10, "single-copy reads from this many bytes per peer block up"),

@@ -185,6 +185,10 @@ class HierarchicalCommunicator(Communicator):
                 t.seconds = 0.0
         return times
 
+    @property
+    def single_host(self) -> bool:
+        return False  # registered memory reaches this host's ranks only
+
     def empty(self, shape, dtype=np.float32, *, like: str = "numpy"):
         """Registered memory of this host's ranks (the intra-host steps read it in place)."""
         return self._local.empty(shape, dtype, like=like)

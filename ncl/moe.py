@@ -9,18 +9,28 @@ row holds the sum of its local experts' outputs, each already multiplied by its 
 combine() sends the rows back and sums them on the token's rank in rank order, so the result
 does not depend on timing.  dispatch and combine are each other's backward, so MoE layers train.
 
-    layout = get_dispatch_layout(topk_idx, num_experts, comm)
-    recv_x, recv_idx, recv_w, handle = dispatch(x, topk_idx, topk_weights, comm, layout)
-    y = combine(expert_out, handle)
+A `Buffer` (DeepEP's name and shape) owns the memory a group's exchanges reuse from call to
+call; the caller creates one per group, uses it for every MoE layer, and closes it:
+
+    with Buffer(comm) as buffer:
+        layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+        recv_x, recv_idx, recv_w, handle = buffer.dispatch(x, topk_idx, topk_weights, layout)
+        y = buffer.combine(expert_out, handle)
+        # decode: fixed slots, no count exchange
+        recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, topk_idx, topk_weights, M, num_experts=E)
+        y = buffer.low_latency_combine(expert_out, handle)
+
+The functions dispatch() and combine() are those methods on a Buffer made for the call (or the
+Buffer passed as the group), which the handle keeps until it goes: nothing is registered or
+reused between calls unless a Buffer is passed.
 """
-import weakref
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from . import buffers, scratch
-from ._native import check, ffi, lib
+from .errors import NclStateError
 from .group import Group
 
 
@@ -35,7 +45,7 @@ class Layout(NamedTuple):
 
 class Handle(NamedTuple):
     """What combine needs to send the rows back: which token each sent row was, and the counts."""
-    group: Group
+    buffer: Optional["Buffer"]  # whose exchanges dispatched (None: a handle for sum_by_token alone)
     send_token: torch.Tensor   # (S,) the token of each sent row, grouped by destination rank
     send_counts: list          # rows sent to each rank
     recv_counts: list          # rows received from each rank
@@ -46,11 +56,24 @@ class Handle(NamedTuple):
     slots: int = 0             # low-latency mode: rows reserved per rank pair (max_tokens_per_rank); 0: normal
     rank_matrix: Optional[np.ndarray] = None  # (N, N) rows rank i sent rank j in dispatch, when known
 
+    @property
+    def group(self) -> Group:
+        return self.buffer.group
 
-def _experts_per_rank(num_experts: int, group: Group) -> int:
-    if num_experts % group.size:
-        raise ValueError(f"num_experts ({num_experts}) must divide by the number of ranks ({group.size})")
-    return num_experts // group.size
+
+class Route(NamedTuple):
+    """The rows a dispatch sends: one per (token, rank holding one of its experts), grouped by
+    rank, tokens in order within each."""
+    token: np.ndarray    # (S,) the token of each row
+    dest: np.ndarray     # (S,) the rank it goes to
+    send_counts: list    # rows to each rank
+    ids: np.ndarray      # (S, k) the token's top-k ids, -1 where dest does not hold that expert
+
+
+def _experts_per_rank(num_experts: int, nranks: int) -> int:
+    if num_experts % nranks:
+        raise ValueError(f"num_experts ({num_experts}) must divide by the number of ranks ({nranks})")
+    return num_experts // nranks
 
 
 def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> np.ndarray:
@@ -86,6 +109,8 @@ def apply_capacity(topk_idx: torch.Tensor, num_experts: int, capacity_factor: fl
     return kept.view_as(topk_idx).to(topk_idx.dtype), int(drop.sum())
 
 
+
+
 def _is_in(idx: np.ndarray, per: int, n: int) -> np.ndarray:
     """(N, T) bool: rank r holds at least one of token t's experts (experts in blocks of `per`;
     -1 choices go nowhere)."""
@@ -95,24 +120,26 @@ def _is_in(idx: np.ndarray, per: int, n: int) -> np.ndarray:
     return is_in
 
 
-def _route(is_in: np.ndarray):
-    """(token, dest, send_counts): one row per (token, rank it goes to), grouped by rank, tokens in order."""
+def _route(idx: np.ndarray, is_in: np.ndarray, per: int) -> Route:
     dest, token = np.nonzero(is_in)
-    return token, dest, np.count_nonzero(is_in, axis=1).tolist()
-
-
-def _local_ids(idx: np.ndarray, token: np.ndarray, dest: np.ndarray, per: int) -> np.ndarray:
-    """The top-k ids of the sent rows: kept where the row's rank holds the expert, else -1
-    (-1 // per is -1, never a rank)."""
     ids = idx[token]
-    return np.where(ids // per == dest[:, None], ids, -1)
+    # a row keeps the ids its rank holds (-1 // per is -1, never a rank)
+    return Route(token, dest, np.count_nonzero(is_in, axis=1).tolist(), np.where(ids // per == dest[:, None], ids, -1))
+
+
+def route(topk_idx: torch.Tensor, num_experts: int, nranks: int) -> Route:
+    """The rows this rank's dispatch sends for a routing over nranks ranks (no communication):
+    what another transport needs to move the same rows."""
+    per = _experts_per_rank(num_experts, nranks)
+    idx = _check_routing(topk_idx, num_experts)
+    return _route(idx, _is_in(idx, per, nranks), per)
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
     """Tokens per rank and per expert, which ranks each token goes to, and (one exchange of
     N counts) how many tokens each rank will receive from every other."""
-    group = Group(group)
-    per = _experts_per_rank(num_experts, group)
+    group = _group(group)
+    per = _experts_per_rank(num_experts, group.size)
     idx = _check_routing(topk_idx, num_experts)
     is_in = _is_in(idx, per, group.size)
     per_rank = np.count_nonzero(is_in, axis=1)
@@ -143,29 +170,6 @@ PACKED_MAX_BYTES = 256 << 10       # dispatches whose largest send is smaller: r
 SEND_BUFFER_MIN_BYTES = 64 << 10   # from here up the rows are gathered into the registered send buffer
 
 
-class _Buffers(NamedTuple):
-    send: scratch.SendBuffer
-    outputs: scratch.OutputPool
-    back: scratch.OutputPool  # combine's received rows, dropped before combine returns
-
-
-_BUFFERS = weakref.WeakKeyDictionary()  # ncl communicator -> its _Buffers (None across hosts)
-
-
-def _buffers(group: Group) -> Optional[_Buffers]:
-    """The reused buffers of an ncl group's normal-mode exchanges (None over torch groups, and
-    across hosts, where the shared-memory send buffer would not reach the other hosts)."""
-    if not group.is_ncl:
-        return None
-    found = _BUFFERS.get(group.group, False)
-    if found is False:
-        from .hierarchical import HierarchicalCommunicator
-        found = None if isinstance(group.group, HierarchicalCommunicator) else \
-            _Buffers(scratch.SendBuffer(group.group), scratch.OutputPool(), scratch.OutputPool(1))
-        _BUFFERS[group.group] = found
-    return found
-
-
 def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list,
                  pool: Optional[scratch.OutputPool] = None, matrix: Optional[np.ndarray] = None) -> torch.Tensor:
     """Rows grouped by destination -> rows grouped by source (ncl communicator or torch group),
@@ -179,52 +183,18 @@ def _all_to_allv(group: Group, rows: torch.Tensor, send: list, recv: list,
     return out
 
 
-def _dispatch(x, topk_idx, topk_weights, group: Group, num_experts: int, layout: Optional[Layout]):
-    per, k = num_experts // group.size, topk_idx.shape[1]
-    idx = topk_idx.detach().numpy().astype(np.int64, copy=False)  # checked by dispatch()
-    if layout is None:
-        token, dest, send_counts = _route(_is_in(idx, per, group.size))
-        recv_counts, matrix = _exchange_counts(group, np.asarray(send_counts))
-    else:
-        token, dest, send_counts = _route(layout.is_token_in_rank.t().numpy())
-        recv_counts, matrix = layout.num_recv_per_rank.tolist(), layout.rank_matrix
-    send_token = torch.from_numpy(token)
-    largest_rows = max(map(sum, matrix.tolist())) if matrix is not None else None  # of any sender
-    largest = largest_rows * x.shape[1] * x.element_size() if matrix is not None else None
-    if group.is_ncl and largest is not None and largest < PACKED_MAX_BYTES:
-        recv_x, recv_idx, recv_w = _exchange_packed(group, x, idx, topk_weights, token, dest, per,
-                                                    send_counts, recv_counts, matrix)
-    else:
-        buffers = _buffers(group)
-        if buffers is not None and largest is not None and largest >= SEND_BUFFER_MIN_BYTES:
-            # gathered where peers read them in place (one copy); the output's memory reused
-            rows = buffers.send.rows(len(token), x.shape[1], x.dtype, largest_rows)
-            torch.index_select(x.detach(), 0, send_token, out=rows)
-            recv_x = _all_to_allv(group, rows, send_counts, recv_counts, buffers.outputs, matrix)
-        else:
-            recv_x = _all_to_allv(group, x.detach().index_select(0, send_token), send_counts, recv_counts,
-                                  buffers.outputs if buffers is not None else None, matrix)
-        meta = np.empty((len(token), 2 * k))  # ids are exact in float64: one exchange for ids and weights
-        meta[:, :k] = _local_ids(idx, token, dest, per)
-        meta[:, k:] = _weights_array(topk_weights)[token]
-        recv_meta = _all_to_allv(group, torch.from_numpy(meta), send_counts, recv_counts, matrix=matrix)
-        recv_idx = recv_meta[:, :k].long()
-        recv_w = recv_meta[:, k:].to(topk_weights.dtype)
-    handle = Handle(group, send_token, send_counts, recv_counts, x.shape[0], x.shape[1], rank_matrix=matrix)
-    return recv_x, recv_idx, recv_w, handle
-
-
-def _exchange_packed(group: Group, x, idx, topk_weights, token, dest, per: int, send_counts, recv_counts, matrix):
+def _exchange_packed(group: Group, x, r: Route, topk_weights, recv_counts, matrix):
     """Small dispatches: each row travels with its ids and weights in one exchange of byte rows
     [x row | k ids | k weights (float64)], one exchange (and at 8 ranks on 2 CPUs, a scheduling
     round of every rank) fewer than sending them apart."""
-    k, hb = idx.shape[1], x.shape[1] * x.element_size()
-    packed = np.empty((len(token), hb + 16 * k), np.uint8)
-    packed[:, :hb] = x.detach().contiguous().view(torch.uint8).numpy()[token]
+    k, hb = r.ids.shape[1], x.shape[1] * x.element_size()
+    packed = np.empty((len(r.token), hb + 16 * k), np.uint8)
+    if len(r.token):  # (an empty x may have stride 0, which no byte view takes)
+        packed[:, :hb] = x.detach().contiguous().view(torch.uint8).numpy()[r.token]
     meta = packed[:, hb:].view(np.float64)  # [rows, 2k]
-    meta[:, :k] = _local_ids(idx, token, dest, per)
-    meta[:, k:] = _weights_array(topk_weights)[token]
-    got = group.group.all_to_allv(packed, send_counts, recv_counts, all_counts=matrix)
+    meta[:, :k] = r.ids
+    meta[:, k:] = _weights_array(topk_weights)[r.token]
+    got = group.group.all_to_allv(packed, r.send_counts, recv_counts, all_counts=matrix)
     recv_x = torch.empty((got.shape[0], x.shape[1]), dtype=x.dtype)
     recv_x.view(torch.uint8).numpy()[...] = got[:, :hb]
     recv_meta = got[:, hb:].view(np.float64)
@@ -247,14 +217,12 @@ def _weights_tensor(received: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(received)).to(like.dtype)
 
 
-def _sum_by_token(back: torch.Tensor, handle: Handle, pool: Optional[scratch.OutputPool] = None) -> torch.Tensor:
+def sum_by_token(back: torch.Tensor, handle: Handle, pool: Optional[scratch.OutputPool] = None) -> torch.Tensor:
     """The rows each rank returned, summed per token in rank order, so every run adds in the
-    same order (in the C core: each row read once, each token written once; 16-bit floats
-    add in float32 and round once, as ncl's all_reduce).  Rank r's rows start at the running
-    count, or at r * slots in the low-latency mode."""
+    same order (in the C core, buffers.sum_rows).  Rank r's rows start at the running count, or
+    at r * slots in the low-latency mode.  pool: where the result's memory comes from."""
     shape = (handle.num_tokens, handle.hidden)
     y = pool.empty(shape, back.dtype) if pool is not None else torch.empty(shape, dtype=back.dtype)
-    code = buffers.torch_dtype_code(back.dtype)
     n = len(handle.send_counts)
     index = np.full((handle.num_tokens, n), -1, dtype=np.int64)  # [token, rank]: its row from that rank
     rank = np.repeat(np.arange(n), handle.send_counts)  # the rank each sent row went to
@@ -262,34 +230,19 @@ def _sum_by_token(back: torch.Tensor, handle: Handle, pool: Optional[scratch.Out
     if handle.slots:  # rank r's rows start at r * slots
         row = row + rank * handle.slots - np.repeat(np.cumsum([0] + handle.send_counts[:-1]), handle.send_counts)
     index[handle.send_token.numpy(), rank] = row
-    if code is None:  # a dtype the core has no kernel for: the same sum, in torch
+    back = back.contiguous()
+    if not buffers.sum_rows(y, back, index):  # a dtype the core has no kernel for: the same sum, in torch
         y.zero_()
         for r in range(n):
             has = np.flatnonzero(index[:, r] >= 0)
             y[has] += back[index[has, r]]
-        return y
-    back = back.contiguous()
-    check(lib.ncl_sum_rows(ffi.cast("void *", y.data_ptr()), ffi.cast("const void *", back.data_ptr()),
-                           back.shape[0], ffi.from_buffer("int64_t[]", index), handle.num_tokens, n,
-                           handle.hidden, code))
     return y
-
-
-def _combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
-    """Rows back to their tokens' ranks, summed per token in rank order."""
-    buffers = _buffers(handle.group)
-    matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
-    if buffers is None:
-        back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts, matrix=matrix)
-        return _sum_by_token(back, handle)
-    back = _all_to_allv(handle.group, expert_out, handle.recv_counts, handle.send_counts, buffers.back, matrix)
-    return _sum_by_token(back, handle, buffers.outputs)
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weights, group, num_experts, layout):
-        recv_x, recv_idx, recv_w, handle = _dispatch(x, topk_idx, topk_weights, group, num_experts, layout)
+    def forward(ctx, x, topk_idx, topk_weights, buffer, num_experts, layout):
+        recv_x, recv_idx, recv_w, handle = buffer._dispatch(x, topk_idx, topk_weights, num_experts, layout)
         ctx.handle = handle
         ctx.mark_non_differentiable(recv_idx)
         return recv_x, recv_idx, recv_w, handle
@@ -297,7 +250,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x, grad_idx, grad_w, grad_handle):
         # each copy of a token was a read of x: the gradients of the copies add up (a combine)
-        grad = None if grad_x is None else _combine(grad_x.contiguous(), ctx.handle)
+        grad = None if grad_x is None else ctx.handle.buffer._combine(grad_x.contiguous(), ctx.handle)
         return grad, None, None, None, None, None
 
 
@@ -305,28 +258,12 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out, handle):
         ctx.handle = handle
-        return _combine(expert_out, handle)
+        return handle.buffer._combine(expert_out, handle)
 
     @staticmethod
     def backward(ctx, grad_y):
         h = ctx.handle  # each received row contributed once to its token: send the token's gradient back
         return _all_to_allv(h.group, grad_y.contiguous()[h.send_token], h.send_counts, h.recv_counts), None
-
-
-_REGISTERED = weakref.WeakKeyDictionary()  # ncl communicator -> {(shape, dtype): (send, recv) registered tensors}
-
-
-def _fixed_buffers(group: Group, shape: tuple, dtype: torch.dtype):
-    """(send, recv) of a fixed-size exchange: over an ncl communicator, registered tensors that
-    peers read in place, allocated once per shape (collective: every rank reaches its first
-    exchange of a shape together); over a torch group, new tensors."""
-    if not group.is_ncl:
-        return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-    buffers = _REGISTERED.setdefault(group.group, {})
-    key = (tuple(shape), dtype)
-    if key not in buffers:
-        buffers[key] = tuple(group.group.empty(shape, dtype, like="torch") for _ in range(2))
-    return buffers[key]
 
 
 def _fixed_exchange(group: Group, send: torch.Tensor, recv: torch.Tensor) -> torch.Tensor:
@@ -338,103 +275,256 @@ def _fixed_exchange(group: Group, send: torch.Tensor, recv: torch.Tensor) -> tor
     return recv
 
 
-def _dispatch_low_latency(x, topk_idx, topk_weights, group: Group, num_experts: int, slots: int):
-    """Every rank sends every rank exactly `slots` rows (the first ones real, a flag says which),
-    so nothing is exchanged before the data: one fixed-size exchange for the rows, one for their
-    ids, weights and flags, written straight into the registered send buffers."""
-    n, per, k = group.size, num_experts // group.size, topk_idx.shape[1]
-    if x.shape[0] > slots:
-        raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={slots}")
-    idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
-    token, dest, send_counts = _route(_is_in(idx, per, n))
-    starts = np.repeat(np.cumsum([0] + send_counts[:-1]), send_counts)
-    at = dest * slots + np.arange(len(token)) - starts  # block of the destination, its next free slot
-    rows, recv_rows = _fixed_buffers(group, (n * slots, x.shape[1]), x.dtype)
-    meta, recv_meta = _fixed_buffers(group, (n * slots, 2 * k + 1), torch.float64)
-    rows.zero_()
-    send_token = torch.from_numpy(token)
-    rows.index_copy_(0, torch.from_numpy(at), x.index_select(0, send_token))
-    m = meta.numpy()
-    m[:, :k], m[:, k:] = -1, 0
-    m[at, :k] = _local_ids(idx, token, dest, per)
-    m[at, k:2 * k] = topk_weights.double().numpy()[token]
-    m[at, 2 * k] = 1.0
-    recv_x = _fixed_exchange(group, rows, recv_rows).clone()
-    got = _fixed_exchange(group, meta, recv_meta)
-    recv_counts = got[:, 2 * k].view(n, slots).sum(1).long().tolist()
-    handle = Handle(group, send_token, send_counts, recv_counts, x.shape[0], x.shape[1], slots=slots)
-    return recv_x, got[:, :k].long(), got[:, k:2 * k].to(topk_weights.dtype), handle
+def _num_experts(num_experts: Optional[int], layout: Optional[Layout]) -> int:
+    if num_experts is not None:
+        return num_experts
+    if layout is None:
+        raise ValueError("dispatch needs num_experts, or the layout get_dispatch_layout made")
+    return len(layout.num_tokens_per_expert)
 
 
-def _combine_low_latency(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
-    send, recv = _fixed_buffers(handle.group, tuple(expert_out.shape), expert_out.dtype)
-    send.copy_(expert_out)
-    return _sum_by_token(_fixed_exchange(handle.group, send, recv), handle)  # block r: rank r's rows, first real
+def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity_factor):
+    """(topk_idx after the capacity factor, choices dropped): the arguments of a dispatch checked."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
+    _experts_per_rank(num_experts, group.size)
+    _check_routing(topk_idx, num_experts)
+    if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
+                         f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
+    if capacity_factor is None:
+        return topk_idx, 0
+    return apply_capacity(topk_idx, num_experts, capacity_factor)
+
+
+class Buffer:
+    """The memory one group's MoE exchanges reuse between calls (DeepEP's Buffer): over an ncl
+    communicator on one host (`single_host`), a registered send buffer that receivers copy from
+    in place and pools for the outputs; over any ncl communicator, the registered slots of the
+    low-latency mode, one pair per (shape, dtype).  Over a torch group, or across hosts (where
+    the send buffer would not reach the other hosts), the normal mode allocates per call.
+
+    Nothing is allocated up front: memory comes at the first exchange that needs it, and
+    registering it is collective, so every rank of the group makes the same calls on its Buffer.
+    Two Buffers on one group are independent.  close() (or leaving a `with` block) frees what the
+    Buffer holds; tensors it returned stay valid, and their memory goes when they do.
+    reuse=False: a Buffer for one call (the functions dispatch/combine), which keeps and registers
+    nothing (registering is collective and costs more than one call saves)."""
+
+    def __init__(self, group, *, reuse: bool = True):
+        self.group = Group(group)
+        self._register = reuse and self.group.is_ncl
+        keep = self._register and self.group.group.single_host
+        self._send = scratch.SendBuffer(self.group.group) if keep else None
+        self._outputs = scratch.OutputPool() if keep else None
+        self._back = scratch.OutputPool(1) if keep else None  # combine's received rows, dropped at its end
+        self._slots = {}  # low-latency: (shape, dtype) -> (send, recv) registered tensors
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ncl.moe.Buffer rank {self.group.rank} of {self.group.size}{', closed' if self._closed else ''}>"
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Free the registered send buffer, the pools' idle memory and the low-latency slots (idempotent)."""
+        for owned in (self._send, self._outputs, self._back):
+            if owned is not None:
+                owned.close()
+        self._slots.clear()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NclStateError("this MoE Buffer is closed")
+
+    def _check_handle(self, handle: Handle, low_latency: bool) -> None:
+        self._check_open()
+        if handle.buffer is not self:
+            raise ValueError("this handle comes from another Buffer's dispatch: combine it there")
+        if bool(handle.slots) != low_latency:
+            raise ValueError("combine a handle of low_latency_dispatch with low_latency_combine, and one of "
+                             "dispatch with combine")
+
+    # ---- normal mode ----------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> Layout:
+        """get_dispatch_layout over this Buffer's group."""
+        return get_dispatch_layout(topk_idx, num_experts, self.group)
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
+                 capacity_factor: Optional[float] = None):
+        """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
+        process, grouped by source rank (token order within each), with their top-k global expert
+        ids (-1 where the expert is on another rank) and weights.  Collective over the group.
+        The routing weights are not differentiated through (as DeepEP's dispatch).
+        num_experts: needed unless a layout (get_dispatch_layout) is given.
+        capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
+        handle.dropped says how many; a layout passed in must then come from the kept choices."""
+        self._check_open()
+        num_experts = _num_experts(num_experts, layout)
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
+            recv_x, recv_idx, recv_w, handle = self._dispatch(x, topk_idx, topk_weights, num_experts, layout)
+        else:
+            recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), self, num_experts,
+                                                               layout)
+        return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x, dropped=dropped)
+
+    def combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """y (tokens, hidden) on each token's own rank: the sum, in rank order, of the rows the
+        ranks holding its experts send back (each the weighted sum of that rank's experts)."""
+        self._check_handle(handle, low_latency=False)
+        if expert_out.dim() != 2 or expert_out.shape[0] != sum(handle.recv_counts):
+            raise ValueError(f"expert_out must have one row per received token ({sum(handle.recv_counts)}), not "
+                             f"{tuple(expert_out.shape)}")
+        recv_x = handle.recv_x
+        if torch.is_grad_enabled() and recv_x is not None and recv_x.requires_grad and not expert_out.requires_grad:
+            # no local expert touched the rows (this rank received nothing for them): the backward
+            # must still run here, since its exchanges are collective; an empty sum keeps the graph
+            expert_out = expert_out + recv_x[:0].sum()
+        if not (torch.is_grad_enabled() and expert_out.requires_grad):
+            return self._combine(expert_out, handle)
+        return _Combine.apply(expert_out, handle)
+
+    def _dispatch(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout]):
+        group = self.group
+        per = num_experts // group.size
+        idx = topk_idx.detach().numpy().astype(np.int64, copy=False)  # checked by dispatch()
+        if layout is None:
+            r = _route(idx, _is_in(idx, per, group.size), per)
+            recv_counts, matrix = _exchange_counts(group, np.asarray(r.send_counts))
+        else:
+            r = _route(idx, layout.is_token_in_rank.t().numpy(), per)
+            recv_counts, matrix = layout.num_recv_per_rank.tolist(), layout.rank_matrix
+        send_token = torch.from_numpy(r.token)
+        largest_rows = max(map(sum, matrix.tolist())) if matrix is not None else None  # of any sender
+        largest = largest_rows * x.shape[1] * x.element_size() if matrix is not None else None
+        if group.is_ncl and largest is not None and largest < PACKED_MAX_BYTES:
+            recv_x, recv_idx, recv_w = _exchange_packed(group, x, r, topk_weights, recv_counts, matrix)
+        else:
+            if self._send is not None and largest is not None and largest >= SEND_BUFFER_MIN_BYTES:
+                # gathered where peers read them in place (one copy); the output's memory reused
+                rows = self._send.rows(len(r.token), x.shape[1], x.dtype, largest_rows)
+                torch.index_select(x.detach(), 0, send_token, out=rows)
+            else:
+                rows = x.detach().index_select(0, send_token)
+            recv_x = _all_to_allv(group, rows, r.send_counts, recv_counts, self._outputs, matrix)
+            k = r.ids.shape[1]
+            meta = np.empty((len(r.token), 2 * k))  # ids are exact in float64: one exchange for ids and weights
+            meta[:, :k] = r.ids
+            meta[:, k:] = _weights_array(topk_weights)[r.token]
+            recv_meta = _all_to_allv(group, torch.from_numpy(meta), r.send_counts, recv_counts, matrix=matrix)
+            recv_idx = recv_meta[:, :k].long()
+            recv_w = recv_meta[:, k:].to(topk_weights.dtype)
+        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], x.shape[1], rank_matrix=matrix)
+        return recv_x, recv_idx, recv_w, handle
+
+    def _combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """Rows back to their tokens' ranks, summed per token in rank order."""
+        matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
+        back = _all_to_allv(self.group, expert_out, handle.recv_counts, handle.send_counts, self._back, matrix)
+        return sum_by_token(back, handle, self._outputs)
+
+    # ---- low-latency mode -----------------------------------------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                             max_tokens_per_rank: int, *, num_experts: int, capacity_factor: Optional[float] = None):
+        """dispatch for decode (inference, no autograd): every rank sends every rank exactly
+        max_tokens_per_rank=M rows, so no count travels before the data, through fixed slots
+        (registered memory over an ncl communicator).  recv_x has N*M rows, block s from rank
+        s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
+        self._check_open()
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
+            raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
+        if x.shape[0] > max_tokens_per_rank:
+            raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={max_tokens_per_rank}")
+        with torch.no_grad():
+            recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(x, topk_idx, topk_weights, num_experts,
+                                                                          max_tokens_per_rank)
+        return recv_x, recv_idx, recv_w, handle._replace(dropped=dropped)
+
+    def low_latency_combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
+        """combine for a handle of low_latency_dispatch: expert_out has the N*M rows it returned."""
+        self._check_handle(handle, low_latency=True)
+        rows = self.group.size * handle.slots
+        if expert_out.dim() != 2 or expert_out.shape[0] != rows:
+            raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
+        with torch.no_grad():
+            send, recv = self._slot_pair(tuple(expert_out.shape), expert_out.dtype)
+            send.copy_(expert_out)
+            return sum_by_token(_fixed_exchange(self.group, send, recv), handle)  # block r: rank r's rows, first real
+
+    def _slot_pair(self, shape: tuple, dtype: torch.dtype):
+        """(send, recv) of a fixed-size exchange: over an ncl communicator, registered tensors that
+        peers read in place, allocated once per shape (collective: every rank reaches its first
+        exchange of a shape together); over a torch group or for one call, new tensors."""
+        if not self._register:
+            return torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        key = (shape, dtype)
+        if key not in self._slots:
+            self._slots[key] = tuple(self.group.group.empty(shape, dtype, like="torch") for _ in range(2))
+        return self._slots[key]
+
+    def _dispatch_low_latency(self, x, topk_idx, topk_weights, num_experts: int, slots: int):
+        """One fixed-size exchange for the rows, one for their ids, weights and flags (1: a real
+        row), written straight into the registered send slots."""
+        group = self.group
+        n, per, k = group.size, num_experts // group.size, topk_idx.shape[1]
+        idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
+        r = _route(idx, _is_in(idx, per, n), per)
+        starts = np.repeat(np.cumsum([0] + r.send_counts[:-1]), r.send_counts)
+        at = r.dest * slots + np.arange(len(r.token)) - starts  # block of the destination, its next free slot
+        rows, recv_rows = self._slot_pair((n * slots, x.shape[1]), x.dtype)
+        meta, recv_meta = self._slot_pair((n * slots, 2 * k + 1), torch.float64)
+        rows.zero_()
+        send_token = torch.from_numpy(r.token)
+        rows.index_copy_(0, torch.from_numpy(at), x.index_select(0, send_token))
+        m = meta.numpy()
+        m[:, :k], m[:, k:] = -1, 0
+        m[at, :k] = r.ids
+        m[at, k:2 * k] = topk_weights.double().numpy()[r.token]
+        m[at, 2 * k] = 1.0
+        recv_x = _fixed_exchange(group, rows, recv_rows).clone()
+        got = _fixed_exchange(group, meta, recv_meta)
+        recv_counts = got[:, 2 * k].view(n, slots).sum(1).long().tolist()
+        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], x.shape[1], slots=slots)
+        # copies: the slots are overwritten by the next exchange
+        return recv_x, got[:, :k].long(), got[:, k:2 * k].to(topk_weights.dtype, copy=True), handle
+
+
+def _group(group) -> Group:
+    return group.group if isinstance(group, Buffer) else Group(group)
 
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
              layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
              capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None):
-    """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
-    process, grouped by source rank (token order within each), with their top-k global expert
-    ids (-1 where the expert is on another rank) and weights.  Collective over the group.
-    The routing weights are not differentiated through (as DeepEP's dispatch).
-    capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
-    handle.dropped says how many; a layout passed in must then come from the kept choices.
-    max_tokens_per_rank=M: the low-latency mode for decode (inference, no autograd): no count
-    exchange, fixed buffers of M rows per rank pair (registered memory over an ncl
-    communicator); recv_x then has N*M rows, block s from rank s, its first
-    handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
-    group = Group(group)
-    if num_experts is None:
-        if layout is None:
-            raise ValueError("dispatch needs num_experts, or the layout get_dispatch_layout made")
-        num_experts = len(layout.num_tokens_per_expert)
-    if x.dim() != 2:
-        raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
-    _experts_per_rank(num_experts, group)
-    _check_routing(topk_idx, num_experts)
-    if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
-                         f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
-    dropped = 0
-    if capacity_factor is not None:
-        topk_idx, dropped = apply_capacity(topk_idx, num_experts, capacity_factor)
-    if max_tokens_per_rank is not None:
-        if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
-            raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
-        with torch.no_grad():
-            recv_x, recv_idx, recv_w, handle = _dispatch_low_latency(x, topk_idx, topk_weights, group, num_experts,
-                                                                     max_tokens_per_rank)
-        return recv_x, recv_idx, recv_w, handle._replace(dropped=dropped)
-    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
-        recv_x, recv_idx, recv_w, handle = _dispatch(x, topk_idx, topk_weights, group, num_experts, layout)
-    else:
-        recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), group, num_experts,
-                                                           layout)
-    return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x, dropped=dropped)
+    """Buffer.dispatch, or with max_tokens_per_rank=M Buffer.low_latency_dispatch, on group: a
+    Buffer, or an ncl communicator or torch group (then on a Buffer made for this call, which
+    the handle keeps for combine)."""
+    buffer = group if isinstance(group, Buffer) else Buffer(group, reuse=False)
+    if max_tokens_per_rank is None:
+        return buffer.dispatch(x, topk_idx, topk_weights, layout, num_experts=num_experts,
+                               capacity_factor=capacity_factor)
+    return buffer.low_latency_dispatch(x, topk_idx, topk_weights, max_tokens_per_rank,
+                                       num_experts=_num_experts(num_experts, layout),
+                                       capacity_factor=capacity_factor)
 
 
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
-    """y (tokens, hidden) on each token's own rank: the sum, in rank order, of the rows the
-    ranks holding its experts send back (each the weighted sum of that rank's experts)."""
+    """combine (or low_latency_combine) on the Buffer the handle's dispatch ran on."""
     if handle.slots:
-        rows = handle.group.size * handle.slots
-        if expert_out.dim() != 2 or expert_out.shape[0] != rows:
-            raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
-        with torch.no_grad():
-            return _combine_low_latency(expert_out, handle)
-    if expert_out.dim() != 2 or expert_out.shape[0] != sum(handle.recv_counts):
-        raise ValueError(f"expert_out must have one row per received token ({sum(handle.recv_counts)}), not "
-                         f"{tuple(expert_out.shape)}")
-    recv_x = handle.recv_x
-    if torch.is_grad_enabled() and recv_x is not None and recv_x.requires_grad and not expert_out.requires_grad:
-        # no local expert touched the rows (this rank received nothing for them): the backward
-        # must still run here, since its exchanges are collective; an empty sum keeps the graph
-        expert_out = expert_out + recv_x[:0].sum()
-    if not (torch.is_grad_enabled() and expert_out.requires_grad):
-        return _combine(expert_out, handle)
-    return _Combine.apply(expert_out, handle)
+        return handle.buffer.low_latency_combine(expert_out, handle)
+    return handle.buffer.combine(expert_out, handle)
 
 
 class Grouped(NamedTuple):
@@ -450,8 +540,8 @@ def group_by_expert(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.
                     *, expert_alignment: int = 1) -> Grouped:
     """One row per (received token, local expert it chose), grouped by local expert in received
     order, each expert's group padded with zero rows to a multiple of expert_alignment."""
-    g = Group(group)
-    per = _experts_per_rank(num_experts, g)
+    g = _group(group)
+    per = _experts_per_rank(num_experts, g.size)
     if isinstance(expert_alignment, bool) or not isinstance(expert_alignment, int) or expert_alignment < 1:
         raise ValueError(f"expert_alignment must be a positive int, not {expert_alignment!r}")
     rows, weights, counts, real = [], [], [], []
@@ -474,5 +564,6 @@ def ungroup(expert_y: torch.Tensor, grouped: Grouped, num_rows: int) -> torch.Te
     return out.index_add(0, grouped.row[keep], expert_y[keep] * grouped.weight[keep].unsqueeze(1).to(expert_y.dtype))
 
 
-__all__ = ["Layout", "Handle", "Grouped", "apply_capacity", "get_dispatch_layout", "dispatch", "combine",
+__all__ = ["Buffer", "Layout", "Handle", "Route", "Grouped", "apply_capacity", "route", "get_dispatch_layout",
+           "dispatch", "combine", "sum_by_token",
            "group_by_expert", "ungroup"]

@@ -42,6 +42,11 @@ class OutputPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def close(self) -> None:
+        """Free the idle buffers; those still lent out are freed when their tensors go."""
+        self._keep = 0
+        self._idle.clear()
+
     def _take(self, nbytes: int) -> np.ndarray:
         size = size_class(nbytes)  # the same class for a call's slightly different row counts
         for i, b in enumerate(self._idle):
@@ -73,3 +78,7 @@ class SendBuffer:
             self._buf = None  # release the old window first
             self._buf = self._comm.empty(1 << max(need - 1, 1).bit_length(), np.uint8, like="torch")
         return self._buf[:count * width * dtype.itemsize].view(dtype).view(count, width)
+
+    def close(self) -> None:
+        """Drop the registered memory (unmapped once no tensor views it any more)."""
+        self._buf = None

@@ -1,9 +1,20 @@
 """Algorithm choice, in one place (as NCCL's tuning.cc): a cost model, latency plus bytes
 over bandwidth, per algorithm and rank count, calibrated on this host.
 
-`calibration.json` (written by `python -m ncl.perf.calibrate`; NCL_TUNING_FILE names another)
-holds, for each all_reduce algorithm and rank count, the median times measured from 8 B to
-64 MiB and a fitted (latency µs, ns per byte); the model interpolates between the measured
+Which calibration, first found wins (`tuning_file`):
+    1. NCL_TUNING_FILE, when set;
+    2. this host's, in the user's cache: $XDG_CACHE_HOME/ncl/tuning-<host fingerprint>.json
+       (~/.cache/ncl/... without XDG_CACHE_HOME), written by `python -m ncl.perf.calibrate`;
+    3. the shipped default, `calibration.json` beside this module.
+The shipped default is safe on any host because every algorithm gives the same bits (all_reduce
+adds in rank order whatever the path) and the core falls back where one is unavailable (CMA,
+registered memory): a calibration only decides speed, and the shipped one is a real measurement
+(a 2-CPU VM), a better guess than invented constants.  Nothing is measured at first use: a
+calibration runs ncl-perf sweeps on several rank counts for minutes, too long to hide in a
+first ncl.init (and the library does not start tools).
+
+A calibration holds, for each all_reduce algorithm and rank count, the median times measured
+from 8 B to 64 MiB and a fitted (latency µs, ns per byte); the model interpolates between the measured
 sizes (a single latency + bandwidth line misfits the middle sizes by up to 2x here) and
 extrapolates beyond them with the fitted cost per byte.  A communicator turns the model into
 size thresholds when it is created, which the C core applies on every call (so the per-call
@@ -18,12 +29,14 @@ algorithm; NCL_ONE_SHOT_MAX_BYTES and NCL_DIRECT_MIN_BYTES override the threshol
 """
 import bisect
 import functools
+import hashlib
 import json
 import os
+import platform
 from typing import Dict, List, Optional, Tuple
 
 from . import env
-from ._native import ffi, lib
+from ._native import ffi, kernel_isa, lib
 
 ALGORITHMS = {"one_shot": lib.NCL_ALGO_ONE_SHOT, "two_shot": lib.NCL_ALGO_TWO_SHOT, "direct": lib.NCL_ALGO_DIRECT,
               "cma": lib.NCL_ALGO_CMA}
@@ -31,11 +44,42 @@ NEVER = 1 << 62
 _PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
 
 
+def host_fingerprint() -> str:
+    """What a calibration depends on, hashed: the CPU model, the CPUs online, the architecture and
+    the reduction kernels' ISA.  Not the host name: identical machines sharing a home directory
+    share one calibration, and a container's new name keeps it."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    facts = f"{model}|{os.cpu_count()}|{platform.machine()}|{kernel_isa()}"
+    return hashlib.sha256(facts.encode()).hexdigest()[:16]
+
+
+def user_cache_path() -> str:
+    """Where this host's calibration lives for this user (XDG's cache directory)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, or relative (which the XDG spec says to ignore)
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ncl", f"tuning-{host_fingerprint()}.json")
+
+
+def tuning_file() -> str:
+    """The calibration in use: NCL_TUNING_FILE, else this host's in the user cache, else the shipped one."""
+    explicit = env.get("NCL_TUNING_FILE")
+    if explicit:
+        return explicit
+    cached = user_cache_path()
+    return cached if os.path.isfile(cached) else _PACKAGED
+
+
 @functools.lru_cache(maxsize=None)
 def calibration(path: str = "") -> Dict[str, Dict[int, List[Tuple[float, float]]]]:
     """{algorithm: {nranks: [(bytes, µs), ...]}}: the measured medians, and beyond the largest
-    a point extrapolated with the fitted cost per byte."""
-    path = path or env.get("NCL_TUNING_FILE") or _PACKAGED
+    a point extrapolated with the fitted cost per byte (path: default tuning_file())."""
+    path = path or tuning_file()
     try:
         with open(path) as f:
             data = json.load(f)

@@ -1,8 +1,10 @@
 """Fixtures shared by the multi-process tests: a session-wide cache of live rank pools; the fast tier."""
 import multiprocessing.process
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -33,6 +35,17 @@ FAST_MODULES = {
                         "test_a_moe_models_calls_are_the_predicted_list_given_the_runs_routing"),
 }
 _LAUNCHERS = ("ncl.run", "ncl-run", "mpiexec")
+
+
+def pytest_configure(config):
+    """The user's cache stays out of the tests: a fresh XDG_CACHE_HOME for the session, which every
+    rank process inherits, so that ncl.tuning finds no per-host calibration there (tests see the
+    shipped one unless they set their own) and nothing a test writes reaches the real home."""
+    config._ncl_cache_home = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ncl-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_ncl_cache_home", ""), ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

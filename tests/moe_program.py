@@ -90,7 +90,8 @@ def local_experts(recv_x, recv_idx, recv_w, weights, me, per):
     return out
 
 
-def check(comm, kind, failures, capacity=None):
+def check(comm, buffer, kind, failures, capacity=None):
+    """The layer through the functional API on `buffer` (a moe.Buffer passed as the group)."""
     n, me = comm.size, comm.rank
     per = E // n
     data = [routing(kind, r, n) for r in range(n)]
@@ -110,12 +111,12 @@ def check(comm, kind, failures, capacity=None):
     weights = experts()
     x = data[me][0].clone().requires_grad_()
     if capacity is None:
-        layout = moe.get_dispatch_layout(data[me][1], E, comm)
-        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, layout)
+        layout = moe.get_dispatch_layout(data[me][1], E, buffer)
+        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], buffer, layout)
     else:
-        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], comm, num_experts=E,
+        recv_x, recv_idx, recv_w, handle = moe.dispatch(x, data[me][1], data[me][2], buffer, num_experts=E,
                                                         capacity_factor=capacity)
-        layout = moe.get_dispatch_layout(kept[me][0], E, comm)
+        layout = moe.get_dispatch_layout(kept[me][0], E, buffer)
         if handle.dropped != kept[me][1]:
             failures.append(f"{kind}: rank {me} dropped {handle.dropped}, the reference {kept[me][1]}")
     y = moe.combine(local_experts(recv_x, recv_idx, recv_w, weights, me, per), handle)
@@ -133,7 +134,7 @@ def check(comm, kind, failures, capacity=None):
         close(f"expert {e} weight gradient", weights[e].grad, ref_weights[e].grad)
     if capacity is None:  # the experts run grouped (aligned to 4 rows): the same outputs
         with torch.no_grad():
-            grouped = moe.group_by_expert(recv_x, recv_idx, recv_w, E, comm, expert_alignment=4)
+            grouped = moe.group_by_expert(recv_x, recv_idx, recv_w, E, buffer, expert_alignment=4)
             parts, at = [], 0
             for i, count in enumerate(grouped.counts):
                 parts.append(run_expert(weights[me * per + i], grouped.x[at:at + count]))
@@ -147,7 +148,7 @@ def check(comm, kind, failures, capacity=None):
     if capacity is None:  # the low-latency mode: fixed slots, no count exchange, forward only
         slots = tokens_of(n - 1)
         with torch.no_grad():
-            lx, lidx, lw, lh = moe.dispatch(data[me][0], data[me][1], data[me][2], comm, num_experts=E,
+            lx, lidx, lw, lh = moe.dispatch(data[me][0], data[me][1], data[me][2], buffer, num_experts=E,
                                             max_tokens_per_rank=slots)
             close("low-latency output", moe.combine(local_experts(lx, lidx, lw, weights, me, per), lh),
                   ys[me].detach())
@@ -180,10 +181,11 @@ def main():
         moe.SEND_BUFFER_MIN_BYTES = saved[1] if send_buffer_min is None else send_buffer_min
         scratch.POOL_MIN_BYTES = saved[2] if pool_min is None else pool_min
         mine = []
-        for kind in ("uniform", "zipf", "one expert", "last rank receives nothing"):
-            check(comm, kind, mine)
-        for kind, factor in (("zipf", 1.0), ("one expert", 1.5), ("uniform", 0.5)):
-            check(comm, kind, mine, capacity=factor)
+        with moe.Buffer(comm) as buffer:  # the memory every path reuses (registered where it pays)
+            for kind in ("uniform", "zipf", "one expert", "last rank receives nothing"):
+                check(comm, buffer, kind, mine)
+            for kind, factor in (("zipf", 1.0), ("one expert", 1.5), ("uniform", 0.5)):
+                check(comm, buffer, kind, mine, capacity=factor)
         failures += [f"[{path}] {f}" for f in mine]
         moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
     with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:

@@ -7,19 +7,22 @@ this rank's output, its tokens' gradients and its experts' weight gradients agai
 single-process layer over every rank's tokens, and that a token is sent once per rank, not
 once per expert.  With a capacity factor (1.0 Zipf, 1.5 degenerate, 0.5 uniform: 2-7 choices
 dropped per rank) the reference drops by its own independent rule, and the counts must agree.
-The low-latency mode (max_tokens_per_rank: fixed registered buffers, no count exchange) must
+The low-latency mode (low_latency_dispatch: fixed registered buffers, no count exchange) must
 give the same outputs, counts, and -1 ids in its padding rows; group_by_expert (aligned to 4
 rows) and ungroup must give the same expert outputs as running each row through its experts.
 """
+import contextlib
+import gc
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import ncl
 from harness import ncl_run_argv, program_failures
-from ncl import moe
+from ncl import moe, scratch
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_program.py")
 
@@ -68,3 +71,179 @@ def test_moe_across_two_emulated_hosts(tmp_path):
     failures = program_failures([mpiexec, "-n", "4", sys.executable, PROGRAM, str(tmp_path)], tmp_path, 4,
                                 env={"NCL_HOSTS": "2"})
     assert not failures, "\n".join(failures)
+
+
+# ---- the Buffer, on a pool of 3 ranks, against numpy ------------------------------------------------------
+# Rank r holds experts 2r and 2r+1 (6 experts); expert e multiplies a row by 1 + e/4.  Every rank's routing
+# is a pure function of (seed, rank), so each rank computes what it must receive and get back with numpy.
+EXPERTS, HIDDEN, TOP_K = 6, 40, 2
+TOKENS = (5, 0, 9)  # per rank: rank 1 sends nothing
+
+
+def _routing(seed: int, rank: int, hidden: int = HIDDEN):
+    """(x, topk_idx, topk_weights) as numpy: distinct experts per token, some choices -1."""
+    g = np.random.default_rng([seed, rank])
+    tokens = TOKENS[rank]
+    x = g.standard_normal((tokens, hidden)).astype(np.float32)
+    idx = np.array([g.choice(EXPERTS, TOP_K, replace=False) for _ in range(tokens)], dtype=np.int64)
+    idx = idx.reshape(tokens, TOP_K)
+    idx[g.random((tokens, TOP_K)) < 0.2] = -1
+    return x, idx, g.random((tokens, TOP_K)).astype(np.float32)
+
+
+def _scale(ids: np.ndarray) -> np.ndarray:
+    return np.where(ids >= 0, 1 + ids / 4, 0.0)
+
+
+def _expected(seed: int, me: int, n: int, hidden: int = HIDDEN):
+    """(rows from each source rank, this rank's combined output), in numpy."""
+    per = EXPERTS // n
+    received = []
+    for source in range(n):
+        x, idx, w = _routing(seed, source, hidden)
+        mine = ((idx >= 0) & (idx // per == me)).any(1)
+        received.append(x[mine])
+    x, idx, w = _routing(seed, me, hidden)
+    return received, (x * (w * _scale(idx)).sum(1, keepdims=True)).astype(np.float32)
+
+
+def _play_experts(recv_x, recv_idx, recv_w):
+    """This rank's experts on the received rows, each weighted (combine's input)."""
+    factor = (recv_w.double() * torch.from_numpy(_scale(recv_idx.numpy()))).sum(1, keepdim=True)
+    return (recv_x.double() * factor).float()
+
+
+def _mismatches(label, recv_x, recv_counts, y, seed, me, n, slots=0, hidden=HIDDEN):
+    """What differs from numpy: the received rows (block by source; low-latency padding zero), the output."""
+    received, want_y = _expected(seed, me, n, hidden)
+    out = []
+    if recv_counts != [len(r) for r in received]:
+        out.append(f"{label}: rank {me} received {recv_counts} rows, want {[len(r) for r in received]}")
+        return out
+    at = 0
+    for source, rows in enumerate(received):
+        start = source * slots if slots else at
+        block = recv_x[start:start + (slots or len(rows))].numpy()
+        if not np.array_equal(block[:len(rows)], rows) or block[len(rows):].any():
+            out.append(f"{label}: rank {me}, the rows from rank {source} differ from numpy's")
+        at += len(rows)
+    if not np.allclose(y.numpy(), want_y, rtol=1e-5, atol=1e-6):
+        out.append(f"{label}: rank {me}, the combined output differs from numpy's")
+    return out
+
+
+def _round_trip(buffer, label, seed, low_latency, hidden=HIDDEN):
+    """dispatch + experts + combine in one mode: (label, recv_x, counts, output, slots) for _mismatches."""
+    me = buffer.group.rank
+    x, idx, w = (torch.from_numpy(a) for a in _routing(seed, me, hidden))
+    if low_latency:
+        slots = max(TOKENS)
+        recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, idx, w, slots, num_experts=EXPERTS)
+        return label, recv_x, handle.recv_counts, buffer.low_latency_combine(_play_experts(recv_x, recv_idx, recv_w),
+                                                                             handle), slots
+    recv_x, recv_idx, recv_w, handle = buffer.dispatch(x, idx, w, num_experts=EXPERTS)
+    return label, recv_x, handle.recv_counts, buffer.combine(_play_experts(recv_x, recv_idx, recv_w), handle), 0
+
+
+@contextlib.contextmanager
+def _exchange_path(path: str):
+    """Force how the normal mode moves rows: "packed" (the default at these sizes), or "registered"
+    (rows from the registered send buffer, outputs from the pools)."""
+    saved = moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
+    if path == "registered":
+        moe.PACKED_MAX_BYTES = moe.SEND_BUFFER_MIN_BYTES = scratch.POOL_MIN_BYTES = 0
+    try:
+        yield
+    finally:
+        moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
+
+
+def _both_modes_on_rank(comm, path):
+    failures = []
+    with _exchange_path(path), moe.Buffer(comm) as buffer:
+        for seed, low_latency in ((1, False), (2, True), (3, False), (3, True)):
+            label, recv_x, counts, y, slots = _round_trip(buffer, f"{path}, low_latency={low_latency}", seed,
+                                                          low_latency)
+            failures += _mismatches(label, recv_x, counts, y, seed, comm.rank, comm.size, slots)
+    return failures
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", ["packed", "registered"])
+def test_buffer_normal_and_low_latency_modes_equal_numpy(pool_factory, path):
+    failures = sum(pool_factory(3).run(_both_modes_on_rank, path), [])
+    assert not failures, "\n".join(failures)
+
+
+def _two_buffers_on_rank(comm):
+    """Two Buffers, their calls interleaved: each dispatch's handle is combined on its own Buffer
+    after the other Buffer ran (the hidden sizes differ, so their registered memory does too)."""
+    failures = []
+    with _exchange_path("registered"), moe.Buffer(comm) as a, moe.Buffer(comm) as b:
+        me, n = comm.rank, comm.size
+        xa, ia, wa = (torch.from_numpy(t) for t in _routing(4, me))
+        xb, ib, wb = (torch.from_numpy(t) for t in _routing(5, me, 24))
+        ra = a.dispatch(xa, ia, wa, num_experts=EXPERTS)
+        rb = b.low_latency_dispatch(xb, ib, wb, max(TOKENS), num_experts=EXPERTS)
+        rc = b.dispatch(xb, ib, wb, num_experts=EXPERTS)
+        ya = a.combine(_play_experts(*ra[:3]), ra[3])
+        yc = b.combine(_play_experts(*rc[:3]), rc[3])
+        yb = b.low_latency_combine(_play_experts(*rb[:3]), rb[3])
+        failures += _mismatches("buffer a, normal", ra[0], ra[3].recv_counts, ya, 4, me, n)
+        failures += _mismatches("buffer b, low latency", rb[0], rb[3].recv_counts, yb, 5, me, n, max(TOKENS), 24)
+        failures += _mismatches("buffer b, normal", rc[0], rc[3].recv_counts, yc, 5, me, n, 0, 24)
+        try:
+            a.combine(_play_experts(*rc[:3]), rc[3])
+            failures.append("a handle of buffer b was combined on buffer a")
+        except ValueError:
+            pass
+    return failures
+
+
+@pytest.mark.timeout(120)
+def test_two_buffers_on_one_communicator_do_not_interfere(pool_factory):
+    failures = sum(pool_factory(3).run(_two_buffers_on_rank), [])
+    assert not failures, "\n".join(failures)
+
+
+def _shared_mappings() -> int:
+    """Shared-memory segments this process maps (the communicator's and every registered window)."""
+    with open("/proc/self/maps") as f:
+        return sum("/dev/shm/ncl-" in line for line in f)
+
+
+def _job_files(unique_id: str) -> list:
+    """The pool's files in /dev/shm (other jobs on the machine come and go meanwhile)."""
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(f"ncl-{unique_id[:12]}"))
+
+
+def _buffer_memory_on_rank(comm, unique_id):
+    """(mappings before, while the Buffer holds memory, after close, /dev/shm before, after, closed use refused)."""
+    gc.collect()
+    before, files_before = _shared_mappings(), _job_files(unique_id)
+    with _exchange_path("registered"):
+        buffer = moe.Buffer(comm)
+        results = [_round_trip(buffer, "", 6, low_latency) for low_latency in (False, True)]
+    during = _shared_mappings()
+    buffer.close()
+    refused = False
+    try:
+        _round_trip(buffer, "", 6, False)
+    except ncl.NclStateError:
+        refused = True
+    del results
+    gc.collect()
+    return before, during, _shared_mappings(), files_before, _job_files(unique_id), refused
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_buffer_frees_its_registered_memory(pool_factory):
+    """The send buffer and the low-latency slots are registered windows, mapped on every rank;
+    once the Buffer is closed and its results dropped, none stays mapped or in /dev/shm."""
+    pool = pool_factory(3)
+    for rank, (before, during, after, files_before, files_after, refused) in enumerate(
+            pool.run(_buffer_memory_on_rank, pool.unique_id)):
+        assert during > before, f"rank {rank}: the Buffer mapped no registered memory ({before} -> {during})"
+        assert after == before, f"rank {rank}: {after - before} mappings left after close"
+        assert files_after == files_before, f"rank {rank}: /dev/shm {files_before} -> {files_after}"
+        assert refused, f"rank {rank}: a closed Buffer still dispatched"

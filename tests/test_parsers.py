@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+import os
+
 from ncl import env, tuning
-from ncl.perf import report
+from ncl.perf import calibrate, report
 
 
 def _calibration(**fields) -> dict:
@@ -51,6 +53,64 @@ def test_tuning_file_without_rank_counts_never_chooses_that_algorithm(tuning_fil
     tuning_file(json.dumps(_calibration(all_reduce={a: {"2": [1.0, 0.1]} if a != "cma" else {}
                                                     for a in tuning.ALGORITHMS})))
     assert tuning.thresholds(2)[2] == tuning.NEVER
+
+
+@pytest.fixture
+def no_tuning_file(tmp_path, monkeypatch):
+    """No NCL_TUNING_FILE, and XDG_CACHE_HOME in tmp_path; the calibration read afresh."""
+    for name in ("NCL_TUNING_FILE", "NCL_ONE_SHOT_MAX_BYTES", "NCL_DIRECT_MIN_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tuning.calibration.cache_clear()
+    yield tmp_path
+    tuning.calibration.cache_clear()
+
+
+def test_the_tests_never_use_the_real_user_cache():
+    """conftest points XDG_CACHE_HOME at the session's own directory."""
+    assert not tuning.user_cache_path().startswith(os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+def test_tuning_file_order_is_env_then_user_cache_then_shipped(no_tuning_file, monkeypatch):
+    shipped = tuning.thresholds(2)
+    assert tuning.tuning_file() == tuning._PACKAGED
+    # this host's calibration, as ncl.perf.calibrate writes it: two-shot always faster here
+    fast = {a: a == "two_shot" for a in tuning.ALGORITHMS}
+    fast_two_shot = _calibration(all_reduce={a: {"2": [1.0, 0.01] if fast[a] else [5.0, 1.0]} for a in fast},
+                                 measured_us={a: {"2": [[8, 1.0], [1024, 2.0]] if fast[a] else [[8, 5.0], [1024, 9.0]]}
+                                              for a in fast})
+    cached = calibrate.save(tuning.user_cache_path(), fast_two_shot)
+    assert cached.startswith(str(no_tuning_file / "cache" / "ncl" / "tuning-"))
+    assert tuning.tuning_file() == cached
+    tuning.calibration.cache_clear()
+    assert tuning.thresholds(2)[0] == 0 != shipped[0]  # one-shot never: the cache's model, not the shipped one
+    explicit = calibrate.save(str(no_tuning_file / "mine.json"), _calibration())
+    monkeypatch.setenv("NCL_TUNING_FILE", explicit)
+    assert tuning.tuning_file() == explicit
+
+
+def test_user_cache_without_xdg_cache_home_is_under_home(no_tuning_file, monkeypatch):
+    monkeypatch.setenv("HOME", str(no_tuning_file))
+    for xdg in ("", "relative/dir"):  # unset, or relative: the XDG spec says to ignore it
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        path = tuning.user_cache_path()
+        assert path == str(no_tuning_file / ".cache" / "ncl" / f"tuning-{tuning.host_fingerprint()}.json")
+
+
+def test_a_broken_user_cache_is_an_error_naming_it(no_tuning_file):
+    path = tuning.user_cache_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match=f"tuning file {path}.*python -m ncl.perf.calibrate"):
+        tuning.thresholds(2)
+
+
+def test_calibrate_saves_whole_files_into_new_directories(tmp_path):
+    path = calibrate.save(str(tmp_path / "a" / "b" / "t.json"), _calibration())
+    assert os.listdir(tmp_path / "a" / "b") == ["t.json"]  # no partial file left beside it
+    tuning.calibration.cache_clear()
+    assert tuning.calibration(path)["two_shot"][2][:2] == [(8.0, 1.0), (1024.0, 2.0)]
 
 
 @pytest.mark.parametrize("text", ["-1", "-4K", str(1 << 63), "8589934592G"])

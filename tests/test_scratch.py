@@ -82,7 +82,7 @@ def _routing(seed, tokens, n, hidden, dtype, slots=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sum_by_token_adds_every_returned_row_to_its_token(dtype, slots):
     back, handle, want = _routing(1, 37, 4, 9, dtype, slots)
-    got = moe._sum_by_token(back, handle)
+    got = moe.sum_by_token(back, handle)
     assert got.dtype == dtype and got.shape == (37, 9)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-6, atol=1e-6)
     assert not got[0].any()
@@ -91,7 +91,7 @@ def test_sum_by_token_adds_every_returned_row_to_its_token(dtype, slots):
 def test_sum_by_token_rounds_16_bit_floats_once_in_rank_order():
     """bfloat16 rows add in float32, in rank order, and round once: bit for bit that computation."""
     back, handle, _ = _routing(2, 50, 3, 33, torch.bfloat16)
-    got = moe._sum_by_token(back, handle)
+    got = moe.sum_by_token(back, handle)
     want = torch.zeros(50, 33, dtype=torch.float32)
     at = 0
     for count in handle.send_counts:
@@ -103,5 +103,5 @@ def test_sum_by_token_rounds_16_bit_floats_once_in_rank_order():
 
 def test_sum_by_token_of_a_dtype_without_a_kernel():
     back, handle, want = _routing(3, 20, 3, 5, torch.float32)
-    got = moe._sum_by_token(back.to(torch.complex64), handle)
+    got = moe.sum_by_token(back.to(torch.complex64), handle)
     np.testing.assert_allclose(got.real.double().numpy(), want, rtol=1e-6, atol=1e-6)

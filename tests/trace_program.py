@@ -13,7 +13,6 @@ import time
 import torch
 
 import ncl
-from ncl.torch import tp as tpl
 from ncl.bench.worker import _communicators as communicators  # every ncl communicator the model holds
 from ncl.models import Generator, build_model, get_config
 
@@ -29,8 +28,8 @@ def main():
     tokens = torch.randint(0, cfg.vocab_size, (mine, prompt), generator=torch.Generator().manual_seed(comm.rank // tp))
     routing = []  # per MoE layer call, in order: (rows sent, the most any EP rank sends, rows received)
     for module in model.modules():
-        if getattr(module, "ep_group", None) is not None and hasattr(module, "routing"):
-            ep_rank = tpl.Group(module.ep_group).rank
+        if getattr(module, "ep_buffer", None) is not None and hasattr(module, "routing"):
+            ep_rank = module.ep_buffer.group.rank
             module.register_forward_hook(lambda m, *_, r=ep_rank: routing.append(
                 (int(m.routing[r].sum()), int(m.routing.sum(axis=1).max()), int(m.routing[:, r].sum()))))
     with torch.inference_mode():

@@ -290,12 +290,12 @@ def _load_mxfp4(source, name: str, full_shape, start: int, stop: int) -> Tuple[t
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: GptOssConfig, layer: int, source, tp_group, ep_group, dtype):
+    def __init__(self, cfg: GptOssConfig, layer: int, source, tp_group, ep_buffer: Optional[moe.Buffer], dtype):
         super().__init__()
-        ep_rank, ep = _rank_size(ep_group)
+        ep_rank, ep = (0, 1) if ep_buffer is None else (ep_buffer.group.rank, ep_buffer.group.size)
         if cfg.n_experts % ep:
             raise ValueError(f"ep ({ep}) must divide the {cfg.n_experts} experts")
-        self.n_experts, self.top_k, self.tp_group, self.ep_group = cfg.n_experts, cfg.top_k, tp_group, ep_group
+        self.n_experts, self.top_k, self.tp_group, self.ep_buffer = cfg.n_experts, cfg.top_k, tp_group, ep_buffer
         p = f"model.layers.{layer}.mlp.router."
         self.router = _holding(partial(nn.Linear, cfg.dim, cfg.n_experts),                 # replicated
                                source.get(p + "weight", (cfg.n_experts, cfg.dim), dtype=dtype),
@@ -315,13 +315,12 @@ class MoE(nn.Module):
         weights = top.float().softmax(dim=-1).to(x.dtype)                          # softmax over the chosen k
         padding = torch.arange(tp_rank * rows, (tp_rank + 1) * rows) >= n
         idx = idx.masked_fill(padding.unsqueeze(1), -1)                            # padding rows go nowhere
-        if self.ep_group is None:
+        if self.ep_buffer is None:
             y = self.experts(mine, idx, weights)
         else:
-            recv_x, recv_idx, recv_w, handle = moe.dispatch(mine, idx, weights, self.ep_group,
-                                                            num_experts=self.n_experts)
+            recv_x, recv_idx, recv_w, handle = self.ep_buffer.dispatch(mine, idx, weights, num_experts=self.n_experts)
             self.routing = handle.rank_matrix  # [sender, receiver] rows of this dispatch, for tracing
-            y = moe.combine(self.experts(recv_x, recv_idx, recv_w), handle)        # [rows, D]
+            y = self.ep_buffer.combine(self.experts(recv_x, recv_idx, recv_w), handle)  # [rows, D]
         if tp > 1:
             y = tpl.Group(self.tp_group).all_gather(y)[:n]                         # [n, D]
         return y.view(shape)
@@ -330,13 +329,13 @@ class MoE(nn.Module):
 # ---- the model ------------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, cfg: GptOssConfig, layer: int, source, tp_group, ep_group, dtype):
+    def __init__(self, cfg: GptOssConfig, layer: int, source, tp_group, ep_buffer, dtype):
         super().__init__()
         p = f"model.layers.{layer}."
         self.input_layernorm = _norm(cfg, source, p + "input_layernorm.weight", dtype)
         self.self_attn = Attention(cfg, layer, source, tp_group, dtype)
         self.post_attention_layernorm = _norm(cfg, source, p + "post_attention_layernorm.weight", dtype)
-        self.mlp = MoE(cfg, layer, source, tp_group, ep_group, dtype)
+        self.mlp = MoE(cfg, layer, source, tp_group, ep_buffer, dtype)
 
     def forward(self, x, start_pos, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin)
@@ -389,6 +388,7 @@ class GptOss(nn.Module):
         self.config, self.group, self.dtype, self.tp, self.ep = cfg, group, dtype, tp, ep
         self.tp_group = None if group is None else _subgroup(group, tp, "tp")
         self.ep_group = None if group is None else _subgroup(group, ep, "ep")
+        self.ep_buffer = None if self.ep_group is None else moe.Buffer(self.ep_group)  # every layer's MoE exchanges
         tp_rank, _ = _rank_size(self.tp_group)
         v, d = cfg.vocab_size, cfg.dim
         rows = (tp_rank * v // tp, (tp_rank + 1) * v // tp)
@@ -397,7 +397,7 @@ class GptOss(nn.Module):
         head = partial(tpl.ParallelLMHead, d, v, g) if g else partial(nn.Linear, d, v, bias=False)
         self.embed_tokens = _holding(embed, source.get("model.embed_tokens.weight", (v, d), 0, *rows, dtype=dtype))
         self.lm_head = _holding(head, source.get("lm_head.weight", (v, d), 0, *rows, dtype=dtype))
-        self.layers = nn.ModuleList(Block(cfg, i, source, self.tp_group, self.ep_group, dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, source, self.tp_group, self.ep_buffer, dtype)
                                     for i in range(cfg.n_layers))
         self.norm = _norm(cfg, source, "model.norm.weight", dtype)
         self.cos = self.sin = None

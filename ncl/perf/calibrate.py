@@ -1,11 +1,14 @@
 """Calibrate the all_reduce cost model on this host:
 
-    python -m ncl.perf.calibrate [-n 2,4,8] [--out ncl/calibration.json]
+    python -m ncl.perf.calibrate [-n 2,4,8] [--out FILE]
 
 For every rank count and algorithm (one_shot and two_shot through staging, direct on
 registered buffers) it runs ncl-perf sweeps with the algorithm forced (NCL_ALGO), interleaved
 over --repeat rounds (this host's speed drifts 2-4x over minutes), fits time = latency + bytes
-x per_byte to each point's median (see `fit`), and writes the table that ncl.tuning loads.
+x per_byte to each point's median (see `fit`), and writes the table that ncl.tuning loads: by
+default into this user's cache for this host (ncl.tuning.user_cache_path()), which every later
+communicator on the host uses unless NCL_TUNING_FILE names another file.  `--out
+ncl/calibration.json` replaces the shipped default instead.
 """
 import argparse
 import json
@@ -14,11 +17,11 @@ import statistics
 import sys
 from typing import Dict, List, Tuple
 
+from .. import tuning
 from . import cli, report, runner
 
 ALGORITHMS = ("one_shot", "two_shot", "direct", "cma")
 SMALL = 1024
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.json")
 
 
 def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
@@ -39,7 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--nranks", type=runner.rank_counts, default=[2, 4, 8])
     p.add_argument("-b", "--minbytes", default="8")
     p.add_argument("-e", "--maxbytes", default="64M")
-    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--out", default=None, help="default: this host's file in the user cache, "
+                   "$XDG_CACHE_HOME/ncl/tuning-<host fingerprint>.json (~/.cache/ncl/... without XDG_CACHE_HOME)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the fit uses each point's median")
     args = p.parse_args(argv)
     table: Dict[str, Dict[str, List[float]]] = {a: {} for a in ALGORITHMS}
@@ -65,12 +69,22 @@ def main(argv=None) -> int:
             worst = max(abs(latency + per_byte * s / 1e3 - t) / t for s, t in points)
             progress.write(f"# {algo} np={n}: {latency:.2f} us + {per_byte:.4f} ns/B (worst point off by {worst:.0%})")
     progress.close()
-    with open(args.out, "w") as f:
-        json.dump({"command": ["python", "-m", "ncl.perf.calibrate"] + (sys.argv[1:] if argv is None else argv),
-                   "machine": report.machine_facts(), "all_reduce": table,
-                   "measured_us": measured}, f, indent=1)
-    print(f"# wrote {args.out}")
+    out = save(args.out or tuning.user_cache_path(),
+               {"command": ["python", "-m", "ncl.perf.calibrate"] + (sys.argv[1:] if argv is None else argv),
+                "machine": report.machine_facts(), "all_reduce": table, "measured_us": measured})
+    print(f"# wrote {out}")
     return 0
+
+
+def save(path: str, data: dict) -> str:
+    """Write a calibration whole or not at all (a file half written would stop every later
+    communicator on the host), creating its directory; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(partial, path)
+    return path
 
 
 if __name__ == "__main__":

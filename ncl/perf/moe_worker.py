@@ -2,9 +2,9 @@
 
 Each rank routes its own tokens (seeded by rank and token count: random logits, top-k, softmax
 over the chosen k) and times the exchange as a user of each library would write it:
-- ncl: `ncl.moe.dispatch` / `combine` over the communicator (the count exchange included), and
-  for decode sizes also the low-latency mode (`max_tokens_per_rank`: fixed registered buffers,
-  no count exchange);
+- ncl: `dispatch` / `combine` of an `ncl.moe.Buffer` over the communicator (the count exchange
+  included), and for decode sizes also `low_latency_dispatch` / `low_latency_combine` (fixed
+  registered slots, no count exchange);
 - gloo: the same `ncl.moe` code over a gloo process group, so the exchange is torch's
   `all_gather_into_tensor` for the counts and `all_to_all_single` for the rows;
 - mpi: the same steps written with mpi4py (the same routing code, ncl.moe's): `Alltoall` of the
@@ -51,14 +51,17 @@ def play_experts(recv_x, recv_idx, recv_w):
 class NclMoe:
     def __init__(self, comm, low_latency: bool):
         from ncl import moe
-        self.moe, self.comm, self.low_latency = moe, comm, low_latency
+        self.buffer, self.low_latency = moe.Buffer(comm), low_latency  # reused by every call, as a user would
 
     def dispatch(self, x, idx, w, experts):
-        slots = {"max_tokens_per_rank": max(1, x.shape[0])} if self.low_latency else {}
-        return self.moe.dispatch(x, idx, w, self.comm, num_experts=experts, **slots)
+        if self.low_latency:
+            return self.buffer.low_latency_dispatch(x, idx, w, max(1, x.shape[0]), num_experts=experts)
+        return self.buffer.dispatch(x, idx, w, num_experts=experts)
 
     def combine(self, out, handle):
-        return self.moe.combine(out, handle)
+        if self.low_latency:
+            return self.buffer.low_latency_combine(out, handle)
+        return self.buffer.combine(out, handle)
 
 
 class MpiMoe:
@@ -81,17 +84,16 @@ class MpiMoe:
         return out
 
     def dispatch(self, x, idx, w, experts):
-        per, k, moe = experts // self.n, idx.shape[1], self.moe
-        idx = idx.long().numpy()
-        token, dest, send = moe._route(moe._is_in(idx, per, self.n))
+        k, route = idx.shape[1], self.moe.route(idx, experts, self.n)
+        send = route.send_counts
         recv = np.empty(self.n, np.int64)
         self.comm.Alltoall(np.asarray(send, np.int64), recv)
         recv = recv.tolist()
-        send_token = torch.from_numpy(token)
+        send_token = torch.from_numpy(route.token)
         recv_x = self._alltoallv(x.index_select(0, send_token), send, recv)
-        meta = np.empty((len(token), 2 * k))
-        meta[:, :k] = moe._local_ids(idx, token, dest, per)
-        meta[:, k:] = w.double().numpy()[token]
+        meta = np.empty((len(route.token), 2 * k))
+        meta[:, :k] = route.ids
+        meta[:, k:] = w.double().numpy()[route.token]
         recv_meta = self._alltoallv(torch.from_numpy(meta), send, recv)
         return recv_x, recv_meta[:, :k].long(), recv_meta[:, k:].to(w.dtype), (send_token, send, recv, x.shape[0])
 
@@ -99,7 +101,7 @@ class MpiMoe:
         token, send, recv, tokens = handle
         back = self._alltoallv(out, recv, send)
         # the same rank-ordered sum as ncl's: the comparison is of the transports
-        return self.moe._sum_by_token(back, self.moe.Handle(None, token, send, recv, tokens, out.shape[1]))
+        return self.moe.sum_by_token(back, self.moe.Handle(None, token, send, recv, tokens, out.shape[1]))
 
 
 def exchanges(backend, cfg, tokens):
