@@ -94,6 +94,24 @@ class Emulator:
         return self._by_seq.get(seq)
 
 
+class Emulated:
+    """A backend whose every call is also costed on the emulated interconnect: its bytes from the
+    Call, the call number and the algorithm taken here from what the backend decided."""
+
+    def __init__(self, backend, emulator: Emulator):
+        self.backend, self.emulator = backend, emulator
+
+    def run(self, call) -> None:
+        start = time.perf_counter()
+        self.backend.run(call)
+        wall = time.perf_counter() - start
+        decided = self.backend.last_call()
+        seq, host_algorithm = (decided[0], decided[1]) if decided is not None else (0, None)
+        rest = self.emulator.record(seq, call.collective, call.nbytes, host_algorithm, wall)
+        if rest > 0:
+            wait(rest)
+
+
 def wait(seconds: float) -> None:
     """Let `seconds` pass: sleep most of it, spin the last SPIN_S."""
     end = time.perf_counter() + seconds
