@@ -12,7 +12,7 @@ Fields (-1 or None where the collective has no such thing):
                  for all_reduce, reduce and broadcast; one rank's block for all_gather, gather,
                  reduce_scatter and scatter; one peer's block for all_to_all; everything this rank
                  sends for all_to_allv; the message for send and recv; 0 for barrier
-    dtype        NCL_* dtype code (ncl/buffers.py), -1 for barrier
+    dtype        NCL_* dtype code (ncl/dtypes.py), -1 for barrier
     op           NCL_* reduction code, -1 for collectives that do not reduce
     root         the root, or the peer of send and recv
     algo         NCL_ALGO_* for all_reduce (NCL_ALGO_AUTO: the backend picks)
@@ -21,7 +21,7 @@ Fields (-1 or None where the collective has no such thing):
                  on every rank, and elements per row
 Slotted and built positionally by Call.of: it is on every call's path (~0.15 µs).
 """
-from ._native import lib
+from .dtypes import nbytes
 
 
 _new = object.__new__
@@ -53,7 +53,7 @@ class Call:
     @property
     def nbytes(self) -> int:
         """count in bytes (what the flight record reports as the call's bytes)."""
-        return self.count * lib.ncl_dtype_size(self.dtype) if self.dtype >= 0 else 0
+        return nbytes(self.count, self.dtype)
 
     def __repr__(self) -> str:
         unset = {"op": -1, "root": -1, "algo": 0, "row": 1}

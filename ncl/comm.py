@@ -15,9 +15,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import emulation, env, log, tuning
+from . import dtypes, emulation, env, log, tuning
 from ._native import ffi
-from .buffers import SUPPORTED, Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank, \
+from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank, \
     output, rows
 from .call import Call
 from .errors import NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
@@ -27,22 +27,6 @@ from .work import Work
 # (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
 # Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
 _GROUP_FAILURES = (NclTimeoutError, NclPeerError, NclMismatchError)
-
-
-def _dtypes(dtype):
-    """The numpy dtype of a numpy or torch dtype (or its name) that ncl supports."""
-    text = str(dtype).removeprefix("torch.")
-    if text in ("bfloat16", "<class 'ml_dtypes.bfloat16'>") or getattr(dtype, "__name__", "") == "bfloat16":
-        import ml_dtypes
-        np_dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        try:
-            np_dtype = np.dtype(dtype if not text.startswith(("float", "int", "uint")) else text)
-        except TypeError:
-            raise TypeError(f"dtype {dtype!r} is not supported; supported: {SUPPORTED}") from None
-    if np_dtype.name not in SUPPORTED.replace(",", " ").split():
-        raise TypeError(f"dtype {dtype!r} is not supported; supported: {SUPPORTED}")
-    return np_dtype
 
 
 _IN_PLACE = "only out=x itself (in place)"
@@ -251,7 +235,7 @@ class Communicator:
             raise ValueError(f"shape must be non-negative ints, not {shape}")
         if like not in ("numpy", "torch"):
             raise ValueError(f"like must be 'numpy' or 'torch', not {like!r}")
-        np_dtype = _dtypes(dtype)
+        np_dtype = dtypes.numpy_dtype(dtype)
         nbytes = math.prod(shape) * np_dtype.itemsize
         self._after_pending()
         raw = self._backend.window(nbytes)

@@ -16,11 +16,8 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional
 
-from . import log
+from . import dtypes, log
 from ._native import ffi, lib
-
-_STATUS = {0: "ok", 1: "bad argument", 2: "system error", 3: "timeout", 4: "peer failed", 5: "mismatch",
-           6: "unusable"}
 
 
 def _name(fn, code: int) -> Optional[str]:
@@ -39,16 +36,15 @@ def entries(group, emulator=None) -> List[Dict[str, Any]]:
     now = lib_now()
     out = []
     for e in raw[0:n]:
-        dtype = _name(lib.ncl_dtype_name, e.dtype)
-        size = lib.ncl_dtype_size(e.dtype) if e.dtype >= 0 else 0
+        dtype = dtypes.NAMES[e.dtype] if e.dtype >= 0 else None
         coll = ffi.string(lib.ncl_coll_name(e.coll)).decode()
         out.append({
-            "seq": e.seq, "collective": coll, "dtype": dtype, "count": e.count, "bytes": e.count * size,
+            "seq": e.seq, "collective": coll, "dtype": dtype, "count": e.count, "bytes": dtypes.nbytes(e.count, e.dtype),
             "op": _name(lib.ncl_op_name, e.op),
             ("peer" if coll in ("send", "recv") else "root"): e.root if e.root >= 0 else None,
             "algorithm": ffi.string(e.algorithm).decode() if e.algorithm else None,
             "state": "running" if e.status < 0 else "done" if e.status == 0 else "failed",
-            "status": None if e.status < 0 else _STATUS.get(e.status, str(e.status)),
+            "status": _name(lib.ncl_status_name, e.status),
             "first_step": e.first_step, "steps": e.steps,
             "begin_s": e.t_begin, "duration_us": ((e.t_end if e.t_end else now) - e.t_begin) * 1e6,
         })
@@ -68,7 +64,7 @@ class Traced:
 
     def run(self, call) -> None:
         self.backend.run(call)
-        what = f"{call.count} x {_name(lib.ncl_dtype_name, call.dtype)} ({log.size_text(call.nbytes)})" \
+        what = f"{call.count} x {dtypes.NAMES[call.dtype]} ({log.size_text(call.nbytes)})" \
             if call.dtype >= 0 else ""
         op = f", {_name(lib.ncl_op_name, call.op)}" if call.op >= 0 else ""
         decided = self.backend.last_call()

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from . import env, log
+from . import dtypes, env, log
 from ._native import check, ffi, lib
 from .call import Call
 from .comm import Communicator
@@ -79,13 +79,6 @@ def _view(ptr, nbytes: int) -> np.ndarray:
     if not nbytes:
         return np.empty(0, np.uint8)
     return np.frombuffer(ffi.buffer(ffi.cast("char *", ptr), nbytes), np.uint8)
-
-
-def _numpy_dtype(code: int) -> np.dtype:
-    if code == lib.NCL_BFLOAT16:
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(ffi.string(lib.ncl_dtype_name(code)).decode())
 
 
 _WIDE = {np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float64, np.dtype(np.float64): np.float64}
@@ -238,7 +231,7 @@ class HierarchicalBackend:
         n = transport.size
         if n == 1 or count == 0:
             return
-        es = lib.ncl_dtype_size(dtype)
+        es = dtypes.ITEMSIZE[dtype]
         if n * count * es <= SMALL_BYTES:  # one round: every rank reduces every copy, in rank order
             copies = np.empty(n * count * es, np.uint8)
             transport.allgather(buf[:count * es], copies)
@@ -269,10 +262,10 @@ class HierarchicalBackend:
 
     def _avg(self, src, dst, count: int, dtype: int, keep=None) -> None:
         """AVG: the SUM of a wider copy (exact for integers), divided once, rounded once."""
-        np_dtype = _numpy_dtype(dtype)
+        np_dtype = dtypes.numpy_dtype(dtype)
         x = np.frombuffer(_view(src, count * np_dtype.itemsize).copy(), np_dtype)
         wide = x.astype(np.int64 if np_dtype.kind in "iu" else _WIDE.get(np_dtype, np.float32))
-        self._all_reduce(ffi.from_buffer(wide), ffi.from_buffer(wide), count, _code(wide.dtype), lib.NCL_SUM)
+        self._all_reduce(ffi.from_buffer(wide), ffi.from_buffer(wide), count, dtypes.code(wide.dtype), lib.NCL_SUM)
         if np_dtype.kind in "iu":
             q = np.abs(wide) // self.size
             result = np.where(wide < 0, -q, q)
@@ -289,7 +282,7 @@ class HierarchicalBackend:
             return
         if op == lib.NCL_AVG:
             return self._avg(src, dst, count, dtype)
-        es = lib.ncl_dtype_size(dtype)
+        es = dtypes.ITEMSIZE[dtype]
         if self._rail is None or count * es <= SMALL_BYTES:  # through each host's leader
             buf = _view(dst, count * es)
             if src != dst:
@@ -318,13 +311,13 @@ class HierarchicalBackend:
         buf[:] = work[:count * es]
 
     def _reduce(self, src, dst, count, dtype, op, root):
-        tmp = _view(src, count * lib.ncl_dtype_size(dtype)).copy()
+        tmp = _view(src, count * dtypes.ITEMSIZE[dtype]).copy()
         self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), count, dtype, op)
         if self.rank == root:
             _view(dst, tmp.nbytes)[:] = tmp
 
     def _reduce_scatter(self, src, dst, count, dtype, op):
-        es, n = lib.ncl_dtype_size(dtype), self.size
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         if count == 0:
             return
         if op == lib.NCL_AVG or self._rail is None or not self._contiguous:
@@ -356,7 +349,7 @@ class HierarchicalBackend:
             dst[r * block:(r + 1) * block] = host_major[i * block:(i + 1) * block]
 
     def _all_gather(self, src, dst, count, dtype):
-        es, n = lib.ncl_dtype_size(dtype), self.size
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         block = count * es
         out = _view(dst, n * block)
         if count == 0:
@@ -373,13 +366,13 @@ class HierarchicalBackend:
         self._to_world_order(every, out, block)
 
     def _gather(self, src, dst, count, dtype, root):
-        tmp = np.empty(self.size * count * lib.ncl_dtype_size(dtype), np.uint8)
+        tmp = np.empty(self.size * count * dtypes.ITEMSIZE[dtype], np.uint8)
         self._all_gather(src, ffi.from_buffer(tmp), count, dtype)
         if self.rank == root:
             _view(dst, tmp.nbytes)[:] = tmp
 
     def _broadcast(self, src, dst, count, dtype, root):
-        nbytes = count * lib.ncl_dtype_size(dtype)
+        nbytes = count * dtypes.ITEMSIZE[dtype]
         if count == 0:
             return
         buf = _view(dst, nbytes)
@@ -395,7 +388,7 @@ class HierarchicalBackend:
             self._intra(Call.of("broadcast", ptr, ptr, count, dtype, -1, 0))
 
     def _scatter(self, send, dst, count, dtype, root):
-        es = lib.ncl_dtype_size(dtype)
+        es = dtypes.ITEMSIZE[dtype]
         whole = np.empty(self.size * count * es, np.uint8)
         if self.rank == root:
             whole[:] = _view(send, whole.nbytes)
@@ -405,7 +398,7 @@ class HierarchicalBackend:
     def _all_to_allv(self, src, send, dst, recv, dtype):
         """send, recv: elements per peer (all_to_allv(all_counts=)'s matrix is not needed: the
         counts are exchanged and checked here anyway)."""
-        es, n = lib.ncl_dtype_size(dtype), self.size
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         matrix = np.empty((2 * n, n), np.int64)  # every rank's send counts, then its recv counts
         self.world.allgather(np.array([send, recv], np.int64).T.copy(), matrix.reshape(n, n, 2))
         sent, expected = matrix.reshape(n, n, 2)[:, :, 0], matrix.reshape(n, n, 2)[:, :, 1]
@@ -445,23 +438,18 @@ class HierarchicalBackend:
     def _send(self, ptr, count, dtype, dst):
         if dst in self.members[self._host]:
             return self._intra(Call.of("send", ptr, ffi.NULL, count, dtype, -1, self.members[self._host].index(dst)))
-        self.world.send(_view(ptr, count * lib.ncl_dtype_size(dtype)), dst, _TAG)
+        self.world.send(_view(ptr, count * dtypes.ITEMSIZE[dtype]), dst, _TAG)
 
     def _recv(self, ptr, count, dtype, src):
         if src in self.members[self._host]:
             return self._intra(Call.of("recv", ffi.NULL, ptr, count, dtype, -1, self.members[self._host].index(src)))
-        self.world.recv(_view(ptr, count * lib.ncl_dtype_size(dtype)), src, _TAG)
+        self.world.recv(_view(ptr, count * dtypes.ITEMSIZE[dtype]), src, _TAG)
 
     def _barrier(self):
         self._intra(Call.of("barrier", ffi.NULL, ffi.NULL, 0, -1))
         if self._leaders:
             self._leaders.barrier()
         self._intra(Call.of("barrier", ffi.NULL, ffi.NULL, 0, -1))
-
-
-def _code(dtype: np.dtype) -> int:
-    return {np.dtype(np.int64): lib.NCL_INT64, np.dtype(np.float32): lib.NCL_FLOAT32,
-            np.dtype(np.float64): lib.NCL_FLOAT64}[np.dtype(dtype)]
 
 
 def _release(local: SharedMemoryBackend, mpi_comms) -> None:

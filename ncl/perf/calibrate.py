@@ -14,9 +14,10 @@ import statistics
 import sys
 from typing import Dict, List, Tuple
 
+from .. import tuning
 from . import cli, report, runner
 
-ALGORITHMS = ("one_shot", "two_shot", "direct", "cma")
+ALGORITHMS = tuple(tuning.ALGORITHMS)
 SMALL = 1024
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration.json")
 

@@ -14,8 +14,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
+from ..dtypes import LISTED, numpy_dtype  # noqa: F401 (numpy_dtype: the workers' and tests' too)
+
 OPS = ("sum", "prod", "min", "max", "avg")
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64")
+DTYPES = LISTED
 
 
 class Spec(NamedTuple):
@@ -57,13 +59,6 @@ def sweep_sizes(cfg) -> List[int]:
     if out[-1] != cfg.max_bytes:
         out.append(cfg.max_bytes)
     return out
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes  # torch's and jax's bfloat16 for numpy
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def element_count(spec: Spec, size: int, itemsize: int, n: int) -> int:
