@@ -41,7 +41,7 @@ def test_all_reduce_c_baseline(benchmark, solo_comm):
     """The floor: ncl_all_reduce through cffi with every argument precomputed."""
     x = np.array([1.5, -2.0], np.float32)
     ptr = ffi.cast("void *", x.ctypes.data)
-    status = benchmark(lib.ncl_all_reduce, solo_comm._handle, ptr, ptr, x.size, lib.NCL_FLOAT32, lib.NCL_SUM,
+    status = benchmark(lib.ncl_all_reduce, solo_comm._backend.handle, ptr, ptr, x.size, lib.NCL_FLOAT32, lib.NCL_SUM,
                        lib.NCL_ALGO_AUTO)
     assert status == lib.NCL_OK and x.tolist() == [1.5, -2.0]
 
@@ -53,4 +53,4 @@ def test_barrier(benchmark, solo_comm):
 
 @pytest.mark.benchmark(group=BARRIER_GROUP)
 def test_barrier_c_baseline(benchmark, solo_comm):
-    assert benchmark(lib.ncl_barrier, solo_comm._handle) == lib.NCL_OK
+    assert benchmark(lib.ncl_barrier, solo_comm._backend.handle) == lib.NCL_OK

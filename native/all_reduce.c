@@ -175,8 +175,7 @@ static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t cou
                                                                                  : NCL_ALGO_TWO_SHOT;
     if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_CMA)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
-    static const char* names[] = {"auto", "one_shot", "two_shot", "direct", "cma"};
-    ncl_call_path(c, names[algo]);
+    ncl_call_path(c, ncl_algo_name(algo));
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
     if (algo == NCL_ALGO_DIRECT) {

@@ -33,3 +33,14 @@ const char* ncl_op_name(int op) {
     static const char* names[] = {"sum", "prod", "min", "max", "avg"};
     return op >= 0 && op < NCL_NUM_OPS ? names[op] : "?";
 }
+
+const char* ncl_algo_name(int algo) {
+    static const char* names[] = {"auto", "one_shot", "two_shot", "direct", "cma"};
+    return algo >= 0 && algo < NCL_NUM_ALGOS ? names[algo] : "?";
+}
+
+const char* ncl_status_name(int status) {
+    static const char* names[] = {"ok", "bad argument", "system error", "timeout", "peer failed", "mismatch",
+                                  "unusable"};
+    return status >= NCL_OK && status <= NCL_ERR_STATE ? names[status] : "?";
+}

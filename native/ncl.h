@@ -36,7 +36,8 @@ typedef enum {
     NCL_ALGO_ONE_SHOT = 1,  /* every rank reduces the whole message */
     NCL_ALGO_TWO_SHOT = 2,  /* reduce-scatter in rank order, then all-gather, through staging */
     NCL_ALGO_DIRECT = 3,    /* two-shot reading peers' registered buffers in place (no staging) */
-    NCL_ALGO_CMA = 4        /* two-shot reading peers' buffers with process_vm_readv (single copy) */
+    NCL_ALGO_CMA = 4,       /* two-shot reading peers' buffers with process_vm_readv (single copy) */
+    NCL_NUM_ALGOS = 5
 } ncl_algo;
 
 typedef struct ncl_comm ncl_comm;
@@ -111,6 +112,8 @@ int ncl_comm_peer_steps(const ncl_comm* comm, uint32_t* out);
 const char* ncl_coll_name(int coll);
 const char* ncl_dtype_name(int dtype);
 const char* ncl_op_name(int op);
+const char* ncl_algo_name(int algo);      /* "auto", "one_shot", "two_shot", "direct", "cma" (NCL_NUM_ALGOS) */
+const char* ncl_status_name(int status);  /* "ok", "bad argument", ..., "unusable"; "?" for others */
 
 /* Registered (symmetric) memory.  Collective: every rank asks for the same bytes and gets
  * its own slice of one segment all ranks map.  Collectives on buffers inside a window (at

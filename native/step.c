@@ -34,7 +34,6 @@ static size_t append(char* out, size_t cap, size_t len, const char* fmt, ...) {
 
 /* A call as the user wrote it: only the fields that matter for its collective. */
 static size_t describe(char* out, size_t cap, const ncl_fingerprint* fp) {
-    static const char* algorithms[] = {"auto", "one_shot", "two_shot", "direct", "cma"};
     bool reduces =
         fp->coll == NCL_COLL_ALL_REDUCE || fp->coll == NCL_COLL_REDUCE || fp->coll == NCL_COLL_REDUCE_SCATTER;
     size_t len = append(out, cap, 0, "%s(", ncl_coll_name(fp->coll));
@@ -43,8 +42,8 @@ static size_t describe(char* out, size_t cap, const ncl_fingerprint* fp) {
     if (reduces) len = append(out, cap, len, ", op=%s", ncl_op_name(fp->op));
     if (fp->root >= 0) len = append(out, cap, len, ", root=%d", (int)fp->root);
     uint64_t extra = fp->extra & 0xffffffffu;
-    if (fp->coll == NCL_COLL_ALL_REDUCE && extra <= NCL_ALGO_CMA)
-        len = append(out, cap, len, ", algorithm=%s", algorithms[extra]);
+    if (fp->coll == NCL_COLL_ALL_REDUCE && extra < NCL_NUM_ALGOS)
+        len = append(out, cap, len, ", algorithm=%s", ncl_algo_name((int)extra));
     else if (extra)
         len = append(out, cap, len, ", extra=%llu", (unsigned long long)extra);
     if (fp->extra & NCL_EXTRA_CMA) len = append(out, cap, len, ", single-copy reads");

@@ -7,7 +7,7 @@ from typing import Optional
 
 from . import env
 from .comm import Communicator
-from .job import get_unique_id, segment_name
+from .job import get_unique_id
 from .tuning import options
 
 
@@ -56,5 +56,4 @@ def init(rank: Optional[int] = None, size: Optional[int] = None, unique_id: Opti
         raise ValueError("unique_id must be a hex string of at least 16 characters, as ncl.get_unique_id() returns")
     if timeout is not None and not (isinstance(timeout, numbers.Real) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    name = segment_name(unique_id, "world")
-    return Communicator._create(name, "world", rank, size, unique_id, options(size, timeout))
+    return Communicator._create("world", "world", rank, size, unique_id, options(size, timeout))

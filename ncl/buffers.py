@@ -10,6 +10,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from ._native import check, ffi, lib
+from .dtypes import CODES, SUPPORTED
 
 
 class ReduceOp(enum.IntEnum):
@@ -20,28 +21,16 @@ class ReduceOp(enum.IntEnum):
     AVG = lib.NCL_AVG
 
 
-_NUMPY_DTYPES = {
-    np.dtype(np.int8): lib.NCL_INT8,
-    np.dtype(np.uint8): lib.NCL_UINT8,
-    np.dtype(np.int32): lib.NCL_INT32,
-    np.dtype(np.int64): lib.NCL_INT64,
-    np.dtype(np.float16): lib.NCL_FLOAT16,
-    np.dtype(np.float32): lib.NCL_FLOAT32,
-    np.dtype(np.float64): lib.NCL_FLOAT64,
-}
-_TORCH_DTYPE_NAMES = {
-    "torch.int8": lib.NCL_INT8, "torch.uint8": lib.NCL_UINT8, "torch.int32": lib.NCL_INT32,
-    "torch.int64": lib.NCL_INT64, "torch.float16": lib.NCL_FLOAT16, "torch.bfloat16": lib.NCL_BFLOAT16,
-    "torch.float32": lib.NCL_FLOAT32, "torch.float64": lib.NCL_FLOAT64,
-}
+# the core's codes (ncl/dtypes.py) by numpy dtype (bfloat16, ml_dtypes', is recognised by name) and torch name
+_NUMPY_DTYPES = {np.dtype(name): code for name, code in CODES.items() if name != "bfloat16"}
+_TORCH_DTYPE_NAMES = {f"torch.{name}": code for name, code in CODES.items()}
 _torch_codes: dict = {}  # torch.dtype -> code, filled on first use (keyed by the dtype object: no str())
-SUPPORTED = "float32, float64, float16, bfloat16, int8, uint8, int32, int64"
 
 
 def _numpy_dtype_code(dtype: np.dtype) -> Optional[int]:
     code = _NUMPY_DTYPES.get(dtype)
     if code is None and dtype.name == "bfloat16" and dtype.itemsize == 2:  # ml_dtypes.bfloat16
-        code = lib.NCL_BFLOAT16
+        code = CODES["bfloat16"]
     return code
 
 

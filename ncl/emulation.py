@@ -17,17 +17,16 @@ Modes (NCL_EMULATE):
 Ranks map to chips in the topology's placement order (rank r on placement[r]).  A split
 communicator of m ranks is costed on the first m chips of the placement (a simplification: its
 members may sit elsewhere in the real placement).
+
+Emulator costs calls as they run (each Call's bytes, ncl/call.py); Pricer costs calls recorded in
+flight records after the fact (ncl-bench's phases).  Both size a call as ncl/collectives.py says.
 """
 import time
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from . import env
-
-# the flight recorder counts one rank's block for these; the model takes nccl-tests' size column
-_TIMES_N = frozenset({"reduce_scatter", "all_gather", "gather", "scatter", "all_to_all"})
-# calls the model costs as another collective of the same traffic
-_AS = {"send": "send_recv", "recv": "send_recv", "barrier": "all_reduce", "all_to_allv": "all_to_all"}
+from .collectives import COLLECTIVES, nccl_bytes
 SPIN_S = 50e-6  # pace: sleep for longer waits (a sleep overshoots by tens of µs here), spin for shorter
 
 
@@ -55,15 +54,15 @@ class Emulator:
         return old
 
     def cost(self, collective: str, nbytes: int) -> Tuple[str, float]:
-        """(algorithm on the target, seconds) of one call moving `nbytes` (the flight record's bytes)."""
+        """(algorithm on the target, seconds) of one call of `nbytes` (its count in bytes)."""
         key = (collective, nbytes)
         hit = self._costs.get(key)
         if hit is None:
             if self.nranks == 1:
                 hit = ("local", 0.0)
             else:
-                name = _AS.get(collective, collective)
-                size = nbytes * self.nranks if collective in _TIMES_N else nbytes
+                name = COLLECTIVES[collective].model
+                size = nccl_bytes(collective, nbytes, self.nranks)
                 algorithm = self.topology.best_algorithm(name, size, self.nranks)
                 hit = (algorithm, self.topology.predict(name, size, self.nranks, algorithm))
             if len(self._costs) > 1 << 16:  # ever-new sizes: keep the memory bounded
@@ -92,6 +91,58 @@ class Emulator:
 
     def of_seq(self, seq: int) -> Optional[Tuple[str, float]]:
         return self._by_seq.get(seq)
+
+
+class Emulated:
+    """A backend whose every call is also costed on the emulated interconnect: its bytes from the
+    Call, the call number and the algorithm taken here from what the backend decided."""
+
+    def __init__(self, backend, emulator: Emulator):
+        self.backend, self.emulator = backend, emulator
+
+    def run(self, call) -> None:
+        start = time.perf_counter()
+        self.backend.run(call)
+        wall = time.perf_counter() - start
+        decided = self.backend.last_call()
+        seq, host_algorithm = (decided[0], decided[1]) if decided is not None else (0, None)
+        rest = self.emulator.record(seq, call.collective, call.nbytes, host_algorithm, wall)
+        if rest > 0:
+            wait(rest)
+
+
+class Pricer:
+    """Prices calls recorded in flight records (entries of ncl.flight.entries) on a topology;
+    caches identical calls (decode repeats them).  Barriers are not priced (no payload).
+
+    all_to_allv: the recorder keeps only this rank's total, so the exchanged byte matrix is
+    rebuilt from every rank's total (exact) split evenly over the destinations (an assumption:
+    routed tokens spread over experts uniformly on average) and priced as one phase of
+    concurrent transfers."""
+
+    def __init__(self, topology):
+        self.topology = topology
+        self.cache: Dict[tuple, float] = {}
+
+    def call(self, entry: dict, nranks: int, members: Sequence[int],
+             a2av_totals: Optional[Sequence[int]] = None) -> float:
+        coll = entry["collective"]
+        if nranks < 2 or coll == "barrier" or self.topology is None:
+            return 0.0
+        if coll == "all_to_allv":
+            key = (coll, tuple(a2av_totals or ()), tuple(members))
+            if key not in self.cache:
+                if a2av_totals and hasattr(self.topology, "predict_transfers"):
+                    from .topology.core import uniform_matrix
+                    self.cache[key] = float(self.topology.predict_transfers(uniform_matrix(a2av_totals, members)))
+                else:  # the largest sender's total, as an equal all_to_all
+                    size = max(a2av_totals) if a2av_totals else entry["bytes"]
+                    self.cache[key] = float(self.topology.predict("all_to_all", size, nranks))
+            return self.cache[key]
+        key = (COLLECTIVES[coll].model, nccl_bytes(coll, entry["bytes"], nranks), nranks)
+        if key not in self.cache:
+            self.cache[key] = float(self.topology.predict(*key))
+        return self.cache[key]
 
 
 def wait(seconds: float) -> None:

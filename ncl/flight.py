@@ -16,44 +16,64 @@ import time
 import zlib
 from typing import Any, Dict, List, Optional
 
+from . import dtypes, log
 from ._native import ffi, lib
-
-_STATUS = {0: "ok", 1: "bad argument", 2: "system error", 3: "timeout", 4: "peer failed", 5: "mismatch",
-           6: "unusable"}
 
 
 def _name(fn, code: int) -> Optional[str]:
     return ffi.string(fn(code)).decode() if code >= 0 else None
 
 
-def entries(comm) -> List[Dict[str, Any]]:
-    """This rank's recorded calls on `comm`, oldest first (empty when NCL_TRACE_BUFFER=0)."""
-    if comm.closed:
+def entries(group, emulator=None) -> List[Dict[str, Any]]:
+    """This rank's recorded calls on `group` (a shared-memory backend, ncl/shm.py), oldest first
+    (empty when NCL_TRACE_BUFFER=0), with each call's cost on the emulated interconnect when an
+    emulator (ncl/emulation.py) costed them."""
+    if group.closed:
         return []
-    cap = comm._options.flight_entries
+    cap = group.options.flight_entries
     raw = ffi.new("ncl_flight_entry[]", max(cap, 1))
-    n = lib.ncl_flight_entries(comm._handle, raw, cap)
+    n = lib.ncl_flight_entries(group.handle, raw, cap)
     now = lib_now()
     out = []
     for e in raw[0:n]:
-        dtype = _name(lib.ncl_dtype_name, e.dtype)
-        size = lib.ncl_dtype_size(e.dtype) if e.dtype >= 0 else 0
+        dtype = dtypes.NAMES[e.dtype] if e.dtype >= 0 else None
         coll = ffi.string(lib.ncl_coll_name(e.coll)).decode()
         out.append({
-            "seq": e.seq, "collective": coll, "dtype": dtype, "count": e.count, "bytes": e.count * size,
+            "seq": e.seq, "collective": coll, "dtype": dtype, "count": e.count, "bytes": dtypes.nbytes(e.count, e.dtype),
             "op": _name(lib.ncl_op_name, e.op),
             ("peer" if coll in ("send", "recv") else "root"): e.root if e.root >= 0 else None,
             "algorithm": ffi.string(e.algorithm).decode() if e.algorithm else None,
             "state": "running" if e.status < 0 else "done" if e.status == 0 else "failed",
-            "status": None if e.status < 0 else _STATUS.get(e.status, str(e.status)),
+            "status": _name(lib.ncl_status_name, e.status),
             "first_step": e.first_step, "steps": e.steps,
             "begin_s": e.t_begin, "duration_us": ((e.t_end if e.t_end else now) - e.t_begin) * 1e6,
         })
-    if comm._emulator is not None:  # the call on the emulated interconnect (ncl/emulation.py)
+    if emulator is not None:  # the call on the emulated interconnect
         for entry in out:
-            cost = comm._emulator.of_seq(entry["seq"])
+            cost = emulator.of_seq(entry["seq"])
             entry["target_algorithm"], entry["emulated_us"] = (cost[0], cost[1] * 1e6) if cost else (None, None)
     return out
+
+
+class Traced:
+    """A backend whose every call is logged (NCL_DEBUG=TRACE): what the Call says (collective,
+    count, dtype, bytes, op) and what the backend decided (call number, algorithm, steps, time)."""
+
+    def __init__(self, backend, logger):
+        self.backend, self.logger = backend, logger
+
+    def run(self, call) -> None:
+        self.backend.run(call)
+        what = f"{call.count} x {dtypes.NAMES[call.dtype]} ({log.size_text(call.nbytes)})" \
+            if call.dtype >= 0 else ""
+        op = f", {_name(lib.ncl_op_name, call.op)}" if call.op >= 0 else ""
+        decided = self.backend.last_call()
+        if decided is None:
+            self.logger.log(log.TRACE, "%s %s%s done", call.collective, what, op)
+            return
+        seq, algorithm, steps, seconds = decided
+        self.logger.log(log.TRACE, "%s #%d %s%s -> %s, steps %d, %.1f us", call.collective, seq, what, op, algorithm,
+                     steps, seconds * 1e6)
 
 
 def lib_now() -> float:
@@ -61,37 +81,37 @@ def lib_now() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
-def chrome_trace(comm, reason: str = "") -> Dict[str, Any]:
-    """This rank's record on `comm` as a Chrome trace: one complete event per call (process =
+def chrome_trace(group, reason: str = "", emulator=None) -> Dict[str, Any]:
+    """This rank's record on `group` as a Chrome trace: one complete event per call (process =
     rank, thread = communicator), the state of the group in otherData."""
-    world_rank = int(os.environ.get("NCL_RANK", comm.rank))
-    tid = zlib.crc32(comm._label.encode()) & 0x7FFFFFFF
+    world_rank = int(os.environ.get("NCL_RANK", group.rank))
+    tid = zlib.crc32(group.label.encode()) & 0x7FFFFFFF
     events: List[Dict[str, Any]] = [
         {"ph": "M", "name": "process_name", "pid": world_rank, "tid": tid, "args": {"name": f"rank {world_rank}"}},
-        {"ph": "M", "name": "thread_name", "pid": world_rank, "tid": tid, "args": {"name": comm._label}},
+        {"ph": "M", "name": "thread_name", "pid": world_rank, "tid": tid, "args": {"name": group.label}},
     ]
-    calls = entries(comm)
+    calls = entries(group, emulator)
     for call in calls:
         events.append({"name": call["collective"], "cat": "ncl", "ph": "X", "pid": world_rank, "tid": tid,
                        "ts": call["begin_s"] * 1e6, "dur": call["duration_us"],
                        "args": {k: v for k, v in call.items() if k not in ("begin_s", "duration_us")}})
-    steps = ffi.new("uint32_t[]", comm.size)
-    if not comm.closed:
-        lib.ncl_comm_peer_steps(comm._handle, steps)
+    steps = ffi.new("uint32_t[]", group.size)
+    if not group.closed:
+        lib.ncl_comm_peer_steps(group.handle, steps)
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {
-        "reason": reason, "communicator": comm._label, "job": comm._unique_id[:12], "rank": comm.rank,
-        "size": comm.size, "world_rank": world_rank, "host": socket.gethostname(), "pid": os.getpid(),
+        "reason": reason, "communicator": group.label, "job": group.unique_id[:12], "rank": group.rank,
+        "size": group.size, "world_rank": world_rank, "host": socket.gethostname(), "pid": os.getpid(),
         "posted_steps": list(steps), "calls_recorded": len(calls), "written_s": lib_now()}}
 
 
-def dump(comm, directory: str, reason: str = "") -> str:
-    """Write this rank's record on `comm` into `directory`; returns the file's path."""
+def dump(group, directory: str, reason: str = "", emulator=None) -> str:
+    """Write this rank's record on `group` into `directory`; returns the file's path."""
     os.makedirs(directory, exist_ok=True)
-    label = comm._label.replace("/", ".")
-    path = os.path.join(directory, f"ncl-trace-{comm._unique_id[:12]}-{label}-rank{comm.rank}.json")
+    label = group.label.replace("/", ".")
+    path = os.path.join(directory, f"ncl-trace-{group.unique_id[:12]}-{label}-rank{group.rank}.json")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(chrome_trace(comm, reason), f)
+        json.dump(chrome_trace(group, reason, emulator), f)
     os.replace(tmp, path)  # readers never see half a file
     return path
 

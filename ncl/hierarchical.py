@@ -31,11 +31,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from . import env, log
-from ._native import ffi, lib
+from . import dtypes, env, log
+from ._native import check, ffi, lib
+from .call import Call
 from .comm import Communicator
 from .errors import NclError, NclMismatchError, NclStateError
-from .job import get_unique_id, segment_name
+from .job import get_unique_id
+from .shm import SharedMemoryBackend
 from .transport.mpi import MpiTransport, import_mpi
 from .tuning import options
 
@@ -79,13 +81,6 @@ def _view(ptr, nbytes: int) -> np.ndarray:
     return np.frombuffer(ffi.buffer(ffi.cast("char *", ptr), nbytes), np.uint8)
 
 
-def _numpy_dtype(code: int) -> np.dtype:
-    if code == lib.NCL_BFLOAT16:
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(ffi.string(lib.ncl_dtype_name(code)).decode())
-
-
 _WIDE = {np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float64, np.dtype(np.float64): np.float64}
 
 
@@ -107,106 +102,36 @@ def from_mpi(mpi_comm, *, timeout: Optional[float] = None, host_of: Optional[Seq
     host = sorted(set(host_of)).index(host_of[rank])
     local_rank = members[host].index(rank)
     uid = job[:12] + hashlib.sha256(f"{job}/{label}/host{host}".encode()).hexdigest()[:20]
-    local = Communicator._create(segment_name(uid, "world"), f"{label}.host{host}", local_rank, len(members[host]),
-                                 uid, options(len(members[host]), timeout, machine_ranks))
+    local_args = ("world", f"{label}.host{host}", local_rank, len(members[host]), uid,
+                  options(len(members[host]), timeout, machine_ranks))
     if len(members) == 1 and local_rank == rank:
         mpi.Free()
-        return local  # one host: plain shared memory
+        return Communicator._create(*local_args)  # one host: plain shared memory
+    local = SharedMemoryBackend.create(*local_args)
     leaders = mpi.Split(0 if local_rank == 0 else MPI.UNDEFINED, host)
     uniform = len({len(m) for m in members}) == 1
     rail = mpi.Split(local_rank, host) if uniform else MPI.COMM_NULL
-    return HierarchicalCommunicator(world, local, leaders, rail, members, host, rank, size, job, label, opts)
+    return HierarchicalCommunicator(HierarchicalBackend(world, local, leaders, rail, members, host, rank, size,
+                                                        label, opts))
 
 
 class HierarchicalCommunicator(Communicator):
-    """A Communicator whose ranks span hosts.  The public methods (and their argument checks)
-    are Communicator's; each collective runs the algorithm of the same name below instead of
-    the C core's, on the same validated pointers."""
-
-    def __init__(self, world: MpiTransport, local: Communicator, leaders, rail, members: List[List[int]], host: int,
-                 rank: int, size: int, unique_id: str, label: str, opts):
-        self._handle = None
-        self._rank, self._size = rank, size
-        self._unique_id, self._name, self._label, self._options = unique_id, label, label, opts
-        self._log = log.for_rank(rank, size, label)
-        self._forced_algo = 0
-        self._splits = self._windows = 0
-        self._executor = self._last_future = None
-        self._closed = False
-        self._world, self._local, self._members, self._host = world, local, members, host
-        self._hosts = len(members)
-        self._leaders = MpiTransport(leaders, opts.timeout_s, f"{label} leaders") if local.rank == 0 else None
-        self._rail = MpiTransport(rail, opts.timeout_s, f"{label} rail") if rail != import_mpi().COMM_NULL else None
-        self._host_major = [r for m in members for r in m]  # world ranks, host after host
-        self._contiguous = self._host_major == list(range(size))
-        self._broken = ""      # the first group error: the communicator refuses use after it
-        self._buffers = {}     # scratch memory by purpose (_scratch)
-        self._intra_s = 0.0  # seconds in shared-memory steps since the last phase_times(reset=True)
-        self._destroy = weakref.finalize(self, _release, local, [world.comm, leaders, rail])
-        if self._log.isEnabledFor(log.logging.INFO):
-            self._log.info("ready: %d hosts of %s ranks (this is host %d, local rank %d); %s", self._hosts,
-                           sorted({len(m) for m in members}), host, local.rank,
-                           "rails between hosts" if self._rail else "host leaders between hosts")
-
-    # ---- dispatch -----------------------------------------------------------------------------------
-    def _launch(self, name, fn, args, result, async_op):
-        algorithm = getattr(self, "_" + name)
-
-        def run(*a):
-            if self._broken:
-                raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is unusable after an "
-                                    f"earlier error: {self._broken}; create a new one")
-            try:
-                return algorithm(*a[1:]) or 0
-            except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
-                self._broken = f"{type(exc).__name__}: {exc}"
-                raise
-        return Communicator._launch(self, name, run, args, result, async_op)
-
-    def _check(self, rc: int) -> None:
-        if rc:
-            self._local._fail("intra-host step", rc)
-
-    def _intra(self, fn, *args) -> None:
-        """One step of the C core on this host's communicator, timed as intra-host."""
-        start = time.perf_counter()
-        rc = fn(self._local._handle, *args)
-        self._intra_s += time.perf_counter() - start
-        self._check(rc)
+    """A Communicator whose backend spans hosts (HierarchicalBackend): the same methods and
+    argument checks; split goes through MPI, and phase_times says where the time went."""
 
     def phase_times(self, reset: bool = False) -> dict:
         """Seconds this rank spent in shared-memory steps and in MPI exchanges (waiting
         included) since the last reset: where a collective's time goes."""
-        transports = [t for t in (self._world, self._leaders, self._rail) if t]
-        times = {"intra-host": self._intra_s, "inter-host": sum(t.seconds for t in transports)}
-        if reset:
-            self._intra_s = 0.0
-            for t in transports:
-                t.seconds = 0.0
-        return times
-
-    @property
-    def single_host(self) -> bool:
-        return False  # registered memory reaches this host's ranks only
-
-    def empty(self, shape, dtype=np.float32, *, like: str = "numpy"):
-        """Registered memory of this host's ranks (the intra-host steps read it in place)."""
-        return self._local.empty(shape, dtype, like=like)
-
-    def abort(self) -> None:
-        self._local.abort()
-
-    def flight_record(self) -> list:
-        """The intra-host calls of this rank (the shared-memory steps of each collective)."""
-        return self._local.flight_record()
+        return self._backend.phase_times(reset)
 
     def split(self, color: Optional[int], key: Optional[int] = None) -> Optional[Communicator]:
         color, key = self._split_args(color, key)
         MPI = import_mpi()
         self._splits += 1
-        host_of = {r: h for h, m in enumerate(self._members) for r in m}
-        table = self._world.allgather_obj((color, key))
-        sub = self._world.comm.Split(MPI.UNDEFINED if color is None else color, key)
+        backend = self._backend
+        host_of = {r: h for h, m in enumerate(backend.members) for r in m}
+        table = backend.world.allgather_obj((color, key))
+        sub = backend.world.comm.Split(MPI.UNDEFINED if color is None else color, key)
         if color is None:
             return None
         ranks = sorted((k, r) for r, (c, k) in enumerate(table) if c == color)
@@ -215,6 +140,91 @@ class HierarchicalCommunicator(Communicator):
         sub.Free()
         return comm
 
+
+# the algorithm of each collective, on the Call's fields
+_ALGORITHMS = {
+    "all_reduce": lambda b, c: b._all_reduce(c.send, c.recv, c.count, c.dtype, c.op),
+    "reduce": lambda b, c: b._reduce(c.send, c.recv, c.count, c.dtype, c.op, c.root),
+    "reduce_scatter": lambda b, c: b._reduce_scatter(c.send, c.recv, c.count, c.dtype, c.op),
+    "broadcast": lambda b, c: b._broadcast(c.send, c.recv, c.count, c.dtype, c.root),
+    "all_gather": lambda b, c: b._all_gather(c.send, c.recv, c.count, c.dtype),
+    "gather": lambda b, c: b._gather(c.send, c.recv, c.count, c.dtype, c.root),
+    "scatter": lambda b, c: b._scatter(c.send, c.recv, c.count, c.dtype, c.root),
+    "all_to_all": lambda b, c: b._all_to_allv(c.send, (c.count,) * b.size, c.recv, (c.count,) * b.size, c.dtype),
+    "all_to_allv": lambda b, c: b._all_to_allv(c.send, c.send_counts, c.recv, c.recv_counts, c.dtype),
+    "send": lambda b, c: b._send(c.send, c.count, c.dtype, c.root),
+    "recv": lambda b, c: b._recv(c.recv, c.count, c.dtype, c.root),
+    "barrier": lambda b, c: b._barrier(),
+}
+
+
+class HierarchicalBackend:
+    """Runs each Call with the algorithm of the same name below (see the module docstring):
+    steps of this host's shared-memory backend composed with MPI exchanges between hosts."""
+    single_host = False  # registered memory reaches this host's ranks only
+
+    def __init__(self, world: MpiTransport, local: SharedMemoryBackend, leaders, rail, members: List[List[int]],
+                 host: int, rank: int, size: int, label: str, opts):
+        self.rank, self.size, self.label, self.options = rank, size, label, opts
+        self.recorder = local  # its flight record holds the intra-host steps
+        self.world, self.local, self.members, self._host = world, local, members, host
+        self._hosts = len(members)
+        self._leaders = MpiTransport(leaders, opts.timeout_s, f"{label} leaders") if local.rank == 0 else None
+        self._rail = MpiTransport(rail, opts.timeout_s, f"{label} rail") if rail != import_mpi().COMM_NULL else None
+        self._host_major = [r for m in members for r in m]  # world ranks, host after host
+        self._contiguous = self._host_major == list(range(size))
+        self._broken = ""      # the first group error: the backend refuses use after it
+        self._buffers = {}     # scratch memory by purpose (_scratch)
+        self._intra_s = 0.0  # seconds in shared-memory steps since the last phase_times(reset=True)
+        self._destroy = weakref.finalize(self, _release, local, [world.comm, leaders, rail])
+        logger = log.for_rank(rank, size, label)
+        if logger.isEnabledFor(log.logging.INFO):
+            logger.info("ready: %d hosts of %s ranks (this is host %d, local rank %d); %s", self._hosts,
+                        sorted({len(m) for m in members}), host, local.rank,
+                        "rails between hosts" if self._rail else "host leaders between hosts")
+            log.for_rank(local.rank, local.size, local.label).info("%s", local.describe())
+
+    # ---- the Backend protocol (ncl/backend.py) ------------------------------------------------------
+    def run(self, call: Call) -> None:
+        if self._broken:
+            raise NclStateError(f"this communicator (rank {self.rank} of {self.size}) is unusable after an "
+                                f"earlier error: {self._broken}; create a new one")
+        try:
+            _ALGORITHMS[call.collective](self, call)
+        except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
+            self._broken = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def last_call(self) -> None:
+        return None  # the recorder holds the intra-host steps, not the collectives
+
+    def window(self, nbytes: int):
+        """Registered memory of this host's ranks (the intra-host steps read it in place)."""
+        return self.local.window(nbytes)
+
+    def abort(self) -> None:
+        self.local.abort()
+
+    def close(self) -> None:
+        self._destroy()
+
+    def _intra(self, call: Call) -> None:
+        """One step of this host's shared-memory backend, timed as intra-host."""
+        start = time.perf_counter()
+        try:
+            self.local.run(call)
+        finally:
+            self._intra_s += time.perf_counter() - start
+
+    def phase_times(self, reset: bool = False) -> dict:
+        transports = [t for t in (self.world, self._leaders, self._rail) if t]
+        times = {"intra-host": self._intra_s, "inter-host": sum(t.seconds for t in transports)}
+        if reset:
+            self._intra_s = 0.0
+            for t in transports:
+                t.seconds = 0.0
+        return times
+
     # ---- helpers -----------------------------------------------------------------------------------
     def _all_reduce_between(self, transport: MpiTransport, buf: np.ndarray, count: int, dtype: int, op: int) -> None:
         """All-reduce of buf among the transport's ranks: pieces exchanged, each reduced once in
@@ -222,13 +232,13 @@ class HierarchicalCommunicator(Communicator):
         n = transport.size
         if n == 1 or count == 0:
             return
-        es = lib.ncl_dtype_size(dtype)
+        es = dtypes.ITEMSIZE[dtype]
         if n * count * es <= SMALL_BYTES:  # one round: every rank reduces every copy, in rank order
             copies = np.empty(n * count * es, np.uint8)
             transport.allgather(buf[:count * es], copies)
             srcs = ffi.new("const void *[]", [ffi.from_buffer(copies[r * count * es:(r + 1) * count * es])
                                               for r in range(n)])
-            self._check(lib.ncl_reduce_local(ffi.from_buffer(buf), srcs, n, count, dtype, op))
+            check(lib.ncl_reduce_local(ffi.from_buffer(buf), srcs, n, count, dtype, op))
             return
         q = -(-count // n)
         whole = buf if q * n == count else self._scratch("padded", n * q * es)  # pieces of q elements
@@ -239,7 +249,7 @@ class HierarchicalCommunicator(Communicator):
         transport.alltoallv(whole, [q * es] * n, pieces, [q * es] * n)
         mine = whole[transport.rank * q * es:(transport.rank + 1) * q * es]  # reduced in place, then shared
         srcs = ffi.new("const void *[]", [ffi.from_buffer(pieces[h * q * es:(h + 1) * q * es]) for h in range(n)])
-        self._check(lib.ncl_reduce_local(ffi.from_buffer(mine), srcs, n, q, dtype, op))
+        check(lib.ncl_reduce_local(ffi.from_buffer(mine), srcs, n, q, dtype, op))
         transport.allgather_in_place(whole, q * es)
         if whole is not buf:
             buf[:count * es] = whole[:count * es]
@@ -253,82 +263,82 @@ class HierarchicalCommunicator(Communicator):
 
     def _avg(self, src, dst, count: int, dtype: int, keep=None) -> None:
         """AVG: the SUM of a wider copy (exact for integers), divided once, rounded once."""
-        np_dtype = _numpy_dtype(dtype)
+        np_dtype = dtypes.numpy_dtype(dtype)
         x = np.frombuffer(_view(src, count * np_dtype.itemsize).copy(), np_dtype)
         wide = x.astype(np.int64 if np_dtype.kind in "iu" else _WIDE.get(np_dtype, np.float32))
-        self._all_reduce(ffi.from_buffer(wide), ffi.from_buffer(wide), count, _code(wide.dtype), lib.NCL_SUM, 0)
+        self._all_reduce(ffi.from_buffer(wide), ffi.from_buffer(wide), count, dtypes.code(wide.dtype), lib.NCL_SUM)
         if np_dtype.kind in "iu":
-            q = np.abs(wide) // self._size
+            q = np.abs(wide) // self.size
             result = np.where(wide < 0, -q, q)
         else:
-            result = wide / self._size
+            result = wide / self.size
         out = result.astype(np_dtype)
         if keep is not None:
             out = out[keep]
         _view(dst, out.nbytes)[:] = out.view(np.uint8)
 
     # ---- collectives (the pointers and counts Communicator validated) ----------------------------------
-    def _all_reduce(self, src, dst, count, dtype, op, algo):
+    def _all_reduce(self, src, dst, count, dtype, op):
         if count == 0:
             return
         if op == lib.NCL_AVG:
             return self._avg(src, dst, count, dtype)
-        es = lib.ncl_dtype_size(dtype)
+        es = dtypes.ITEMSIZE[dtype]
         if self._rail is None or count * es <= SMALL_BYTES:  # through each host's leader
             buf = _view(dst, count * es)
             if src != dst:
                 buf[:] = _view(src, count * es)
             ptr = ffi.from_buffer(buf)
-            self._intra(lib.ncl_reduce, ptr, ptr, count, dtype, op, 0)
+            self._intra(Call.of("reduce", ptr, ptr, count, dtype, op, 0))
             if self._leaders:
                 self._all_reduce_between(self._leaders, buf, count, dtype, op)
-            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, 0)
+            self._intra(Call.of("broadcast", ptr, ptr, count, dtype, -1, 0))
             return
-        n_local = self._local.size
+        n_local = self.local.size
         per = -(-count // n_local)
         mine = self._scratch("block", per * es)
         if per * n_local == count:  # reduce-scatter from and all-gather into the caller's buffers
-            self._intra(lib.ncl_reduce_scatter, src, ffi.from_buffer(mine), per, dtype, op)
+            self._intra(Call.of("reduce_scatter", src, ffi.from_buffer(mine), per, dtype, op))
             self._all_reduce_between(self._rail, mine, per, dtype, op)
-            self._intra(lib.ncl_all_gather, ffi.from_buffer(mine), dst, per, dtype)
+            self._intra(Call.of("all_gather", ffi.from_buffer(mine), dst, per, dtype))
             return
         buf = _view(dst, count * es)
         work = self._scratch("work", n_local * per * es)
         work[:count * es] = _view(src, count * es)
         work[count * es:] = 0
-        self._intra(lib.ncl_reduce_scatter, ffi.from_buffer(work), ffi.from_buffer(mine), per, dtype, op)
+        self._intra(Call.of("reduce_scatter", ffi.from_buffer(work), ffi.from_buffer(mine), per, dtype, op))
         self._all_reduce_between(self._rail, mine, per, dtype, op)
-        self._intra(lib.ncl_all_gather, ffi.from_buffer(mine), ffi.from_buffer(work), per, dtype)
+        self._intra(Call.of("all_gather", ffi.from_buffer(mine), ffi.from_buffer(work), per, dtype))
         buf[:] = work[:count * es]
 
     def _reduce(self, src, dst, count, dtype, op, root):
-        tmp = _view(src, count * lib.ncl_dtype_size(dtype)).copy()
-        self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), count, dtype, op, 0)
-        if self._rank == root:
+        tmp = _view(src, count * dtypes.ITEMSIZE[dtype]).copy()
+        self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), count, dtype, op)
+        if self.rank == root:
             _view(dst, tmp.nbytes)[:] = tmp
 
     def _reduce_scatter(self, src, dst, count, dtype, op):
-        es, n = lib.ncl_dtype_size(dtype), self._size
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         if count == 0:
             return
         if op == lib.NCL_AVG or self._rail is None or not self._contiguous:
             whole = count * n
             if op == lib.NCL_AVG:
-                return self._avg(src, dst, whole, dtype, keep=slice(self._rank * count, (self._rank + 1) * count))
+                return self._avg(src, dst, whole, dtype, keep=slice(self.rank * count, (self.rank + 1) * count))
             tmp = _view(src, whole * es).copy()
-            self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), whole, dtype, op, 0)
-            _view(dst, count * es)[:] = tmp[self._rank * count * es:(self._rank + 1) * count * es]
+            self._all_reduce(ffi.from_buffer(tmp), ffi.from_buffer(tmp), whole, dtype, op)
+            _view(dst, count * es)[:] = tmp[self.rank * count * es:(self.rank + 1) * count * es]
             return
-        hosts, n_local = self._hosts, self._local.size
+        hosts, n_local = self._hosts, self.local.size
         blocks = _view(src, n * count * es).reshape(hosts, n_local, count * es)
         work = np.ascontiguousarray(blocks.transpose(1, 0, 2))  # by owning local rank, then host
         mine = np.empty(hosts * count * es, np.uint8)             # my rail's blocks, summed over this host
-        self._intra(lib.ncl_reduce_scatter, ffi.from_buffer(work), ffi.from_buffer(mine), hosts * count, dtype, op)
+        self._intra(Call.of("reduce_scatter", ffi.from_buffer(work), ffi.from_buffer(mine), hosts * count, dtype, op))
         got = np.empty_like(mine)
         self._rail.alltoallv(mine, [count * es] * hosts, got, [count * es] * hosts)
         srcs = ffi.new("const void *[]", [ffi.from_buffer(got[h * count * es:(h + 1) * count * es])
                                           for h in range(hosts)])
-        self._check(lib.ncl_reduce_local(dst, srcs, hosts, count, dtype, op))
+        check(lib.ncl_reduce_local(dst, srcs, hosts, count, dtype, op))
 
     def _to_world_order(self, host_major: np.ndarray, dst: np.ndarray, block: int) -> None:
         """Blocks in host-major rank order -> world rank order."""
@@ -340,63 +350,58 @@ class HierarchicalCommunicator(Communicator):
             dst[r * block:(r + 1) * block] = host_major[i * block:(i + 1) * block]
 
     def _all_gather(self, src, dst, count, dtype):
-        es, n = lib.ncl_dtype_size(dtype), self._size
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         block = count * es
         out = _view(dst, n * block)
         if count == 0:
             return
-        host_block = np.empty(self._local.size * block, np.uint8)
-        self._intra(lib.ncl_all_gather, src, ffi.from_buffer(host_block), count, dtype)
+        host_block = np.empty(self.local.size * block, np.uint8)
+        self._intra(Call.of("all_gather", src, ffi.from_buffer(host_block), count, dtype))
         every = out if self._contiguous else np.empty_like(out)
         if self._rail is not None:
             self._rail.allgather(host_block, every)
         else:
             if self._leaders:
-                self._leaders.allgatherv(host_block, every, [len(m) * block for m in self._members])
-            self._intra(lib.ncl_broadcast, ffi.from_buffer(every), ffi.from_buffer(every), n * count, dtype, 0)
+                self._leaders.allgatherv(host_block, every, [len(m) * block for m in self.members])
+            self._intra(Call.of("broadcast", ffi.from_buffer(every), ffi.from_buffer(every), n * count, dtype, -1, 0))
         self._to_world_order(every, out, block)
 
     def _gather(self, src, dst, count, dtype, root):
-        tmp = np.empty(self._size * count * lib.ncl_dtype_size(dtype), np.uint8)
+        tmp = np.empty(self.size * count * dtypes.ITEMSIZE[dtype], np.uint8)
         self._all_gather(src, ffi.from_buffer(tmp), count, dtype)
-        if self._rank == root:
+        if self.rank == root:
             _view(dst, tmp.nbytes)[:] = tmp
 
     def _broadcast(self, src, dst, count, dtype, root):
-        nbytes = count * lib.ncl_dtype_size(dtype)
+        nbytes = count * dtypes.ITEMSIZE[dtype]
         if count == 0:
             return
         buf = _view(dst, nbytes)
-        if self._rank == root and src != dst:
+        if self.rank == root and src != dst:
             buf[:] = _view(src, nbytes)
-        root_host = next(h for h, m in enumerate(self._members) if root in m)
+        root_host = next(h for h, m in enumerate(self.members) if root in m)
         ptr = ffi.from_buffer(buf)
         if self._host == root_host:
-            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, self._members[root_host].index(root))
+            self._intra(Call.of("broadcast", ptr, ptr, count, dtype, -1, self.members[root_host].index(root)))
         if self._leaders:
             self._leaders.bcast(buf, root_host)
         if self._host != root_host:
-            self._intra(lib.ncl_broadcast, ptr, ptr, count, dtype, 0)
+            self._intra(Call.of("broadcast", ptr, ptr, count, dtype, -1, 0))
 
     def _scatter(self, send, dst, count, dtype, root):
-        es = lib.ncl_dtype_size(dtype)
-        whole = np.empty(self._size * count * es, np.uint8)
-        if self._rank == root:
+        es = dtypes.ITEMSIZE[dtype]
+        whole = np.empty(self.size * count * es, np.uint8)
+        if self.rank == root:
             whole[:] = _view(send, whole.nbytes)
-        self._broadcast(ffi.from_buffer(whole), ffi.from_buffer(whole), self._size * count, dtype, root)
-        _view(dst, count * es)[:] = whole[self._rank * count * es:(self._rank + 1) * count * es]
+        self._broadcast(ffi.from_buffer(whole), ffi.from_buffer(whole), self.size * count, dtype, root)
+        _view(dst, count * es)[:] = whole[self.rank * count * es:(self.rank + 1) * count * es]
 
-    def _all_to_all(self, src, dst, count, dtype):
-        counts = ffi.new("uint64_t[]", [count] * self._size)
-        self._all_to_allv(src, counts, dst, counts, dtype)
-
-    def _all_to_allv(self, src, send_c, dst, recv_c, *rest):
-        dtype = rest[-1]  # (matrix, row, dtype) from all_to_allv(all_counts=): the counts travel here anyway
-        es, n = lib.ncl_dtype_size(dtype), self._size
-        send = [int(send_c[j]) for j in range(n)]
-        recv = [int(recv_c[j]) for j in range(n)]
+    def _all_to_allv(self, src, send, dst, recv, dtype):
+        """send, recv: elements per peer (all_to_allv(all_counts=)'s matrix is not needed: the
+        counts are exchanged and checked here anyway)."""
+        es, n = dtypes.ITEMSIZE[dtype], self.size
         matrix = np.empty((2 * n, n), np.int64)  # every rank's send counts, then its recv counts
-        self._world.allgather(np.array([send, recv], np.int64).T.copy(), matrix.reshape(n, n, 2))
+        self.world.allgather(np.array([send, recv], np.int64).T.copy(), matrix.reshape(n, n, 2))
         sent, expected = matrix.reshape(n, n, 2)[:, :, 0], matrix.reshape(n, n, 2)[:, :, 1]
         bad = np.argwhere(sent != expected.T)
         if len(bad):  # the same message on every rank
@@ -405,19 +410,19 @@ class HierarchicalCommunicator(Communicator):
                                    f"which expects {expected[j, i]} from it")
         x, out = _view(src, sum(send) * es), _view(dst, sum(recv) * es)
         if self._rail is None or not self._contiguous:  # one flat exchange between all ranks
-            self._world.alltoallv(x, [c * es for c in send], out, [c * es for c in recv])
+            self.world.alltoallv(x, [c * es for c in send], out, [c * es for c in recv])
             return
-        hosts, n_local, l_me = self._hosts, self._local.size, self._local.rank
+        hosts, n_local, l_me = self._hosts, self.local.size, self.local.rank
         starts = np.concatenate([[0], np.cumsum(send)]) * es
         # step 1 (shared memory): rows grouped by destination local rank, then destination host
         order = [h * n_local + l for l in range(n_local) for h in range(hosts)]
         step1 = np.concatenate([x[starts[j]:starts[j + 1]] for j in order]) if order else x
-        mine = self._members[self._host]
+        mine = self.members[self._host]
         to_local = [sum(send[h * n_local + l] for h in range(hosts)) for l in range(n_local)]
         from_local = [sum(int(sent[src_r, h * n_local + l_me]) for h in range(hosts)) for src_r in mine]
         got = np.empty(sum(from_local) * es, np.uint8)
-        self._intra(lib.ncl_all_to_allv, ffi.from_buffer(step1), ffi.new("uint64_t[]", to_local),
-                    ffi.from_buffer(got), ffi.new("uint64_t[]", from_local), dtype)
+        self._intra(Call.of("all_to_allv", ffi.from_buffer(step1), ffi.from_buffer(got), sum(to_local), dtype,
+                            send_counts=tuple(to_local), recv_counts=tuple(from_local)))
         # got: [source local rank][destination host] -> [destination host][source local rank]
         pieces, at = {}, 0
         for src_l, src_r in enumerate(mine):
@@ -432,28 +437,23 @@ class HierarchicalCommunicator(Communicator):
         self._rail.alltoallv(step2, to_host, out, from_host)
 
     def _send(self, ptr, count, dtype, dst):
-        if dst in self._members[self._host]:
-            return self._intra(lib.ncl_send, ptr, count, dtype, self._members[self._host].index(dst))
-        self._world.send(_view(ptr, count * lib.ncl_dtype_size(dtype)), dst, _TAG)
+        if dst in self.members[self._host]:
+            return self._intra(Call.of("send", ptr, ffi.NULL, count, dtype, -1, self.members[self._host].index(dst)))
+        self.world.send(_view(ptr, count * dtypes.ITEMSIZE[dtype]), dst, _TAG)
 
     def _recv(self, ptr, count, dtype, src):
-        if src in self._members[self._host]:
-            return self._intra(lib.ncl_recv, ptr, count, dtype, self._members[self._host].index(src))
-        self._world.recv(_view(ptr, count * lib.ncl_dtype_size(dtype)), src, _TAG)
+        if src in self.members[self._host]:
+            return self._intra(Call.of("recv", ffi.NULL, ptr, count, dtype, -1, self.members[self._host].index(src)))
+        self.world.recv(_view(ptr, count * dtypes.ITEMSIZE[dtype]), src, _TAG)
 
     def _barrier(self):
-        self._intra(lib.ncl_barrier)
+        self._intra(Call.of("barrier", ffi.NULL, ffi.NULL, 0, -1))
         if self._leaders:
             self._leaders.barrier()
-        self._intra(lib.ncl_barrier)
+        self._intra(Call.of("barrier", ffi.NULL, ffi.NULL, 0, -1))
 
 
-def _code(dtype: np.dtype) -> int:
-    return {np.dtype(np.int64): lib.NCL_INT64, np.dtype(np.float32): lib.NCL_FLOAT32,
-            np.dtype(np.float64): lib.NCL_FLOAT64}[np.dtype(dtype)]
-
-
-def _release(local: Communicator, mpi_comms) -> None:
+def _release(local: SharedMemoryBackend, mpi_comms) -> None:
     local.close()
     MPI = import_mpi()
     for c in mpi_comms:

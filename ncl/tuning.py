@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Tuple
 from . import env
 from ._native import ffi, kernel_isa, lib
 
-ALGORITHMS = {"one_shot": lib.NCL_ALGO_ONE_SHOT, "two_shot": lib.NCL_ALGO_TWO_SHOT, "direct": lib.NCL_ALGO_DIRECT,
-              "cma": lib.NCL_ALGO_CMA}
+# all_reduce's algorithms by the core's names (auto excluded: it is the core's choice among these)
+ALGORITHMS = {ffi.string(lib.ncl_algo_name(a)).decode(): a for a in range(lib.NCL_ALGO_ONE_SHOT, lib.NCL_NUM_ALGOS)}
 NEVER = 1 << 62
 _PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
 

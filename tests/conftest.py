@@ -19,6 +19,7 @@ from harness import RankPool  # noqa: E402
 # ranks fails and says so (_fast_tests_start_no_ranks), so the list cannot silently go stale.
 FAST_MODULES = {
     "test_imports.py": (),
+    "test_call.py": (),
     "test_packaging.py": (),
     "test_topology.py": (),
     "test_parsers.py": (),

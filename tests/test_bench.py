@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from ncl.bench import cli, emulate, metrics, report, sizing, weights
+from ncl import collectives, emulation
+from ncl.bench import cli, metrics, report, sizing, weights
 
 torch = pytest.importorskip("torch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,11 +99,11 @@ class FakeTopology:
 
 def test_recorded_counts_become_nccl_tests_sizes():
     e = {"collective": "all_gather", "bytes": 100}
-    assert emulate.nccl_bytes(e, 4) == 400
-    assert emulate.nccl_bytes({"collective": "all_reduce", "bytes": 100}, 4) == 100
-    assert emulate.nccl_bytes({"collective": "all_to_all", "bytes": 64}, 2) == 128
+    assert collectives.nccl_bytes("all_gather", 100, 4) == 400
+    assert collectives.nccl_bytes("all_reduce", 100, 4) == 100
+    assert collectives.nccl_bytes("all_to_all", 64, 2) == 128
     topo = FakeTopology()
-    emu = emulate.Emulator(topo)
+    emu = emulation.Pricer(topo)
     assert emu.call(e, 4, [0, 1, 2, 3]) == pytest.approx(1.4e-6)
     assert emu.call(e, 4, [0, 1, 2, 3]) == pytest.approx(1.4e-6)   # cached
     assert topo.calls == [("all_gather", 400, 4)]
@@ -114,14 +115,14 @@ def test_recorded_counts_become_nccl_tests_sizes():
 
 def test_all_to_allv_prices_every_ranks_total_spread_evenly():
     topo = FakeTopology()
-    cost = emulate.Emulator(topo).call({"collective": "all_to_allv", "bytes": 300}, 3, [4, 5, 6], [300, 600, 0])
+    cost = emulation.Pricer(topo).call({"collective": "all_to_allv", "bytes": 300}, 3, [4, 5, 6], [300, 600, 0])
     assert topo.calls == [("transfers", ((4, 5, 100), (4, 6, 100), (5, 4, 200), (5, 6, 200)))]
     assert cost == pytest.approx(600e-6)
 
 
 def test_window_lookup():
     windows = [(0.0, 1.0), (2.0, 3.0), (3.0, 3.5)]
-    assert [emulate.window_of(t, windows) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 3.4, 4.0)] == \
+    assert [metrics.window_of(t, windows) for t in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 3.4, 4.0)] == \
         [0, 0, -1, -1, 1, 2, 2, -1]
 
 

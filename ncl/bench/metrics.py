@@ -16,7 +16,7 @@ Definitions (all used verbatim in the report):
     comm share      measured communication / wall, over the whole run, mean over ranks
     efficiency      strong scaling: tok/s at n ranks / (n * tok/s at 1 rank), same batch and lengths
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -120,3 +120,15 @@ def add_efficiency(rows: List[dict], key: str = "output_tok_s") -> None:
         r["scaling_eff"] = efficiency(r[key], r["nranks"], b.get(key))
         if "pred_" + key in r and "pred_" + key in b:
             r["pred_scaling_eff"] = efficiency(r["pred_" + key], r["nranks"], b["pred_" + key])
+
+
+def window_of(t: float, windows: Sequence[Tuple[float, float]]) -> int:
+    """Index of the [begin, end) window holding time t, or -1 (windows sorted, disjoint)."""
+    lo, hi = 0, len(windows)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if windows[mid][1] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < len(windows) and windows[lo][0] <= t else -1

@@ -82,8 +82,10 @@ def _record(comms, start: float):
 
 def phase_costs(comms, calls, phases, layer_windows, topology):
     """[field][phase] sums of wall, measured and emulated communication, overall and inside layers."""
-    from .emulate import Emulator, window_of
-    emu = Emulator(topology)
+    from ncl.emulation import Pricer
+
+    from .metrics import window_of
+    emu = Pricer(topology)
     out = {f: [0.0] * len(phases) for f in PHASE_FIELDS}
     for p, (b, e) in enumerate(phases):
         out["wall"][p] = e - b

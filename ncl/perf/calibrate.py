@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 from .. import tuning
 from . import cli, report, runner
 
-ALGORITHMS = ("one_shot", "two_shot", "direct", "cma")
+ALGORITHMS = tuple(tuning.ALGORITHMS)
 SMALL = 1024
 
 

@@ -10,11 +10,9 @@ from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
+from ..dtypes import NCCL_TESTS_NAMES
 from .specs import SPECS
 
-# nccl-tests' short type names
-_TYPE_NAMES = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16", "int8": "int8",
-               "uint8": "uint8", "int32": "int32", "int64": "int64"}
 
 
 def add_bandwidths(row: dict, collective: str) -> dict:
@@ -62,7 +60,7 @@ def line(collective: str, out_place: dict, in_place: dict, cfg) -> str:
     spec = SPECS[collective]
     first = out_place or in_place
     root = cfg.root % first["nranks"] if spec.rooted else -1
-    text = (f" {first['size']:12d}  {first['count']:12d}  {_TYPE_NAMES[cfg.dtype]:>8s}  "
+    text = (f" {first['size']:12d}  {first['count']:12d}  {NCCL_TESTS_NAMES.get(cfg.dtype, cfg.dtype):>8s}  "
             f"{cfg.op if spec.reduces else 'none':>6s}  {root:6d}" + _half(out_place) + _half(in_place))
     if "memcpy_us" in (out_place or {}) and "inter_us" not in out_place:
         text += f"  {out_place['memcpy_us']:8.2f}  {100 * out_place['memcpy_us'] / out_place['time_us']:5.1f}"

@@ -14,8 +14,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
+from ..collectives import COLLECTIVES, GATHERS, SCATTERS
+from ..dtypes import LISTED, numpy_dtype  # noqa: F401 (numpy_dtype: the workers' and tests' too)
+
 OPS = ("sum", "prod", "min", "max", "avg")
-DTYPES = ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int32", "int64")
+DTYPES = LISTED
 
 
 class Spec(NamedTuple):
@@ -36,16 +39,15 @@ def _block(c, n):
     return c // n
 
 
-SPECS: Dict[str, Spec] = {s.name: s for s in (
-    Spec("all_reduce", lambda n: 2 * (n - 1) / n, True, False, 1, _same, _same),
-    Spec("reduce", lambda n: 1.0, True, True, 1, _same, _same),
-    Spec("broadcast", lambda n: 1.0, False, True, 1, _same, _same),
-    Spec("all_gather", lambda n: (n - 1) / n, False, False, 0, _block, _same),
-    Spec("gather", lambda n: (n - 1) / n, False, True, 0, _block, _same),
-    Spec("reduce_scatter", lambda n: (n - 1) / n, True, False, 0, _same, _block),
-    Spec("scatter", lambda n: (n - 1) / n, False, True, 0, _same, _block),
-    Spec("all_to_all", lambda n: (n - 1) / n, False, False, 0, _same, _same),
-)}
+def _spec(name: str) -> Spec:
+    """ncl-perf's view of a collective of ncl/collectives.py: the `size` side is the larger buffer."""
+    c = COLLECTIVES[name]
+    return Spec(name, c.bus_factor, c.reduces, c.rooted, 0 if c.block_counted else 1,
+                _block if c.shape == GATHERS else _same, _block if c.shape == SCATTERS else _same)
+
+
+SPECS: Dict[str, Spec] = {name: _spec(name) for name in (
+    "all_reduce", "reduce", "broadcast", "all_gather", "gather", "reduce_scatter", "scatter", "all_to_all")}
 
 
 def sweep_sizes(cfg) -> List[int]:
@@ -57,13 +59,6 @@ def sweep_sizes(cfg) -> List[int]:
     if out[-1] != cfg.max_bytes:
         out.append(cfg.max_bytes)
     return out
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes  # torch's and jax's bfloat16 for numpy
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def element_count(spec: Spec, size: int, itemsize: int, n: int) -> int:

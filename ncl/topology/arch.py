@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from ..collectives import BLOCK_COUNTED  # noqa: F401 (collectives whose count is one rank's block)
+
 SLIDING = "sliding_attention"
 ALIASES = {
     "n_layers": ("n_layers", "num_hidden_layers", "num_layers"),
@@ -34,8 +36,6 @@ ALIASES = {
 MOE_PACKED_MAX_BYTES = 256 << 10
 COUNT_BYTES = 8          # int64 counts and token ids
 ARGMAX_BYTES = (4, 8)    # ParallelLMHead.argmax: the float32 best logit (MAX), then the int64 token id (MIN)
-# collectives whose recorded count is one rank's block: nccl-tests' size is that times the group size
-BLOCK_COUNTED = frozenset({"all_gather", "gather", "reduce_scatter", "scatter", "all_to_all"})
 
 
 def config_value(cfg, key: str, default=None):

@@ -2,23 +2,11 @@
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..collectives import BUS_FACTOR  # noqa: F401 (nccl-tests' bus factors, per collective of the model)
 from . import graph, model, schedules
 from .schema import Spec, load
 
 DEFAULT = "pcie-gen5-8card"
-
-# nccl-tests' bus bandwidth factors (doc/PERFORMANCE.md): busbw = algbw * factor(n)
-BUS_FACTOR = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "all_to_all": lambda n: (n - 1) / n,
-    "gather": lambda n: (n - 1) / n,
-    "scatter": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-    "reduce": lambda n: 1.0,
-    "send_recv": lambda n: 1.0,
-}
 
 
 class Topology:
