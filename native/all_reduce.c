@@ -156,6 +156,11 @@ static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t cou
     NCL_CHECK(ncl_check_args(c, send, recv, count, dtype, op, -1));
     if (count == 0) return NCL_OK; /* nothing to move: a no-op, as in MPI and NCCL */
     size_t bytes = count * (size_t)ncl_dtype_size(dtype);
+    if (c->nranks == 1) { /* every op of one source is that source (AVG: x / 1): a copy, as NCCL does */
+        ncl_call_path(c, "local");
+        if (recv != send) memmove(recv, send, bytes);
+        return NCL_OK;
+    }
     ncl_reg rs = {NULL, 0}, rr = {NULL, 0};
     if (algo == NCL_ALGO_AUTO || algo == NCL_ALGO_DIRECT) {
         rs = ncl_registered(c, send, bytes);

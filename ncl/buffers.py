@@ -5,7 +5,7 @@ if the caller already imported torch."""
 import enum
 import numbers
 import sys
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,8 +44,10 @@ def torch_dtype_code(dtype) -> Optional[int]:
     return code
 
 
-class Buffer(NamedTuple):
-    """A validated buffer: the object plus what the C core needs."""
+class Buffer:
+    """A validated buffer: the object plus what the C core needs.  Slotted and filled in place by
+    `_buffer`: on every call's path, where a NamedTuple's field reads cost twice a slot's."""
+    __slots__ = ("obj", "ptr", "count", "nbytes", "dtype", "shape", "is_torch")
     obj: Any
     ptr: Any            # cffi pointer (or buffer) to the first element
     count: int          # elements
@@ -54,8 +56,24 @@ class Buffer(NamedTuple):
     shape: Tuple[int, ...]
     is_torch: bool
 
+    def __repr__(self) -> str:
+        return (f"Buffer({type(self.obj).__name__}, count={self.count}, nbytes={self.nbytes}, dtype={self.dtype}, "
+                f"shape={self.shape})")
 
-_new_tuple = tuple.__new__  # builds a Buffer without NamedTuple's slower keyword-aware __new__
+
+_new = object.__new__
+
+
+def _buffer(obj, ptr, count: int, nbytes: int, dtype: int, shape, is_torch: bool) -> Buffer:
+    b = _new(Buffer)
+    b.obj = obj
+    b.ptr = ptr
+    b.count = count
+    b.nbytes = nbytes
+    b.dtype = dtype
+    b.shape = shape
+    b.is_torch = is_torch
+    return b
 
 
 def _torch_tensor_type():
@@ -80,7 +98,7 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
                              f"pass np.ascontiguousarray({name})") from None
         if writable and not x.flags.writeable:
             raise ValueError(f"{name} is read-only, but this call writes into it")
-        return _new_tuple(Buffer, (x, ptr, x.size, len(ptr), code, x.shape, False))
+        return _buffer(x, ptr, x.size, len(ptr), code, x.shape, False)
     tensor_type = _torch_tensor_type()
     if tensor_type is not None and isinstance(x, tensor_type):
         code = torch_dtype_code(x.dtype)
@@ -91,8 +109,8 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
         if x.is_sparse or not x.is_contiguous():
             raise ValueError(f"{name} must be a contiguous dense tensor; pass {name}.contiguous()")
         count = x.numel()
-        return _new_tuple(Buffer, (x, ffi.cast("void *", x.data_ptr()), count, count * x.element_size(), code,
-                                   tuple(x.shape), True))
+        return _buffer(x, ffi.cast("void *", x.data_ptr()), count, count * x.element_size(), code, tuple(x.shape),
+                       True)
     raise TypeError(f"{name} must be a numpy array or a torch CPU tensor, not {type(x).__name__}")
 
 

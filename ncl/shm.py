@@ -19,10 +19,12 @@ def _runner(handle):
     """run(call) on this handle: the one mapping of a Call to the core's arguments.  A closure
     with one match, hottest collectives first: it is on every call's path (no self, no table
     of lambdas: each would cost a Python frame more)."""
+    all_reduce = lib.ncl_all_reduce  # (a local: the hottest call skips an attribute lookup)
+
     def run(c: Call) -> None:
         match c.collective:
             case "all_reduce":
-                rc = lib.ncl_all_reduce(handle, c.send, c.recv, c.count, c.dtype, c.op, c.algo)
+                rc = all_reduce(handle, c.send, c.recv, c.count, c.dtype, c.op, c.algo)
             case "all_gather":
                 rc = lib.ncl_all_gather(handle, c.send, c.recv, c.count, c.dtype)
             case "reduce_scatter":

@@ -146,7 +146,7 @@ def test_tracing_logs_the_call_and_what_the_core_decided(caplog):
         x = np.arange(4, dtype=np.float32)
         with caplog.at_level(1, logger="ncl.test"):
             traced.run(Call.of("all_reduce", ffi.from_buffer(x), ffi.from_buffer(x), 4, lib.NCL_FLOAT32, lib.NCL_SUM))
-        assert "all_reduce #1 4 x float32 (16 B), sum -> one_shot, steps" in caplog.text
+        assert "all_reduce #1 4 x float32 (16 B), sum -> local, steps 0" in caplog.text  # one rank: a copy
 
 
 class _solo:
