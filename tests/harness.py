@@ -353,6 +353,16 @@ def report(failures: Sequence[str], limit: int = 25) -> str:
     return f"{len(failures)} failure(s):\n" + "\n".join(lines)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+
+
 # ---- whole programs on N ranks ---------------------------------------------------------------------
 def ncl_run_argv(n: int, program: str, *args: str) -> List[str]:
     """The command that runs a Python program on n ranks with ncl-run."""
