@@ -449,6 +449,17 @@ def report(failures: Sequence[str], limit: int = 25) -> str:
 
 
 # ---- whole programs on N ranks ---------------------------------------------------------------------
+def start_ranks(group: supervisor.Group, n: int, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
+                **popen) -> List[subprocess.Popen]:
+    """n ranks of argv started by the test itself, with no launcher (so nobody stops the survivors of a failure
+    but the test: leaving the group's block does), each with its NCL_RANK and the job's NCL_UNIQUE_ID."""
+    import ncl
+    uid = ncl.get_unique_id()
+    return [group.start(list(argv), env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(n), NCL_UNIQUE_ID=uid,
+                                              **(env or {})), **popen)
+            for r in range(n)]
+
+
 def ncl_run_argv(n: int, program: str, *args: str) -> List[str]:
     """The command that runs a Python program on n ranks with ncl-run."""
     return [sys.executable, "-m", "ncl.run", "-n", str(n), sys.executable, program, *args]
