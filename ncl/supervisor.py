@@ -12,7 +12,8 @@ Invariants:
   group, so that whoever started the launcher can take them all down with one killpg);
 - forward=True (a launcher): SIGINT and SIGTERM are passed on to the processes while the block runs (a second
   SIGINT kills them) and no process starts after one; otherwise SIGINT raises KeyboardInterrupt as usual and a
-  default SIGTERM exits through the block (SystemExit), so that the processes are stopped either way;
+  default SIGTERM unwinds the block (SystemExit) and, once the processes are stopped, ends this process as it
+  would have;
 - a job's shared memory (/dev/shm/<shm_prefix(job_id)>*: what a rank that died during setup left, as the C core
   unlinks its segments once every rank is attached) is removed when the group closes.
 Standard library only (and ncl.job's names), so that a launcher starts fast.
@@ -83,10 +84,6 @@ def signals_held(signums=STOP_SIGNALS):
             signal.raise_signal(s)
 
 
-def _exit_on_sigterm(signum, _frame):
-    raise SystemExit(128 + signum)
-
-
 class _Spawned:
     """A multiprocessing process seen through the part of Popen's interface the group uses."""
 
@@ -130,7 +127,7 @@ class Group:
         self.forward = forward
         self.job_id = job_id
         self.procs: list = []          # Popen (or _Spawned) objects, in rank order
-        self.signals: List[int] = []   # with forward: every SIGINT / SIGTERM received, in order
+        self.signals: List[int] = []   # every SIGINT / SIGTERM the group handled, in order
         self._leaders = set()          # pids of the processes that lead their own process group
         self._exits: List[Exit] = []   # in the order they were seen
         self._previous = {}
@@ -209,13 +206,13 @@ class Group:
 
     def stop(self, grace_s: Optional[float] = None, wait_s: float = 0.0) -> None:
         """Stop every rank still running: after wait_s for them to exit by themselves, SIGTERM, then SIGKILL
-        after the grace period; all reaped.  A KeyboardInterrupt while waiting (another Ctrl-C) kills at once."""
+        after the grace period; all reaped.  An exception while waiting (another Ctrl-C) kills at once."""
         try:
             self._wait_all(wait_s)
             if any(c is None for c in self.poll()):
                 self.send(signal.SIGTERM)
                 self._wait_all(self.grace_s if grace_s is None else grace_s)
-        except KeyboardInterrupt:
+        except BaseException:
             self.kill()
             raise
         self.kill()
@@ -248,12 +245,16 @@ class Group:
         self.signals.append(signum)
         self.send(signal.SIGKILL if self.signals.count(signal.SIGINT) > 1 else signum)
 
+    def _terminate(self, signum, _frame) -> None:
+        self.signals.append(signum)
+        raise SystemExit(128 + signum)  # unwind the block, which stops the group; __exit__ then dies of it
+
     def __enter__(self) -> "Group":
         if _in_main_thread():
             if self.forward:
                 self._previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
             elif signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _exit_on_sigterm)}
+                self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._terminate)}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -263,6 +264,8 @@ class Group:
             for s, handler in self._previous.items():
                 signal.signal(s, handler)
             self._previous = {}
+            if not self.forward and self.signals:  # a default SIGTERM, held until the group was stopped
+                signal.raise_signal(signal.SIGTERM)
 
 
 class Finished(NamedTuple):

@@ -146,8 +146,7 @@ class RankPool:
         for r in range(1 if local_rank0 else 0, size):
             parent_end, child_end = mpc.Pipe()
             self._group.start_function(_worker, r, size, self.unique_id, self.env, self.controlled, child_end,
-                                       local_rank0,
-                                       name=f"ncl-test-{size}-rank{r}")
+                                       local_rank0, name=f"ncl-test-{size}-rank{r}")
             child_end.close()
             self._conns[r] = parent_end
         try:
@@ -258,6 +257,7 @@ class RankPool:
         if self.comm is not None:
             self.comm.abort()
             self.comm.close()
+            self.comm = None
         self._group.kill()
         for conn in self._conns.values():
             conn.close()
