@@ -10,35 +10,25 @@ Guarantees:
   then SIGKILL after a grace period); ncl-run exits with the failing rank's code (128 +
   signal for a signal);
 - whatever shared memory the job left in /dev/shm is removed on the way out;
+- ncl/supervisor.py's Group does the starting, forwarding, stopping, reaping and removing;
 - --hosts K > 1 splits the ranks into K emulated hosts that talk over MPI: mpiexec starts
   them (NCL_HOSTS=K; ranks come from MPI_COMM_WORLD).
-Standard library only (and ncl.job's names), so it starts fast.
+Standard library only (and ncl.job's and ncl.supervisor's names), so it starts fast.
 """
 import argparse
-import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from typing import List, Optional
 
-from .job import get_unique_id, shm_prefix
+from .job import get_unique_id, shm_prefix  # noqa: F401 (shm_prefix: the names ncl-run removes)
+from .supervisor import Group
 
 GRACE_S = 3.0
 REPORT_S = 2.0  # after a rank fails, the others get this long to notice (~0.1 s) and report it themselves
-POLL_S = 0.02
-
-
-def remove_job_segments(unique_id: str) -> None:
-    for path in glob.glob(os.path.join("/dev/shm", shm_prefix(unique_id) + "*")):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _free_port() -> int:
@@ -131,47 +121,17 @@ class _Tagger:
         pipe.close()
 
 
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _stop(procs: List[subprocess.Popen], wait_s: float = 0.0) -> None:
-    """Stop every rank still running, after giving them wait_s to exit by themselves."""
-    deadline = time.monotonic() + wait_s
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + GRACE_S
-    while any(p.poll() is None for p in alive) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-    for p in alive:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def _supervise(procs: List[subprocess.Popen]) -> int:
+def _supervise(group: Group) -> int:
     """Wait for all ranks; on the first failure stop the rest. Returns the exit code."""
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            rank, code = failed[0]
-            others = sum(c is None for c in codes)
-            print(f"ncl-run: rank {rank} (pid {procs[rank].pid}) {_describe(code)}; stopping the other {others} "
-                  f"rank{'s' if others != 1 else ''}", file=sys.stderr, flush=True)
-            _stop(procs, REPORT_S)  # survivors name the failed rank and write their flight records
-            return 128 - code if code < 0 else code
-        if all(c == 0 for c in codes):
-            return 0
-        time.sleep(POLL_S)
+    codes = group.wait()
+    failed = group.first_failure()
+    if failed is None:
+        return 0
+    others = sum(c is None for c in codes)
+    print(f"ncl-run: {failed}; stopping the other {others} rank{'s' if others != 1 else ''}", file=sys.stderr,
+          flush=True)
+    group.stop(wait_s=REPORT_S)  # survivors name the failed rank and write their flight records
+    return failed.status
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -196,57 +156,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--timeout must be positive")
 
     uid, port, n = get_unique_id(), _free_port(), args.nproc
-    procs: List[subprocess.Popen] = []
-    signals: List[int] = []  # every SIGINT / SIGTERM received, in order
-
-    def forward(signum, _frame):
-        signals.append(signum)
-        for p in procs:
-            if p.poll() is None:
-                if signals.count(signal.SIGINT) > 1:
-                    p.kill()
-                else:
-                    p.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     taggers = []
-    try:
+    with Group(new_session=False, grace_s=GRACE_S, forward=True, job_id=uid) as group:
         if args.hosts > 1:  # the emulated hosts talk over MPI: mpiexec starts the ranks
             try:
                 argv, mpi_env = _mpi_command(n, uid, command, args)
-                procs.append(subprocess.Popen(argv, env=mpi_env))
-            except (OSError, FileNotFoundError) as exc:
+                group.start(argv, env=mpi_env)
+            except OSError as exc:
                 print(f"ncl-run: {exc}", file=sys.stderr)
                 return 127
-            return _supervise(procs)
+            return _supervise(group)
         pipe = subprocess.PIPE if args.tag_output else None
         for rank in range(n):
-            if signals:  # stopped while starting: start no more ranks, the ones running got the signal
-                break
-            before = len(signals)
             try:
-                p = subprocess.Popen(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe)
+                p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe)
             except OSError as exc:
                 print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
-                _stop(procs)
                 return 127
-            missed = signals[before:]  # forwarded while this rank was being started, so not to it
-            procs.append(p)
-            for signum in missed:
-                p.send_signal(signum)
+            if p is None:  # stopped while starting: start no more ranks, the ones running got the signal
+                break
             if args.tag_output:
                 taggers += [_Tagger(rank, p.stdout, sys.stdout), _Tagger(rank, p.stderr, sys.stderr)]
-        code = _supervise(procs)
-        if len(procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
-            code = 128 + signals[0]
+        code = _supervise(group)
+        if len(group.procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
+            code = 128 + group.signals[0]
         for t in taggers:
             t.thread.join(timeout=5)
         return code
-    finally:
-        _stop(procs)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        remove_job_segments(uid)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import harness` from any rootdir
 
-from harness import RankPool  # noqa: E402
+from harness import Pools, RankPool  # noqa: E402
 
 # The fast tier, `pytest -m fast` (under 30 s alone): the tests that start no ranks (no rank pool, no ncl-run,
 # no mpiexec; a test may run one short helper interpreter, as test_imports does for a fresh `import ncl`).
@@ -93,25 +93,7 @@ def pool_factory():
     A pool killed by a test (timeout, dead rank, group failure) is replaced by a fresh one.
     At the end of the session every pool closes its communicators and joins its workers, and
     /dev/shm must hold nothing named after any pool's unique id."""
-    pools = {}
-    retired = []
-
-    def get(size: int, env_items=()) -> RankPool:
-        key = (size, tuple(sorted(dict(env_items).items())))
-        pool = pools.get(key)
-        if pool is None or pool.dead:
-            if pool is not None:
-                retired.append(pool)
-            pool = pools[key] = RankPool(size, dict(key[1]))
-        return pool
-
-    yield get
-    problems = []
-    for pool in list(pools.values()) + retired:
-        problems += pool.close()
-        leftovers = pool.shm_leftovers()
-        if leftovers:
-            problems.append(f"{pool!r} left {leftovers} in /dev/shm")
-            for path in leftovers:  # do not let one failure pollute later runs
-                os.unlink(path)
+    pools = Pools(RankPool)
+    yield pools.get
+    problems = pools.close()
     assert not problems, "\n".join(problems)

@@ -1,22 +1,27 @@
-"""Pools of live ranks for the multi-process tests, and the data and numpy references they share.
+"""Pools of live ranks for the multi-process tests and the benchmarks, and the data and numpy references the
+tests share.
 
-Starting Python processes per test is too slow, so a `RankPool` keeps `size` ranks alive (the
-multiprocessing "spawn" context, one `ncl.init(rank, size, unique_id)` each) and serves
-requests over one Pipe per rank: `(fn, args, kwargs)` runs `fn(comm, *args, **kwargs)` on every
-rank and answers `("ok", result)` or `("err", type name, message, traceback, MRO names)`.
+Starting Python processes per test is too slow, so a `RankPool` keeps `size` ranks alive (started by the
+supervisor's Group, ncl/supervisor.py, in multiprocessing's "spawn" context; one `ncl.init(rank, size,
+unique_id)` each) and serves requests over one Pipe per rank: `(fn, args, kwargs)` runs `fn(comm, *args,
+**kwargs)` on every rank and answers `("ok", result)` or `("err", type name, message, traceback, MRO names)`.
 `fn` must be a module-level function (pickled by reference, imported again in the worker), so
 everything it needs besides `comm` goes in its arguments.
 
+With local_rank0 (the benchmarks: pytest-benchmark times code in the pytest process only), rank 0 is
+`pool.comm`, in this process, and the caller runs rank 0's part itself between `send` and `collect`.
+
 A pool that timed out, lost a rank or saw a group failure (an NclError) is killed and marked
-dead; the `pool_factory` fixture (conftest.py) then starts a fresh one for the next test.
+dead; `Pools` (the `pool_factory` fixture, conftest.py, and the benchmarks' `rank_group`) then starts a fresh
+one for the next test.
 
 References: every rank's data is a pure function of (seed, rank), so each worker recomputes
 its peers' data and builds the expected result with numpy alone, independent of ncl.
 """
+import contextlib
 import glob
 import hashlib
 import json
-import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import signal
@@ -25,10 +30,12 @@ import sys
 import time
 import traceback
 import zlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from ncl import supervisor
 
 # Most pools use tiny staging so that a few thousand elements already span many chunks.
 SMALL_STAGING = (("NCL_BUFFSIZE", "8192"), ("NCL_P2P_BUFFSIZE", "4096"))
@@ -60,24 +67,46 @@ def _error_reply(exc: BaseException):
     return ("err", type(exc).__name__, str(exc), traceback.format_exc(), tuple(c.__name__ for c in type(exc).__mro__))
 
 
-def _worker(rank: int, size: int, unique_id: str, env: Dict[str, str], conn) -> None:
+@contextlib.contextmanager
+def scoped_environ(values: Mapping[str, str], remove: Sequence[str] = _CONTROLLED):
+    """os.environ without `remove` and with `values`, restored afterwards (ncl reads its knobs
+    when a communicator is created, so this only needs to last through ncl.init)."""
+    saved = {name: os.environ.get(name) for name in set(remove) | set(values)}
+    try:
+        for name in remove:
+            os.environ.pop(name, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _worker(rank: int, size: int, unique_id: str, env: Dict[str, str], controlled: Sequence[str], conn,
+            abort_on_load_error: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    for name in _CONTROLLED:
+    for name in controlled:
         os.environ.pop(name, None)
     os.environ.update(env)
     try:
         import ncl
+        conn.send(("ok", os.getpid()))  # started; now join the group
         comm = ncl.init(rank=rank, size=size, unique_id=unique_id)
     except BaseException as exc:
         conn.send(_error_reply(exc))
         return
-    conn.send(("ok", os.getpid()))
+    conn.send(("ok", None))
     while True:
         try:
             request = conn.recv()
         except (EOFError, OSError):
             return  # the parent went away
         except BaseException as exc:  # fn could not be unpickled (import error in the test module)
+            if abort_on_load_error:
+                comm.abort()  # a local rank 0 is about to wait for this rank: let it fail now
             conn.send(_error_reply(exc))
             continue
         if request == "close":
@@ -102,39 +131,65 @@ def _worker(rank: int, size: int, unique_id: str, env: Dict[str, str], conn) -> 
 class RankPool:
     """`size` live ranks of one communicator; see the module docstring."""
 
-    def __init__(self, size: int, env: Optional[Dict[str, str]] = None, *, startup_timeout: float = 120):
-        import ncl  # the parent only needs the unique id
+    def __init__(self, size: int, env: Optional[Dict[str, str]] = None, *, startup_timeout: float = 120,
+                 local_rank0: bool = False, controlled: Sequence[str] = _CONTROLLED):
+        import ncl  # the parent only needs the unique id (and with local_rank0, its rank)
         self.size = size
         self.env = {**DEFAULT_ENV, **(env or {})}
         self.unique_id = ncl.get_unique_id()
         self.dead = False
         self.calls = 0
-        ctx = mp.get_context("spawn")
-        self._conns, self._procs = [], []
-        for r in range(size):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(r, size, self.unique_id, self.env, child_end),
-                               name=f"ncl-test-{size}-rank{r}", daemon=True)
-            proc.start()
+        self.comm = None
+        self.controlled = tuple(controlled)  # knobs cleared before env applies; the other NCL_* pass through
+        self._group = supervisor.Group(new_session=False, job_id=self.unique_id)
+        self._conns: Dict[int, Any] = {}  # remote rank -> its end of the pipe
+        for r in range(1 if local_rank0 else 0, size):
+            parent_end, child_end = mpc.Pipe()
+            self._group.start_function(_worker, r, size, self.unique_id, self.env, self.controlled, child_end,
+                                       local_rank0, name=f"ncl-test-{size}-rank{r}")
             child_end.close()
-            self._conns.append(parent_end)
-            self._procs.append(proc)
-        replies, missing = self._collect(startup_timeout)
-        errors = self._errors(replies)
+            self._conns[r] = parent_end
+        try:
+            started, missing = self.collect(startup_timeout)  # every worker has imported ncl
+            errors = self.errors(started)
+            if not errors and not missing:
+                if local_rank0:
+                    self._join_here(ncl)
+                joined, missing = self.collect(startup_timeout)  # and joined the group
+                errors = self.errors(joined)
+        except BaseException:
+            self.kill()
+            raise
         if errors or missing:
             self.kill()
             raise RuntimeError(f"pool of {size} ranks {self.env} failed to start: "
                                + "; ".join(map(str, errors)) + (f"; ranks {missing} never answered" if missing else ""))
-        self.pids = [replies[r][1] for r in range(size)]
+        self.pids = [os.getpid()] * local_rank0 + [started[r][1] for r in self._conns]
+
+    def _join_here(self, ncl) -> None:
+        """Rank 0's ncl.init in this process; if it fails, the error names what the other ranks said."""
+        try:
+            with scoped_environ(self.env, self.controlled):
+                self.comm = ncl.init(rank=0, size=self.size, unique_id=self.unique_id)
+        except Exception as exc:
+            replies, missing = self.collect(GRACE_S)
+            said = [str(e) for e in self.errors(replies)] + [f"ranks {missing} silent"] * bool(missing)
+            raise RuntimeError(f"{self!r}: rank 0 could not join: {exc!r}; " + "; ".join(said)) from exc
 
     def __repr__(self) -> str:
         return f"<RankPool size={self.size} env={self.env} {'dead' if self.dead else 'live'}>"
 
     # ---- requests -----------------------------------------------------------------------------
-    def _collect(self, timeout: float):
-        """Replies by rank, and the ranks that did not answer in time."""
+    def send(self, fn, args=(), kwargs=None) -> None:
+        """Ask every remote rank to run fn(comm, *args, **kwargs)."""
+        for conn in self._conns.values():
+            conn.send((fn, args, kwargs or {}))
+
+    def collect(self, timeout: float):
+        """One reply from each remote rank by rank, and the ranks that did not answer in time; after an
+        error reply the others get GRACE_S more."""
         deadline = time.monotonic() + timeout
-        pending = {conn: r for r, conn in enumerate(self._conns)}
+        pending = {conn: r for r, conn in self._conns.items() if not conn.closed}
         replies: Dict[int, tuple] = {}
         while pending:
             left = deadline - time.monotonic()
@@ -145,29 +200,28 @@ class RankPool:
                 try:
                     replies[r] = conn.recv()
                 except (EOFError, OSError):
-                    self._procs[r].join(1)
-                    replies[r] = ("err", "RankDied", f"rank {r} died (exit code {self._procs[r].exitcode})", "",
-                                  ("RankDied",))
+                    code = self._group.code(list(self._conns).index(r), wait_s=1)
+                    replies[r] = ("err", "RankDied", f"rank {r} died (exit code {code})", "", ("RankDied",))
                 if replies[r][0] != "ok":
                     deadline = min(deadline, time.monotonic() + GRACE_S)
         return replies, sorted(pending.values())
 
     @staticmethod
-    def _errors(replies) -> List[RankError]:
+    def errors(replies) -> List[RankError]:
         return [RankError(r, *rep[1:]) for r, rep in sorted(replies.items()) if rep[0] != "ok"]
 
     def _call(self, fn, args, kwargs, timeout: float):
         if self.dead:
             raise RuntimeError(f"{self!r} is dead")
+        assert self.comm is None, "run() serves pools of remote ranks only: with local_rank0, use send and collect"
         self.calls += 1
         try:
-            for conn in self._conns:
-                conn.send((fn, args, kwargs))
-            replies, missing = self._collect(timeout)
+            self.send(fn, args, kwargs)
+            replies, missing = self.collect(timeout)
         except BaseException:  # pytest-timeout, Ctrl-C, a broken pipe: ranks are in an unknown state
             self.kill()
             raise
-        errors = self._errors(replies)
+        errors = self.errors(replies)
         if missing or any(e.is_a("NclError") or e.type_name == "RankDied" for e in errors):
             self.kill()  # a rank is stuck or the communicator is broken: the next test gets a fresh pool
         return replies, errors, missing
@@ -199,15 +253,13 @@ class RankPool:
 
     # ---- lifetime -----------------------------------------------------------------------------
     def kill(self) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self._procs:
-            proc.join(10)
-        for conn in self._conns:
+        """Stop everything now (after a failure): abort a local rank 0, SIGKILL and reap the others."""
+        if self.comm is not None:
+            self.comm.abort()
+            self.comm.close()
+            self.comm = None
+        self._group.kill()
+        for conn in self._conns.values():
             conn.close()
         self.dead = True
 
@@ -217,17 +269,19 @@ class RankPool:
             return []
         problems = []
         try:
-            for conn in self._conns:
+            for conn in self._conns.values():
                 conn.send("close")
-            replies, missing = self._collect(timeout)
-            problems += [f"{self!r} close: {e}" for e in self._errors(replies)]
+            if self.comm is not None:
+                self.comm.close()
+            replies, missing = self.collect(timeout)
+            problems += [f"{self!r} close: {e}" for e in self.errors(replies)]
             if missing:
                 problems.append(f"{self!r} close: ranks {missing} did not answer within {timeout:g} s")
-        except OSError as exc:
+        except Exception as exc:
             problems.append(f"{self!r} close: {exc!r}")
-        for proc in self._procs:
-            proc.join(10)
-        stuck = [r for r, p in enumerate(self._procs) if p.is_alive()]
+        deadline = time.monotonic() + 10
+        codes = [self._group.code(i, wait_s=max(0.0, deadline - time.monotonic())) for i in range(len(self._conns))]
+        stuck = [r for r, code in zip(self._conns, codes) if code is None]
         if stuck:
             problems.append(f"{self!r}: ranks {stuck} did not exit after close")
         self.kill()
@@ -235,7 +289,48 @@ class RankPool:
 
     def shm_leftovers(self) -> List[str]:
         """Files in /dev/shm named after this pool's unique id (the C core's prefix)."""
-        return sorted(glob.glob(f"/dev/shm/ncl-{self.unique_id[:12]}*"))
+        return self._group.leftovers()
+
+
+class Pools:
+    """Live pools cached by (size, env), a dead one replaced by a fresh one (`make(size, env)`); `close()`
+    closes them all at the end of a session and returns the problems met, shared memory left behind included
+    (removed, so that one failure does not pollute later runs)."""
+
+    def __init__(self, make: Callable[[int, Dict[str, str]], Any]):
+        self.make = make
+        self.live: Dict[tuple, Any] = {}
+        self.retired: List[Any] = []
+
+    def get(self, size: int, env: Optional[Mapping[str, str]] = None):
+        key = (size, tuple(sorted(dict(env or {}).items())))
+        pool = self.live.get(key)
+        if pool is None or pool.dead:
+            if pool is not None:
+                self.retired.append(pool)
+            pool = self.live[key] = self.make(size, dict(key[1]))
+        return pool
+
+    def close(self) -> List[str]:
+        problems = []
+        for pool in [*self.live.values(), *self.retired]:
+            problems += pool.close()
+            leftovers = pool.shm_leftovers()
+            if leftovers:
+                problems.append(f"{pool!r} left {leftovers} in /dev/shm")
+                for path in leftovers:
+                    os.unlink(path)
+        return problems
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
 
 
 # ---- data and numpy references ------------------------------------------------------------------
@@ -354,6 +449,17 @@ def report(failures: Sequence[str], limit: int = 25) -> str:
 
 
 # ---- whole programs on N ranks ---------------------------------------------------------------------
+def start_ranks(group: supervisor.Group, n: int, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
+                **popen) -> List[subprocess.Popen]:
+    """n ranks of argv started by the test itself, with no launcher (so nobody stops the survivors of a failure
+    but the test: leaving the group's block does), each with its NCL_RANK and the job's NCL_UNIQUE_ID."""
+    import ncl
+    uid = ncl.get_unique_id()
+    return [group.start(list(argv), env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(n), NCL_UNIQUE_ID=uid,
+                                              **(env or {})), **popen)
+            for r in range(n)]
+
+
 def ncl_run_argv(n: int, program: str, *args: str) -> List[str]:
     """The command that runs a Python program on n ranks with ncl-run."""
     return [sys.executable, "-m", "ncl.run", "-n", str(n), sys.executable, program, *args]
@@ -365,8 +471,9 @@ def program_failures(argv: Sequence[str], out_dir: str, n: int, env: Optional[Di
     assert it succeeded and every rank reported; the failures of all ranks."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
     environ.update(env or {})
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=environ, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = supervisor.run(list(argv), timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ)
+    assert proc.code is not None, f"timed out after {timeout:g} s (job stopped): {proc.stderr[-4000:]}"
+    assert proc.code == 0, proc.stderr[-4000:]
     reports = []
     for path in sorted(glob.glob(os.path.join(str(out_dir), "rank*.json"))):
         with open(path) as f:

@@ -343,24 +343,6 @@ def test_tiny_sweep_through_real_processes(tmp_path):
     assert "llama-tiny" in done.stdout and "wrote" in done.stdout
 
 
-def test_sigint_deferred_holds_ctrl_c_until_the_block_ends():
-    import signal
-    # Python's own handler, whatever pytest was started with (a background job inherits SIGINT ignored)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        inside = []
-        with pytest.raises(KeyboardInterrupt):
-            with cli.sigint_deferred():
-                signal.raise_signal(signal.SIGINT)
-                inside.append("not cut short")
-        assert inside == ["not cut short"]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        with cli.sigint_deferred():  # nothing held: the block ends quietly
-            pass
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.timeout(120)
 def test_ctrl_c_while_a_point_starts_stops_its_launcher(tmp_path, monkeypatch):
     """A Ctrl-C that lands after Popen has forked the launcher but before run_point holds its handle
@@ -391,26 +373,6 @@ def test_ctrl_c_while_a_point_starts_stops_its_launcher(tmp_path, monkeypatch):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def test_a_second_ctrl_c_cuts_the_stop_grace_short():
-    """While _stop waits out a launcher's grace period, another Ctrl-C kills its group at once
-    (a launcher that ignores SIGTERM can only end by SIGKILL) and still stops the sweep."""
-    import signal
-    import threading
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
-                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout.readline() == "ready\n"
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
-            cli._stop(proc)
-        assert proc.poll() == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_ctrl_c_while_a_row_is_printed_keeps_the_row(tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from harness import start_ranks
+from ncl import supervisor
 from test_lifecycle import REPO, no_leftover_segments  # noqa: F401  (the fixture: nothing left in /dev/shm)
 
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "reduce_scatter", "scatter", "all_to_all")
@@ -56,25 +58,15 @@ RANK = """
 def test_kill_9_at_a_random_moment(seed):
     rng = random.Random(seed)
     name, nbytes, victim = rng.choice(COLLECTIVES), rng.choice(SIZES), rng.randrange(N)
-    import ncl
-    uid = ncl.get_unique_id()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(RANK), name, str(nbytes)], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(N), NCL_UNIQUE_ID=uid,
-                                       NCL_TIMEOUT="60"))
-             for r in range(N)]
-    try:
+    with supervisor.Group(new_session=False) as group:
+        procs = start_ranks(group, N, [sys.executable, "-c", textwrap.dedent(RANK), name, str(nbytes)],
+                            {"NCL_TIMEOUT": "60"}, cwd=REPO, stdout=subprocess.PIPE, text=True)
         for p in procs:
             assert p.stdout.readline().strip() == "started"
         time.sleep(rng.uniform(0, 0.3))
         killed_at = time.time()
         os.kill(procs[victim].pid, signal.SIGKILL)
         outs = {r: p.communicate(timeout=30)[0] for r, p in enumerate(procs) if r != victim}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     where = f"seed {seed}: {name} of {nbytes} B, rank {victim} killed"
     latencies = []
     for r, out in outs.items():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from harness import pid_alive
 from ncl.launch import shm_prefix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,15 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 def ncl_run(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "ncl.run", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=50, **kwargs)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie counts as dead
-        return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
 
 
 def test_every_rank_gets_its_environment():

@@ -10,6 +10,9 @@ import time
 
 import pytest
 
+from harness import start_ranks
+from ncl import supervisor
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,14 +23,11 @@ def ncl_files():
 def spawn(n, code, *, timeout=60, env=None):
     """Start n ranks directly (no launcher, so nobody stops the survivors for us); return
     their (exit codes, stdout lines, seconds)."""
-    import ncl
-    uid = ncl.get_unique_id()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO, env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(n),
-                                                 NCL_UNIQUE_ID=uid, **(env or {})))
-             for r in range(n)]
-    start = time.monotonic()
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    with supervisor.Group(new_session=False) as group:
+        procs = start_ranks(group, n, [sys.executable, "-c", textwrap.dedent(code)], env, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+        start = time.monotonic()
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], "".join(outs).splitlines(), time.monotonic() - start
 
 

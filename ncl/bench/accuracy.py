@@ -24,7 +24,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .. import supervisor
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "kite.txt")
@@ -159,20 +160,11 @@ def run_tp(n: int, spec: dict, timeout: float = 600) -> List[dict]:
                sys.executable, "-m", "ncl.bench.accuracy", "--worker", spec_path]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve ranks on shared cores
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.terminate()  # ncl-run forwards SIGTERM to the ranks; whatever is left goes with the group
-            try:
-                _, err = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                _, err = proc.communicate()
-            err = f"timed out after {timeout:g} s\n{err}"
-        if proc.returncode != 0 or not os.path.isfile(out):
-            raise RuntimeError(f"TP {n} accuracy job failed (exit {proc.returncode}): {err[-3000:]}")
+        done = supervisor.run(cmd, timeout=timeout, grace_s=10.0, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env)
+        err = done.stderr if done.code is not None else f"timed out after {timeout:g} s\n{done.stderr}"
+        if done.code != 0 or not os.path.isfile(out):
+            raise RuntimeError(f"TP {n} accuracy job failed (exit {done.code}): {err[-3000:]}")
         with open(out) as f:
             return json.load(f)
 

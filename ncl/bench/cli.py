@@ -11,17 +11,16 @@ here (infer: correctness, traces, this host's times, each point predicted beside
     ncl-bench params                            # every config's parameter counts
 """
 import argparse
-import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from typing import List, Optional
 
+from .. import supervisor
 from . import metrics, report, sizing
 from .predict import positive_ints
 
@@ -216,21 +215,10 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
     env.setdefault("NCL_TRACE_BUFFER", str(TRACE_BUFFER))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on shared cores
     t0 = time.perf_counter()
-    proc = None
-    with open(log_path, "w") as log:
-        try:
-            with sigint_deferred():  # a Ctrl-C inside Popen would orphan the launcher it had just forked
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                        start_new_session=True)
-            out, _ = proc.communicate(timeout=timeout)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            out = _stop(proc)
-            code = f"timeout after {timeout:g} s"
-        except KeyboardInterrupt:  # the sweep is being stopped: take the ranks down with it
-            if proc is not None:
-                _stop(proc)
-            raise
+    with open(log_path, "w") as log:  # a Ctrl-C stops the point's launcher and ranks (and is re-raised)
+        done = supervisor.run(cmd, timeout=timeout, grace_s=KILL_GRACE_S, stdout=subprocess.PIPE, stderr=log, env=env)
+    out = done.stdout
+    code = f"timeout after {timeout:g} s" if done.code is None else done.code
     row = dict(point, wall_s=time.perf_counter() - t0)
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     if code == 0 and results:
@@ -240,40 +228,6 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
             tail = [ln.rstrip() for ln in f.readlines() if ln.strip()][-3:]
         row.update(status="failed", error=f"launcher exit code {code}: {' | '.join(tail)} (log: {log_path})")
     return row
-
-
-@contextlib.contextmanager
-def sigint_deferred():
-    """Hold a SIGINT that arrives inside the block and deliver it on the way out, once the block's
-    work (a child started and its handle kept) cannot be cut in half. Main thread only, as signals are."""
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    """SIGTERM to ncl-run (it forwards it to the ranks), SIGKILL to the group after a grace period."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        out = _kill(proc)
-    except KeyboardInterrupt:  # another Ctrl-C: no more grace, and the sweep stops
-        _kill(proc)
-        raise
-    return out
-
-
-def _kill(proc: subprocess.Popen) -> str:
-    with contextlib.suppress(ProcessLookupError):  # the group may have gone already
-        os.killpg(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
-    return out
 
 
 def run_points(points: List[dict], args, progress: Progress) -> List[dict]:
@@ -323,10 +277,11 @@ def run_collectives(args, progress: Progress) -> List[dict]:
             path = os.path.join(tmp, f"{coll}.json")
             cmd = [sys.executable, "-m", "ncl.perf.cli", coll, "-b", "64K", "-e", "4M", "-f", "8", "-n", "2,8",
                    "-w", "2", "-i", "5", "--min-time", "0", "--json", path]
-            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  timeout=args.timeout)
-            if done.returncode != 0 or not os.path.exists(path):
-                progress.write(f"# ncl-perf {coll} failed (exit code {done.returncode}): {done.stderr[-300:]}")
+            done = supervisor.run(cmd, timeout=args.timeout, grace_s=KILL_GRACE_S, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+            if done.code != 0 or not os.path.exists(path):
+                why = f"timed out after {args.timeout:g} s" if done.code is None else f"exit code {done.code}"
+                progress.write(f"# ncl-perf {coll} failed ({why}): {done.stderr[-300:]}")
                 progress.update(coll)
                 continue
             with open(path) as f:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
+from .. import supervisor
 from . import report
 
 
@@ -61,15 +62,16 @@ def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: s
 def run_worker(cmd: List[str], env: dict, progress, on_row) -> int:
     """Start a sweep's ranks; pass each JSON line rank 0 prints to on_row and anything else
     to progress; the launcher's exit code."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    for text in proc.stdout:
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            progress.write(text.rstrip("\n"))
-            continue
-        on_row(row)
-    return proc.wait()
+    with supervisor.Group() as group:  # a Ctrl-C or an error here stops the launcher and its ranks
+        proc = group.start(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        for text in proc.stdout:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                progress.write(text.rstrip("\n"))
+                continue
+            on_row(row)
+        return proc.wait()
 
 
 class Progress:
