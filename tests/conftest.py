@@ -2,6 +2,7 @@
 import multiprocessing.process
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,11 @@ def pytest_configure(config):
     rank process inherits, so that ncl.tuning finds no per-host calibration there (tests see the
     shipped one unless they set their own) and nothing a test writes reaches the real home."""
     config._ncl_cache_home = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ncl-test-cache-")
+    # Ctrl-C as Python has it, however pytest was started: a background job (CI's `&`, nohup) inherits SIGINT
+    # ignored, and the tests of Ctrl-C handling raise SIGINT in this process and in the ones it starts (which
+    # get the default disposition at exec once this process handles SIGINT rather than ignores it)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config):
