@@ -22,7 +22,6 @@
 #define NCL_CACHE_LINE 64
 #define NCL_PAGE 4096
 #define NCL_MAGIC 0x6e636c31u /* "ncl1" */
-#define NCL_MAX_RANKS 1024
 #define NCL_ABORTED 1 /* values of ncl_rank_ctrl.aborted */
 #define NCL_CLOSED 2
 

@@ -10,6 +10,8 @@
 #include <stdint.h>
 
 /* BEGIN CDEF */
+enum { NCL_MAX_RANKS = 1024 }; /* ranks in one group (ncl/job.py's MAX_RANKS, for the launcher, must agree) */
+
 typedef enum {
     NCL_OK = 0,
     NCL_ERR_ARGUMENT = 1,  /* a bad argument that Python should have caught */

@@ -44,8 +44,26 @@ uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk) {
     return c->base + c->p2p_off + (pair * 2 + (chunk & 1)) * c->p2p_slot_bytes;
 }
 
-/* `what` needs `need` bytes; `remedy` says what else than more shared memory would help. */
+/* The kernel's estimate of memory available without swapping (MemAvailable), 0 when unknown. */
+static size_t mem_available(void) {
+    FILE* f = fopen("/proc/meminfo", "r");
+    if (!f) return 0;
+    char line[128];
+    unsigned long long kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
+    fclose(f);
+    return (size_t)kib * 1024;
+}
+
+/* `what` needs `need` bytes of /dev/shm, which is memory: both must have room (a /dev/shm larger than
+ * the RAM would let a segment push the machine into swap or the OOM killer); `remedy` says what else
+ * than more shared memory would help. */
 static int check_free_space(size_t need, const char* what, const char* remedy) {
+    size_t mem = mem_available();
+    if (mem && mem < need)
+        return ncl_error(NCL_ERR_SYSTEM, "%s needs %.1f MiB of shared memory, but the machine has %.1f MiB of "
+                                         "memory available; %s", what, need / 1048576.0, mem / 1048576.0, remedy);
     struct statvfs st;
     if (statvfs("/dev/shm", &st) != 0) return NCL_OK; /* no /dev/shm to inspect: let shm_open speak */
     size_t avail = (size_t)st.f_bavail * st.f_frsize;

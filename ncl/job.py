@@ -3,6 +3,8 @@ ncl-run removes after a crash.  Standard library only: the launcher imports it t
 import hashlib
 import secrets
 
+MAX_RANKS = 1024  # ranks in one group: the C core's NCL_MAX_RANKS (native/ncl.h; tests/test_launch.py pins them equal)
+
 
 def get_unique_id() -> str:
     """A fresh secret id for a new job (128 random bits, hex); share it with every rank."""

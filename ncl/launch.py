@@ -4,7 +4,9 @@ Guarantees:
 - every rank gets NCL_RANK, NCL_WORLD_SIZE, NCL_LOCAL_RANK, NCL_LOCAL_WORLD_SIZE,
   NCL_UNIQUE_ID (the job's secret id) and torch's RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (so env:// initialisation works);
-- SIGINT and SIGTERM are forwarded to the ranks (a second SIGINT kills them);
+- SIGINT and SIGTERM are forwarded to the ranks (a second SIGINT kills them); a rank dies with
+  ncl-run even when ncl-run is killed with SIGKILL (Linux's parent-death signal);
+- -n is checked (1..MAX_RANKS) before any rank starts;
 - when a rank fails, the others get REPORT_S to notice and report it (their errors name
   the failed rank; NCL_TRACE_DIR gets their flight records), then are stopped (SIGTERM,
   then SIGKILL after a grace period); ncl-run exits with the failing rank's code (128 +
@@ -16,7 +18,9 @@ Guarantees:
 Standard library only (and ncl.job's and ncl.supervisor's names), so it starts fast.
 """
 import argparse
+import ctypes
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -24,11 +28,29 @@ import sys
 import threading
 from typing import List, Optional
 
-from .job import get_unique_id, shm_prefix  # noqa: F401 (shm_prefix: the names ncl-run removes)
+from .job import MAX_RANKS, get_unique_id, shm_prefix  # noqa: F401 (shm_prefix: the names ncl-run removes)
 from .supervisor import Group
 
 GRACE_S = 3.0
 REPORT_S = 2.0  # after a rank fails, the others get this long to notice (~0.1 s) and report it themselves
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _dies_with_launcher():
+    """A Popen preexec_fn (or None off Linux): the rank gets SIGKILL when ncl-run dies, even by SIGKILL
+    (PR_SET_PDEATHSIG).  It runs between fork and exec, so no other thread of ncl-run may be alive then
+    (the --tag-output pumps start once every rank has)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc, launcher = ctypes.CDLL(None, use_errno=True), os.getpid()  # loaded before the fork
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != launcher:  # ncl-run died before prctl: no signal would come
+            os._exit(1)
+    return arm
 
 
 def _free_port() -> int:
@@ -138,8 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if args.nproc < 1:
-        parser.error(f"-n must be at least 1, not {args.nproc}")
+    if not 1 <= args.nproc <= MAX_RANKS:  # before anything starts (3000 ranks each failing the check was the way)
+        parser.error(f"-n must be between 1 and {MAX_RANKS}, not {args.nproc}")
     if not command:
         parser.error("no program given: ncl-run -n N prog args...")
     if not 1 <= args.hosts <= args.nproc or args.nproc % args.hosts:
@@ -161,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.hosts > 1:  # the emulated hosts talk over MPI: mpiexec starts the ranks
             try:
                 argv, mpi_env = _mpi_command(n, uid, command, args)
-                group.start(argv, env=mpi_env)
+                group.start(argv, env=mpi_env, preexec_fn=_dies_with_launcher())
             except OSError as exc:
                 print(f"ncl-run: {exc}", file=sys.stderr)
                 return 127
@@ -169,14 +191,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         pipe = subprocess.PIPE if args.tag_output else None
         for rank in range(n):
             try:
-                p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe)
+                p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe,
+                                preexec_fn=_dies_with_launcher())
             except OSError as exc:
                 print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
                 return 127
             if p is None:  # stopped while starting: start no more ranks, the ones running got the signal
                 break
-            if args.tag_output:
-                taggers += [_Tagger(rank, p.stdout, sys.stdout), _Tagger(rank, p.stderr, sys.stderr)]
+        if args.tag_output:  # (after the forks: see _dies_with_launcher)
+            taggers = [_Tagger(r, getattr(p, name), sink) for r, p in enumerate(group.procs)
+                       for name, sink in (("stdout", sys.stdout), ("stderr", sys.stderr))]
         code = _supervise(group)
         if len(group.procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
             code = 128 + group.signals[0]

@@ -74,6 +74,26 @@ def test_sigterm_to_the_launcher_reaches_the_ranks():
     assert not any(pid_alive(p) for p in pids)
 
 
+def test_ranks_die_with_a_launcher_killed_by_sigkill():
+    """kill -9 of ncl-run: its ranks were reparented and ran on; now the parent-death signal ends them."""
+    code = "import os, time; os.write(1, f'{os.getpid()}\\n'.encode()); time.sleep(60)"
+    launcher = subprocess.Popen([sys.executable, "-m", "ncl.run", "-n", "2", "--tag-output", sys.executable, "-c",
+                                 code], stdout=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    pids = [int(launcher.stdout.readline().split(": ")[1]) for _ in range(2)]
+    launcher.kill()
+    launcher.wait(timeout=20)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_the_max_ranks_of_the_launcher_are_the_cores():
+    from ncl._native import lib
+    from ncl.job import MAX_RANKS
+    assert MAX_RANKS == lib.NCL_MAX_RANKS
+
+
 @pytest.mark.parametrize("on_sigterm, rank_code", [
     ("", -signal.SIGTERM),                                                   # killed by it
     ("signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); ", 0),          # stops cleanly
@@ -107,7 +127,8 @@ def test_a_signal_while_ranks_start_stops_the_started_and_starts_no_more(monkeyp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-n", "0", "true"], "at least 1"),
+    (["-n", "0", "true"], "between 1 and 1024"),
+    (["-n", "3000", "true"], "-n must be between 1 and 1024, not 3000"),  # before any of the 3000 starts
     (["-n", "2"], "no program"),
     (["-n", "4", "--hosts", "3", "true"], "--hosts"),
     (["-n", "2", "--topology", "/no/such/file.yaml", "true"], "neither a file nor one of"),

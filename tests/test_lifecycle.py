@@ -197,3 +197,18 @@ def test_registered_memory_too_large_for_dev_shm():
                      r"buffer \(every rank's copy\) needs 32\.0 MiB; free space there, allocate less", out), out
     found = re.search(r"rank 1 NclPeerError after (\d+\.\d\d) s: .*rank 0 aborted the group: /dev/shm has", out)
     assert found and float(found.group(1)) < 5, out
+
+
+def test_staging_larger_than_the_memory_fails_before_it_is_created():
+    """NCL_BUFFSIZE=10G on 2 ranks was checked against /dev/shm only (larger than the RAM on some hosts), and
+    each rank wrote its 10 GB; now a segment larger than the memory available is refused, naming the knob."""
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    env = dict(os.environ, NCL_BUFFSIZE=f"{kib // (1 << 20) + 2}G")  # one rank's staging alone exceeds it
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.run([sys.executable, "-c", "import ncl; ncl.init()"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert re.search(r"needs [\d.]+ MiB of shared memory, but the machine has [\d.]+ MiB of memory available; "
+                     r"lower NCL_BUFFSIZE", proc.stderr), proc.stderr[-2000:]
+    assert set(os.listdir("/dev/shm")) <= before
