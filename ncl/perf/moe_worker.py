@@ -18,8 +18,6 @@ dtype's rounding are counted as wrong).
 
 Rank 0 prints one JSON object per line on stdout.
 """
-import argparse
-import json
 import math
 import sys
 import time
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 from . import backends
-from .worker import _emit, _settle
+from .worker import _emit, _settle, worker_args
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 1e-5}   # relative, per element
@@ -165,12 +163,7 @@ def measure(backend, cfg, tokens: int, mode: str, ex, dtype) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ncl.perf.moe_worker")
-    p.add_argument("--backend", required=True)
-    p.add_argument("--config", required=True, help="JSON of the sweep settings (written by ncl-perf moe)")
-    p.add_argument("--rendezvous-file", default="")
-    args = p.parse_args(argv)
-    cfg = argparse.Namespace(**json.loads(args.config))
+    args, cfg = worker_args("python -m ncl.perf.moe_worker", "ncl-perf moe", argv)
     torch.set_num_threads(1)  # every backend alike: one core per rank, as the transports assume
     backend = backends.create(args.backend, rendezvous_file=args.rendezvous_file)
     dtype = TORCH_DTYPES[cfg.dtype]

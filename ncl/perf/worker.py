@@ -143,13 +143,19 @@ def _emit(obj):
     sys.stdout.flush()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ncl.perf.worker")
+def worker_args(prog: str, written_by: str, argv=None):
+    """(args, cfg) of a sweep's rank: --backend, --config (the sweep's settings as JSON, written by the
+    command that started it) and --rendezvous-file; cfg is the settings as attributes."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--backend", required=True)
-    p.add_argument("--config", required=True, help="JSON of the sweep settings (written by ncl-perf)")
+    p.add_argument("--config", required=True, help=f"JSON of the sweep settings (written by {written_by})")
     p.add_argument("--rendezvous-file", default="")
     args = p.parse_args(argv)
-    cfg = argparse.Namespace(**json.loads(args.config))
+    return args, argparse.Namespace(**json.loads(args.config))
+
+
+def main(argv=None):
+    args, cfg = worker_args("python -m ncl.perf.worker", "ncl-perf", argv)
     backend = backends.create(args.backend, registered=cfg.registered, rendezvous_file=args.rendezvous_file)
     spec = specs.SPECS[cfg.collective]
     try:
