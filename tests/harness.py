@@ -323,6 +323,17 @@ class Pools:
         return problems
 
 
+def popen_then_signal(signum: int, started: list, real_popen=subprocess.Popen):
+    """A stand-in for subprocess.Popen that starts the process, keeps it in `started`, then raises `signum`
+    in this process: a signal that lands after the fork and before the caller holds the handle."""
+    def popen(*a, **kw):
+        proc = real_popen(*a, **kw)
+        started.append(proc)
+        signal.raise_signal(signum)
+        return proc
+    return popen
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process runs (a zombie counts as dead)."""
     try:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from harness import popen_then_signal
 from ncl import collectives, emulation
 from ncl.bench import cli, metrics, report, sizing, weights
 
@@ -353,16 +354,10 @@ def test_ctrl_c_while_a_point_starts_stops_its_launcher(tmp_path, monkeypatch):
                               "--output-len", "400", "--dtype", "fp32"])
     cli._check_infer(parser, args)
     point, = cli.plan("t", "llama-tiny", 2, [(2, 1)], [2], [8], [400], args)
-    started, real_popen = [], subprocess.Popen
-
-    def popen_then_ctrl_c(*a, **kw):
-        proc = real_popen(*a, **kw)
-        started.append(proc)
-        signal.raise_signal(signal.SIGINT)
-        return proc
+    started = []
     try:
         with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-            patch.setattr(cli.subprocess, "Popen", popen_then_ctrl_c)
+            patch.setattr(cli.subprocess, "Popen", popen_then_signal(signal.SIGINT, started))
             cli.run_point(point, 60.0, str(tmp_path / "point.log"))
         assert len(started) == 1 and started[0].poll() is not None, "the launcher outlived the Ctrl-C"
         pattern = f'ncl.bench.worker.*"output_len": {point["output_len"]}'

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import pid_alive
+from harness import pid_alive, popen_then_signal
 from ncl import supervisor
 from ncl.job import get_unique_id, shm_prefix
 
@@ -115,14 +115,8 @@ def test_a_signal_to_the_supervisor_reaps_every_rank(forward, signum):
 def test_ctrl_c_while_a_rank_is_forked_stops_it(monkeypatch):
     """SIGINT lands after Popen has forked, before the group holds the handle: the group still has the rank
     (the signal is held over the fork) and stops it when the KeyboardInterrupt leaves the block."""
-    started, real_popen = [], subprocess.Popen
-
-    def popen_then_ctrl_c(*a, **kw):
-        proc = real_popen(*a, **kw)
-        started.append(proc)
-        signal.raise_signal(signal.SIGINT)
-        return proc
-    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", popen_then_signal(signal.SIGINT, started))
     try:
         with pytest.raises(KeyboardInterrupt), supervisor.Group() as group:
             group.start([sys.executable, "-c", SLEEPER.format("")])
