@@ -3,6 +3,8 @@ param table).  Library code reads knobs only through `get`."""
 import os
 from typing import Any, Callable, Dict, NamedTuple
 
+from .job import MAX_RANKS
+
 
 def parse_bytes(text: str) -> int:
     """'4M', '256k', '1G' or a plain number of bytes; ValueError unless 0 <= bytes < 2**63
@@ -86,7 +88,7 @@ KNOBS: Dict[str, Knob] = {
                         "(also make each call last at least its emulated time) or off"),
     "NCL_RANK": Knob(int, None, "this process's rank (set by ncl-run)"),
     "NCL_WORLD_SIZE": Knob(int, None, "number of ranks (set by ncl-run)"),
-    "NCL_LOCAL_WORLD_SIZE": Knob(int, None, "ranks of the job on this machine (set by ncl-run)"),
+    "NCL_LOCAL_WORLD_SIZE": Knob(_int_in(1, MAX_RANKS), None, "ranks of the job on this machine (set by ncl-run)"),
     "NCL_UNIQUE_ID": Knob(str, None, "the job's secret id; names its shared-memory segments (set by ncl-run)"),
 }
 
