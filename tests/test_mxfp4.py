@@ -121,3 +121,8 @@ def test_matmul_equals_the_dense_matmul_of_the_decoded_weight(dtype, tol):
 def test_bad_arguments_are_clear_errors(call, says):
     with pytest.raises(ValueError, match=says):
         call()
+
+
+def test_the_configs_block_is_the_formats():
+    from ncl.models import configs, mxfp4
+    assert configs.MXFP4_BLOCK == mxfp4.BLOCK

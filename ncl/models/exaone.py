@@ -15,122 +15,15 @@ them, the embedding and LM head vocabulary-parallel.  The per-head norms act wit
 every rank holds the whole [head_dim] weights and they need no communication.  Tensor names are
 Hugging Face's (model.layers.{i}.self_attn.q_norm.weight, .post_feedforward_layernorm.weight, ...).
 """
-from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .configs import FULL, SLIDING, ExaoneConfig
 from .layers import KVCache, RMSNorm, apply_rope, attention
 from .llama import Attention as LlamaAttention, DenseDecoder, FeedForward, as_group, config_from
 from .weights import weight_source
-
-SLIDING, FULL = "sliding_attention", "full_attention"  # Hugging Face's layer_types strings (as gpt-oss's)
-EXAONE_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-
-
-def pattern_layer_types(n_layers: int, pattern="LLLG") -> tuple:
-    """layer_types from Hugging Face's sliding_window_pattern: an int N (every N-th layer full) or a
-    string of L (sliding) and G (full) repeated from layer 0, whose last layer is always full."""
-    if isinstance(pattern, int):
-        return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
-    types = [SLIDING if pattern[i % len(pattern)] == "L" else FULL for i in range(n_layers)]
-    return tuple(types[:-1] + [FULL])
-
-
-@dataclass
-class ExaoneConfig:
-    dim: int = 5120
-    n_layers: int = 64
-    n_heads: int = 40
-    n_kv_heads: int = 8
-    head_dim: int = 128
-    ffn_dim: int = 27392
-    vocab_size: int = 102400
-    sliding_window: Optional[int] = 4096
-    layer_types: Optional[tuple] = None   # per layer SLIDING or FULL; default LLLG repeated
-    rope_theta: float = 1000000.0
-    rope_scaling: Optional[dict] = field(default_factory=lambda: dict(EXAONE_ROPE))
-    norm_eps: float = 1e-5
-    max_seq_len: int = 131072
-    tie_embeddings: bool = False
-
-    def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"ExaoneConfig.{name} must be a positive int, not {getattr(self, name)!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ValueError(f"sliding_window must be None or a positive int, not {self.sliding_window!r}")
-        if self.layer_types is None:
-            self.layer_types = pattern_layer_types(self.n_layers, 4 if self.sliding_window else 1)
-        self.layer_types = tuple(self.layer_types)[:self.n_layers]  # fewer layers: the model's first ones
-        if len(self.layer_types) != self.n_layers or set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"layer_types must give {SLIDING!r} or {FULL!r} for each of the {self.n_layers} layers")
-        if self.sliding_window is None and SLIDING in self.layer_types:
-            raise ValueError("sliding layers need a sliding_window")
-
-    def window(self, layer: int) -> Optional[int]:
-        """The window of layer `layer` (None: it attends to every position)."""
-        return self.sliding_window if self.layer_types[layer] == SLIDING else None
-
-    def rotates(self, layer: int) -> bool:
-        """Whether layer `layer` applies RoPE: with a sliding window, only its sliding layers do."""
-        return self.sliding_window is None or self.layer_types[layer] == SLIDING
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ExaoneConfig":
-        """From a Hugging Face config.json (Exaone4ForCausalLM; rope_theta top-level or in rope_parameters)."""
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 1000000.0))
-        n_layers, window = hf["num_hidden_layers"], hf.get("sliding_window")
-        types = hf.get("layer_types")
-        if types is None:  # older configs give only the pattern
-            pattern = hf.get("sliding_window_pattern") or 4
-            types = pattern_layer_types(n_layers, pattern) if window else (FULL,) * n_layers
-        return cls(dim=hf["hidden_size"], n_layers=n_layers, n_heads=hf["num_attention_heads"],
-                   n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                   head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-                   ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], sliding_window=window,
-                   layer_types=tuple(types), rope_theta=float(theta),
-                   rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
-                   norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 131072),
-                   tie_embeddings=hf.get("tie_word_embeddings", False))
-
-    def to_hf(self) -> dict:
-        return {"architectures": ["Exaone4ForCausalLM"], "model_type": "exaone4", "hidden_size": self.dim,
-                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.ffn_dim,
-                "vocab_size": self.vocab_size, "sliding_window": self.sliding_window,
-                "layer_types": list(self.layer_types), "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling, "rms_norm_eps": self.norm_eps,
-                "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-                "hidden_act": "silu"}
-
-
-EXAONE_CONFIGS = {
-    # LGAI-EXAONE/EXAONE-4.0-32B config.json (Hugging Face), as published
-    "exaone-4.0-32b": ExaoneConfig(),
-    # for tests: 4 layers (LLLG: both kinds), a window of 4 positions, 2 KV heads (replicated at TP 4 and 8),
-    # heads * head_dim (128) != dim (64), llama3 rope scaling that matters within the test's positions
-    "exaone-tiny": ExaoneConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=160, vocab_size=256,
-                                sliding_window=4, max_seq_len=1024,
-                                rope_scaling={**EXAONE_ROPE, "original_max_position_embeddings": 64}),
-}
-
-
-def param_count(cfg: ExaoneConfig) -> int:
-    """Parameters of the whole model (all active for every token).  The model card of EXAONE-4.0-32B
-    publishes 30.95B without embeddings and a model size of 32.0B; this gives 30,954,640,384 without
-    the two (untied) embedding matrices and 32,003,216,384 in all."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    attention = 2 * cfg.dim * q + 2 * cfg.dim * kv + 2 * cfg.head_dim  # q, o; k, v; q_norm, k_norm
-    layer = attention + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim         # gate, up, down; the two post-norms
-    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * layer + embeddings + cfg.dim                  # + the final norm
-
 
 def weight_shapes(cfg: ExaoneConfig) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the model by its Hugging Face name, with its full shape."""
@@ -217,4 +110,4 @@ class Exaone(DenseDecoder):
         self.norm = _norm(source, "model.norm.weight", cfg.dim, cfg.norm_eps, dtype)
 
 
-__all__ = ["ExaoneConfig", "EXAONE_CONFIGS", "Exaone", "param_count", "weight_shapes", "SLIDING", "FULL"]
+__all__ = ["ExaoneConfig", "Exaone", "weight_shapes", "SLIDING", "FULL"]

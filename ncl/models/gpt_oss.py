@@ -23,7 +23,7 @@ Experts stay in MXFP4 (4.25 bits a weight) and are decoded inside their matmuls 
     model = GptOss(GPT_OSS_CONFIGS["gpt-oss-tiny"], comm, tp=4, ep=4, dtype=torch.float32)
     logits = model(tokens, start_pos=0)      # [B, T, vocab] float32 on every rank
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from typing import Optional, Tuple
 
@@ -35,112 +35,9 @@ from .. import moe
 from ..torch import tp as tpl
 from . import mxfp4
 from .checkpoint import read_config
+from .configs import FULL, GPT_OSS_CONFIGS, SLIDING, GptOssConfig, gpt_oss_param_count as param_count  # noqa: F401 (names of this model)
 from .layers import KVCache, RMSNorm, apply_rope, attention, rope_frequencies
 from .weights import RandomWeights, weight_source, with_weight
-
-SLIDING, FULL = "sliding_attention", "full_attention"
-
-
-@dataclass
-class GptOssConfig:
-    name: str = "gpt-oss-120b"
-    n_layers: int = 36
-    dim: int = 2880                 # hidden size
-    n_heads: int = 64
-    n_kv_heads: int = 8
-    head_dim: int = 64
-    n_experts: int = 128
-    top_k: int = 4
-    expert_dim: int = 2880          # each expert's intermediate size
-    vocab_size: int = 201088
-    sliding_window: int = 128
-    layer_types: Optional[tuple] = None   # per layer SLIDING or FULL; default: sliding, full, sliding, ...
-    rope_theta: float = 150000.0
-    rope_scaling: dict = field(default_factory=lambda: {
-        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-        "original_max_position_embeddings": 4096, "truncate": False})
-    norm_eps: float = 1e-5
-    swiglu_limit: float = 7.0
-    swiglu_alpha: float = 1.702
-    max_seq_len: int = 131072
-
-    def __post_init__(self):
-        if self.layer_types is None:
-            self.layer_types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.n_layers))
-        self.layer_types = tuple(self.layer_types)[:self.n_layers]  # fewer layers: the model's first ones
-        if len(self.layer_types) != self.n_layers or set(self.layer_types) - {SLIDING, FULL}:
-            raise ValueError(f"layer_types must give {SLIDING!r} or {FULL!r} for each of the {self.n_layers} layers")
-        if self.dim % mxfp4.BLOCK or self.expert_dim % mxfp4.BLOCK:
-            raise ValueError(f"dim ({self.dim}) and expert_dim ({self.expert_dim}) must be multiples of "
-                             f"{mxfp4.BLOCK} (MXFP4 blocks)")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be in 1..n_experts ({self.n_experts})")
-
-    @classmethod
-    def from_hf(cls, config: dict, name: str = "gpt-oss") -> "GptOssConfig":
-        """From a Hugging Face config.json (model_type gpt_oss)."""
-        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", config.get("rope_theta", 150000.0))
-        return cls(name=name, n_layers=config["num_hidden_layers"], dim=config["hidden_size"],
-                   n_heads=config["num_attention_heads"], n_kv_heads=config["num_key_value_heads"],
-                   head_dim=config.get("head_dim", config["hidden_size"] // config["num_attention_heads"]),
-                   n_experts=config["num_local_experts"],
-                   top_k=config.get("num_experts_per_tok", config.get("experts_per_token", 4)),
-                   expert_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
-                   sliding_window=config.get("sliding_window", 128), layer_types=config.get("layer_types"),
-                   rope_theta=float(theta), rope_scaling=rope or None, norm_eps=config.get("rms_norm_eps", 1e-5),
-                   swiglu_limit=config.get("swiglu_limit", 7.0),
-                   max_seq_len=config.get("max_position_embeddings", 131072))
-
-    def to_hf(self) -> dict:
-        """The Hugging Face config.json of this config (experts in MXFP4)."""
-        return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_hidden_layers": self.n_layers,
-                "hidden_size": self.dim, "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-                "head_dim": self.head_dim, "num_local_experts": self.n_experts, "num_experts_per_tok": self.top_k,
-                "experts_per_token": self.top_k, "intermediate_size": self.expert_dim, "vocab_size": self.vocab_size,
-                "sliding_window": self.sliding_window, "layer_types": list(self.layer_types),
-                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "rms_norm_eps": self.norm_eps,
-                "swiglu_limit": self.swiglu_limit, "max_position_embeddings": self.max_seq_len,
-                "attention_bias": True, "tie_word_embeddings": False, "hidden_act": "silu",
-                "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
-                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
-
-
-GPT_OSS_CONFIGS = {
-    # openai/gpt-oss-120b and -20b config.json (Hugging Face), as published
-    "gpt-oss-120b": GptOssConfig(name="gpt-oss-120b", n_layers=36, n_experts=128),
-    "gpt-oss-20b": GptOssConfig(name="gpt-oss-20b", n_layers=24, n_experts=32),
-    # for tests: every feature of the big ones at a size that runs in milliseconds
-    "gpt-oss-tiny": GptOssConfig(name="gpt-oss-tiny", n_layers=4, dim=64, n_heads=8, n_kv_heads=2, head_dim=16,
-                                 n_experts=8, top_k=2, expert_dim=64, vocab_size=256, sliding_window=4,
-                                 max_seq_len=512),
-}
-
-
-def param_count(cfg: GptOssConfig) -> Tuple[int, int]:
-    """(total, active per token) parameters, counted as OpenAI's model card does: every weight and
-    bias (MXFP4 expert weights count one parameter per value, scales not counted); active = the
-    attention, norms, router and top_k experts of every layer, plus the LM head (the embedding is a
-    lookup, not counted as active):
-
-        gpt-oss-120b  116,829,156,672 total   5,132,849,472 active   (card: 116.83B / 5.13B)
-        gpt-oss-20b    20,914,757,184 total   3,608,307,264 active   (card:  20.91B / 3.61B)
-    """
-    d, hd = cfg.dim, cfg.head_dim
-    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    attention = (d * q + q) + 2 * (d * kv + kv) + (q * d + d) + cfg.n_heads   # q, k, v, o (biases) and sinks
-    norms = 2 * d
-    router = d * cfg.n_experts + cfg.n_experts
-    expert = (d * 2 * cfg.expert_dim + 2 * cfg.expert_dim) + (cfg.expert_dim * d + d)
-    embedding = head = cfg.vocab_size * d
-    total = cfg.n_layers * (attention + norms + router + cfg.n_experts * expert) + embedding + head + d
-    active = cfg.n_layers * (attention + norms + router + cfg.top_k * expert) + head + d
-    return total, active
-
-
-# ---- groups ---------------------------------------------------------------------------------------------------
 
 def _subgroup(group, size: int, what: str):
     """The group of `size` consecutive ranks this rank belongs to (None for size 1; the group itself for N)."""

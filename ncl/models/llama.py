@@ -8,7 +8,6 @@ LM head vocabulary-parallel.  Weights carry their Hugging Face names and come fr
 (ncl.models.weights): seeded random, generated slice by slice, or a checkpoint directory read slice by
 slice; either way a rank only ever allocates its own shard.
 """
-from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,79 +16,9 @@ from torch import nn
 import ncl
 from ncl.torch.tp import ColumnParallelLinear, Group, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
+from .configs import LlamaConfig
 from .layers import KVCache, RMSNorm, apply_rope, attention, rope_frequencies
 from .weights import shard_range, weight_source, with_weight
-
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-
-
-@dataclass
-class LlamaConfig:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 8
-    ffn_dim: int = 14336
-    vocab_size: int = 128256
-    rope_theta: float = 500000.0
-    rope_scaling: Optional[dict] = field(default_factory=lambda: dict(LLAMA3_ROPE))
-    norm_eps: float = 1e-5
-    max_seq_len: int = 131072
-    tie_embeddings: bool = False
-
-    def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, not {getattr(self, name)!r}")
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads}: "
-                             "heads must divide dim and KV heads must divide heads")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM)."""
-        return cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                   n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                   ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                   rope_theta=float(hf.get("rope_theta", 10000.0)), rope_scaling=hf.get("rope_scaling"),
-                   norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 131072),
-                   tie_embeddings=hf.get("tie_word_embeddings", False))
-
-    def to_hf(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
-                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads, "intermediate_size": self.ffn_dim,
-                "vocab_size": self.vocab_size, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-                "rms_norm_eps": self.norm_eps, "max_position_embeddings": self.max_seq_len,
-                "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "head_dim": self.head_dim}
-
-
-LLAMA_CONFIGS = {
-    "llama-3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336),
-    "llama-3.3-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
-    "llama-3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),  # 3.3's architecture
-    "llama-3.1-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248),
-    # for tests: 2 KV heads, so TP 4 and 8 replicate them; long-context rope scaling as the big ones
-    "llama-tiny": LlamaConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=160, vocab_size=256,
-                              max_seq_len=1024,
-                              rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 64}),
-}
-
-
-def param_count(cfg: LlamaConfig) -> int:
-    """Parameters of the whole model (every Llama parameter is active for every token)."""
-    kv = cfg.n_kv_heads * cfg.head_dim
-    attention = cfg.dim * cfg.dim * 2 + cfg.dim * kv * 2        # wq, wo; wk, wv
-    mlp = 3 * cfg.dim * cfg.ffn_dim                             # w1, w3, w2
-    layer = attention + mlp + 2 * cfg.dim                       # + two RMSNorms
-    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * layer + embeddings + cfg.dim          # + the final norm
-
 
 def alone() -> "Group":
     """A group of one rank (this process), for TP = 1 without a launcher; made once per process."""
