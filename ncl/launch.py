@@ -189,10 +189,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 127
             return _supervise(group)
         pipe = subprocess.PIPE if args.tag_output else None
+        arm = _dies_with_launcher()
         for rank in range(n):
             try:
                 p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe,
-                                preexec_fn=_dies_with_launcher())
+                                preexec_fn=arm)
             except OSError as exc:
                 print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
                 return 127

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .configs import FULL, SLIDING, ExaoneConfig
-from .layers import KVCache, RMSNorm, apply_rope, attention
-from .llama import Attention as LlamaAttention, DenseDecoder, FeedForward, as_group, config_from
+from .layers import KVCache, apply_rope, attention
+from .llama import Attention as LlamaAttention, DenseDecoder, FeedForward, as_group, loaded_norm
 from .weights import weight_source
+
 
 def weight_shapes(cfg: ExaoneConfig) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the model by its Hugging Face name, with its full shape."""
@@ -43,12 +44,6 @@ def weight_shapes(cfg: ExaoneConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _norm(source, name: str, size: int, eps: float, dtype) -> RMSNorm:
-    norm = RMSNorm(size, eps, dtype=dtype)
-    norm.weight = nn.Parameter(source.get(name, (size,), dtype=dtype, mean=1.0), requires_grad=False)
-    return norm
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ExaoneConfig, layer: int, group, source, dtype):
         super().__init__()
@@ -56,8 +51,8 @@ class Attention(nn.Module):
         proj = LlamaAttention(cfg, prefix, group, source, dtype)  # q/k/v/o built and sharded exactly as Llama's
         self.wq, self.wk, self.wv, self.wo = proj.wq, proj.wk, proj.wv, proj.wo
         self.n_heads, self.n_kv_heads, self.head_dim = proj.n_heads, proj.n_kv_heads, proj.head_dim  # this rank's
-        self.q_norm = _norm(source, f"{prefix}.q_norm.weight", cfg.head_dim, cfg.norm_eps, dtype)
-        self.k_norm = _norm(source, f"{prefix}.k_norm.weight", cfg.head_dim, cfg.norm_eps, dtype)
+        self.q_norm = loaded_norm(source, f"{prefix}.q_norm.weight", cfg.head_dim, cfg.norm_eps, dtype)
+        self.k_norm = loaded_norm(source, f"{prefix}.k_norm.weight", cfg.head_dim, cfg.norm_eps, dtype)
         self.window, self.rotates = cfg.window(layer), cfg.rotates(layer)
         self.cache: Optional[KVCache] = None
 
@@ -82,10 +77,10 @@ class Block(nn.Module):
         group, source = as_group(group), source or weight_source(seed)
         p = f"model.layers.{index}"
         self.attention = Attention(cfg, index, group, source, dtype)
-        self.post_attention_layernorm = _norm(source, f"{p}.post_attention_layernorm.weight", cfg.dim, cfg.norm_eps,
+        self.post_attention_layernorm = loaded_norm(source, f"{p}.post_attention_layernorm.weight", cfg.dim, cfg.norm_eps,
                                               dtype)
         self.mlp = FeedForward(cfg, f"{p}.mlp", group, source, dtype)  # SwiGLU, the same tensor names as Llama's
-        self.post_feedforward_layernorm = _norm(source, f"{p}.post_feedforward_layernorm.weight", cfg.dim,
+        self.post_feedforward_layernorm = loaded_norm(source, f"{p}.post_feedforward_layernorm.weight", cfg.dim,
                                                 cfg.norm_eps, dtype)
 
     def forward(self, x, positions, cos, sin, start_pos: int):  # x: [B, T, D]
@@ -100,14 +95,8 @@ class Exaone(DenseDecoder):
     group: an ncl Communicator, torch ProcessGroup or tp.Group (None: TP = 1).  checkpoint: a Hugging
     Face directory (cfg None: its config.json) or any weight source; None: random weights from seed."""
 
-    def __init__(self, cfg: Optional[ExaoneConfig] = None, group=None, *, dtype=torch.float32, seed: int = 0,
-                 checkpoint=None):
-        super().__init__()
-        cfg = cfg if cfg is not None else config_from(ExaoneConfig, "Exaone", checkpoint)
-        source = weight_source(seed, checkpoint)
-        self._tables(cfg, group, source, dtype)
-        self.layers = nn.ModuleList(Block(cfg, i, self.group, source=source, dtype=dtype) for i in range(cfg.n_layers))
-        self.norm = _norm(source, "model.norm.weight", cfg.dim, cfg.norm_eps, dtype)
+    config_class = ExaoneConfig
+    block = Block
 
 
 __all__ = ["ExaoneConfig", "Exaone", "weight_shapes", "SLIDING", "FULL"]

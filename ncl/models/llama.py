@@ -97,9 +97,10 @@ class FeedForward(nn.Module):
         return self.w2(h)                                          # all-reduce -> [B, T, D]
 
 
-def _norm(cfg: LlamaConfig, name: str, source, dtype) -> RMSNorm:
-    norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype)
-    norm.weight = nn.Parameter(source.get(name, (cfg.dim,), dtype=dtype, mean=1.0), requires_grad=False)
+def loaded_norm(source, name: str, size: int, eps: float, dtype) -> RMSNorm:
+    """An RMSNorm of `size` whose weight is the source's tensor `name` (random ones centred on 1)."""
+    norm = RMSNorm(size, eps, dtype=dtype)
+    norm.weight = nn.Parameter(source.get(name, (size,), dtype=dtype, mean=1.0), requires_grad=False)
     return norm
 
 
@@ -110,9 +111,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         group, source = as_group(group), source or weight_source(seed)
         prefix = f"model.layers.{index}"
-        self.attention_norm = _norm(cfg, f"{prefix}.input_layernorm.weight", source, dtype)
+        self.attention_norm = loaded_norm(source, f"{prefix}.input_layernorm.weight", cfg.dim, cfg.norm_eps, dtype)
         self.attention = Attention(cfg, f"{prefix}.self_attn", group, source, dtype)
-        self.ffn_norm = _norm(cfg, f"{prefix}.post_attention_layernorm.weight", source, dtype)
+        self.ffn_norm = loaded_norm(source, f"{prefix}.post_attention_layernorm.weight", cfg.dim, cfg.norm_eps, dtype)
         self.feed_forward = FeedForward(cfg, f"{prefix}.mlp", group, source, dtype)
 
     def forward(self, x, positions, cos, sin, start_pos: int):  # x: [B, T, D]
@@ -122,14 +123,26 @@ class TransformerBlock(nn.Module):
 
 class DenseDecoder(nn.Module):
     """What a dense decoder of tensor-parallel blocks shares (Llama, EXAONE): the vocabulary-parallel
-    embedding and LM head, the KV caches, rotary tables and the forward pass.  A subclass builds
-    `self.layers` (blocks taking (h, positions, cos, sin, start_pos), each with an `attention` holding a
-    `cache`) and `self.norm`, after calling `_tables`.
+    embedding and LM head, the KV caches, rotary tables, the forward pass and the constructor.  A
+    subclass names its `config_class` and its `block` (built as block(cfg, layer, group, source=,
+    dtype=), taking (h, positions, cos, sin, start_pos), with an `attention` holding a `cache`).
 
     model.forward(tokens [B, T], start_pos) -> logits [B, T, vocab] (float32, the full vocabulary on
     every rank); model.next_tokens(tokens, start_pos) -> [B] greedy, with no vocabulary all-gather.
     After setup_cache(max_batch, max_seq) calls continue a sequence from start_pos; without a cache
     every call is a whole sequence (start_pos 0)."""
+
+    config_class: type
+    block: type
+
+    def __init__(self, cfg=None, group=None, *, dtype=torch.float32, seed: int = 0, checkpoint=None):
+        super().__init__()
+        cfg = cfg if cfg is not None else config_from(self.config_class, type(self).__name__, checkpoint)
+        source = weight_source(seed, checkpoint)
+        self._tables(cfg, group, source, dtype)
+        self.layers = nn.ModuleList(self.block(cfg, i, self.group, source=source, dtype=dtype)
+                                    for i in range(cfg.n_layers))
+        self.norm = loaded_norm(source, "model.norm.weight", cfg.dim, cfg.norm_eps, dtype)
 
     def _tables(self, cfg, group, source, dtype) -> None:
         """The embedding and LM head: this rank's rows of the vocabulary (one tensor when tied)."""
@@ -207,15 +220,8 @@ class Llama(DenseDecoder):
     group: an ncl Communicator, torch ProcessGroup or tp.Group (None: TP = 1).  checkpoint: a Hugging
     Face directory (cfg None: its config.json) or any weight source; None: random weights from seed."""
 
-    def __init__(self, cfg: Optional[LlamaConfig] = None, group=None, *, dtype=torch.float32, seed: int = 0,
-                 checkpoint=None):
-        super().__init__()
-        cfg = cfg if cfg is not None else config_from(LlamaConfig, "Llama", checkpoint)
-        source = weight_source(seed, checkpoint)
-        self._tables(cfg, group, source, dtype)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, i, self.group, source=source, dtype=dtype)
-                                    for i in range(cfg.n_layers))
-        self.norm = _norm(cfg, "model.norm.weight", source, dtype)
+    config_class = LlamaConfig
+    block = TransformerBlock
 
 
 def weight_shapes(cfg: LlamaConfig) -> Dict[str, Tuple[int, ...]]:
