@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 
+import numpy as np
 import pytest
 
 from harness import ncl_run_argv, program_failures
@@ -128,6 +129,28 @@ def test_decode_is_memory_bound_and_a_long_prefill_compute_bound():
     server = Server(load_topology("nvswitch-8gpu"), Arch.of(get_config("llama-3.1-8b")), Split(1), "bf16")
     assert model_predict.point(server, 1, 128, 512)["bound"] == "memory"
     assert model_predict.point(server, 1, 8192, 2)["bound"] == "compute"
+
+
+def test_decode_and_prompt_attention_are_separate_kernels_by_hand():
+    """A mixed step's decode attention (memory-bound) and prompt attention (compute-bound) are two kernels:
+    the step costs what the merged kernel costs plus the smaller of the two hidden parts, per layer."""
+    server = Server(load_topology("nvswitch-8gpu"), Arch.of(get_config("llama-3.1-8b")), Split(1), "bf16")
+    a, chip = server.arch, server.chip
+    decodes = Keys.decode(np.full(64, 100_000.0), 0)   # long contexts: the KV read dwarfs the new tokens' traffic
+    prompts = Keys.prefill([8192], [100_000], 0)
+    tokens, seqs = 64 + 8192, 65
+    split = server.step(tokens, seqs, (decodes, prompts)).seconds
+    merged = server.step(tokens, seqs, decodes + prompts).seconds
+    kv_row = 2 * a.n_kv_heads * a.head_dim * WEIGHT_BYTES[server.kv_precision]
+    def flops_s(keys):
+        return 4 * a.n_heads * a.head_dim * float(keys.attended_full) / chip.flops("bf16")
+    read_s = float(decodes.read_full) * kv_row / chip.bandwidth                       # decode kernel, per layer
+    assert flops_s(prompts) > read_s > 10 * flops_s(decodes)
+    # merged: the prompt's and decodes' FLOPs (compute-bound); split: the decodes' read plus the prompt's FLOPs
+    extra = a.n_layers * (read_s - flops_s(decodes) + chip.kernel_overhead_us * 1e-6)   # and one more launch
+    assert float(split - merged) == pytest.approx(extra, rel=0.01)
+    # a step of decodes alone is one kernel, as before
+    assert float(server.step(64, 64, (decodes,)).seconds) == float(server.step(64, 64, decodes).seconds)
 
 
 def test_sliding_window_keys_by_hand():

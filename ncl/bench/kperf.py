@@ -45,14 +45,14 @@ class ServerSteps:
         self.kv_capacity_tokens = max(0, int(free // per_token)) if per_token > 0 else 0
         self.window = server.arch.sliding_window
 
-    def _keys(self, decode_contexts: np.ndarray, prefill: Sequence[Tuple[int, int]]) -> Keys:
+    def _keys(self, decode_contexts: np.ndarray, prefill: Sequence[Tuple[int, int]]):
+        """The step's attention kernels: its decodes', and its prompt chunks' (Server.step)."""
         keys = Keys.decode(decode_contexts, self.window)
-        if len(prefill):
-            new, cached = np.asarray(prefill, dtype=np.float64).T
-            p = Keys.prefill(new, cached, self.window)
-            keys = Keys(*(getattr(keys, f) + getattr(p, f) for f in
-                          ("attended_full", "attended_window", "read_full", "read_window")))
-        return keys
+        if not len(prefill):
+            return keys
+        new, cached = np.asarray(prefill, dtype=np.float64).T
+        prompts = Keys.prefill(new, cached, self.window)
+        return (keys, prompts) if len(decode_contexts) else prompts
 
     def step_time(self, decode_contexts: np.ndarray, prefill: Sequence[Tuple[int, int]]) -> float:
         tokens = len(decode_contexts) + sum(n for n, _ in prefill)
@@ -78,7 +78,7 @@ class ServerSteps:
         tokens, seqs = dec + pre, np.maximum(1, dec + steps.prefill_seqs[inside])
         mean_ctx = np.where(dec > 0, ctx / np.maximum(dec, 1), 0)
         window = np.minimum(mean_ctx, self.window) * dec if self.window else ctx
-        keys = Keys(ctx + pre * (pre + 1) / 2, window + pre * (pre + 1) / 2, ctx + pre, window + pre)
+        keys = (Keys(ctx, window, ctx, window), Keys(pre * (pre + 1) / 2, pre * (pre + 1) / 2, pre, pre))
         cost = s.step(np.maximum(tokens, 1), seqs, keys)
         busy = np.minimum(cost.compute + cost.memory, dur)
         idle = chip.idle_w or 0.0

@@ -3,7 +3,10 @@
 A step runs `tokens` new tokens of `sequences` sequences through every layer (prefill chunks and decode
 tokens alike) and ends in one greedy token per sequence.  Per rank and layer the operators are the
 matmuls (FLOPs 2 x tokens x weights; bytes: the weights in their storage precision plus activations),
-attention (FLOPs 4 x heads x head_dim x keys attended; bytes: the KV cache read and written), the MoE
+attention (FLOPs 4 x heads x head_dim x keys attended; bytes: the KV cache read and written; the decodes'
+attention and the prompt chunks' are separate kernels, as in TensorRT-LLM's generation and context
+attention and vLLM's decode and prefill paths, so the one's memory traffic never hides the other's
+FLOPs, while a matmul over decode and prompt rows together reads its weights once), the MoE
 router and the experts a step touches under balanced routing, and the norms and elementwise work; then
 the embedding and the LM head (last position of each sequence).  Each operator costs
 max(FLOPs / achievable compute, bytes / achievable bandwidth) + the chip's fixed cost (chip.py).  The
@@ -71,6 +74,22 @@ class Keys:
         else:
             windowed, read_w = full, c + n
         return cls(full.sum(-1), windowed.sum(-1), (c + n).sum(-1), read_w.sum(-1))
+
+    def __add__(self, other: "Keys") -> "Keys":
+        return Keys(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
+def attention_kernels(keys) -> Tuple[Keys, ...]:
+    """A step's attention kernels: one Keys (decodes, or prompt chunks, alone) or a tuple of them."""
+    return keys if isinstance(keys, tuple) else (keys,)
+
+
+def total_keys(keys) -> Keys:
+    parts = attention_kernels(keys)
+    out = parts[0]
+    for k in parts[1:]:
+        out = out + k
+    return out
 
 
 @dataclass
@@ -184,8 +203,9 @@ class Server:
         return int(free // one) // dp * dp  # whole sequences on every data-parallel group
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def step(self, tokens, sequences, keys: Keys) -> StepCost:
-        """The cost of one step: `tokens` new tokens of `sequences` sequences (scalars, or arrays of steps)."""
+    def step(self, tokens, sequences, keys) -> StepCost:
+        """The cost of one step: `tokens` new tokens of `sequences` sequences (scalars, or arrays of steps);
+        `keys`: a Keys, or a tuple of them priced as separate attention kernels (decodes, prompt chunks)."""
         a, s = self.arch, self.split
         dp = s.dp(a)
         t = np.asarray(tokens, dtype=np.float64) / dp   # tokens through this rank's attention
@@ -204,14 +224,17 @@ class Server:
         layer = [matmul(d, qkv, t, wa, pa), matmul(hl * hd, d, t, wa, pa),
                  (np.zeros_like(t), t * d * ELEMENTWISE_PASSES * ACT_BYTES, "bf16", 4)]
         kv_row = 2 * kvl * hd * kvb
-        for n_layers, attended, read in ((a.full_layers, keys.attended_full, keys.read_full),
-                                         (a.sliding_layers, keys.attended_window, keys.read_window)):
-            if n_layers:
-                flops = 4 * hl * hd * attended / dp
-                nbytes = read / dp * kv_row + t * kv_row + 2 * t * hl * hd * ACT_BYTES
-                layer_attn = (flops * n_layers / a.n_layers, nbytes * n_layers / a.n_layers, "bf16",
-                              n_layers / a.n_layers)
-                layer.append(layer_attn)
+        kernels = attention_kernels(keys)
+        for part in kernels:
+            # the new tokens' K/V writes and q/output traffic, counted once over the step's kernels
+            new = t / len(kernels)
+            for n_layers, attended, read in ((a.full_layers, part.attended_full, part.read_full),
+                                             (a.sliding_layers, part.attended_window, part.read_window)):
+                if n_layers:
+                    flops = 4 * hl * hd * attended / dp
+                    nbytes = read / dp * kv_row + new * kv_row + 2 * new * hl * hd * ACT_BYTES
+                    layer.append((flops * n_layers / a.n_layers, nbytes * n_layers / a.n_layers, "bf16",
+                                  n_layers / a.n_layers))
         if a.moe:
             rows = np.ceil(t / s.tp)                                  # tokens this rank routes
             in_ep_group = t * dp * s.ep / self.nranks                 # tokens routed within this rank's EP group
@@ -299,13 +322,14 @@ class Server:
         return sum(lk.bandwidth_gbps for lk in self.topology.spec.links if chip in (lk.a, lk.b))
 
     # ---- floors ------------------------------------------------------------------------------------------
-    def floor(self, tokens, sequences: int, keys: Keys):
+    def floor(self, tokens, sequences: int, keys):
         """Seconds no schedule can beat: per chip the weights it must stream (the experts the step
         touches) and the KV cache it must read at peak bandwidth, or its FLOPs at peak, whichever is
         more; plus the bytes each collective must move over the chip's links at line rate."""
         a, s, chip = self.arch, self.split, self.chip
         dp = s.dp(a)
         t = np.asarray(tokens, dtype=np.float64)
+        keys = total_keys(keys)
         _, kvl = s.heads(a)
         kv = 2 * kvl * a.head_dim * WEIGHT_BYTES[self.kv_precision] / dp * (
             a.full_layers * keys.read_full + a.sliding_layers * keys.read_window)

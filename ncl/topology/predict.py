@@ -133,9 +133,10 @@ def max_throughput(server: Server, input_len: int, output_len: int, chunk_tokens
     contexts = input_len + (np.arange(running) + 0.5) * output_len / running
     dk = decode_keys(1, contexts, w)
     prompt_keys = (input_len + 1) / 2
-    keys = Keys(np.sum(dk.attended_full) + fill * prompt_keys,
-                np.sum(dk.attended_window) + fill * (min(w, prompt_keys) if w else prompt_keys),
-                np.sum(dk.read_full) + fill, np.sum(dk.read_window) + fill)
+    decodes = Keys(np.sum(dk.attended_full), np.sum(dk.attended_window), np.sum(dk.read_full),
+                   np.sum(dk.read_window))
+    prompts = Keys(fill * prompt_keys, fill * (min(w, prompt_keys) if w else prompt_keys), fill, fill)
+    keys = (decodes, prompts)
     tokens = int(math.ceil(running + fill))
     cost = server.step(tokens, running, keys)
     step_s = float(np.sum(cost.seconds))
