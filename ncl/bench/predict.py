@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_ints("--batch", allow_max=True), default=[1],
                    help="concurrent sequences; max: the largest batch whose weights and KV cache fit")
     p.add_argument("--overlap", action="store_true", help="communication overlapped with compute (default: not)")
+    p.add_argument("--compress", choices=("fp8", "int8", "mxfp4"),
+                   help="the activations' all-reduces block-scaled in this format (ncl.compress; default: not)")
     p.add_argument("--chunk-tokens", type=int, default=model_predict.CHUNK_TOKENS, help="prefill tokens per step")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
@@ -72,7 +74,7 @@ def splits_for(arch: Arch, tps, eps) -> List[Split]:
 
 
 def grid(topology, models, tps, eps, precisions, batches, lengths, kv_precision=None, overlap=False,
-         chunk_tokens=model_predict.CHUNK_TOKENS) -> List[dict]:
+         chunk_tokens=model_predict.CHUNK_TOKENS, compress=None) -> List[dict]:
     """One row per model x split x precision x batch x (input, output) length pair; splits that cannot
     shard a model and batches that do not fit come back refused, with why."""
     from ncl.models import get_config
@@ -81,7 +83,7 @@ def grid(topology, models, tps, eps, precisions, batches, lengths, kv_precision=
         arch = Arch.of(get_config(model), model)
         for split, precision in itertools.product(splits_for(arch, tps, eps), precisions):
             why = split.problem(arch)
-            server = None if why else Server(topology, arch, split, precision, kv_precision, overlap)
+            server = None if why else Server(topology, arch, split, precision, kv_precision, overlap, compress)
             for batch, (i, o) in itertools.product(batches, lengths):
                 row = dict(model=model, tp=split.tp, ep=split.ep, chips=split.world(arch), precision=precision,
                            kv_precision=server.kv_precision if server else None, input_len=i, output_len=o,
@@ -236,7 +238,7 @@ def main(p: argparse.ArgumentParser, args) -> int:
     started = time.perf_counter()
     lengths = list(itertools.product(args.input_len, args.output_len))
     result = grid(topology, args.model, args.tp, args.ep, args.precision, args.batch, lengths, args.kv_precision,
-                  args.overlap, args.chunk_tokens)
+                  args.overlap, args.chunk_tokens, args.compress)
     if args.json:
         json.dump(result, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")

@@ -158,24 +158,34 @@ def moe_rows_per_rank(arch: Arch, split: Split, tokens_per_group: int) -> int:
 
 
 def forward_collectives(arch: Arch, split: Split, tokens: int, sequences: int, act_bytes: int = 2,
-                        routing: Optional[Sequence[Tuple[int, int, int]]] = None) -> List[Collective]:
+                        routing: Optional[Sequence[Tuple[int, int, int]]] = None,
+                        compress: Optional[str] = None) -> List[Collective]:
     """The collectives of one forward pass of `tokens` new positions over `sequences` sequences (one
     rank's batch: a dense model's whole batch, a MoE rank's data-parallel share), that ends in the
     greedy next token of each sequence.  routing[layer] = (rows this rank sends, the most any rank of its
     EP group sends, rows this rank receives) in that layer's dispatch, when a run recorded its routing;
-    else balanced routing's expectation for all three (a rank receives what it sends)."""
+    else balanced routing's expectation for all three (a rank receives what it sends).  compress: the
+    activations' all-reduces go block-scaled in that format (ncl.compress: an all_to_all and an
+    all_gather of codes each)."""
     tp, n = split.tp, split.world(arch)
     act = tokens * arch.dim * act_bytes
     calls: List[Collective] = []
     tp_group = "world" if tp == n else "tp"
+
+    def summed() -> List[Collective]:  # one all-reduce of the activations
+        if compress is None:
+            return [Collective("all_reduce", act, tp_group, tp)]
+        from ..compress import wire_calls
+        return [Collective(kind, nbytes, tp_group, tp) for kind, nbytes in wire_calls(tokens * arch.dim, tp, compress)]
+
     if tp > 1:
-        calls.append(Collective("all_reduce", act, tp_group, tp))                   # vocab-parallel embedding
+        calls += summed()                                                            # vocab-parallel embedding
     for layer in range(arch.n_layers):
         if tp > 1:
-            calls.append(Collective("all_reduce", act, tp_group, tp))               # attention out projection
+            calls += summed()                                                        # attention out projection
         if not arch.moe:
             if tp > 1:
-                calls.append(Collective("all_reduce", act, tp_group, tp))           # MLP down projection
+                calls += summed()                                                    # MLP down projection
             continue
         calls += _moe_calls(arch, split, tokens, act_bytes, None if routing is None else routing[layer])
     if tp > 1:

@@ -117,7 +117,7 @@ class Server:
     """
 
     def __init__(self, topology, arch: Arch, split: Split, precision: str = "bf16",
-                 kv_precision: Optional[str] = None, overlap: bool = False):
+                 kv_precision: Optional[str] = None, overlap: bool = False, compress: Optional[str] = None):
         why = split.problem(arch)
         if why:
             raise ValueError(f"{arch.name}: {why}")
@@ -126,7 +126,11 @@ class Server:
         kv_precision = kv_precision or ("fp8" if precision == "fp8" else "bf16")
         if kv_precision not in ("bf16", "fp16", "fp8"):
             raise ValueError(f"kv_precision must be bf16, fp16 or fp8, not {kv_precision!r}")
+        if compress is not None:
+            from ..compress import check_format
+            check_format(compress)
         self.arch, self.split, self.precision, self.kv_precision, self.overlap = arch, split, precision, kv_precision, overlap
+        self.compress = compress  # the activations' all-reduces block-scaled (ncl.compress), or None
         self.nranks = split.world(arch)
         self.topology = topology.scaled(self.nranks) if self.nranks > topology.num_chips else topology
         chip = next(c for c in self.topology.spec.chips if c.name == self.topology.spec.placement[0])
@@ -275,7 +279,8 @@ class Server:
     def collectives(self, tokens: int, sequences: int):
         """The calls of one step on one rank (its data-parallel share of the batch)."""
         dp = self.split.dp(self.arch)
-        return forward_collectives(self.arch, self.split, -(-tokens // dp), max(1, -(-sequences // dp)), ACT_BYTES)
+        return forward_collectives(self.arch, self.split, -(-tokens // dp), max(1, -(-sequences // dp)), ACT_BYTES,
+                                   compress=self.compress)
 
     def comm_seconds(self, tokens: int, sequences: int) -> float:
         """Seconds in the collectives of one step.  Every layer issues the same calls, so a 1-layer and
@@ -284,7 +289,8 @@ class Server:
         if key not in self._comm:
             dp = self.split.dp(self.arch)
             t, s = -(-tokens // dp), max(1, -(-sequences // dp))
-            one, two = (sum(self.price(c) for c in forward_collectives(layers, self.split, t, s, ACT_BYTES))
+            one, two = (sum(self.price(c) for c in forward_collectives(layers, self.split, t, s, ACT_BYTES,
+                                                                       compress=self.compress))
                         for layers in self._one_two)
             if len(self._comm) > 1 << 16:  # callers with ever-new step shapes: keep the memory bounded
                 self._comm.clear()

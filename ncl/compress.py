@@ -1,0 +1,255 @@
+"""Block-scaled compressed collectives: values travel as 8- or 4-bit codes with one shared scale per
+block of 32, and are reduced in fp32.
+
+Formats (OCP Microscaling Formats (MX) v1.0, https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf):
+every block of BLOCK values shares one E8M0 scale, 2^e with e = floor(log2(max |v|)) - emax of the element
+format (section 6.3), stored as e + 127 in one byte; each value is v / 2^e rounded to nearest-even into the
+element format and clamped to its largest magnitude.  A block holding a NaN or an infinity gets the NaN
+scale (255) and comes back as all NaN.  The bytes of a block: BLOCK codes (packed two to a byte for
+4-bit ones), then, per chunk, the scales.
+
+Where rounding happens (and nowhere else), for a call on x of any float dtype:
+  all_reduce      x is cut into `size` chunks of whole blocks (the last padded with zeros).  (1) Each rank
+                  quantizes every chunk and sends chunk j to rank j (an all_to_all of codes); rank j
+                  dequantizes the `size` versions of its chunk and sums them in fp32 in rank order (AVG
+                  then divides by size).  (2) Rank j quantizes that sum once more and every rank gathers
+                  every chunk's codes (an all_gather) and dequantizes them.  (3) The fp32 values are
+                  rounded once into x's dtype.  Every rank ends with the same bits, whatever algorithm
+                  moves the codes, since the codes are copied exactly and every rank decodes the same ones.
+  reduce_scatter  (1) and (3): rank j's block is its fp32 sum, rounded once into the dtype.
+  all_gather      each rank quantizes its block once; every rank decodes every block, its own included.
+  all_to_all      each block is quantized once by its sender and decoded by its receiver.
+The codes move through the communicator's own all_to_all and all_gather (uint8), so tracing, the
+flight record and emulation see the compressed bytes.
+"""
+from typing import Any, Dict, List, NamedTuple, Tuple
+
+import numpy as np
+
+from .buffers import ReduceOp, as_buffer, check_op, output, rows
+
+BLOCK = 32                 # values per shared scale (OCP MX v1.0: k = 32 for every MX format)
+SCALE_BIAS = 127           # E8M0: 2^(code - 127); code 255 is NaN
+NAN_SCALE = 255
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Format(NamedTuple):
+    name: str
+    element: str          # ml_dtypes type name of the element ("int8": MXINT8's fixed point)
+    emax: int             # exponent of the element format's largest power of two (OCP MX v1.0, table 1)
+    bits: int             # bits per element code
+    about: str
+
+
+FORMATS: Dict[str, Format] = {f.name: f for f in (
+    Format("fp8", "float8_e4m3fn", 8, 8, "MXFP8 (E4M3 elements, max 448)"),
+    Format("int8", "int8", 0, 8, "MXINT8 (8-bit two's complement, implicit scale 2^-6; -128 unused)"),
+    Format("mxfp4", "float4_e2m1fn", 2, 4, "MXFP4 (E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6)"),
+)}
+
+
+def check_format(compress: Any) -> Format:
+    fmt = FORMATS.get(compress) if isinstance(compress, str) else None
+    if fmt is None:
+        raise ValueError(f"compress must be one of {', '.join(FORMATS)}, not {compress!r}")
+    return fmt
+
+
+def _ml_dtypes():
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError("compressed collectives need ml_dtypes >= 0.5 (pip install ml_dtypes)") from None
+    if not hasattr(ml_dtypes, "float4_e2m1fn"):
+        raise ImportError(f"compressed collectives need ml_dtypes >= 0.5 (MXFP4); this is {ml_dtypes.__version__}")
+    return ml_dtypes
+
+
+def packed_bytes(count: int, fmt: Format) -> int:
+    """Bytes of `count` values (a whole number of blocks) in the format: codes, then one scale a block."""
+    blocks = -(-count // BLOCK)
+    return blocks * (BLOCK * fmt.bits // 8 + 1)
+
+
+def bytes_per_value(fmt: Format) -> float:
+    return (BLOCK * fmt.bits / 8 + 1) / BLOCK
+
+
+def wire_calls(count: int, size: int, compress: str) -> List[Tuple[str, int]]:
+    """The (collective, bytes as the flight record counts them) a compressed all_reduce of `count`
+    values over `size` ranks issues: an all_to_all of one chunk's codes to each peer, then an
+    all_gather of one chunk's codes (what the cost model prices, and a trace records)."""
+    chunk = packed_bytes(_chunks(count, size)[0], check_format(compress))
+    return [("all_to_all", chunk), ("all_gather", chunk)]
+
+
+def quantize(values: np.ndarray, fmt: Format) -> np.ndarray:
+    """fp32 values (a multiple of BLOCK of them) -> their packed bytes (uint8)."""
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, BLOCK)
+    finite = np.isfinite(v).all(axis=1)
+    amax = np.where(finite, np.abs(np.where(np.isfinite(v), v, 0)).max(axis=1), 0)
+    with np.errstate(divide="ignore"):
+        exp = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))), -SCALE_BIAS) - fmt.emax
+    exp = np.clip(exp, -SCALE_BIAS, SCALE_BIAS).astype(np.int32)
+    scaled = np.ldexp(np.where(finite[:, None], v, 0), -exp[:, None])
+    codes = _encode(scaled, fmt)
+    scales = np.where(finite, exp + SCALE_BIAS, NAN_SCALE).astype(np.uint8)
+    return np.concatenate([codes.reshape(-1), scales])
+
+
+def dequantize(packed: np.ndarray, count: int, fmt: Format) -> np.ndarray:
+    """The fp32 values of `count` packed values (a multiple of BLOCK)."""
+    blocks = count // BLOCK
+    code_bytes = blocks * BLOCK * fmt.bits // 8
+    codes, scales = packed[:code_bytes], packed[code_bytes:code_bytes + blocks]
+    values = _decode(codes, fmt).reshape(blocks, BLOCK)
+    exp = scales.astype(np.int32) - SCALE_BIAS
+    out = np.ldexp(values, exp[:, None])
+    out[scales == NAN_SCALE] = np.nan
+    return out.reshape(-1)
+
+
+def _encode(scaled: np.ndarray, fmt: Format) -> np.ndarray:
+    if fmt.element == "int8":  # fixed point with 6 fraction bits, clamped symmetric
+        return np.clip(np.rint(scaled * 64), -127, 127).astype(np.int8).view(np.uint8)
+    ml = _ml_dtypes()
+    element = getattr(ml, fmt.element)
+    top = float(ml.finfo(element).max)
+    codes = np.clip(scaled, -top, top).astype(element).view(np.uint8)
+    if fmt.bits == 4:  # two codes a byte, the first in the low nibble
+        codes = codes.reshape(-1, 2)
+        codes = (codes[:, 0] & 0x0F) | (codes[:, 1] << 4)
+    return codes
+
+
+def _decode(codes: np.ndarray, fmt: Format) -> np.ndarray:
+    if fmt.element == "int8":
+        return codes.view(np.int8).astype(np.float32) / 64
+    element = getattr(_ml_dtypes(), fmt.element)
+    if fmt.bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).reshape(-1)
+    return codes.view(element).astype(np.float32)
+
+
+# ---- the collectives -------------------------------------------------------------------------------------------
+
+def _values(buf) -> np.ndarray:
+    """A flat numpy view of a checked buffer's elements (torch tensors through their storage)."""
+    obj = buf.obj
+    if isinstance(obj, np.ndarray):
+        return obj.reshape(-1)
+    import torch
+    flat = obj.detach().reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
+    return flat.numpy()
+
+
+def _check_float(buf, name: str) -> None:
+    from .dtypes import NAMES
+    if NAMES[buf.dtype] not in FLOAT_DTYPES:
+        raise TypeError(f"compress needs a float {name} ({', '.join(FLOAT_DTYPES)}), not {NAMES[buf.dtype]}")
+
+
+def _store(dst, values: np.ndarray) -> None:
+    """Write fp32 values into a checked buffer, rounding once into its dtype."""
+    target = _values(dst)
+    target[...] = values.astype(target.dtype)
+    if not isinstance(dst.obj, np.ndarray):  # an in-place write autograd must see, as torch's own ops bump it
+        import torch
+        torch.autograd.graph.increment_version(dst.obj)
+
+
+def _chunks(count: int, size: int) -> Tuple[int, int]:
+    """(values per chunk, a whole number of blocks; padded total) for `count` values over `size` ranks."""
+    per = -(-count // size)
+    per = -(-per // BLOCK) * BLOCK
+    return per, per * size
+
+
+def _reduce_chunks(comm, flat: np.ndarray, fmt: Format, op: ReduceOp) -> Tuple[np.ndarray, int]:
+    """Steps (1) of all_reduce and reduce_scatter: this rank's chunk summed in fp32 in rank order."""
+    size = comm.size
+    per, padded = _chunks(flat.size, size)
+    values = np.zeros(padded, dtype=np.float32)
+    values[:flat.size] = flat
+    sent = np.stack([quantize(values[j * per:(j + 1) * per], fmt) for j in range(size)])
+    got = comm.all_to_all(sent)
+    total = np.zeros(per, dtype=np.float32)
+    for r in range(size):  # rank order: the same sum on any algorithm
+        total += dequantize(got[r], per, fmt)
+    if op == ReduceOp.AVG:
+        total /= np.float32(size)
+    return total, per
+
+
+def _check_reduction(op, compress) -> Tuple[ReduceOp, Format]:
+    op = check_op(op)
+    fmt = check_format(compress)
+    if op not in (ReduceOp.SUM, ReduceOp.AVG):
+        raise ValueError(f"compress works with SUM and AVG, not {op.name}: a block-scaled code keeps neither "
+                         "order nor products")
+    return op, fmt
+
+
+def all_reduce(comm, x, compress: str, op: ReduceOp = ReduceOp.SUM, *, out=None):
+    op, fmt = _check_reduction(op, compress)
+    src = as_buffer(x, "x", writable=out is None)
+    _check_float(src, "x")
+    dst = src if out is None else output(out, src, src.shape)
+    flat = _values(src).astype(np.float32)
+    mine, per = _reduce_chunks(comm, flat, fmt, op)
+    every = comm.all_gather(quantize(mine, fmt)).reshape(comm.size, -1)
+    result = np.concatenate([dequantize(every[j], per, fmt) for j in range(comm.size)])
+    _store(dst, result[:flat.size])
+    return dst.obj
+
+
+def reduce_scatter(comm, x, compress: str, op: ReduceOp = ReduceOp.SUM, out=None):
+    op, fmt = _check_reduction(op, compress)
+    src = as_buffer(x, "x", writable=False)
+    _check_float(src, "x")
+    n = rows(src, "x")
+    if n % comm.size:
+        raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {comm.size}")
+    dst = output(out, src, (n // comm.size,) + src.shape[1:])
+    block = dst.count
+    # chunk j must be exactly rank j's block: pad each block to whole BLOCKs, so the chunks line up
+    per = -(-block // BLOCK) * BLOCK
+    padded = np.zeros((comm.size, per), dtype=np.float32)
+    padded[:, :block] = _values(src).astype(np.float32).reshape(comm.size, block)
+    mine, _ = _reduce_chunks(comm, padded.reshape(-1), fmt, op)
+    _store(dst, mine[:block])
+    return dst.obj
+
+
+def all_gather(comm, x, compress: str, out=None):
+    fmt = check_format(compress)
+    src = as_buffer(x, "x", writable=False)
+    _check_float(src, "x")
+    shape = (comm.size * src.shape[0],) + src.shape[1:] if src.shape else (comm.size,)
+    dst = output(out, src, shape)
+    per = -(-src.count // BLOCK) * BLOCK
+    values = np.zeros(per, dtype=np.float32)
+    values[:src.count] = _values(src)
+    every = comm.all_gather(quantize(values, fmt)).reshape(comm.size, -1)
+    _store(dst, np.concatenate([dequantize(every[r], per, fmt)[:src.count] for r in range(comm.size)]))
+    return dst.obj
+
+
+def all_to_all(comm, x, compress: str, out=None):
+    fmt = check_format(compress)
+    src = as_buffer(x, "x", writable=False)
+    _check_float(src, "x")
+    n = rows(src, "x")
+    if n % comm.size:
+        raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {comm.size}")
+    dst = output(out, src, src.shape)
+    block = src.count // comm.size
+    per = -(-block // BLOCK) * BLOCK
+    padded = np.zeros((comm.size, per), dtype=np.float32)
+    padded[:, :block] = _values(src).astype(np.float32).reshape(comm.size, block)
+    got = comm.all_to_all(np.stack([quantize(padded[j], fmt) for j in range(comm.size)]))
+    _store(dst, np.concatenate([dequantize(got[r], per, fmt)[:block] for r in range(comm.size)]))
+    return dst.obj
