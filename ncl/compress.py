@@ -206,19 +206,28 @@ def all_reduce(comm, x, compress: str, op: ReduceOp = ReduceOp.SUM, *, out=None)
     return dst.obj
 
 
+def _per_rank_blocks(src, size: int) -> Tuple[np.ndarray, int]:
+    """x's `size` blocks along dim 0 in fp32, each padded with zeros to whole BLOCKs: ([size, per], values
+    a block)."""
+    block = src.count // size
+    padded = np.zeros((size, -(-block // BLOCK) * BLOCK), dtype=np.float32)
+    padded[:, :block] = _values(src).astype(np.float32).reshape(size, block)
+    return padded, block
+
+
+def _divisible(src, size: int) -> None:
+    n = rows(src, "x")
+    if n % size:
+        raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {size}")
+
+
 def reduce_scatter(comm, x, compress: str, op: ReduceOp = ReduceOp.SUM, out=None):
     op, fmt = _check_reduction(op, compress)
     src = as_buffer(x, "x", writable=False)
     _check_float(src, "x")
-    n = rows(src, "x")
-    if n % comm.size:
-        raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {comm.size}")
-    dst = output(out, src, (n // comm.size,) + src.shape[1:])
-    block = dst.count
-    # chunk j must be exactly rank j's block: pad each block to whole BLOCKs, so the chunks line up
-    per = -(-block // BLOCK) * BLOCK
-    padded = np.zeros((comm.size, per), dtype=np.float32)
-    padded[:, :block] = _values(src).astype(np.float32).reshape(comm.size, block)
+    _divisible(src, comm.size)
+    dst = output(out, src, (src.shape[0] // comm.size,) + src.shape[1:])
+    padded, block = _per_rank_blocks(src, comm.size)  # chunk j is exactly rank j's block
     mine, _ = _reduce_chunks(comm, padded.reshape(-1), fmt, op)
     _store(dst, mine[:block])
     return dst.obj
@@ -242,14 +251,10 @@ def all_to_all(comm, x, compress: str, out=None):
     fmt = check_format(compress)
     src = as_buffer(x, "x", writable=False)
     _check_float(src, "x")
-    n = rows(src, "x")
-    if n % comm.size:
-        raise ValueError(f"x.shape[0] = {n} is not divisible by the communicator size {comm.size}")
+    _divisible(src, comm.size)
     dst = output(out, src, src.shape)
-    block = src.count // comm.size
-    per = -(-block // BLOCK) * BLOCK
-    padded = np.zeros((comm.size, per), dtype=np.float32)
-    padded[:, :block] = _values(src).astype(np.float32).reshape(comm.size, block)
+    padded, block = _per_rank_blocks(src, comm.size)
     got = comm.all_to_all(np.stack([quantize(padded[j], fmt) for j in range(comm.size)]))
+    per = padded.shape[1]
     _store(dst, np.concatenate([dequantize(got[r], per, fmt)[:block] for r in range(comm.size)]))
     return dst.obj

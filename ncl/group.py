@@ -2,7 +2,7 @@
 reduce_scatter along dim 0), the same on an ncl Communicator and on a torch.distributed ProcessGroup
 of any backend.  Outside ncl.torch so that ncl.moe can use it without `import ncl.torch`, which
 registers the torch.distributed backend."""
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -11,20 +11,31 @@ from .comm import Communicator
 
 
 class Group:
-    """all_reduce / all_gather / reduce_scatter along dim 0 on either kind of group."""
+    """all_reduce / all_gather / reduce_scatter along dim 0 on either kind of group.  compress: the sums
+    (all_reduce, reduce_scatter) go block-scaled in that format (ncl.compress; an ncl Communicator only)."""
 
-    def __init__(self, group: Union[Communicator, dist.ProcessGroup, "Group"]):
+    def __init__(self, group: Union[Communicator, dist.ProcessGroup, "Group"], compress: Optional[str] = None):
         if isinstance(group, Group):
-            group = group.group
+            group, compress = group.group, compress or group.compress
         self.group = group
         self.is_ncl = isinstance(group, Communicator)
         self.rank = group.rank if self.is_ncl else dist.get_rank(group)
         self.size = group.size if self.is_ncl else dist.get_world_size(group)
+        if compress is not None:
+            from . import compress as mx
+            mx.check_format(compress)
+            if not self.is_ncl:
+                raise ValueError("compress needs an ncl Communicator as the group, not a torch ProcessGroup")
+        self.compress = compress
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
-        if self.size > 1:
-            self.group.all_reduce(t) if self.is_ncl else dist.all_reduce(t, group=self.group)
+        if self.size == 1:
+            return t
+        if self.compress is not None:
+            from . import compress as mx
+            return mx.all_reduce(self.group, t, self.compress)
+        self.group.all_reduce(t) if self.is_ncl else dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,9 @@ class Group:
         t = t.contiguous()
         if self.size == 1:
             return t
+        if self.compress is not None:
+            from . import compress as mx
+            return mx.reduce_scatter(self.group, t, self.compress)
         if self.is_ncl:
             return self.group.reduce_scatter(t)
         out = torch.empty((t.shape[0] // self.size,) + t.shape[1:], dtype=t.dtype)

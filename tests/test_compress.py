@@ -83,6 +83,26 @@ def _data(seed, rank, count):
     return v.astype(np.float32)
 
 
+def _padded_block_max(v, padded):
+    """_block_max of v laid out in `padded` values (zeros after it), for v's own elements."""
+    w = np.zeros(padded, np.float64)
+    w[:v.size] = v
+    return _block_max(w)[:v.size]
+
+
+def _all_reduce_bound(partials, name, avg=False):
+    """Per element, what a compressed all_reduce of these per-rank values may miss the exact float64 sum
+    by: every rank's quantization within its share of its block maximum, then the reduced chunk's
+    requantization within its share of the reduced block maximum (bounded through the exact sum plus the
+    first stage's error); AVG scales both by 1/n."""
+    n, eps = len(partials), SHARE_OF_BLOCK_MAX[name]
+    padded = compress._chunks(partials[0].size, n)[1]
+    scale = 1 / n if avg else 1
+    sent = np.sum([eps * _padded_block_max(p, padded) for p in partials], axis=0) * scale
+    exact = np.sum([p.astype(np.float64) for p in partials], axis=0) * scale
+    return exact, sent + eps * _padded_block_max(np.abs(exact) + sent, padded) + 1e-6 * np.abs(exact)
+
+
 def _compressed_sweep(comm, seed, count, kind):
     """Every collective in every format on every rank's data; returns (failures, {case: digest}).
     References in float64 from every rank's data, with the bounds of the module doc: per element, each
@@ -90,29 +110,15 @@ def _compressed_sweep(comm, seed, count, kind):
     requantization within its share of the reduced block maximum."""
     n, me = comm.size, comm.rank
     datas = [_data(seed, r, count) for r in range(n)]
-    exact = np.sum([d.astype(np.float64) for d in datas], axis=0)
+    exact = np.sum([d.astype(np.float64) for d in datas], axis=0)  # reduce_scatter's reference
     failures, digests = [], {}
     for name in sorted(compress.FORMATS):
-        fmt = compress.FORMATS[name]
         eps = SHARE_OF_BLOCK_MAX[name]
-        per, padded = compress._chunks(count, n)
-
-        def padded_max(v, blocks_of):
-            w = np.zeros(blocks_of, np.float64)
-            w[:v.size] = v
-            return _block_max(w)[:v.size]
-
-        sent_bound = np.sum([eps * padded_max(d, padded) for d in datas], axis=0)
         for op in ("SUM", "AVG"):
             x = datas[me].copy()
             x = as_torch(x) if kind == "torch" else x
             got = as_numpy(compress.all_reduce(comm, x, name, ReduceOp[op])).astype(np.float64)
-            want = exact / n if op == "AVG" else exact
-            scale = 1 / n if op == "AVG" else 1
-            # the reduced value's own requantization: within eps of its block max (of the inexact sum; the
-            # bound uses the exact one plus the first stage's error, which covers it)
-            requant = eps * padded_max(np.abs(want) + sent_bound * scale, padded)
-            bound = sent_bound * scale + requant + 1e-6 * np.abs(want)
+            want, bound = _all_reduce_bound(datas, name, avg=op == "AVG")
             bad = np.abs(got - want) > bound
             if bad.any():
                 i = int(np.argmax(bad))
@@ -124,20 +130,20 @@ def _compressed_sweep(comm, seed, count, kind):
         got = as_numpy(compress.reduce_scatter(comm, x, name)).astype(np.float64)
         block = rows // n
         want = exact[me * block:(me + 1) * block]
-        bound = np.sum([eps * padded_max(d[me * block:(me + 1) * block], -(-block // 32) * 32) for d in datas],
+        bound = np.sum([eps * _padded_block_max(d[me * block:(me + 1) * block], -(-block // 32) * 32) for d in datas],
                        axis=0) + 1e-6 * np.abs(want)
         if (np.abs(got - want) > bound).any():
             failures.append(f"rank {me} {name} reduce_scatter beyond its bound")
         got = as_numpy(compress.all_gather(comm, datas[me][:block].copy(), name)).astype(np.float64)
         want = np.concatenate([d[:block] for d in datas]).astype(np.float64)
-        bound = np.concatenate([eps * padded_max(d[:block], -(-block // 32) * 32) for d in datas])
+        bound = np.concatenate([eps * _padded_block_max(d[:block], -(-block // 32) * 32) for d in datas])
         if (np.abs(got - want) > bound * (1 + 1e-6)).any():
             failures.append(f"rank {me} {name} all_gather beyond its bound")
         digests[f"{name} all_gather"] = digest(got)
         x = datas[me][:rows].copy()
         got = as_numpy(compress.all_to_all(comm, x, name)).astype(np.float64)
         want = np.concatenate([d[me * block:(me + 1) * block] for d in datas]).astype(np.float64)
-        bound = np.concatenate([eps * padded_max(d[me * block:(me + 1) * block], -(-block // 32) * 32)
+        bound = np.concatenate([eps * _padded_block_max(d[me * block:(me + 1) * block], -(-block // 32) * 32)
                                 for d in datas])
         if (np.abs(got - want) > bound * (1 + 1e-6)).any():
             failures.append(f"rank {me} {name} all_to_all beyond its bound")
@@ -201,3 +207,32 @@ def test_compressed_all_reduces_cost_what_their_bytes_do():
     assert comm["mxfp4"] < comm["fp8"] < comm[None]
     with pytest.raises(ValueError, match="compress must be one of"):
         Server(load_topology("pcie-gen5-8card"), arch, Split(4), "bf16", compress="fp6")
+
+
+def _row_parallel_compressed(comm, name):
+    """A RowParallelLinear with its sum compressed, against the full layer in float64 (every rank knows the
+    full weights, so every rank's partial product and the bound)."""
+    import torch
+    from ncl.torch.tp import RowParallelLinear, compress_all_reduces
+    torch.manual_seed(0)
+    full = torch.nn.Linear(192, 96)
+    x = torch.randn(5, 192) * torch.exp(torch.randn(5, 192))
+    layer = compress_all_reduces(RowParallelLinear.from_full(full, comm, input_is_parallel=False), name)
+    with torch.no_grad():
+        got = layer(x).double().numpy().reshape(-1)
+    w, xs = full.weight.detach().double(), x.double()
+    shard = 192 // comm.size
+    partials = [(xs[:, r * shard:(r + 1) * shard] @ w[:, r * shard:(r + 1) * shard].T).numpy().reshape(-1)
+                for r in range(comm.size)]
+    exact, bound = _all_reduce_bound(partials, name)
+    exact = exact + np.tile(full.bias.double().detach().numpy(), 5)
+    return float(np.max(np.abs(got - exact) - bound)), digest(got)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(compress.FORMATS))
+def test_a_row_parallel_layer_sums_compressed_within_the_bound(pool_factory, name):
+    pytest.importorskip("torch")
+    results = pool_factory(3).run(_row_parallel_compressed, name, timeout=60)
+    assert all(excess <= 0 for excess, _ in results), results
+    assert len({d for _, d in results}) == 1

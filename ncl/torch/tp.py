@@ -180,6 +180,16 @@ class VocabParallelEmbedding(nn.Module):
         return _Reduce.apply(rows, self.group)
 
 
+def compress_all_reduces(model: nn.Module, compress: Optional[str]) -> nn.Module:
+    """Make the forward sums of every RowParallelLinear and VocabParallelEmbedding in model go block-scaled
+    in `compress` (ncl.compress: fp8, int8, mxfp4; None: exact again).  Their backward and the column
+    layers are untouched; the group must be an ncl Communicator."""
+    for layer in model.modules():
+        if isinstance(layer, (RowParallelLinear, VocabParallelEmbedding)):
+            layer.group = Group(layer.group.group, compress)
+    return model
+
+
 class ParallelLMHead(nn.Module):
     """logits = x E^T with the vocabulary split (E: vocab x hidden, as an embedding's weight).
     forward() gathers the full logits; argmax() finds the most likely token with two
