@@ -113,6 +113,23 @@ def test_compare_with_deepspeed_checks_its_shm_all_reduce_or_says_why_not(tmp_pa
     assert all("unsupported" in r for r in peer if not r["in_place"]) and "ncl/deepspeed" in out
 
 
+@pytest.mark.timeout(120)
+def test_the_c_probe_builds_and_checks_its_own_all_reduce(tmp_path):
+    """benchmarks/probe_all_reduce.c (the reference registered buffers are held to) sums
+    correctly: it checks its result and exits non-zero when wrong."""
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "probe_all_reduce.c")
+    subprocess.run([cc, "-O2", "-o", str(tmp_path / "probe"), source], check=True)
+    proc = subprocess.run([str(tmp_path / "probe"), "4096", "65600"], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert [int(fields[0]) for fields in lines] == [4096, 65600] and all(float(f[1]) > 0 for f in lines)
+
+
 @pytest.mark.parametrize("args, message", [
     (["all_reduce", "-b", "1K", "-e", "8"], "larger than -e"),
     (["all_gather", "-o", "max"], "takes no reduction op"),
