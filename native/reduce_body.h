@@ -3,8 +3,8 @@
  * so the compiler vectorises the same loops for AVX-512, AVX2 and plain x86-64.
  *
  * Each kernel walks the message in blocks that stay in L1: the block's accumulator is
- * loaded from source 0, combined with sources 1..n-1 in order, finished (AVG divides) and
- * stored once.  16-bit floats accumulate in float32 and round once at the store.  Integer
+ * sources 0 and 1 combined, then combined with sources 2..n-1 in order, the last of them fused
+ * with the finish (AVG divides) and the store; two sources take one pass with no accumulator.  16-bit floats accumulate in float32 and round once at the store.  Integer
  * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
  * integer AVG sums exactly in a wider type W, so an average never overflows, then divides
  * (truncating toward zero).  Float MIN/MAX propagate NaN: the result is the NaN of the first
@@ -13,23 +13,42 @@
 #define KCAT(a, b) KCAT_(a, b)
 #define BLOCK 512
 
-#define DEFINE_KERNEL(NAME, T, A, LOAD, STORE, COMBINE, FINISH)                       \
-    static void KCAT(NAME, KERNEL_ISA)(void* dst_, const void** srcs, int nsrc, size_t count) { \
-        T* dst = dst_;                                                                \
-        A acc[BLOCK];                                                                 \
-        for (size_t base = 0; base < count; base += BLOCK) {                          \
-            size_t m = count - base < BLOCK ? count - base : BLOCK;                   \
-            const T* s0 = (const T*)srcs[0] + base;                                   \
-            for (size_t i = 0; i < m; i++) acc[i] = LOAD(s0[i]);                      \
-            for (int s = 1; s < nsrc; s++) {                                          \
-                const T* p = (const T*)srcs[s] + base;                                \
-                for (size_t i = 0; i < m; i++) {                                      \
-                    A b = LOAD(p[i]);                                                 \
-                    acc[i] = COMBINE(acc[i], b);                                      \
-                }                                                                     \
-            }                                                                         \
-            for (size_t i = 0; i < m; i++) dst[base + i] = STORE(FINISH(acc[i]));     \
-        }                                                                             \
+#define DEFINE_KERNEL(NAME, T, A, LOAD, STORE, COMBINE, FINISH)                           \
+    static void KCAT(NAME, KERNEL_ISA)(void* dst_, const void** srcs, int nsrc, size_t count) {     \
+        T* dst = dst_;                                                                    \
+        A acc[BLOCK];                                                                     \
+        for (size_t base = 0; base < count; base += BLOCK) {                              \
+            size_t m = count - base < BLOCK ? count - base : BLOCK;                       \
+            const T* s0 = (const T*)srcs[0] + base;                                       \
+            if (nsrc == 1) {                                                              \
+                for (size_t i = 0; i < m; i++) dst[base + i] = STORE(FINISH(LOAD(s0[i]))); \
+                continue;                                                                 \
+            }                                                                             \
+            const T* s1 = (const T*)srcs[1] + base;                                       \
+            if (nsrc == 2) { /* the common case in one pass: no accumulator round trip */ \
+                for (size_t i = 0; i < m; i++) {                                          \
+                    A a = LOAD(s0[i]), b = LOAD(s1[i]);                                   \
+                    dst[base + i] = STORE(FINISH(COMBINE(a, b)));                         \
+                }                                                                         \
+                continue;                                                                 \
+            }                                                                             \
+            for (size_t i = 0; i < m; i++) {                                              \
+                A a = LOAD(s0[i]), b = LOAD(s1[i]);                                       \
+                acc[i] = COMBINE(a, b);                                                   \
+            }                                                                             \
+            for (int s = 2; s < nsrc - 1; s++) {                                          \
+                const T* p = (const T*)srcs[s] + base;                                    \
+                for (size_t i = 0; i < m; i++) {                                          \
+                    A b = LOAD(p[i]);                                                     \
+                    acc[i] = COMBINE(acc[i], b);                                          \
+                }                                                                         \
+            }                                                                             \
+            const T* last = (const T*)srcs[nsrc - 1] + base;                              \
+            for (size_t i = 0; i < m; i++) {                                              \
+                A b = LOAD(last[i]);                                                      \
+                dst[base + i] = STORE(FINISH(COMBINE(acc[i], b)));                        \
+            }                                                                             \
+        }                                                                                 \
     }
 
 #define K_ID(x) (x)

@@ -138,10 +138,9 @@ def check_aliasing(x: Buffer, out: Buffer, call: str, in_place_at: Optional[int]
     """Refuse an out that overlaps x other than in the call's one in-place layout: x starting
     in_place_at bytes into out (None: no overlap allowed).  Peers may read x while this rank
     writes out, so any other overlap would hand them half-written data."""
-    if not x.nbytes or not out.nbytes:
-        return
-    xa, oa = int(ffi.cast("uintptr_t", x.ptr)), int(ffi.cast("uintptr_t", out.ptr))
-    if xa + x.nbytes <= oa or oa + out.nbytes <= xa or (in_place_at is not None and xa - oa == in_place_at):
+    xa, oa = x.ptr, out.ptr  # cffi pointers compare and add by address (void * in bytes): no int() round trip
+    if (not x.nbytes or not out.nbytes or xa + x.nbytes <= oa or oa + out.nbytes <= xa
+            or (in_place_at is not None and oa + in_place_at == xa)):
         return
     raise ValueError(f"out overlaps x, which {call} does not allow: {layout}; give out its own memory")
 

@@ -16,7 +16,7 @@ call; the caller creates one per group, uses it for every MoE layer, and closes 
         layout = buffer.get_dispatch_layout(topk_idx, num_experts)
         recv_x, recv_idx, recv_w, handle = buffer.dispatch(x, topk_idx, topk_weights, layout)
         y = buffer.combine(expert_out, handle)
-        # decode: fixed slots, no count exchange
+        # decode: fixed slots, no count exchange, rows with their ids and weights in one exchange
         recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, topk_idx, topk_weights, M, num_experts=E)
         y = buffer.low_latency_combine(expert_out, handle)
 
@@ -475,30 +475,40 @@ class Buffer:
         return self._slots[key]
 
     def _dispatch_low_latency(self, x, topk_idx, topk_weights, num_experts: int, slots: int):
-        """One fixed-size exchange for the rows, one for their ids, weights and flags (1: a real
-        row), written straight into the registered send slots."""
+        """One fixed-size exchange of a block per rank pair: `slots` rows, then their meta rows
+        [k ids | k weights | flag (1: a real row)] in float64, written straight into the
+        registered send slots (each destination's rows gathered into its block in one pass,
+        only the unused rows cleared) and read out of the received blocks in one copy each."""
         group = self.group
-        n, per, k = group.size, num_experts // group.size, topk_idx.shape[1]
+        n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
         r = _route(idx, _is_in(idx, per, n), per)
-        starts = np.repeat(np.cumsum([0] + r.send_counts[:-1]), r.send_counts)
-        at = r.dest * slots + np.arange(len(r.token)) - starts  # block of the destination, its next free slot
-        rows, recv_rows = self._slot_pair((n * slots, x.shape[1]), x.dtype)
-        meta, recv_meta = self._slot_pair((n * slots, 2 * k + 1), torch.float64)
-        rows.zero_()
-        send_token = torch.from_numpy(r.token)
-        rows.index_copy_(0, torch.from_numpy(at), x.index_select(0, send_token))
-        m = meta.numpy()
-        m[:, :k], m[:, k:] = -1, 0
-        m[at, :k] = r.ids
-        m[at, k:2 * k] = topk_weights.double().numpy()[r.token]
-        m[at, 2 * k] = 1.0
-        recv_x = _fixed_exchange(group, rows, recv_rows).clone()
-        got = _fixed_exchange(group, meta, recv_meta)
-        recv_counts = got[:, 2 * k].view(n, slots).sum(1).long().tolist()
-        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], x.shape[1], slots=slots)
-        # copies: the slots are overwritten by the next exchange
-        return recv_x, got[:, :k].long(), got[:, k:2 * k].to(topk_weights.dtype, copy=True), handle
+        payload = slots * hidden * x.element_size()
+        rows_bytes = -(-payload // 8) * 8  # the meta rows start 8-byte aligned
+        send, recv = self._slot_pair((n, rows_bytes + slots * (2 * k + 1) * 8), torch.uint8)
+        rows = send[:, :payload].view(x.dtype).view(n, slots, hidden)
+        xs, send_token = x.detach().contiguous(), torch.from_numpy(r.token)
+        at = 0
+        for dest, count in enumerate(r.send_counts):
+            torch.index_select(xs, 0, send_token[at:at + count], out=rows[dest, :count])
+            if count < slots:
+                rows[dest, count:].zero_()
+            at += count
+        meta = send.numpy()[:, rows_bytes:].view(np.float64).reshape(n, slots, 2 * k + 1)
+        meta[..., :k], meta[..., k:] = -1, 0
+        slot = np.arange(len(r.token)) - np.repeat(np.cumsum([0] + r.send_counts[:-1]), r.send_counts)
+        meta[r.dest, slot, :k] = r.ids
+        meta[r.dest, slot, k:2 * k] = _weights_array(topk_weights)[r.token]
+        meta[r.dest, slot, 2 * k] = 1.0
+        got = _fixed_exchange(group, send, recv)
+        # copies (the next exchange overwrites the slots): block s of recv_x is rank s's rows
+        recv_x = torch.empty((n, slots, hidden), dtype=x.dtype)
+        recv_x.copy_(got[:, :payload].view(x.dtype).view(n, slots, hidden))
+        recv_meta = got.numpy()[:, rows_bytes:].view(np.float64).reshape(n * slots, 2 * k + 1)
+        recv_counts = np.count_nonzero(recv_meta[:, 2 * k].reshape(n, slots), axis=1).tolist()
+        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], hidden, slots=slots)
+        return (recv_x.view(n * slots, hidden), torch.from_numpy(recv_meta[:, :k].astype(np.int64)),
+                _weights_tensor(recv_meta[:, k:2 * k].copy(), topk_weights), handle)
 
 
 def _group(group) -> Group:

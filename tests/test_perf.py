@@ -90,12 +90,52 @@ def test_compare_with_gloo_prints_ratios(tmp_path):
     assert "time ratio ncl / peer" in out and "ncl/gloo" in out and "median over rounds" in out
 
 
+@pytest.mark.timeout(300)
+def test_compare_with_deepspeed_checks_its_shm_all_reduce_or_says_why_not(tmp_path):
+    """DeepSpeed's in-place shm all_reduce is checked like any peer; where DeepSpeed is not installed
+    the sweep still runs ncl and says why the peer was skipped."""
+    import importlib.util
+    code, out, err = _perf(["all_reduce", "-b", "8", "-e", "64K", "-f", "8192", "-n", "2", "-d", "bfloat16", *QUICK,
+                            "--compare", "deepspeed", "--json", "r.json"], tmp_path, timeout=280)
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    peer = [r for r in rows if r["backend"] == "deepspeed"]
+    assert {r["backend"] for r in rows} >= {"ncl"}
+    if not importlib.util.find_spec("deepspeed"):
+        assert "--compare deepspeed: skipped" in out and not peer
+        return
+    measured = [r for r in peer if "time_us" in r]
+    if not measured:  # installed but its op cannot build here: the reason is printed
+        assert "deepspeed: not measured:" in out, out
+        return
+    assert sorted(r["size"] for r in measured) == [8, 65536] and all(r["in_place"] and r["wrong"] == 0
+                                                                     for r in measured)
+    assert all("unsupported" in r for r in peer if not r["in_place"]) and "ncl/deepspeed" in out
+
+
+@pytest.mark.timeout(120)
+def test_the_c_probe_builds_and_checks_its_own_all_reduce(tmp_path):
+    """benchmarks/probe_all_reduce.c (the reference registered buffers are held to) sums
+    correctly: it checks its result and exits non-zero when wrong."""
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler")
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "probe_all_reduce.c")
+    subprocess.run([cc, "-O2", "-o", str(tmp_path / "probe"), source], check=True)
+    proc = subprocess.run([str(tmp_path / "probe"), "4096", "65600"], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    assert [int(fields[0]) for fields in lines] == [4096, 65600] and all(float(f[1]) > 0 for f in lines)
+
+
 @pytest.mark.parametrize("args, message", [
     (["all_reduce", "-b", "1K", "-e", "8"], "larger than -e"),
     (["all_gather", "-o", "max"], "takes no reduction op"),
     (["all_reduce", "-n", "0"], "must be >= 1"),
     (["all_reduce", "-r", "2", "-n", "2"], "not a rank"),
-    (["all_reduce", "--compare", "nccl"], "mpi and/or gloo"),
+    (["all_reduce", "--compare", "nccl"], "mpi, gloo and/or deepspeed"),
     (["all_reduce", "-b", "12Q"], "not a size"),
     (["moe", "--experts", "6", "-n", "4"], "must divide by every rank count"),
     (["moe", "--experts", "8", "--topk", "9"], "1 <= --topk <= --experts"),

@@ -1,4 +1,5 @@
-"""The same collectives through three transports: ncl, MPI (mpi4py) and torch.distributed's gloo.
+"""The same collectives through four transports: ncl, MPI (mpi4py), torch.distributed's gloo and
+DeepSpeed's CPU shared-memory all-reduce (deepspeed.comm.inference_all_reduce, over a gloo group).
 
 Each backend is driven with numpy buffers that the worker allocates (`wrap` turns them into
 what the transport takes, sharing memory) and runs one call as a user of that library would
@@ -7,9 +8,15 @@ rather than emulated with extra copies:
 - MPI has no out-of-place broadcast, and its in-place reduce_scatter puts the result at the
   start of the buffer (not at the rank's block, as NCCL and ncl do);
 - gloo's all_reduce, reduce and broadcast work in place only, and it has no in-place forms of
-  the gathering collectives.
+  the gathering collectives;
+- DeepSpeed's shared-memory op is an in-place sum over bfloat16, float16 and float32 only (it
+  hands anything else to gloo, which would not be DeepSpeed's number).
 """
+import contextlib
+import glob
 import os
+import sys
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -202,6 +209,70 @@ class GlooBackend(Backend):
         self.dist.destroy_process_group()
 
 
+class DeepSpeedBackend(GlooBackend):
+    """deepspeed.comm.inference_all_reduce on the gloo group (barriers and bookkeeping stay gloo's).
+
+    Its op is a C++ extension that DeepSpeed builds with g++ at first use; where DeepSpeed is
+    missing or the op cannot build, every measurement is unsupported with the reason (printed
+    once), so a sweep still runs ncl and the other peers.  The op names its shared memory after
+    MASTER_ADDR and MASTER_PORT and never unlinks it (64 MiB per rank): each sweep gets its own
+    name from its rendezvous file, and close() removes this rank's segment."""
+    name, library, calls = "deepspeed", "DeepSpeed's shm all-reduce", {("all_reduce", True)}
+    DTYPES = ("bfloat16", "float16", "float32")
+    SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
+
+    def __init__(self, rendezvous_file: str):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + zlib.crc32(rendezvous_file.encode()) % 40000))
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        super().__init__(rendezvous_file)
+        self.ops, self.why_not = {}, None
+        if self.size > (os.cpu_count() or 1):
+            self.why_not = (f"DeepSpeed's shm all-reduce spins in its waits: {self.size} ranks on {os.cpu_count()} "
+                            "CPUs take minutes per size, so it is not run oversubscribed")
+        elif os.environ.get("LOCAL_SIZE") != str(self.size):  # the op segfaults without it
+            self.why_not = f"LOCAL_SIZE must be the local rank count {self.size} (ncl-perf sets it)"
+        else:
+            self.why_not = self._load_op()
+        if self.why_not is None:
+            self.ops = {"sum": None}
+        elif self.rank == 0:
+            print(f"# deepspeed: not measured: {self.why_not}", flush=True)
+
+    def _load_op(self) -> Optional[str]:
+        """None when the shared-memory op is ready, else why not."""
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the rows; DeepSpeed prints there
+                import deepspeed.comm as dc
+                dc.init_distributed(dist_backend="gloo")
+                backend = dc.comm.cdb
+        except Exception as exc:  # ImportError, or anything its accelerator probe or build raises
+            return f"DeepSpeed is not usable here ({type(exc).__name__}: {exc}); pip install 'ncl[peers]'"
+        if getattr(backend, "shm_comm_op", None) is None:
+            return "DeepSpeed's ShareMemCommBuilder op did not build (g++ and the torch headers are needed)"
+        if getattr(backend, "shm_vector_kernel_level", 0) < 2:
+            return "DeepSpeed's shm kernels need avx512bw for bfloat16 and float16 (it would fall back to gloo)"
+        self.all_reduce = dc.inference_all_reduce
+        return None
+
+    def unsupported(self, coll, in_place, op, dtype):
+        if self.why_not:
+            return self.why_not
+        why = super().unsupported(coll, in_place, op, dtype)
+        if why is None and dtype.name not in self.DTYPES:
+            why = f"{self.library} has no {dtype.name} kernel (only {', '.join(self.DTYPES)})"
+        return why
+
+    def run(self, coll, send, recv, op, root, in_place):
+        self.all_reduce(recv)
+
+    def close(self):
+        self.dist.barrier()  # nobody maps a peer's segment any more
+        for path in glob.glob(self.SHM_GLOB.format(addr=os.environ["MASTER_ADDR"], port=os.environ["MASTER_PORT"],
+                                                   rank=self.rank)):
+            os.unlink(path)
+        super().close()
+
+
 def create(name: str, *, registered: bool = False, rendezvous_file: str = "") -> Backend:
     if name == "ncl":
         return NclBackend(registered)
@@ -209,4 +280,6 @@ def create(name: str, *, registered: bool = False, rendezvous_file: str = "") ->
         return MpiBackend()
     if name == "gloo":
         return GlooBackend(rendezvous_file)
-    raise ValueError(f"unknown backend {name!r}: choose ncl, mpi or gloo")
+    if name == "deepspeed":
+        return DeepSpeedBackend(rendezvous_file)
+    raise ValueError(f"unknown backend {name!r}: choose ncl, mpi, gloo or deepspeed")

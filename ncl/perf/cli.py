@@ -1,10 +1,13 @@
 """ncl-perf: nccl-tests-style sweeps of one collective over message sizes, on local ranks it
-starts itself, optionally side by side with MPI (mpi4py, under mpiexec) and torch's gloo.
+starts itself, optionally side by side with MPI (mpi4py, under mpiexec), torch's gloo and
+DeepSpeed's shared-memory all-reduce.
 
     ncl-perf all_reduce -b 8 -e 64M -f 4 -n 2,8 --compare mpi,gloo --csv out.csv --plot out.png
+    ncl-perf all_reduce -b 8 -e 16M -f 8 -d bfloat16 --compare deepspeed --repeat 3
     ncl-perf moe --hidden 2880 --experts 128 --topk 4 --tokens 1,16,128 -n 2,4,8   (ncl/perf/moe.py)
 """
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -12,7 +15,7 @@ from typing import Dict, List, Optional
 
 from ..env import parse_bytes
 from . import report, specs
-from .runner import Progress, launch_argv, mpiexec, peers, rank_counts, run_worker
+from .runner import Progress, launch_argv, mpiexec, peers_parser, rank_counts, run_worker
 
 
 def _size(text: str) -> int:
@@ -45,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="verify results")
     p.add_argument("-R", "--registered", type=int, choices=(0, 1), default=0,
                    help="1: ncl buffers from comm.empty (registered, no staging copies)")
-    p.add_argument("--compare", type=peers, default=[], help="also run the sweep through mpi and/or gloo")
+    p.add_argument("--compare", type=peers_parser("mpi", "gloo", "deepspeed"), default=[],
+                   help="also run the sweep through mpi, gloo and/or deepspeed (its shm inference_all_reduce)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every backend's sweep this many times, interleaved, and report the median time "
                         "(this host's speed drifts by 2-4x over minutes: interleaving keeps ratios fair)")
@@ -102,6 +106,10 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
             import torch.distributed  # noqa: F401
         except ImportError:
             p.error("--compare gloo needs torch: pip install torch==2.13.0")
+    if "deepspeed" in cfg.compare and not all(importlib.util.find_spec(m) for m in ("torch", "deepspeed")):
+        report.log("# --compare deepspeed: skipped, DeepSpeed (or torch) is not installed: "
+                   "DS_BUILD_OPS=0 pip install 'ncl[peers]'")
+        cfg.compare.remove("deepspeed")
 
 
 def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
@@ -119,6 +127,8 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
         cmd = _command(backend, n, cfg, os.path.join(tmp, "rendezvous"))
         env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
+        if backend == "deepspeed":  # its op segfaults unless told how many ranks share this host
+            env["LOCAL_SIZE"] = str(n)
         progress.write(report.header(cfg.collective, backend, n, cfg)
                        + (f"\n# round {round_ + 1} of {cfg.repeat}" if cfg.repeat > 1 else ""))
         pending = {}

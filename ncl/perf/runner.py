@@ -29,13 +29,20 @@ def counts_parser(what: str, example: str):
 rank_counts = counts_parser("rank counts", "8 or 2,4,8")
 
 
-def peers(text: str) -> List[str]:
-    """An argparse type for --compare: mpi and/or gloo."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    for p in names:
-        if p not in ("mpi", "gloo"):
-            raise argparse.ArgumentTypeError(f"--compare takes mpi and/or gloo, not {p!r}")
-    return names
+def peers_parser(*allowed: str):
+    """An argparse type for --compare: comma-separated names among `allowed`."""
+    listed = " and/or ".join([", ".join(allowed[:-1]), allowed[-1]] if len(allowed) > 1 else allowed)
+
+    def parse(text: str) -> List[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        for p in names:
+            if p not in allowed:
+                raise argparse.ArgumentTypeError(f"--compare takes {listed}, not {p!r}")
+        return names
+    return parse
+
+
+peers = peers_parser("mpi", "gloo")  # ncl-perf moe's peers
 
 
 def mpiexec():
@@ -47,11 +54,11 @@ def mpiexec():
 def launch_argv(backend: str, n: int, module: str, settings: dict, rendezvous: str, hosts: int = 1,
                 timeout: float = 300.0, topology: Optional[str] = None, emulate: str = "account") -> List[str]:
     """The command that starts a sweep worker (`python -m module`) on n ranks of a backend:
-    mpiexec for MPI, ncl-run for ncl and gloo (gloo meets through a rendezvous file)."""
+    mpiexec for MPI, ncl-run for the others (gloo and DeepSpeed meet through a rendezvous file)."""
     worker = [sys.executable, "-m", module, "--backend", backend, "--config", json.dumps(settings)]
     if backend == "mpi":
         return [mpiexec(), "-n", str(n)] + worker
-    if backend == "gloo":
+    if backend in ("gloo", "deepspeed"):
         worker += ["--rendezvous-file", rendezvous]
     flags = ["--hosts", str(hosts)] if backend == "ncl" and hosts > 1 else []
     if backend == "ncl" and topology:
