@@ -188,10 +188,10 @@ int ncl_fail(ncl_comm* c, int status) {
     return status;
 }
 
-int ncl_comm_abort(ncl_comm* c) {
+int ncl_comm_abort(ncl_comm* c, const char* reason) {
     if (!c) return NCL_OK;
     c->broken = NCL_ERR_STATE;
-    leave(c, NCL_ERR_PEER, "it called abort()");
+    leave(c, NCL_ERR_PEER, reason ? reason : "it called abort()");
     ncl_wake_waiters(c);
     return NCL_OK;
 }

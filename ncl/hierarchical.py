@@ -202,8 +202,8 @@ class HierarchicalBackend:
         """Registered memory of this host's ranks (the intra-host steps read it in place)."""
         return self.local.window(nbytes)
 
-    def abort(self) -> None:
-        self.local.abort()
+    def abort(self, reason: Optional[str] = None) -> None:
+        self.local.abort(reason)
 
     def close(self) -> None:
         self._destroy()

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import harness` from any rootdir
 
-from harness import Pools, RankPool  # noqa: E402
+from harness import Pools, RankPool, ncl_files  # noqa: E402
 
 # The fast tier, `pytest -m fast` (under 30 s alone): the tests that start no ranks (no rank pool, no ncl-run,
 # no mpiexec; a test may run one short helper interpreter, as test_imports does for a fresh `import ncl`).
@@ -90,6 +90,15 @@ def _fast_tests_start_no_ranks(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", popen)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda self: refuse("a multiprocessing process"))
     yield
+
+
+@pytest.fixture
+def no_leftover_segments():
+    """For modules of whole jobs (`pytestmark = pytest.mark.usefixtures(...)`): the test's jobs left nothing
+    in /dev/shm."""
+    before = ncl_files()
+    yield
+    assert ncl_files() - before == set(), "a job left shared-memory segments behind"
 
 
 @pytest.fixture(scope="session")
