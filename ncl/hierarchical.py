@@ -38,7 +38,7 @@ from .comm import Communicator
 from .errors import NclError, NclMismatchError, NclStateError
 from .job import get_unique_id
 from .shm import SharedMemoryBackend
-from .transport.mpi import MpiTransport, import_mpi
+from .transport.mpi import MpiTransport, abort_at_exit, import_mpi
 from .tuning import options
 
 _TAG = 77
@@ -193,6 +193,8 @@ class HierarchicalBackend:
             _ALGORITHMS[call.collective](self, call)
         except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
             self._broken = f"{type(exc).__name__}: {exc}"
+            self.local.abort(f"it failed with {self._broken}")  # this host's ranks learn why (an MPI timeout, say)
+            abort_at_exit()
             raise
 
     def last_call(self) -> None:

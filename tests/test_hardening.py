@@ -177,3 +177,37 @@ def test_a_segment_removed_during_setup_is_reported_as_removed_at_once():
         out = rank0.communicate(timeout=30)[0]
     assert "NclSystemError" in out and "was removed from /dev/shm" in out, out
     assert float(out.split()[0]) < 10, out
+
+
+STOPPED_HOST = """
+    import os, signal, sys, numpy as np, ncl
+    c = ncl.init()
+    x = np.ones(4)
+    c.all_reduce(x)
+    if c.rank == 3:
+        os.kill(os.getpid(), signal.SIGSTOP)  # stopped, not dead: MPI_Finalize would wait for it
+    try:
+        c.all_reduce(x)
+    except ncl.NclError as e:
+        print(f"rank {c.rank} {type(e).__name__}: {e}", flush=True)
+        raise
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("launcher", ["mpiexec", "ncl-run"])
+def test_a_stopped_rank_on_another_host_does_not_hang_the_job_at_exit(tmp_path, launcher):
+    prog = tmp_path / "prog.py"
+    prog.write_text(textwrap.dedent(STOPPED_HOST))
+    if launcher == "mpiexec":
+        argv = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "4", sys.executable, str(prog)]
+    else:
+        argv = [sys.executable, "-m", "ncl.run", "-n", "4", "--hosts", "2", sys.executable, str(prog)]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
+    environ.update(NCL_HOSTS="2", NCL_TIMEOUT="5")
+    start = time.monotonic()
+    proc = supervisor.run(argv, timeout=45, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ, cwd=REPO)
+    seconds = time.monotonic() - start
+    assert proc.code is not None and seconds < 5 + 10 + 5, f"the job hung ({seconds:.0f} s): {proc.stderr[-3000:]}"
+    assert proc.code != 0
+    assert re.search(r"rank 0 NclTimeoutError: .*over MPI .*timed out after 5.0 s", proc.stdout), proc.stdout

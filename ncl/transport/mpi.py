@@ -33,6 +33,13 @@ def import_mpi():
     return MPI
 
 
+def abort_at_exit() -> None:
+    """Once a group error has broken a communicator that spans hosts, a peer may be dead or
+    stopped, and MPI_Finalize at exit would wait for it for good: end this process with
+    MPI_Abort instead (mpi4py's abort status), which ends the whole MPI job with it."""
+    import_mpi()._set_abort_status(1)
+
+
 def _bytes(a: np.ndarray):
     """An MPI buffer spec of a contiguous array's raw bytes."""
     return [a.reshape(-1).view(np.uint8), import_mpi().BYTE]
