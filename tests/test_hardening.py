@@ -69,19 +69,30 @@ def test_ctrl_c_in_a_wait_interrupts_it_and_peers_learn_why_under_ncl_run():
     check_ctrl_c(out.splitlines())
 
 
+def job(tmp_path, launcher, n, program, *, hosts=1, extra_env=None, timeout=45):
+    """Run a program's text on n ranks under a launcher (ncl-run, mpiexec or torchrun, whose ranks run the
+    program with the argument "torch"); returns supervisor.Finished and the seconds it took."""
+    prog = str(tmp_path / "prog.py")
+    with open(prog, "w") as f:
+        f.write(textwrap.dedent(program))
+    argv = {"ncl-run": [sys.executable, "-m", "ncl.run", "-n", str(n), "--hosts", str(hosts), sys.executable, prog],
+            "mpiexec": [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", str(n), sys.executable, prog],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), prog, "torch"]}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
+    environ.update(extra_env or {})
+    start = time.monotonic()
+    proc = supervisor.run(argv[launcher], timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=environ, cwd=REPO)
+    return proc, time.monotonic() - start
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_ctrl_c_in_a_wait_interrupts_it_and_peers_learn_why_under(tmp_path, launcher):
-    prog = tmp_path / "prog.py"
-    prog.write_text(textwrap.dedent(CTRL_C_IN_A_WAIT))
     if launcher == "torchrun":
         pytest.importorskip("torch")
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", str(prog), "torch"]
-    else:
-        argv = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "3", sys.executable, str(prog)]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=110, env=environ, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, _ = job(tmp_path, launcher, 3, CTRL_C_IN_A_WAIT, timeout=110)
+    assert proc.code == 0, proc.stderr[-3000:]
     check_ctrl_c(proc.stdout.splitlines())
 
 
@@ -197,17 +208,7 @@ STOPPED_HOST = """
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("launcher", ["mpiexec", "ncl-run"])
 def test_a_stopped_rank_on_another_host_does_not_hang_the_job_at_exit(tmp_path, launcher):
-    prog = tmp_path / "prog.py"
-    prog.write_text(textwrap.dedent(STOPPED_HOST))
-    if launcher == "mpiexec":
-        argv = [os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "4", sys.executable, str(prog)]
-    else:
-        argv = [sys.executable, "-m", "ncl.run", "-n", "4", "--hosts", "2", sys.executable, str(prog)]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
-    environ.update(NCL_HOSTS="2", NCL_TIMEOUT="5")
-    start = time.monotonic()
-    proc = supervisor.run(argv, timeout=45, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environ, cwd=REPO)
-    seconds = time.monotonic() - start
+    proc, seconds = job(tmp_path, launcher, 4, STOPPED_HOST, hosts=2, extra_env={"NCL_HOSTS": "2", "NCL_TIMEOUT": "5"})
     assert proc.code is not None and seconds < 5 + 10 + 5, f"the job hung ({seconds:.0f} s): {proc.stderr[-3000:]}"
     assert proc.code != 0
     assert re.search(r"rank 0 NclTimeoutError: .*over MPI .*timed out after 5.0 s", proc.stdout), proc.stdout
