@@ -14,7 +14,7 @@ import time
 import pytest
 
 import ncl
-from harness import REPO, launch, spawn
+from harness import REPO, launch, pid_alive, spawn
 from ncl import supervisor
 from ncl.job import segment_name
 
@@ -225,3 +225,19 @@ def test_a_stopped_rank_on_another_host_does_not_hang_the_job_at_exit(tmp_path, 
     mapped = {line.split()[-1] for maps in glob.glob("/proc/[0-9]*/maps") for line in _lines(maps)}
     assert set(glob.glob("/dev/shm/mpich_shm_*")) - before - mapped == set()
     assert re.search(r"rank 0 NclTimeoutError: .*over MPI .*timed out after 5.0 s", proc.stdout), proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_processes_a_rank_leaves_behind_end_with_the_job():
+    """`sleep 77 &` in a rank, and one more in a session of its own: both used to outlive a successful job."""
+    code = """
+        import subprocess
+        left = [subprocess.Popen(["sleep", "77"]), subprocess.Popen(["sleep", "78"], start_new_session=True)]
+        print(*(p.pid for p in left), flush=True)
+    """
+    rc, out, err, seconds = launch(2, code)
+    pids = [int(pid) for pid in out.split()]
+    assert rc == 0 and len(pids) == 4, (out, err)
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert "ncl-run: stopped 4 processes the ranks left running" in err, err
+    assert seconds < 30
