@@ -185,6 +185,7 @@ int ncl_fail(ncl_comm* c, int status) {
     if (status == NCL_OK || status == NCL_ERR_ARGUMENT) return status;
     c->broken = status;
     leave(c, status, ncl_last_error());
+    ncl_wake_waiters(c); /* peers asleep on this rank learn now, not at their next check */
     return status;
 }
 

@@ -137,9 +137,9 @@ void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t v
 
 /* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters. */
 static int check_peers(ncl_comm* c, int watch, double now, double deadline, double* next_check, const char* what) {
-    NCL_CHECK(ncl_interrupted(what));
     if (now < *next_check) return NCL_OK;
     *next_check = now + LIVENESS_PERIOD_S;
+    NCL_CHECK(ncl_interrupted(what));
     int rc = ncl_peer_alive(c, watch);
     if (rc != NCL_OK) {
         char msg[768];
@@ -159,7 +159,10 @@ int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32
     for (unsigned i = 1; !c->oversubscribed; i++) {
         cpu_relax();
         if (reached(word, target)) return NCL_OK;
-        if ((i & 63) == 0 && (now = ncl_now()) > spin_until) break;
+        if ((i & 63) == 0) { /* a long NCL_SPIN_US still checks peers and interrupts */
+            if ((now = ncl_now()) > spin_until) break;
+            NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
+        }
     }
     /* Phase 2: yield the core to whoever is runnable. */
     double yield_until = now + c->yield_us * 1e-6;

@@ -206,6 +206,8 @@ class HierarchicalBackend:
 
     def abort(self, reason: Optional[str] = None) -> None:
         self.local.abort(reason)
+        self._broken = self._broken or f"aborted: {reason or 'abort()'}"
+        abort_at_exit()  # the other hosts' ranks may be waiting for this one
 
     def close(self) -> None:
         self._destroy()

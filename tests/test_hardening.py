@@ -21,7 +21,7 @@ from ncl.job import segment_name
 pytestmark = pytest.mark.usefixtures("no_leftover_segments")
 
 # Rank 0 is interrupted (a real SIGINT, default handler) while it waits in an all_reduce for rank 2, which
-# never comes; rank 1 waits there too and must learn why within a second.  The three print CLOCK_MONOTONIC
+# never comes; rank 1 waits there too and must learn why at once.  The three print CLOCK_MONOTONIC
 # times, one clock for every process of the host.
 CTRL_C_IN_A_WAIT = """
     import datetime, os, signal, sys, threading, time, numpy as np, ncl
@@ -53,7 +53,8 @@ def check_ctrl_c(lines):
     peer = [line for line in lines if line.startswith("peer error")]
     assert len(interrupted) == 1 and len(peer) == 1, lines
     assert re.search("NclPeerError: .*rank 0 aborted the group: .*KeyboardInterrupt", peer[0]), peer
-    assert float(peer[0].split()[2]) - interrupted[0] < 1.0, lines
+    # (tens of ms here alone: a generous bound, far below the 30 s timeout they waited for before)
+    assert float(peer[0].split()[2]) - interrupted[0] < 5.0, lines
 
 
 @pytest.mark.timeout(60)
