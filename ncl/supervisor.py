@@ -152,6 +152,7 @@ class Group:
         self.new_session = new_session
         self.adopt_orphans = adopt_orphans
         self.orphans: List[int] = []   # pids of the processes the ranks left behind, stopped by close()
+        self._children_before = set()  # (adopt_orphans) this process's children when the block began
         self.grace_s = grace_s
         self.forward = forward
         self.job_id = job_id
@@ -260,14 +261,16 @@ class Group:
         return sorted(glob.glob(os.path.join("/dev/shm", shm_prefix(self.job_id) + "*")))
 
     def _stop_orphans(self) -> None:
-        """Once the ranks are reaped, every child left is an orphan adopted from them (adopt_orphans): SIGTERM,
-        SIGKILL after the grace period, until none is left (an orphan's own children come here next)."""
+        """Once the ranks are reaped, every child left, but those this process had before the block, is an orphan
+        adopted from them (adopt_orphans): SIGTERM, SIGKILL after the grace period, until none is left (an
+        orphan's own children come here next)."""
         signalled, deadline = set(), time.monotonic() + self.grace_s
+        ours = self._children_before | {p.pid for p in self.procs}  # this process's other children stay
         while True:
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                    pass
-            pids = _children()
+            for pid in signalled:  # reap only what we stopped: another child's status is its owner's
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            pids = [pid for pid in _children() if pid not in ours]
             if not pids:
                 return
             late = time.monotonic() > deadline
@@ -304,6 +307,7 @@ class Group:
 
     def __enter__(self) -> "Group":
         if self.adopt_orphans:
+            self._children_before = set(_children())  # not orphans (when the launcher runs inside a test, say)
             self.adopt_orphans = _set_subreaper(True)
         if _in_main_thread():
             if self.forward:
