@@ -30,9 +30,10 @@ def _stop_wait(exc_type, exc, tb) -> int:
     """ncl_py_interrupt_hook's onerror: a signal handler raised (KeyboardInterrupt, SystemExit,
     anything): keep the exception, tell the core why (peers quote it) and end the wait."""
     _interrupt[:] = [exc]
-    reason = f"{exc_type.__name__} on this rank".encode("ascii", "backslashreplace")
-    hook = tb.tb_frame.f_locals  # the callback's arguments (cffi documents this way in)
-    ffi.memmove(hook["reason"], reason[:hook["cap"] - 1], min(len(reason), hook["cap"] - 1))
+    hook = tb.tb_frame.f_locals if tb is not None else {}  # the callback's arguments (cffi documents this way in)
+    if "reason" in hook:  # (else the core says "a signal handler")
+        reason = f"{exc_type.__name__} on this rank".encode("ascii", "backslashreplace")[:hook["cap"] - 1]
+        ffi.memmove(hook["reason"], reason, len(reason))
     return 1
 
 
