@@ -473,6 +473,15 @@ def start_ranks(group: supervisor.Group, n: int, argv: Sequence[str], env: Optio
             for r in range(n)]
 
 
+def mapped_lines(maps_path):
+    """The lines of a /proc/<pid>/maps file; none if the process ended meanwhile."""
+    try:
+        with open(maps_path) as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
 def ncl_files():
     return {f for f in os.listdir("/dev/shm") if f.startswith("ncl-")}
 

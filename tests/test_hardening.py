@@ -14,7 +14,7 @@ import time
 import pytest
 
 import ncl
-from harness import REPO, launch, pid_alive, spawn
+from harness import REPO, launch, mapped_lines, pid_alive, spawn
 from ncl import supervisor
 from ncl.job import segment_name
 
@@ -69,14 +69,6 @@ def test_ctrl_c_in_a_wait_interrupts_it_and_peers_learn_why_under_ncl_run():
     rc, out, err, _ = launch(3, CTRL_C_IN_A_WAIT)
     assert rc == 0, err
     check_ctrl_c(out.splitlines())
-
-
-def _lines(path):
-    try:
-        with open(path) as f:
-            return f.readlines()
-    except OSError:  # the process ended meanwhile
-        return []
 
 
 def job(tmp_path, launcher, n, program, *, hosts=1, extra_env=None, timeout=45):
@@ -223,7 +215,7 @@ def test_a_stopped_rank_on_another_host_does_not_hang_the_job_at_exit(tmp_path, 
     assert proc.code is not None and seconds < 5 + 10 + 5, f"the job hung ({seconds:.0f} s): {proc.stderr[-3000:]}"
     assert proc.code != 0
     # MPI_Abort skips MPICH's cleanup: its segment must not outlive the job either (others' jobs may map theirs)
-    mapped = {line.split()[-1] for maps in glob.glob("/proc/[0-9]*/maps") for line in _lines(maps)}
+    mapped = {line.split()[-1] for maps in glob.glob("/proc/[0-9]*/maps") for line in mapped_lines(maps)}
     assert set(glob.glob("/dev/shm/mpich_shm_*")) - before - mapped == set()
     assert re.search(r"rank 0 NclTimeoutError: .*over MPI .*timed out after 5.0 s", proc.stdout), proc.stdout
 
