@@ -19,8 +19,11 @@ def _cdef() -> str:
     return text.split("/* BEGIN CDEF */", 1)[1].split("/* END CDEF */", 1)[0]
 
 
+# Python functions the core calls back (ncl/_native.py defines them with ffi.def_extern).
+CALLBACKS = 'extern "Python" int ncl_py_interrupt_hook(char* reason, size_t cap);'
+
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef())
+ffibuilder.cdef(_cdef() + CALLBACKS)
 ffibuilder.set_source(
     "ncl._ncl_ffi",
     '#include "ncl.h"',

@@ -36,6 +36,7 @@ int ncl_cma_agree(ncl_comm* c, bool allowed, double deadline) {
         for (unsigned i = 0; (state = atomic_load(&c->ranks[r].cma_state)) == 0; i++) {
             if ((i & 255) == 255) {
                 NCL_CHECK(ncl_peer_alive(c, r));
+                NCL_CHECK(ncl_interrupted("communicator setup"));
                 if (ncl_now() > deadline)
                     return ncl_error(NCL_ERR_TIMEOUT, "communicator setup: rank %d never reported its CMA probe", r);
             }

@@ -41,6 +41,6 @@ const char* ncl_algo_name(int algo) {
 
 const char* ncl_status_name(int status) {
     static const char* names[] = {"ok", "bad argument", "system error", "timeout", "peer failed", "mismatch",
-                                  "unusable"};
-    return status >= NCL_OK && status <= NCL_ERR_STATE ? names[status] : "?";
+                                  "unusable", "interrupted"};
+    return status >= NCL_OK && status <= NCL_ERR_INTERRUPTED ? names[status] : "?";
 }

@@ -175,6 +175,8 @@ int ncl_wait_word(ncl_comm* c, int peer, _Atomic uint32_t* word, _Atomic uint32_
                   uint32_t target, double deadline, const char* what);
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value);
 int ncl_peer_alive(ncl_comm* c, int peer);
+/* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */
+int ncl_interrupted(const char* what);
 
 /* step.c: the collective engine.  A step is: write into my slot of ncl_step_begin(),
  * then ncl_step_sync() posts it and waits for every rank's same step, checking that all

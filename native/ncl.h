@@ -19,7 +19,8 @@ typedef enum {
     NCL_ERR_TIMEOUT = 3,   /* a peer did not arrive before the deadline */
     NCL_ERR_PEER = 4,      /* a peer died or aborted */
     NCL_ERR_MISMATCH = 5,  /* ranks called different collectives or arguments */
-    NCL_ERR_STATE = 6      /* the communicator is broken or closed */
+    NCL_ERR_STATE = 6,     /* the communicator is broken or closed */
+    NCL_ERR_INTERRUPTED = 7 /* the interrupt hook stopped a wait (a signal handler raised) */
 } ncl_status;
 
 typedef enum {
@@ -85,6 +86,11 @@ typedef struct {
 } ncl_flight_entry;
 
 const char* ncl_last_error(void);
+/* Called by every wait of the process's main thread at least every 50 ms (signal handlers run
+ * there); a non-zero return ends the wait with NCL_ERR_INTERRUPTED, its message quoting the
+ * `reason` the hook wrote (cap bytes).  NULL: no hook. */
+typedef int (*ncl_interrupt_hook)(char* reason, size_t cap);
+void ncl_set_interrupt_hook(ncl_interrupt_hook hook);
 int ncl_dtype_size(int dtype);
 const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx512", "avx2", "generic" */
 
@@ -103,7 +109,8 @@ int ncl_sum_rows(void* y, const void* rows, size_t nrows, const int64_t* index, 
  * Returns once all nranks have attached; the segment is unlinked at that moment. */
 int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out);
 int ncl_comm_destroy(ncl_comm* comm);
-int ncl_comm_abort(ncl_comm* comm);          /* mark this rank failed so that peers stop waiting */
+/* Mark this rank failed so that peers stop waiting; they quote `reason` (NULL: "it called abort()"). */
+int ncl_comm_abort(ncl_comm* comm, const char* reason);
 int ncl_comm_set_timeout(ncl_comm* comm, double timeout_s);
 uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
 int ncl_comm_get_info(const ncl_comm* comm, ncl_comm_info* out);

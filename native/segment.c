@@ -124,8 +124,10 @@ int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out, n
             return ncl_error(NCL_ERR_SYSTEM, "cannot open shared-memory segment %s: %s", name, strerror(errno));
         }
         if (ncl_now() > deadline)
-            return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time", name);
+            return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time (or it was "
+                                              "removed from /dev/shm before this rank opened it)", name);
         if (group && i % 50 == 49) NCL_CHECK(ncl_peer_alive(group, 0));
+        NCL_CHECK(ncl_interrupted("communicator setup"));
         sleep_ms(1);
     }
 }
@@ -137,10 +139,30 @@ static int count_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
-/* Wait until every rank is counted in; name the missing ones otherwise. */
-static int wait_all_attached(ncl_comm* c, double deadline) {
-    for (;;) {
+/* Whether `name` still names the segment this rank mapped (inode `ino`). */
+static bool still_named(const char* name, ino_t ino) {
+    int fd = shm_open(name, O_RDONLY, 0);
+    if (fd < 0) return errno != ENOENT;
+    struct stat st;
+    bool same = fstat(fd, &st) != 0 || st.st_ino == ino;
+    close(fd);
+    return same;
+}
+
+/* Wait until every rank is counted in; name the missing ones otherwise.  Until then no rank
+ * has finished setup, so an attached rank that died or gave up, and a name removed from
+ * /dev/shm (the missing ranks could never open it), are errors at once. */
+static int wait_all_attached(ncl_comm* c, double deadline, ino_t ino) {
+    for (unsigned i = 0;; i++) {
         if (atomic_load(&c->hdr->attached) >= (uint32_t)c->nranks) return NCL_OK;
+        if (i % 50 == 49) {
+            NCL_CHECK(ncl_peer_alive(c, -1));
+            NCL_CHECK(ncl_interrupted("communicator setup"));
+            /* the last rank to attach unlinks the name after counting itself in: look again */
+            if (!still_named(c->name, ino) && atomic_load(&c->hdr->attached) < (uint32_t)c->nranks)
+                return ncl_error(NCL_ERR_SYSTEM, "shared-memory segment %s was removed from /dev/shm before every "
+                                                 "rank had opened it (by another process of this user?)", c->name);
+        }
         if (ncl_now() > deadline) {
             char missing[512] = "";
             size_t len = 0;
@@ -176,6 +198,8 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
                         : ncl_shm_open(name, want.total_bytes, deadline, &fd, NULL));
     void* base = mmap(NULL, want.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int map_err = errno;
+    struct stat st = {0};
+    fstat(fd, &st);
     close(fd);
     if (base == MAP_FAILED) {
         if (rank == 0) shm_unlink(name);
@@ -229,6 +253,11 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
                 ncl_comm_destroy(c);
                 return ncl_error(NCL_ERR_TIMEOUT, "rank 0 never initialised segment %s", name);
             }
+            int rc = ncl_interrupted("communicator setup");
+            if (rc != NCL_OK) {
+                ncl_comm_destroy(c);
+                return rc;
+            }
             sleep_ms(1);
         }
     }
@@ -247,10 +276,11 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     ncl_cma_publish_probe(c);
     atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
     if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
-    int rc = wait_all_attached(c, deadline);
+    int rc = wait_all_attached(c, deadline, st.st_ino);
     if (rc == NCL_OK) rc = ncl_cma_agree(c, opts->cma_min_bytes > 0, deadline);
     if (rc != NCL_OK) {
-        snprintf(c->ranks[rank].abort_reason, sizeof c->ranks[rank].abort_reason, "setup failed");
+        snprintf(c->ranks[rank].abort_reason, sizeof c->ranks[rank].abort_reason, "setup failed: %s",
+                 ncl_last_error());
         atomic_store(&c->ranks[rank].aborted, NCL_ABORTED);
         shm_unlink(name); /* nobody else may attach now */
         ncl_comm_destroy(c);

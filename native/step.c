@@ -185,13 +185,14 @@ int ncl_fail(ncl_comm* c, int status) {
     if (status == NCL_OK || status == NCL_ERR_ARGUMENT) return status;
     c->broken = status;
     leave(c, status, ncl_last_error());
+    ncl_wake_waiters(c); /* peers asleep on this rank learn now, not at their next check */
     return status;
 }
 
-int ncl_comm_abort(ncl_comm* c) {
+int ncl_comm_abort(ncl_comm* c, const char* reason) {
     if (!c) return NCL_OK;
     c->broken = NCL_ERR_STATE;
-    leave(c, NCL_ERR_PEER, "it called abort()");
+    leave(c, NCL_ERR_PEER, reason ? reason : "it called abort()");
     ncl_wake_waiters(c);
     return NCL_OK;
 }

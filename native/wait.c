@@ -5,7 +5,9 @@
  * counter as the futex word.  A poster wakes sleepers only when one is registered, so
  * the common path costs one atomic load.  Every phase checks the deadline and, about
  * every 50 ms, that the peers are still alive (pid exists and is not a zombie, and has
- * not set its aborted flag), so a dead peer is reported within a fraction of a second. */
+ * not set its aborted flag), so a dead peer is reported within a fraction of a second.
+ * On the process's main thread every wait also calls the interrupt hook at least every
+ * 50 ms, so that signal handlers (Ctrl-C) run during a wait and may end it. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -30,6 +32,7 @@
 #endif
 
 #define LIVENESS_PERIOD_S 0.05
+#define INTERRUPT_PERIOD_S 0.05
 #define FUTEX_SLICE_NS 20000000L /* re-check liveness and deadline at least this often */
 
 double ncl_now(void) {
@@ -57,6 +60,47 @@ static bool pid_running(pid_t pid) {
     return !(close_paren && (close_paren[2] == 'Z' || close_paren[2] == 'X'));
 }
 
+static _Atomic(ncl_interrupt_hook) interrupt_hook;
+
+void ncl_set_interrupt_hook(ncl_interrupt_hook hook) { atomic_store(&interrupt_hook, hook); }
+
+/* Signal handlers run on the main thread only: other threads never call the hook (and never
+ * wait for the interpreter's lock to do so). */
+static bool on_main_thread(void) {
+    static _Thread_local int main_thread = -1;
+    if (main_thread < 0) main_thread = syscall(SYS_gettid) == getpid();
+    return main_thread;
+}
+
+int ncl_interrupted(const char* what) {
+    static _Thread_local double next_poll;
+    ncl_interrupt_hook hook = atomic_load_explicit(&interrupt_hook, memory_order_relaxed);
+    if (!hook || !on_main_thread()) return NCL_OK;
+    double now = ncl_now();
+    if (now < next_poll) return NCL_OK;
+    next_poll = now + INTERRUPT_PERIOD_S;
+    char reason[128] = "";
+    if (!hook(reason, sizeof reason)) return NCL_OK;
+    reason[sizeof reason - 1] = 0;
+    return ncl_error(NCL_ERR_INTERRUPTED, "%s: interrupted by %s", what, reason[0] ? reason : "a signal handler");
+}
+
+/* A peer's text from shared memory, as safe text: bounded, and every byte that is not
+ * printable ASCII (terminal escapes, newlines) written as \xNN. */
+static void safe_text(char* out, size_t cap, const char* in, size_t in_len) {
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    for (size_t i = 0; i < in_len && in[i] && o + 5 <= cap; i++) {
+        unsigned char ch = (unsigned char)in[i];
+        if (ch >= 0x20 && ch < 0x7f) {
+            out[o++] = (char)ch;
+        } else {
+            out[o++] = '\\', out[o++] = 'x', out[o++] = hex[ch >> 4], out[o++] = hex[ch & 15];
+        }
+    }
+    out[o] = 0;
+}
+
 /* NCL_OK while `peer` (or, for peer < 0, every other rank) is alive and in the group.  Ranks
  * that died without leaving word are looked for first: they are the root cause of the abort
  * flags others raise.  A rank that left word (aborted, then maybe exited) is reported by it. */
@@ -71,9 +115,9 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
         uint32_t gone = r == c->rank ? 0 : atomic_load(&c->ranks[r].aborted);
         if (gone == NCL_CLOSED) return ncl_error(NCL_ERR_PEER, "rank %d closed its communicator", r);
         if (gone) { /* a peer that timed out makes this a timeout too: the cause is the same */
-            char reason[sizeof c->ranks[r].abort_reason];
-            memcpy(reason, c->ranks[r].abort_reason, sizeof reason);
-            reason[sizeof reason - 1] = 0; /* never trust shared memory to be terminated */
+            char raw[sizeof c->ranks[r].abort_reason], reason[4 * sizeof raw + 1];
+            memcpy(raw, c->ranks[r].abort_reason, sizeof raw); /* one copy: the peer may still write */
+            safe_text(reason, sizeof reason, raw, sizeof raw);  /* never trust shared memory's bytes */
             int status = c->ranks[r].abort_status == NCL_ERR_TIMEOUT ? NCL_ERR_TIMEOUT : NCL_ERR_PEER;
             return ncl_error(status, "rank %d aborted the group: %s", r, reason[0] ? reason : "no reason given");
         }
@@ -95,6 +139,7 @@ void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t v
 static int check_peers(ncl_comm* c, int watch, double now, double deadline, double* next_check, const char* what) {
     if (now < *next_check) return NCL_OK;
     *next_check = now + LIVENESS_PERIOD_S;
+    NCL_CHECK(ncl_interrupted(what));
     int rc = ncl_peer_alive(c, watch);
     if (rc != NCL_OK) {
         char msg[768];
@@ -114,7 +159,10 @@ int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32
     for (unsigned i = 1; !c->oversubscribed; i++) {
         cpu_relax();
         if (reached(word, target)) return NCL_OK;
-        if ((i & 63) == 0 && (now = ncl_now()) > spin_until) break;
+        if ((i & 63) == 0) { /* a long NCL_SPIN_US still checks peers and interrupts */
+            if ((now = ncl_now()) > spin_until) break;
+            NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
+        }
     }
     /* Phase 2: yield the core to whoever is runnable. */
     double yield_until = now + c->yield_us * 1e-6;

@@ -45,6 +45,7 @@ static int wait_attached(ncl_comm* c, window_header* h, double deadline, const c
     for (unsigned i = 0; atomic_load(&h->attached) < (uint32_t)c->nranks; i++) {
         if ((i & 1023) == 1023) {
             NCL_CHECK(ncl_peer_alive(c, -1));
+            NCL_CHECK(ncl_interrupted("comm.empty"));
             if (ncl_now() > deadline)
                 return ncl_error(NCL_ERR_TIMEOUT, "registered buffer %s: peers did not attach in %.0f s", name,
                                  c->timeout_s);

@@ -33,8 +33,9 @@ class Backend(Protocol):
         """Registered memory (collective: every rank asks for the same bytes): a cffi buffer of
         nbytes that collectives on it read in place, freed when it is garbage."""
 
-    def abort(self) -> None:
-        """Give up the group: peers waiting for this rank fail at once."""
+    def abort(self, reason: Optional[str] = None) -> None:
+        """Give up the group: peers waiting for this rank fail at once, quoting `reason` (what
+        happened on this rank, e.g. "it failed with ValueError: ...")."""
 
     def close(self) -> None:
         """Release the group (idempotent); no run after it."""

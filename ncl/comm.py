@@ -20,13 +20,23 @@ from ._native import ffi
 from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank, \
     output, rows
 from .call import Call
-from .errors import NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
+from .errors import NclError, NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
 from .shm import SharedMemoryBackend
 from .work import Work
 
 # (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
 # Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
 _GROUP_FAILURES = (NclTimeoutError, NclPeerError, NclMismatchError)
+# Raised without leaving the group behind: the core's own errors (it already told the peers
+# what it had to) and arguments refused before anything moved.  Anything else raised inside a
+# call (Ctrl-C, a signal handler's exception) aborts the group, so that peers stop waiting.
+_LEFT_AS_IS = (NclError, ValueError, TypeError)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What peers are told when an exception ends this rank's part in the group."""
+    text = str(exc)
+    return f"it failed with {type(exc).__name__}{': ' + text if text else ''}"
 
 
 _IN_PLACE = "only out=x itself (in place)"
@@ -111,7 +121,9 @@ class Communicator:
     def __enter__(self) -> "Communicator":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:  # peers are told this rank failed, and how, not that it closed
+            self.abort(failure_reason(exc))
         self.close()
 
     def close(self) -> None:
@@ -124,10 +136,11 @@ class Communicator:
         self._backend.close()
         self._closed = True
 
-    def abort(self) -> None:
-        """Give up the group: peers waiting for this rank fail at once with NclPeerError."""
+    def abort(self, reason: Optional[str] = None) -> None:
+        """Give up the group: peers waiting for this rank fail at once with NclPeerError, quoting
+        `reason` when given."""
         if not self._closed:
-            self._backend.abort()
+            self._backend.abort(reason)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -143,6 +156,11 @@ class Communicator:
                 self._run(call)
             except _GROUP_FAILURES as exc:
                 raise self._group_failed(call, exc) from None
+            except _LEFT_AS_IS:
+                raise
+            except BaseException as exc:
+                self.abort(failure_reason(exc))
+                raise
             return result
         self._check_open()
         if not async_op and self._last_future.done():
@@ -159,6 +177,11 @@ class Communicator:
             self._run(call)
         except _GROUP_FAILURES as exc:
             raise self._group_failed(call, exc) from None
+        except _LEFT_AS_IS:
+            raise
+        except BaseException as exc:
+            self.abort(failure_reason(exc))
+            raise
         return result
 
     def _after_pending(self) -> None:

@@ -116,8 +116,26 @@ def dump(group, directory: str, reason: str = "", emulator=None) -> str:
     return path
 
 
+def load(path: str) -> Dict[str, Any]:
+    """A rank file written by dump(); ValueError naming the file if it is not one (truncated,
+    not JSON, or another shape)."""
+    try:
+        with open(path, "rb") as f:
+            trace = json.load(f)
+        info = trace["otherData"] if isinstance(trace, dict) else None
+        if not (isinstance(info, dict) and isinstance(trace.get("traceEvents"), list)
+                and all(isinstance(e, dict) and isinstance(e.get("args", {}), dict) for e in trace["traceEvents"])
+                and isinstance(info.get("communicator"), str) and isinstance(info.get("rank"), int)
+                and isinstance(info.get("reason"), str) and isinstance(info.get("posted_steps"), list)):
+            raise ValueError("not the shape dump() writes (traceEvents, otherData with communicator, rank, "
+                             "reason, posted_steps)")
+        return trace
+    except (OSError, ValueError, RecursionError) as exc:  # json's errors and UnicodeError are ValueErrors
+        raise ValueError(f"{path} is not a flight record written by ncl: {exc}") from None
+
+
 def _last_call(trace: Dict[str, Any]) -> Dict[str, Any]:
-    calls = [e["args"] for e in trace["traceEvents"] if e.get("ph") == "X"]
+    calls = [e.get("args", {}) for e in trace["traceEvents"] if e.get("ph") == "X"]
     return calls[-1] if calls else {}
 
 
@@ -125,8 +143,7 @@ def summarize(directory: str) -> List[Dict[str, Any]]:
     """One row per dumped rank file in `directory`: the call it stopped in, and how far it got."""
     rows = []
     for path in sorted(glob.glob(os.path.join(directory, "ncl-trace-*.json"))):
-        with open(path) as f:
-            trace = json.load(f)
+        trace = load(path)
         info, last = trace["otherData"], _last_call(trace)
         rows.append({"communicator": info["communicator"], "rank": info["rank"], "seq": last.get("seq"),
                      "collective": last.get("collective"), "state": last.get("state"),
@@ -140,8 +157,7 @@ def merge(directory: str, out: str) -> int:
     files = sorted(glob.glob(os.path.join(directory, "ncl-trace-*.json")))
     events, others = [], []
     for path in files:
-        with open(path) as f:
-            trace = json.load(f)
+        trace = load(path)
         events += trace["traceEvents"]
         others.append(trace["otherData"])
     with open(out, "w") as f:
@@ -155,7 +171,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("directory", help="the NCL_TRACE_DIR of the failed job")
     parser.add_argument("-o", "--out", help="merged Chrome trace (default: DIR/merged.json)")
     args = parser.parse_args(argv)
-    rows = summarize(args.directory)
+    try:
+        rows = summarize(args.directory)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not rows:
         print(f"no flight records (ncl-trace-*.json) in {args.directory}", file=sys.stderr)
         return 1

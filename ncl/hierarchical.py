@@ -38,7 +38,7 @@ from .comm import Communicator
 from .errors import NclError, NclMismatchError, NclStateError
 from .job import get_unique_id
 from .shm import SharedMemoryBackend
-from .transport.mpi import MpiTransport, import_mpi
+from .transport.mpi import MpiTransport, abort_at_exit, import_mpi
 from .tuning import options
 
 _TAG = 77
@@ -193,6 +193,8 @@ class HierarchicalBackend:
             _ALGORITHMS[call.collective](self, call)
         except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
             self._broken = f"{type(exc).__name__}: {exc}"
+            self.local.abort(f"it failed with {self._broken}")  # this host's ranks learn why (an MPI timeout, say)
+            abort_at_exit()
             raise
 
     def last_call(self) -> None:
@@ -202,8 +204,10 @@ class HierarchicalBackend:
         """Registered memory of this host's ranks (the intra-host steps read it in place)."""
         return self.local.window(nbytes)
 
-    def abort(self) -> None:
-        self.local.abort()
+    def abort(self, reason: Optional[str] = None) -> None:
+        self.local.abort(reason)
+        self._broken = self._broken or f"aborted: {reason or 'abort()'}"
+        abort_at_exit()  # the other hosts' ranks may be waiting for this one
 
     def close(self) -> None:
         self._destroy()

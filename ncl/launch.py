@@ -177,38 +177,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.timeout is not None and not args.timeout > 0:
         parser.error("--timeout must be positive")
 
-    uid, port, n = get_unique_id(), _free_port(), args.nproc
-    taggers = []
-    with Group(new_session=False, grace_s=GRACE_S, forward=True, job_id=uid) as group:
-        if args.hosts > 1:  # the emulated hosts talk over MPI: mpiexec starts the ranks
-            try:
-                argv, mpi_env = _mpi_command(n, uid, command, args)
-                group.start(argv, env=mpi_env, preexec_fn=_dies_with_launcher())
-            except OSError as exc:
-                print(f"ncl-run: {exc}", file=sys.stderr)
-                return 127
-            return _supervise(group)
-        pipe = subprocess.PIPE if args.tag_output else None
-        arm = _dies_with_launcher()
-        for rank in range(n):
-            try:
-                p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe,
-                                preexec_fn=arm)
-            except OSError as exc:
-                print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
-                return 127
-            if p is None:  # stopped while starting: start no more ranks, the ones running got the signal
-                break
-        if args.tag_output:  # (after the forks: see _dies_with_launcher)
-            taggers = [_Tagger(r, getattr(p, name), sink) for r, p in enumerate(group.procs)
-                       for name, sink in (("stdout", sys.stdout), ("stderr", sys.stderr))]
-        code = _supervise(group)
-        if len(group.procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
-            code = 128 + group.signals[0]
-        for t in taggers:
-            t.thread.join(timeout=5)
-        return code
+    uid, taggers = get_unique_id(), []
+    with Group(new_session=False, grace_s=GRACE_S, forward=True, job_id=uid, adopt_orphans=True) as group:
+        code = _run_job(group, uid, command, args, taggers)
+    for t in taggers:  # (after the group closed: a process the ranks left may hold a pipe open)
+        t.thread.join(timeout=5)
+    if group.orphans:  # stopped when the group closed: a job's processes do not outlive it
+        print(f"ncl-run: stopped {len(group.orphans)} process{'es' if len(group.orphans) != 1 else ''} the ranks "
+              f"left running (pid {', '.join(map(str, group.orphans))})", file=sys.stderr, flush=True)
+    return code
 
+
+def _run_job(group: Group, uid: str, command: List[str], args, taggers: list) -> int:
+    """Start the ranks in the group and supervise them; the job's exit code.  With --tag-output, the
+    threads that pump the ranks' output go in taggers."""
+    port, n = _free_port(), args.nproc
+    if args.hosts > 1:  # the emulated hosts talk over MPI: mpiexec starts the ranks
+        try:
+            argv, mpi_env = _mpi_command(n, uid, command, args)
+            group.start(argv, env=mpi_env, preexec_fn=_dies_with_launcher())
+        except OSError as exc:
+            print(f"ncl-run: {exc}", file=sys.stderr)
+            return 127
+        return _supervise(group)
+    pipe = subprocess.PIPE if args.tag_output else None
+    arm = _dies_with_launcher()
+    for rank in range(n):
+        try:
+            p = group.start(command, env=_rank_env(rank, n, uid, port, args), stdout=pipe, stderr=pipe,
+                            preexec_fn=arm)
+        except OSError as exc:
+            print(f"ncl-run: cannot start {command[0]!r}: {exc}", file=sys.stderr)
+            return 127
+        if p is None:  # stopped while starting: start no more ranks, the ones running got the signal
+            break
+    if args.tag_output:  # (after the forks: see _dies_with_launcher)
+        taggers += [_Tagger(r, getattr(p, name), sink) for r, p in enumerate(group.procs)
+                    for name, sink in (("stdout", sys.stdout), ("stderr", sys.stderr))]
+    code = _supervise(group)
+    if len(group.procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
+        code = 128 + group.signals[0]
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -115,9 +115,9 @@ class SharedMemoryBackend:
     def closed(self) -> bool:
         return not self._destroy.alive
 
-    def abort(self) -> None:
+    def abort(self, reason: Optional[str] = None) -> None:
         if not self.closed:
-            lib.ncl_comm_abort(self.handle)
+            lib.ncl_comm_abort(self.handle, reason.encode(errors="backslashreplace") if reason else ffi.NULL)
 
     def close(self) -> None:
         self._destroy()

@@ -14,16 +14,21 @@ Invariants:
   SIGINT kills them) and no process starts after one; otherwise SIGINT raises KeyboardInterrupt as usual and a
   default SIGTERM unwinds the block (SystemExit) and, once the processes are stopped, ends this process as it
   would have;
+- with adopt_orphans (a launcher, Linux), this process is a child subreaper: what a rank leaves running
+  (`sleep 77 &`, a daemon in its own session) is reparented here when the rank ends, and stopped (SIGTERM, SIGKILL
+  after the grace period, reaped) when the group closes, after the ranks;
 - a job's shared memory (/dev/shm/<shm_prefix(job_id)>*: what a rank that died during setup left, as the C core
   unlinks its segments once every rank is attached) is removed when the group closes.
 Standard library only (and ncl.job's names), so that a launcher starts fast.
 """
 import contextlib
+import ctypes
 import glob
 import multiprocessing
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Callable, List, NamedTuple, Optional
@@ -33,6 +38,7 @@ from .job import shm_prefix
 GRACE_S = 3.0
 POLL_S = 0.02
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 def describe(code: int) -> str:
@@ -58,6 +64,27 @@ class Exit(NamedTuple):
 
     def __str__(self) -> str:
         return f"rank {self.rank} (pid {self.pid}) {describe(self.code)}"
+
+
+def _children() -> List[int]:
+    """The pids whose parent is this process, zombies included (from /proc)."""
+    me, pids = os.getpid(), []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[1]) == me:
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def _set_subreaper(on: bool) -> bool:
+    """Make this process adopt its descendants' orphans (PR_SET_CHILD_SUBREAPER); False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
 def _in_main_thread() -> bool:
@@ -121,8 +148,11 @@ class Group:
     """
 
     def __init__(self, *, new_session: bool = True, grace_s: float = GRACE_S, forward: bool = False,
-                 job_id: Optional[str] = None):
+                 job_id: Optional[str] = None, adopt_orphans: bool = False):
         self.new_session = new_session
+        self.adopt_orphans = adopt_orphans
+        self.orphans: List[int] = []   # pids of the processes the ranks left behind, stopped by close()
+        self._children_before = set()  # (adopt_orphans) this process's children when the block began
         self.grace_s = grace_s
         self.forward = forward
         self.job_id = job_id
@@ -230,9 +260,35 @@ class Group:
             return []
         return sorted(glob.glob(os.path.join("/dev/shm", shm_prefix(self.job_id) + "*")))
 
+    def _stop_orphans(self) -> None:
+        """Once the ranks are reaped, every child left, but those this process had before the block, is an orphan
+        adopted from them (adopt_orphans): SIGTERM, SIGKILL after the grace period, until none is left (an
+        orphan's own children come here next)."""
+        signalled, deadline = set(), time.monotonic() + self.grace_s
+        ours = self._children_before | {p.pid for p in self.procs}  # this process's other children stay
+        while True:
+            for pid in signalled:  # reap only what we stopped: another child's status is its owner's
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            pids = [pid for pid in _children() if pid not in ours]
+            if not pids:
+                return
+            late = time.monotonic() > deadline
+            for pid in pids:
+                if late or pid not in signalled:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+                    signalled.add(pid)
+                    if pid not in self.orphans:
+                        self.orphans.append(pid)
+            time.sleep(POLL_S)
+
     def close(self) -> List[str]:
-        """Stop and reap every rank, then remove the job's shared memory; the files removed."""
+        """Stop and reap every rank (and with adopt_orphans what they left behind), then remove the job's shared
+        memory; the files removed."""
         self.stop()
+        if self.adopt_orphans:
+            self._stop_orphans()
         removed = []
         for path in self.leftovers():
             with contextlib.suppress(FileNotFoundError):
@@ -250,6 +306,9 @@ class Group:
         raise SystemExit(128 + signum)  # unwind the block, which stops the group; __exit__ then dies of it
 
     def __enter__(self) -> "Group":
+        if self.adopt_orphans:
+            self._children_before = set(_children())  # not orphans (when the launcher runs inside a test, say)
+            self.adopt_orphans = _set_subreaper(True)
         if _in_main_thread():
             if self.forward:
                 self._previous = {s: signal.signal(s, self._forward) for s in STOP_SIGNALS}
@@ -261,6 +320,8 @@ class Group:
         try:
             self.close()
         finally:
+            if self.adopt_orphans:
+                _set_subreaper(False)
             for s, handler in self._previous.items():
                 signal.signal(s, handler)
             self._previous = {}

@@ -1,4 +1,5 @@
 """Fixtures shared by the multi-process tests: a session-wide cache of live rank pools; the fast tier."""
+import glob
 import multiprocessing.process
 import os
 import shutil
@@ -6,12 +7,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import harness` from any rootdir
 
-from harness import Pools, RankPool  # noqa: E402
+from harness import Pools, RankPool, mapped_lines, ncl_files  # noqa: E402
 
 # The fast tier, `pytest -m fast` (under 30 s alone): the tests that start no ranks (no rank pool, no ncl-run,
 # no mpiexec; a test may run one short helper interpreter, as test_imports does for a fresh `import ncl`).
@@ -90,6 +92,23 @@ def _fast_tests_start_no_ranks(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", popen)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", lambda self: refuse("a multiprocessing process"))
     yield
+
+
+@pytest.fixture
+def no_leftover_segments():
+    """For modules of whole jobs (`pytestmark = pytest.mark.usefixtures(...)`): the test's jobs left nothing
+    in /dev/shm."""
+    before = ncl_files()
+    yield
+    # Other jobs on the machine (other test runs) have a segment in /dev/shm while they set up: a leak is a file
+    # that stays, mapped by no process.
+    left, deadline = ncl_files() - before, time.monotonic() + 2
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left &= ncl_files()
+    mapped = {line.rsplit("/", 1)[-1].strip() for maps in glob.glob("/proc/[0-9]*/maps") for line in mapped_lines(maps)
+              if "/dev/shm/ncl-" in line}
+    assert left - mapped == set(), "a job left shared-memory segments behind"
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 import zlib
@@ -37,6 +38,7 @@ import numpy as np
 
 from ncl import supervisor
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Most pools use tiny staging so that a few thousand elements already span many chunks.
 SMALL_STAGING = (("NCL_BUFFSIZE", "8192"), ("NCL_P2P_BUFFSIZE", "4096"))
 DEFAULT_ENV = {"NCL_TIMEOUT": "60"}
@@ -469,6 +471,39 @@ def start_ranks(group: supervisor.Group, n: int, argv: Sequence[str], env: Optio
     return [group.start(list(argv), env=dict(os.environ, NCL_RANK=str(r), NCL_WORLD_SIZE=str(n), NCL_UNIQUE_ID=uid,
                                               **(env or {})), **popen)
             for r in range(n)]
+
+
+def mapped_lines(maps_path):
+    """The lines of a /proc/<pid>/maps file; none if the process ended meanwhile."""
+    try:
+        with open(maps_path) as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def ncl_files():
+    return {f for f in os.listdir("/dev/shm") if f.startswith("ncl-")}
+
+
+def spawn(n, code, *, timeout=60, env=None):
+    """Start n ranks directly (no launcher, so nobody stops the survivors for us); return
+    their (exit codes, stdout lines, seconds)."""
+    with supervisor.Group(new_session=False) as group:
+        procs = start_ranks(group, n, [sys.executable, "-c", textwrap.dedent(code)], env, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+        start = time.monotonic()
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "".join(outs).splitlines(), time.monotonic() - start
+
+
+def launch(n, code, *, timeout=60, env=None, extra=()):
+    """Run `code` on n ranks under ncl-run; return (exit code, stdout, stderr, seconds)."""
+    full_env = dict(os.environ, **(env or {}))
+    cmd = [sys.executable, "-m", "ncl.run", "-n", str(n), *extra, sys.executable, "-c", textwrap.dedent(code)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
 
 
 def ncl_run_argv(n: int, program: str, *args: str) -> List[str]:

@@ -36,7 +36,7 @@ class Recording:
     def window(self, nbytes):
         return ffi.buffer(ffi.new("char[]", nbytes))
 
-    def abort(self):
+    def abort(self, reason=None):
         pass
 
     def close(self):

@@ -16,9 +16,10 @@ import time
 
 import pytest
 
-from harness import start_ranks
+from harness import REPO, start_ranks
 from ncl import supervisor
-from test_lifecycle import REPO, no_leftover_segments  # noqa: F401  (the fixture: nothing left in /dev/shm)
+
+pytestmark = pytest.mark.usefixtures("no_leftover_segments")
 
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "reduce_scatter", "scatter", "all_to_all")
 SIZES = (8, 4096, 256 << 10, 4 << 20, 64 << 20)

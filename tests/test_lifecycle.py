@@ -6,45 +6,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from harness import start_ranks
-from ncl import supervisor
+from harness import REPO, launch, spawn
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def ncl_files():
-    return {f for f in os.listdir("/dev/shm") if f.startswith("ncl-")}
-
-
-def spawn(n, code, *, timeout=60, env=None):
-    """Start n ranks directly (no launcher, so nobody stops the survivors for us); return
-    their (exit codes, stdout lines, seconds)."""
-    with supervisor.Group(new_session=False) as group:
-        procs = start_ranks(group, n, [sys.executable, "-c", textwrap.dedent(code)], env, stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
-        start = time.monotonic()
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    return [p.returncode for p in procs], "".join(outs).splitlines(), time.monotonic() - start
-
-
-def launch(n, code, *, timeout=60, env=None, extra=()):
-    """Run `code` on n ranks under ncl-run; return (exit code, stdout, stderr, seconds)."""
-    full_env = dict(os.environ, **(env or {}))
-    cmd = [sys.executable, "-m", "ncl.run", "-n", str(n), *extra, sys.executable, "-c", textwrap.dedent(code)]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
-    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_segments():
-    before = ncl_files()
-    yield
-    assert ncl_files() - before == set(), "a job left shared-memory segments behind"
+pytestmark = pytest.mark.usefixtures("no_leftover_segments")
 
 
 @pytest.mark.timeout(60)

@@ -1,12 +1,13 @@
 """Regression tests for what the fuzz harnesses (tests/fuzz) found in the parsers of untrusted
 bytes: each input here once raised something other than a ValueError naming its source."""
 import json
+import re
 
 import pytest
 
 import os
 
-from ncl import env, tuning
+from ncl import env, flight, tuning
 from ncl.perf import calibrate, report
 
 
@@ -163,6 +164,37 @@ def test_malformed_sweep_exits_2_naming_the_file(tmp_path, capsys, text):
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(path)])
     assert exit_info.value.code == 2 and f"error: {path} is not a sweep" in capsys.readouterr().err
+
+
+def _flight_record(**other) -> dict:
+    """A rank file as flight.dump writes it: one call that stopped at step 2."""
+    return {"traceEvents": [{"ph": "X", "name": "all_reduce", "args": {"seq": 7, "collective": "all_reduce",
+                                                                    "state": "running", "steps": 2}}],
+            "otherData": {"communicator": "world", "rank": 1, "reason": "NclTimeoutError: ...",
+                          "posted_steps": [9, 8], **other}}
+
+
+def test_flight_records_are_summarized(tmp_path, capsys):
+    (tmp_path / "ncl-trace-job-world-rank1.json").write_text(json.dumps(_flight_record()))
+    assert flight.main([str(tmp_path)]) == 0
+    assert re.search(r"world\s+1\s+7\s+all_reduce\s+running\s+2", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(_flight_record())[:-20].encode(),                        # truncated: was JSONDecodeError
+    b"[1, 2]",                                                          # was TypeError
+    b"\xff",                                                            # was UnicodeDecodeError
+    json.dumps(_flight_record(rank="1")).encode(),                      # wrong-shaped
+    json.dumps({"traceEvents": [1], "otherData": {}}).encode(),         # was AttributeError
+])
+def test_malformed_flight_record_exits_2_naming_the_file(tmp_path, capsys, text):
+    path = tmp_path / "ncl-trace-job-world-rank0.json"
+    path.write_bytes(text)
+    with pytest.raises(SystemExit) as exit_info:
+        flight.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: {path} is not a flight record written by ncl" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("name, text", [("NCL_KERNEL_ISA", "AVX2x"), ("NCL_KERNEL_ISA", "avx1024"), ("NCL_CMA", "maybe"),

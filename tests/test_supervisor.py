@@ -192,3 +192,17 @@ def test_run_stops_the_whole_session_at_the_timeout():
     assert not pid_alive(child)
     finished = supervisor.run([sys.executable, "-c", "print('out'); raise SystemExit(4)"], stdout=subprocess.PIPE)
     assert finished == (4, "out\n", "")
+
+
+@pytest.mark.timeout(60)
+def test_adopted_orphans_are_stopped_and_other_children_left_alone():
+    """ncl-run's group (adopt_orphans) stops what its ranks leave running, but not the children this process
+    had before (a launcher run inside pytest once stopped and reaped the test's rank pools)."""
+    mine = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit(5)"])
+    with supervisor.Group(adopt_orphans=True) as group:
+        rank = group.start([sys.executable, "-c", "import subprocess; print(subprocess.Popen(['sleep', '77']).pid)"],
+                           stdout=subprocess.PIPE, text=True)
+        orphan = int(rank.stdout.readline())  # (the orphan holds the pipe open: no communicate)
+        group.wait(30)
+    assert group.orphans == [orphan] and not pid_alive(orphan)
+    assert mine.wait(timeout=30) == 5  # still this process's to reap, with its own status

@@ -33,6 +33,35 @@ def import_mpi():
     return MPI
 
 
+def abort_at_exit() -> None:
+    """Once a group error has broken a communicator that spans hosts, a peer may be dead or
+    stopped, and MPI_Finalize at exit would wait for it for good: end this process with
+    MPI_Abort instead (mpi4py's abort status), which ends the whole MPI job with it."""
+    import_mpi()._set_abort_status(1)
+    _unlink_mpi_segments()
+
+
+# Shared-memory files of MPI libraries (MPICH's intra-node segment).
+_MPI_SEGMENTS = "/dev/shm/mpich_shm_"
+
+
+def _unlink_mpi_segments() -> None:
+    """MPI_Abort skips the MPI library's cleanup, which would leave its shared-memory files in
+    /dev/shm.  Every rank of this host mapped them in MPI_Init, so their names are no longer
+    needed: remove the ones this process maps now."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in f if _MPI_SEGMENTS in line}
+    except OSError:
+        return
+    for path in paths:
+        if path.startswith(_MPI_SEGMENTS) and " " not in path:  # not "(deleted)" already
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def _bytes(a: np.ndarray):
     """An MPI buffer spec of a contiguous array's raw bytes."""
     return [a.reshape(-1).view(np.uint8), import_mpi().BYTE]
