@@ -4,13 +4,17 @@ Every method follows the same path: validate every argument (ValueError/TypeErro
 any rank communicates), allocate the output, build one Call (ncl/call.py) and hand it to
 `_launch`, which runs it on the communicator's backend (ncl/backend.py: shared memory, or
 shared memory plus MPI across hosts) now or, with async_op=True, on the communicator's
-single worker thread (so calls stay in program order).  NCL_DEBUG=TRACE and emulation on a
-topology wrap the backend's run (flight.Traced, emulation.Emulated).  The C core releases
-the GIL while it waits and copies.  A communicator is not safe to use from several threads
-at once (as in NCCL).
+worker thread (ncl/work.py; calls stay in program order: a synchronous call waits for the
+queued ones first).  NCL_DEBUG=TRACE and emulation on a topology wrap the backend's run
+(flight.Traced, emulation.Emulated).  The C core releases the GIL while it waits and copies.
+One thread at a time may call a communicator: a second thread entering while a call is in
+progress gets NclStateError at once (one lock, tried without waiting), never calls paired
+wrongly across ranks.  A call that writes a torch tensor bumps its autograd version counter,
+as torch's own in-place ops do.
 """
-import concurrent.futures
 import math
+import sys
+import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -22,7 +26,7 @@ from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, 
 from .call import Call
 from .errors import NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
 from .shm import SharedMemoryBackend
-from .work import Work
+from .work import Work, Worker
 
 # (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
 # Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
@@ -30,11 +34,19 @@ _GROUP_FAILURES = (NclTimeoutError, NclPeerError, NclMismatchError)
 
 
 _IN_PLACE = "only out=x itself (in place)"
+_NDARRAY = np.ndarray  # (a global: the fast path's type test skips an attribute lookup)
 _OWN_BLOCK = "only x = this rank's block of out (in place)"
 
 
 def _ptr(buf: Optional[Buffer]):
     return buf.ptr if buf is not None else ffi.NULL
+
+
+def _bump_version(obj) -> None:
+    """A torch tensor a call writes: autograd sees it modified, as after torch's in-place ops."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        torch.autograd.graph.increment_version(obj)
 
 
 class Communicator:
@@ -48,8 +60,8 @@ class Communicator:
         self._log = log.for_rank(self._rank, self._size, self._label)
         self._forced_algo = tuning.forced_all_reduce_algorithm()
         self._splits = 0
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._last_future: Optional[concurrent.futures.Future] = None
+        self._worker: Optional[Worker] = None
+        self._entry = threading.Lock()  # held by the thread inside a call (tried, never waited for)
         self._closed = False
         self._run = backend.run  # the backend, or a wrapper reading each Call before and after it
         if self._log.isEnabledFor(log.TRACE):  # every call logged with what the backend decided
@@ -118,9 +130,9 @@ class Communicator:
         """Finish outstanding async work and release the communicator (idempotent)."""
         if self._closed:
             return
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         self._backend.close()
         self._closed = True
 
@@ -133,40 +145,53 @@ class Communicator:
         if self._closed:
             raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is closed")
 
-    def _launch(self, call: Call, result: Any, async_op: bool) -> Any:
+    def _launch(self, call: Call, result: Any, async_op: bool, written: bool = True) -> Any:
         """Run one call on the backend, now or queued behind earlier async work; returns result
-        (or a Work that will)."""
-        if not async_op and self._last_future is None:  # the fast path
-            if self._closed:
-                self._check_open()
+        (or a Work that will).  written: result is a buffer the call writes (a torch tensor's
+        version counter is bumped)."""
+        if type(result) is not _NDARRAY and written and result is not None:
+            _bump_version(result)
+        entry = self._entry
+        if not entry.acquire(False):
+            raise NclStateError(f"another thread is inside a call on this communicator (rank {self._rank}): "
+                                "use one communicator per thread")
+        if not async_op and self._worker is None:  # the fast path
             try:
+                if self._closed:
+                    self._check_open()
                 self._run(call)
             except _GROUP_FAILURES as exc:
                 raise self._group_failed(call, exc) from None
+            finally:
+                entry.release()
             return result
-        self._check_open()
-        if not async_op and self._last_future.done():
-            self._last_future = None
-            return self._execute(call, result)
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ncl-rank{self._rank}")
-        future = self._executor.submit(self._execute, call, result)
-        self._last_future = future
+        try:
+            self._check_open()
+            if self._worker is None:
+                self._worker = Worker(f"ncl-rank{self._rank}", self._execute, self._translate,
+                                      getattr(self._backend, "p2p_batch", None))
+            elif not async_op and self._worker.idle:  # nothing queued: run it here
+                self._execute(call)
+                return result
+            future = self._worker.submit(call, result)
+        finally:
+            entry.release()
         return Work(future, call.collective) if async_op else future.result()
 
-    def _execute(self, call: Call, result: Any) -> Any:
+    def _execute(self, call: Call) -> None:
         try:
             self._run(call)
         except _GROUP_FAILURES as exc:
             raise self._group_failed(call, exc) from None
-        return result
+
+    def _translate(self, call: Call, exc: BaseException) -> BaseException:
+        return self._group_failed(call, exc) if isinstance(exc, _GROUP_FAILURES) else exc
 
     def _after_pending(self) -> None:
         """Let queued async work finish first (its errors stay with its Work)."""
         self._check_open()
-        if self._last_future is not None:
-            concurrent.futures.wait([self._last_future])
-            self._last_future = None
+        if self._worker is not None:
+            self._worker.drain()
 
     def _group_failed(self, call: Call, exc: Exception) -> Exception:
         """A failure of the group, logged and, with NCL_TRACE_DIR set, with this rank's flight
@@ -277,7 +302,7 @@ class Communicator:
         if dst is not None and out is not None:
             check_aliasing(src, dst, "reduce", 0, _IN_PLACE)
         call = Call.of("reduce", src.ptr, _ptr(dst), src.count, src.dtype, op, root)
-        return self._launch(call, dst.obj if is_root else x, async_op)
+        return self._launch(call, dst.obj if is_root else x, async_op, written=is_root)
 
     def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False):
         """Reduce x over all ranks; rank r gets block r of dim 0."""

@@ -62,6 +62,41 @@ def _all_to_allv(handle, c: Call) -> int:
                                      c.row, c.dtype)
 
 
+class P2PBatch:
+    """Sends and recvs progressing together in the core (ncl_p2p_progress): add(call) returns a
+    token, progress(wait_s) the tokens of the calls now done.  Ops not yet done are carried
+    from round to round (their state lives in the op)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._ops: list = []  # (token, ncl_p2p_op[1]) not yet done
+        self._next = 0
+
+    def add(self, c: Call) -> int:
+        op = ffi.new("ncl_p2p_op[1]")
+        send = c.collective == "send"
+        op[0].is_send, op[0].peer, op[0].dtype = send, c.root, c.dtype
+        op[0].buf, op[0].count = c.send if send else c.recv, c.count
+        self._next += 1
+        self._ops.append((self._next, op))
+        return self._next
+
+    def progress(self, wait_s: float) -> list:
+        n = len(self._ops)
+        ops = ffi.new("ncl_p2p_op[]", n)
+        size = ffi.sizeof("ncl_p2p_op")
+        for i, (_, op) in enumerate(self._ops):
+            ffi.memmove(ops + i, op, size)
+        rc = lib.ncl_p2p_progress(self._handle, ops, n, wait_s)
+        for i, (_, op) in enumerate(self._ops):
+            ffi.memmove(op, ops + i, size)
+        if rc:
+            raise error(rc)
+        done = [token for token, op in self._ops if op[0].state == 2]
+        self._ops = [(token, op) for token, op in self._ops if op[0].state != 2]
+        return done
+
+
 class SharedMemoryBackend:
     """One rank's side of a group on one host (see the module docstring)."""
     single_host = True  # every rank maps every rank's registered memory
@@ -92,6 +127,9 @@ class SharedMemoryBackend:
             return None
         return (e.seq, ffi.string(e.algorithm).decode() if e.algorithm else None, e.steps,
                 max(e.t_end - e.t_begin, 0.0))
+
+    def p2p_batch(self) -> P2PBatch:
+        return P2PBatch(self.handle)
 
     def window(self, nbytes: int):
         self._windows += 1
