@@ -7,8 +7,10 @@ batch takes in sends and recvs queued while it runs, so a ring of large messages
 every rank sends first completes.  `idle` is what the communicator's synchronous fast path
 asks: nothing queued and nothing running, so the caller's thread may use the core itself.
 """
+import atexit
 import collections
 import threading
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from typing import Any, Callable, Optional
@@ -17,6 +19,15 @@ from .errors import NclTimeoutError
 
 _P2P = ("send", "recv")
 _ROUND_S = 0.002  # a batch comes back this often to take in newly queued sends and recvs
+_EXIT_WAIT_S = 2.0  # at interpreter exit, how long a worker still running a call is waited for
+_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """End idle workers before the interpreter tears down what their callbacks use (torch's)."""
+    for worker in list(_workers):
+        worker.stop(_EXIT_WAIT_S)
 
 
 class Work:
@@ -69,6 +80,7 @@ class Worker:
         self._submitted = self._finished = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _workers.add(self)
 
     @property
     def idle(self) -> bool:
@@ -87,12 +99,12 @@ class Worker:
         with self._cv:
             self._cv.wait_for(lambda: self.idle)
 
-    def stop(self) -> None:
-        """Finish the queue, then end the thread."""
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Finish the queue, then end the thread (idempotent)."""
         with self._cv:
             self._queue.append(None)
             self._cv.notify()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def _next(self, block: bool = True):
         with self._cv:
