@@ -11,8 +11,11 @@
  * Every transfer is an ncl_p2p_op advanced by `advance`, which never blocks: a blocking
  * ncl_send/ncl_recv is one op advanced and waited on; ncl_p2p_progress advances a batch of
  * them together (NCCL's group semantics), so sends and recvs between the same ranks complete
- * in any order and size.  Per peer and direction ops move in list order.  Each chunk carries
- * the message's fingerprint, so a receive of the wrong size or dtype fails loudly. */
+ * in any order and size.  Per peer and direction ops move in list order.  A recv from any
+ * source (peer -1, as MPI_ANY_SOURCE) takes the first channel with a message waiting that no
+ * earlier recv of the batch is owed, lowest rank first, and then is a recv from that peer.
+ * Each chunk carries the message's fingerprint, so a receive of the wrong size or dtype fails
+ * loudly. */
 #define _GNU_SOURCE
 #include <sched.h>
 #include <stdio.h>
@@ -23,8 +26,9 @@
 
 enum { POSTING = 0, AWAIT_ACK = 1, DONE = 2 }; /* ncl_p2p_op.state */
 
-static int check_peer(ncl_comm* c, const void* buf, size_t count, int dtype, int peer) {
+static int check_peer(ncl_comm* c, const void* buf, size_t count, int dtype, int peer, bool any) {
     NCL_CHECK(ncl_check_args(c, buf, buf, count, dtype, -1, -1));
+    if (any && peer == -1 && c->nranks > 1) return NCL_OK;
     if (peer < 0 || peer >= c->nranks || peer == c->rank)
         return ncl_error(NCL_ERR_ARGUMENT, "peer %d must be another rank of this %d-rank group", peer, c->nranks);
     return NCL_OK;
@@ -109,12 +113,38 @@ static int advance_recv(ncl_comm* c, ncl_p2p_op* op, bool* moved) {
     return NCL_OK;
 }
 
+/* An earlier op of the batch that still posts to or reads from `peer` in op's direction (an
+ * unbound recv from any source counts for every peer). */
+static bool owed(const ncl_p2p_op* ops, int i, int peer) {
+    for (int j = 0; j < i; j++)
+        if (ops[j].is_send == ops[i].is_send && ops[j].state == POSTING && (ops[j].peer == peer || ops[j].peer < 0))
+            return true;
+    return false;
+}
+
+/* A recv from any source: bound to the lowest peer with a message waiting, if any. */
+static void bind_any(ncl_comm* c, ncl_p2p_op* ops, int i) {
+    for (int p = 0; p < c->nranks; p++) {
+        if (p == c->rank || owed(ops, i, p)) continue;
+        ncl_pair_ctrl* ch = &c->pairs[(size_t)p * (size_t)c->nranks + (size_t)c->rank];
+        if (reached(&ch->sent, c->p2p_recvd[p] + 1)) {
+            ops[i].peer = p;
+            return;
+        }
+    }
+}
+
 /* Advance op unless an earlier op of the batch on the same channel still posts or reads. */
 static int advance(ncl_comm* c, ncl_p2p_op* ops, int i, bool* moved) {
     ncl_p2p_op* op = &ops[i];
     if (op->state == DONE) return NCL_OK;
-    for (int j = 0; j < i; j++)
-        if (ops[j].peer == op->peer && ops[j].is_send == op->is_send && ops[j].state == POSTING) return NCL_OK;
+    if (op->peer < 0) {
+        if (owed(ops, i, -1)) return NCL_OK;
+        bind_any(c, ops, i);
+        if (op->deadline == 0) op->deadline = ncl_now() + c->timeout_s;
+        if (op->peer < 0) return NCL_OK;
+    }
+    if (owed(ops, i, op->peer)) return NCL_OK;
     if (op->deadline == 0) op->deadline = ncl_now() + c->timeout_s;
     if (op->is_send) {
         *moved |= advance_send(c, op);
@@ -124,8 +154,14 @@ static int advance(ncl_comm* c, ncl_p2p_op* ops, int i, bool* moved) {
 }
 
 static int overdue(ncl_comm* c, const ncl_p2p_op* op, double now) {
-    int rc = ncl_peer_alive(c, op->peer);
+    int rc = ncl_peer_alive(c, op->peer); /* (peer -1: every rank) */
     const char* dir = op->is_send ? "send to" : "recv from";
+    if (op->peer < 0) {
+        if (rc != NCL_OK) return rc;
+        if (op->deadline && now > op->deadline)
+            return ncl_error(NCL_ERR_TIMEOUT, "recv from any rank: nothing came within %.1f s", c->timeout_s);
+        return NCL_OK;
+    }
     if (rc != NCL_OK) {
         char msg[768];
         snprintf(msg, sizeof msg, "%s", ncl_last_error());
@@ -139,7 +175,7 @@ static int overdue(ncl_comm* c, const ncl_p2p_op* op, double now) {
 int ncl_p2p_progress(ncl_comm* c, ncl_p2p_op* ops, int n, double wait_s) {
     NCL_CHECK(ncl_comm_usable(c));
     for (int i = 0; i < n; i++)
-        NCL_CHECK(check_peer(c, ops[i].buf, ops[i].count, ops[i].dtype, ops[i].peer));
+        NCL_CHECK(check_peer(c, ops[i].buf, ops[i].count, ops[i].dtype, ops[i].peer, !ops[i].is_send));
     double start = ncl_now(), next_check = start + 0.05;
     for (unsigned idle = 0;;) {
         bool moved = false, pending = false;
@@ -190,15 +226,25 @@ static int run_one(ncl_comm* c, ncl_p2p_op* op) {
 
 /* The public entry points: each call recorded in the flight recorder (flight.c). */
 int ncl_send(ncl_comm* c, const void* buf, size_t count, int dtype, int peer) {
-    NCL_CHECK(check_peer(c, buf, count, dtype, peer));
+    NCL_CHECK(check_peer(c, buf, count, dtype, peer, false));
     ncl_call_begin(c, NCL_COLL_SEND, dtype, count, -1, peer);
     ncl_p2p_op op = {.is_send = 1, .peer = peer, .dtype = dtype, .buf = (void*)buf, .count = count};
     return ncl_call_end(c, run_one(c, &op));
 }
 
 int ncl_recv(ncl_comm* c, void* buf, size_t count, int dtype, int peer) {
-    NCL_CHECK(check_peer(c, buf, count, dtype, peer));
+    NCL_CHECK(check_peer(c, buf, count, dtype, peer, false));
     ncl_call_begin(c, NCL_COLL_RECV, dtype, count, -1, peer);
     ncl_p2p_op op = {.is_send = 0, .peer = peer, .dtype = dtype, .buf = buf, .count = count};
     return ncl_call_end(c, run_one(c, &op));
+}
+
+int ncl_recv_any(ncl_comm* c, void* buf, size_t count, int dtype, int* src) {
+    NCL_CHECK(check_peer(c, buf, count, dtype, -1, true));
+    ncl_call_begin(c, NCL_COLL_RECV, dtype, count, -1, -1);
+    ncl_p2p_op op = {.is_send = 0, .peer = -1, .dtype = dtype, .buf = buf, .count = count};
+    int rc;
+    while ((rc = ncl_p2p_progress(c, &op, 1, 1.0)) == NCL_OK && op.state != DONE) {}
+    *src = op.peer;
+    return ncl_call_end(c, rc);
 }

@@ -439,11 +439,25 @@ class Communicator:
         buf = as_buffer(x, "x", writable=False)
         return self._launch(Call.of("send", buf.ptr, ffi.NULL, buf.count, buf.dtype, -1, dst), None, async_op)
 
-    def recv(self, x, src: int, *, async_op: bool = False):
-        """Receive from rank src into x (same count and dtype as the matching send)."""
+    def recv(self, x, src: Optional[int], *, async_op: bool = False):
+        """Receive from rank src into x (same count and dtype as the matching send); returns x.
+        src None: from whichever rank sends first (MPI_ANY_SOURCE); returns that rank instead."""
+        if src is None:
+            return self._recv_any(x, async_op)
         src = check_rank(src, "src", self._size, other_than=self._rank)
         buf = as_buffer(x, "x", writable=True)
         return self._launch(Call.of("recv", ffi.NULL, buf.ptr, buf.count, buf.dtype, -1, src), x, async_op)
+
+    def _recv_any(self, x, async_op: bool):
+        buf = as_buffer(x, "x", writable=True)
+        if self._size < 2 or getattr(self._backend, "p2p_batch", None) is None:
+            raise ValueError("recv from any source needs a single-host communicator of two ranks or more")
+        if buf.is_torch:
+            _bump_version(x)
+        sender = ffi.new("int[1]", [-1])  # the core writes the sender's rank here
+        call = Call.of("recv", sender, buf.ptr, buf.count, buf.dtype, -1, -1)
+        got = self._launch(call, sender, async_op, written=False)
+        return got.map(lambda s: int(s[0])) if async_op else int(got[0])
 
     def barrier(self, *, async_op: bool = False):
         """Return once every rank has entered the barrier."""

@@ -35,8 +35,10 @@ def _runner(handle):
                 rc = lib.ncl_broadcast(handle, c.send, c.recv, c.count, c.dtype, c.root)
             case "send":
                 rc = lib.ncl_send(handle, c.send, c.count, c.dtype, c.root)
-            case "recv":
+            case "recv" if c.root >= 0:
                 rc = lib.ncl_recv(handle, c.recv, c.count, c.dtype, c.root)
+            case "recv":  # from any source: c.send is where the sender's rank goes
+                rc = lib.ncl_recv_any(handle, c.recv, c.count, c.dtype, c.send)
             case "all_to_all":
                 rc = lib.ncl_all_to_all(handle, c.send, c.recv, c.count, c.dtype)
             case "reduce":
@@ -70,6 +72,7 @@ class P2PBatch:
     def __init__(self, handle):
         self._handle = handle
         self._ops: list = []  # (token, ncl_p2p_op[1]) not yet done
+        self._any: dict = {}  # token -> where a recv from any source puts its sender's rank
         self._next = 0
 
     def add(self, c: Call) -> int:
@@ -79,6 +82,8 @@ class P2PBatch:
         op[0].buf, op[0].count = c.send if send else c.recv, c.count
         self._next += 1
         self._ops.append((self._next, op))
+        if not send and c.root < 0:
+            self._any[self._next] = c.send
         return self._next
 
     def progress(self, wait_s: float) -> list:
@@ -92,6 +97,9 @@ class P2PBatch:
             ffi.memmove(op, ops + i, size)
         if rc:
             raise error(rc)
+        for token, op in self._ops:
+            if self._any.get(token) is not None and op[0].state == 2:
+                self._any.pop(token)[0] = op[0].peer  # a recv from any source: who sent
         done = [token for token, op in self._ops if op[0].state == 2]
         self._ops = [(token, op) for token, op in self._ops if op[0].state != 2]
         return done

@@ -33,17 +33,23 @@ def _stop_all() -> None:
 class Work:
     """wait() returns the collective's result or raises the group's error."""
 
-    __slots__ = ("_future", "_name")
+    __slots__ = ("_future", "_name", "_value")
 
-    def __init__(self, future: Future, name: str):
+    def __init__(self, future: Future, name: str, value: Optional[Callable] = None):
         self._future = future
         self._name = name
+        self._value = value  # what wait() makes of the call's result
 
     def wait(self, timeout: Optional[float] = None) -> Any:
         try:
-            return self._future.result(timeout)
+            result = self._future.result(timeout)
         except _FutureTimeout:
             raise NclTimeoutError(f"{self._name} did not complete within {timeout} s") from None
+        return self._value(result) if self._value is not None else result
+
+    def map(self, value: Callable) -> "Work":
+        """The same call, whose wait() returns value(result)."""
+        return Work(self._future, self._name, value)
 
     def is_completed(self) -> bool:
         return self._future.done()

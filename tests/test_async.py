@@ -151,3 +151,52 @@ def test_in_place_calls_bump_torch_version_counter(pool_factory):
     for r, g in enumerate(got):
         assert g["bumped"] and "modified by an inplace operation" in g["caught"], g
         assert g["reduce_bumped"] == (r == 0), g
+
+
+def _any_source(comm, n_floats):
+    """Rank 0 receives from whichever rank sends first, sync and async; the others send twice
+    (rank 1 after rank 2 the first time, so the first message is rank 2's)."""
+    me = comm.rank
+    if me != 0:
+        if me == 1:
+            time.sleep(0.3)
+        comm.send(_msg("any", me, n_floats, 0), 0)
+        comm.barrier()
+        comm.send(_msg("any", me, n_floats, 1), 0)
+        return []
+    failures, senders = [], []
+    for k in (0, 1):
+        for j in range(comm.size - 1):
+            buf = np.full(n_floats, np.nan, np.float32)
+            if k == 0:
+                src = comm.recv(buf, None)
+            else:
+                src = comm.recv(buf, None, async_op=True).wait(WAIT_S)
+            senders.append(src)
+            if not np.array_equal(buf, _msg("any", src, n_floats, k)):
+                failures.append(f"round {k}: data from rank {src} wrong")
+        if k == 0:
+            comm.barrier()
+    if senders[0] != 2 or sorted(senders[:2]) != [1, 2] or sorted(senders[2:]) != [1, 2]:
+        failures.append(f"senders {senders}")
+    return failures
+
+
+@pytest.mark.parametrize("n_floats", [5, 200_000])
+def test_recv_from_any_source_returns_the_sender(pool_factory, n_floats):
+    failures = pool_factory(3, ()).run(_any_source, n_floats, timeout=60)
+    assert not sum(failures, []), report(sum(failures, []))
+
+
+def _any_source_alone(comm):
+    import ncl
+    try:
+        comm.recv(np.zeros(1, np.float32), None)
+    except ncl.NclTimeoutError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_recv_from_any_source_times_out_when_nothing_comes(pool_factory):
+    got = pool_factory(2, (("NCL_TIMEOUT", "1"),)).run(_any_source_alone, timeout=60)
+    assert all("any rank" in g for g in got), got

@@ -9,6 +9,7 @@ becomes a failure.
   pipeline   Schedule1F1B, 2 stages, 4 MiB activations: loss and gradients as one process
   dcp        DCP async_save, then load: the same tensors
   fsdp2      set_model_state_dict(broadcast_from_rank0=True) into a fully_shard model
+  any_source recv and irecv without src: the sender's rank and its data
 """
 import json
 import os
@@ -90,7 +91,24 @@ def fsdp2(me, n, check, tmp):
         check("broadcast_from_rank0 into FSDP2", all(torch.equal(got[k], v) for k, v in reference.state_dict().items()))
 
 
-CASES = {"device": device, "ring": ring, "pipeline": pipeline, "dcp": dcp, "fsdp2": fsdp2}
+def any_source(me, n, check, tmp):
+    if me != 0:
+        for k in range(2):
+            dist.send(torch.full((300_000,), float(me * 10 + k)), 0)
+        return
+    for k in range(2 * (n - 1)):
+        t = torch.empty(300_000)
+        if k % 2:
+            work = dist.irecv(t)
+            work.wait()
+            src = work._source_rank()
+        else:
+            src = dist.recv(t)
+        check(f"any source message {k}", 0 < src < n and t[0].item() in (src * 10, src * 10 + 1)
+              and torch.equal(t, torch.full_like(t, t[0].item())))
+
+
+CASES = {"device": device, "ring": ring, "pipeline": pipeline, "dcp": dcp, "fsdp2": fsdp2, "any_source": any_source}
 
 
 def main(out_dir: str, names) -> None:

@@ -289,12 +289,35 @@ class ProcessGroupNcl(dist.ProcessGroup):
         return self._started([self.comm.recv(t, src, async_op=True) for t in tensors], tensors)
 
     @_named
-    def recv_anysource(self, tensors, tag=0):
-        raise NotImplementedError("the ncl backend has no recv from any source: give src")
+    def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> dist.Work:
+        if len(tensors) != 1:
+            raise ValueError(f"recv from any source takes one tensor, not {len(tensors)}")
+        return _FromAnySource(self.comm.recv(tensors[0], None, async_op=True), tensors)
 
     @_named
     def barrier(self, opts=None) -> dist.Work:
         return self._started([self.comm.barrier(async_op=True)], None)
+
+
+class _FromAnySource(dist.Work):
+    """A recv from any source: torch asks its Work for the sender (_source_rank)."""
+
+    def __init__(self, work: "ncl.Work", tensors: List[torch.Tensor]):
+        super().__init__()
+        self._work, self._tensors = work, tensors
+
+    def wait(self, timeout=None) -> bool:
+        self._work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+    def _source_rank(self) -> int:
+        return self._work.wait()
+
+    def get_future(self) -> torch.futures.Future:
+        return _work([self._work], self._tensors).get_future()
 
 
 class _TorchWork:
