@@ -12,6 +12,7 @@ progress gets NclStateError at once (one lock, tried without waiting), never cal
 wrongly across ranks.  A call that writes a torch tensor bumps its autograd version counter,
 as torch's own in-place ops do.
 """
+import contextlib
 import math
 import sys
 import threading
@@ -177,6 +178,33 @@ class Communicator:
         finally:
             entry.release()
         return Work(future, call.collective) if async_op else future.result()
+
+    @contextlib.contextmanager
+    def group(self):
+        """Calls issued inside `with comm.group():` are queued as with async_op=True and return
+        their Work; leaving the block waits for all of them (raising the first error), as
+        ncclGroupStart/End.  Sends and recvs inside progress together, whatever their order
+        and size.  (The block swaps in _launch_grouped for this instance, so calls outside a
+        group pay nothing for it.)"""
+        if self._grouped:
+            raise NclStateError("comm.group() blocks do not nest")
+        works: list = []
+        self._launch = lambda call, result, async_op, written=True: self._launch_grouped(works, call, result, written)
+        try:
+            yield self
+        finally:
+            del self._launch
+        for work in works:
+            work.wait()
+
+    @property
+    def _grouped(self) -> bool:
+        return "_launch" in self.__dict__
+
+    def _launch_grouped(self, works: list, call: Call, result: Any, written: bool) -> Work:
+        work = Communicator._launch(self, call, result, True, written)
+        works.append(work)
+        return work
 
     def _execute(self, call: Call) -> None:
         try:
@@ -403,6 +431,8 @@ class Communicator:
                 recv_counts = known[:, self._rank].tolist()
         if recv_counts is not None:
             recv = check_counts(recv_counts, "recv_counts", self._size)
+        elif self._grouped:
+            raise ValueError("inside comm.group(), all_to_allv needs recv_counts (or all_counts)")
         else:
             exchanged = self.all_to_all(np.asarray(send, dtype=np.int64))
             recv = tuple(int(c) for c in exchanged)
@@ -457,7 +487,7 @@ class Communicator:
         sender = ffi.new("int[1]", [-1])  # the core writes the sender's rank here
         call = Call.of("recv", sender, buf.ptr, buf.count, buf.dtype, -1, -1)
         got = self._launch(call, sender, async_op, written=False)
-        return got.map(lambda s: int(s[0])) if async_op else int(got[0])
+        return got.map(lambda s: int(s[0])) if isinstance(got, Work) else int(got[0])
 
     def barrier(self, *, async_op: bool = False):
         """Return once every rank has entered the barrier."""
@@ -480,6 +510,8 @@ class Communicator:
         """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
         (key, old rank).  color None (MPI_UNDEFINED) joins none and returns None."""
         color, key = self._split_args(color, key)
+        if self._grouped:
+            raise NclStateError("split inside comm.group(): leave the block first")
         table = self.all_gather(np.array([-1 if color is None else color, key], dtype=np.int64)).reshape(-1, 2)
         self._splits += 1
         if color is None:

@@ -200,3 +200,26 @@ def _any_source_alone(comm):
 def test_recv_from_any_source_times_out_when_nothing_comes(pool_factory):
     got = pool_factory(2, (("NCL_TIMEOUT", "1"),)).run(_any_source_alone, timeout=60)
     assert all("any rank" in g for g in got), got
+
+
+def _grouped(comm):
+    """Inside comm.group(): every rank sends 1 MiB to every other before any recv (a cycle
+    of blocking sends otherwise), plus an all_reduce; leaving the block completes them all."""
+    me, n = comm.rank, comm.size
+    bufs = {p: np.full(1 << 18, np.nan, np.float32) for p in range(n) if p != me}
+    x = np.full(5, float(me + 1), np.float32)
+    with comm.group():
+        for p in bufs:
+            comm.send(_msg("group", me, 1 << 18, p), p)
+        works = [comm.recv(b, p) for p, b in bufs.items()]
+        comm.all_reduce(x)
+    failures = [f"group recv from {p} wrong" for p, b in bufs.items()
+                if not np.array_equal(b, _msg("group", p, 1 << 18, me))]
+    if not all(w.is_completed() for w in works) or not np.all(x == n * (n + 1) / 2):
+        failures.append(f"group not complete at exit: {x}")
+    return failures
+
+
+def test_calls_in_a_group_progress_together_and_complete_at_its_end(pool_factory):
+    failures = pool_factory(3, ()).run(_grouped, timeout=60)
+    assert not sum(failures, []), report(sum(failures, []))

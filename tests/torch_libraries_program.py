@@ -10,6 +10,8 @@ becomes a failure.
   dcp        DCP async_save, then load: the same tensors
   fsdp2      set_model_state_dict(broadcast_from_rank0=True) into a fully_shard model
   any_source recv and irecv without src: the sender's rank and its data
+  coalesced  all_gather_coalesced; all_reduce, all_gather_into_tensor and reduce_scatter_tensor
+             under _coalescing_manager
 """
 import json
 import os
@@ -108,7 +110,35 @@ def any_source(me, n, check, tmp):
               and torch.equal(t, torch.full_like(t, t[0].item())))
 
 
-CASES = {"device": device, "ring": ring, "pipeline": pipeline, "dcp": dcp, "fsdp2": fsdp2, "any_source": any_source}
+def coalesced(me, n, check, tmp):
+    ins = [torch.full((2, 3), float(me)), torch.arange(4.0) + me]
+    outs = [[torch.empty_like(t) for t in ins] for _ in range(n)]
+    dist.all_gather_coalesced(outs, ins)
+    check("all_gather_coalesced", all(torch.equal(outs[r][0], torch.full((2, 3), float(r))) and
+                                      torch.equal(outs[r][1], torch.arange(4.0) + r) for r in range(n)))
+    a, b = torch.full((3,), float(me)), torch.full((5,), 2.0 * me)
+    with dist._coalescing_manager(async_ops=True) as cm:
+        dist.all_reduce(a)
+        dist.all_reduce(b)
+    cm.wait()
+    total = sum(range(n))
+    check("coalesced all_reduce", torch.equal(a, torch.full((3,), float(total))) and
+          torch.equal(b, torch.full((5,), 2.0 * total)))
+    gathered, scattered = [torch.empty(2 * n) for _ in range(2)], [torch.empty(2) for _ in range(2)]
+    with dist._coalescing_manager():
+        for k in range(2):
+            dist.all_gather_into_tensor(gathered[k], torch.full((2,), float(me + k)))
+    with dist._coalescing_manager():
+        for k in range(2):
+            dist.reduce_scatter_tensor(scattered[k], torch.arange(2.0 * n) + k)
+    check("coalesced all_gather_into_tensor", all(torch.equal(gathered[k], torch.arange(float(n)).add(k)
+                                                              .repeat_interleave(2)) for k in range(2)))
+    check("coalesced reduce_scatter_tensor", all(torch.equal(scattered[k], (torch.arange(2.0) + 2 * me + k) * n)
+                                                 for k in range(2)))
+
+
+CASES = {"device": device, "ring": ring, "pipeline": pipeline, "dcp": dcp, "fsdp2": fsdp2, "any_source": any_source,
+         "coalesced": coalesced}
 
 
 def main(out_dir: str, names) -> None:

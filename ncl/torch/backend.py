@@ -3,13 +3,15 @@
 torch hands the backend's creator a store (prefixed per group), this rank and the group size;
 rank 0 of the group puts a fresh ncl job id in the store and every rank builds an ncl
 communicator from it, so `init_process_group("ncl")` works with env://, file:// or a store,
-and `new_group` builds a new communicator the same way.  Each call runs at once (ncl's own
-argument checks apply, before any rank communicates) and starts the call on the communicator's
-worker thread (ncl/work.py): the Work it returns completes in the background, its wait(),
-is_completed() and get_future() behave as torch documents, and sends and recvs queued together
-progress together (batch_isend_irecv, pipelining).  The group lists the CPU as its device, so
-torch finds it as the CPU backend (DCP's async save, state-dict loading from rank 0).  What ncl cannot do (another reduce op, a tensor on another device) raises
-an error naming the call.
+and `new_group` builds a new communicator the same way.  Each call checks its arguments (ncl's
+own checks, before any rank communicates) and starts on the communicator's worker thread
+(ncl/work.py): the Work it returns completes in the background; its wait(), is_completed()
+and get_future() behave as torch documents; sends and recvs queued together progress together
+(batch_isend_irecv, pipelining); a recv without src takes whichever rank sends first.  The
+coalesced calls start all their parts and return one Work.  The group lists the CPU as its
+device, so torch finds it as the CPU backend (DCP's async save, state-dict loading from rank
+0).  What ncl cannot do (another reduce op, a tensor on another device) raises an error naming
+the call.
 """
 import datetime
 import functools
