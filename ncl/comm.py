@@ -481,7 +481,8 @@ class Communicator:
     def _recv_any(self, x, async_op: bool):
         buf = as_buffer(x, "x", writable=True)
         if self._size < 2 or getattr(self._backend, "p2p_batch", None) is None:
-            raise ValueError("recv from any source needs a single-host communicator of two ranks or more")
+            raise ValueError("recv with src=None (from any source) needs a single-host communicator of two ranks "
+                             "or more")
         if buf.is_torch:
             _bump_version(x)
         sender = ffi.new("int[1]", [-1])  # the core writes the sender's rank here
