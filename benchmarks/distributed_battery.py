@@ -2,6 +2,7 @@
 backend "ncl", against gloo registered as a plugin backend the same way (issue 22 item 6).
 
     python benchmarks/distributed_battery.py [--backends gloo_plugin ncl] [-k SUBSTRING] [--out FILE]
+    python benchmarks/distributed_battery.py --backends ncl --passed-in EARLIER_OUTPUT   # gloo's passes only
 
 For each backend a child process runs the battery's `_DistTestBase` (3 ranks, file://
 initialisation, as torch's test_distributed_spawn.py does) with BACKEND set to that name, and
@@ -80,17 +81,17 @@ class _Lines(unittest.TestResult):
         self._line(test, "failed")
 
 
-def _child(backend: str, pattern: str) -> None:
+def _child(backend: str, pattern: str, names: list) -> None:
     suite = unittest.TestLoader().loadTestsFromTestCase(TestDistBackendWithSpawn)
-    tests = [t for t in suite if pattern in t.id()]
+    tests = [t for t in suite if pattern in t.id() and (not names or t.id().rsplit(".", 1)[-1] in names)]
     unittest.TestSuite(tests).run(_Lines(backend))
 
 
-def _run(backend: str, pattern: str) -> dict:
+def _run(backend: str, pattern: str, names: list) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NCL_")}
     with tempfile.TemporaryDirectory() as tmp:
         env.update(BACKEND=backend, WORLD_SIZE=WORLD_SIZE, TEMP_DIR=tmp, NCL_TIMEOUT="60")
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "-k", pattern], env=env,
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", "-k", pattern, *names], env=env,
                                 stdout=subprocess.PIPE, text=True)
         outcomes = {}
         for line in proc.stdout:
@@ -107,13 +108,23 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["gloo_plugin", "ncl"])
     ap.add_argument("-k", default="test_", help="run the tests whose name contains this")
     ap.add_argument("--out")
+    ap.add_argument("--passed-in", metavar="FILE",
+                    help="an earlier run's output: only the tests it shows passing on gloo_plugin, whose outcomes "
+                         "there stand for gloo_plugin's")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("names", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _child(os.environ["BACKEND"], args.k)
+        _child(os.environ["BACKEND"], args.k, args.names)
         return
     start = time.monotonic()
-    results = {b: _run(b, args.k) for b in args.backends}
+    results, names = {}, []
+    if args.passed_in:
+        with open(args.passed_in) as f:
+            earlier = [line.split() for line in f]
+        results["gloo_plugin"] = {p[1]: p[2] for p in earlier if len(p) == 3 and p[0] == "gloo_plugin"}
+        names = sorted(t for t, o in results["gloo_plugin"].items() if o == "passed")
+    results.update({b: _run(b, args.k, names) for b in args.backends})
     lines = [f"DistributedTest battery, {WORLD_SIZE} ranks, torch {__import__('torch').__version__}, "
              f"{time.monotonic() - start:.0f} s"]
     for b, got in results.items():
