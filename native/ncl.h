@@ -154,6 +154,22 @@ int ncl_all_to_allv_known(ncl_comm* comm, const void* send, const uint64_t* send
                           const uint64_t* recv_counts, const int64_t* matrix, uint64_t row, int dtype);
 int ncl_send(ncl_comm* comm, const void* buf, size_t count, int dtype, int peer);
 int ncl_recv(ncl_comm* comm, void* buf, size_t count, int dtype, int peer);
+/* A send or recv that progresses with others (p2p.c; a recv's peer may be -1: any source, the
+ * sender's rank once it is bound): the caller fills is_send, peer, dtype, buf
+ * and count and zeroes the rest; ncl_p2p_progress advances a batch of them for up to wait_s
+ * seconds (returning early when all are done: state 2), in list order per peer and direction.
+ * The buffers stay the caller's until their op is done. */
+typedef struct {
+    int32_t is_send, peer, dtype, state;
+    void* buf;
+    size_t count;
+    uint64_t done;        /* chunks moved */
+    uint32_t last_chunk;  /* the channel's number of the last chunk posted */
+    double deadline;      /* set when the op first moves: now + the communicator's timeout */
+} ncl_p2p_op;
+int ncl_p2p_progress(ncl_comm* comm, ncl_p2p_op* ops, int n, double wait_s);
+/* A recv from whichever rank sends first (MPI_ANY_SOURCE); *src: that rank. */
+int ncl_recv_any(ncl_comm* comm, void* buf, size_t count, int dtype, int* src);
 /* END CDEF */
 
 #endif

@@ -4,13 +4,18 @@ Every method follows the same path: validate every argument (ValueError/TypeErro
 any rank communicates), allocate the output, build one Call (ncl/call.py) and hand it to
 `_launch`, which runs it on the communicator's backend (ncl/backend.py: shared memory, or
 shared memory plus MPI across hosts) now or, with async_op=True, on the communicator's
-single worker thread (so calls stay in program order).  NCL_DEBUG=TRACE and emulation on a
-topology wrap the backend's run (flight.Traced, emulation.Emulated).  The C core releases
-the GIL while it waits and copies.  A communicator is not safe to use from several threads
-at once (as in NCCL).
+worker thread (ncl/work.py; calls stay in program order: a synchronous call waits for the
+queued ones first).  NCL_DEBUG=TRACE and emulation on a topology wrap the backend's run
+(flight.Traced, emulation.Emulated).  The C core releases the GIL while it waits and copies.
+One thread at a time may call a communicator: a second thread entering while a call is in
+progress gets NclStateError at once (one lock, tried without waiting), never calls paired
+wrongly across ranks.  A call that writes a torch tensor bumps its autograd version counter,
+as torch's own in-place ops do.
 """
-import concurrent.futures
+import contextlib
 import math
+import sys
+import threading
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -22,7 +27,7 @@ from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, 
 from .call import Call
 from .errors import NclError, NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
 from .shm import SharedMemoryBackend
-from .work import Work
+from .work import Work, Worker, wait_for
 
 # (ncl.flight is imported where used: only failures, tracing and explicit dumps need it)
 # Failures of the group (not of this rank's arguments): each is logged and flight-recorded.
@@ -40,11 +45,19 @@ def failure_reason(exc: BaseException) -> str:
 
 
 _IN_PLACE = "only out=x itself (in place)"
+_NDARRAY = np.ndarray  # (a global: the fast path's type test skips an attribute lookup)
 _OWN_BLOCK = "only x = this rank's block of out (in place)"
 
 
 def _ptr(buf: Optional[Buffer]):
     return buf.ptr if buf is not None else ffi.NULL
+
+
+def _bump_version(obj) -> None:
+    """A torch tensor a call writes: autograd sees it modified, as after torch's in-place ops."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        torch.autograd.graph.increment_version(obj)
 
 
 class Communicator:
@@ -58,8 +71,8 @@ class Communicator:
         self._log = log.for_rank(self._rank, self._size, self._label)
         self._forced_algo = tuning.forced_all_reduce_algorithm()
         self._splits = 0
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._last_future: Optional[concurrent.futures.Future] = None
+        self._worker: Optional[Worker] = None
+        self._entry = threading.Lock()  # held by the thread inside a call (tried, never waited for)
         self._closed = False
         self._run = backend.run  # the backend, or a wrapper reading each Call before and after it
         if self._log.isEnabledFor(log.TRACE):  # every call logged with what the backend decided
@@ -130,9 +143,9 @@ class Communicator:
         """Finish outstanding async work and release the communicator (idempotent)."""
         if self._closed:
             return
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
         self._backend.close()
         self._closed = True
 
@@ -146,13 +159,20 @@ class Communicator:
         if self._closed:
             raise NclStateError(f"this communicator (rank {self._rank} of {self._size}) is closed")
 
-    def _launch(self, call: Call, result: Any, async_op: bool) -> Any:
+    def _launch(self, call: Call, result: Any, async_op: bool, written: bool = True) -> Any:
         """Run one call on the backend, now or queued behind earlier async work; returns result
-        (or a Work that will)."""
-        if not async_op and self._last_future is None:  # the fast path
-            if self._closed:
-                self._check_open()
+        (or a Work that will).  written: result is a buffer the call writes (a torch tensor's
+        version counter is bumped)."""
+        if type(result) is not _NDARRAY and written and result is not None:
+            _bump_version(result)
+        entry = self._entry
+        if not entry.acquire(False):
+            raise NclStateError(f"another thread is inside a call on this communicator (rank {self._rank}): "
+                                "use one communicator per thread")
+        if not async_op and self._worker is None:  # the fast path
             try:
+                if self._closed:
+                    self._check_open()
                 self._run(call)
             except _GROUP_FAILURES as exc:
                 raise self._group_failed(call, exc) from None
@@ -161,18 +181,56 @@ class Communicator:
             except BaseException as exc:
                 self.abort(failure_reason(exc))
                 raise
+            finally:
+                entry.release()
             return result
-        self._check_open()
-        if not async_op and self._last_future.done():
-            self._last_future = None
-            return self._execute(call, result)
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ncl-rank{self._rank}")
-        future = self._executor.submit(self._execute, call, result)
-        self._last_future = future
-        return Work(future, call.collective) if async_op else future.result()
+        try:
+            self._check_open()
+            if self._worker is None:
+                self._worker = Worker(f"ncl-rank{self._rank}", self._execute, self._translate,
+                                      getattr(self._backend, "p2p_batch", None))
+            elif not async_op and self._worker.idle:  # nothing queued: run it here
+                self._execute(call)
+                return result
+            future = self._worker.submit(call, result)
+        finally:
+            entry.release()
+        if async_op:
+            return Work(future, call.collective, interrupted=self._interrupted)
+        return wait_for(future, self._interrupted)
 
-    def _execute(self, call: Call, result: Any) -> Any:
+    def _interrupted(self, exc: BaseException) -> None:
+        """This rank's wait for its worker was interrupted (Ctrl-C): the group is aborted with the reason."""
+        self.abort(failure_reason(exc))
+
+    @contextlib.contextmanager
+    def group(self):
+        """Calls issued inside `with comm.group():` are queued as with async_op=True and return
+        their Work; leaving the block waits for all of them (raising the first error), as
+        ncclGroupStart/End.  Sends and recvs inside progress together, whatever their order
+        and size.  (The block swaps in _launch_grouped for this instance, so calls outside a
+        group pay nothing for it.)"""
+        if self._grouped:
+            raise NclStateError("comm.group() blocks do not nest")
+        works: list = []
+        self._launch = lambda call, result, async_op, written=True: self._launch_grouped(works, call, result, written)
+        try:
+            yield self
+        finally:
+            del self._launch
+        for work in works:
+            work.wait()
+
+    @property
+    def _grouped(self) -> bool:
+        return "_launch" in self.__dict__
+
+    def _launch_grouped(self, works: list, call: Call, result: Any, written: bool) -> Work:
+        work = Communicator._launch(self, call, result, True, written)
+        works.append(work)
+        return work
+
+    def _execute(self, call: Call) -> None:
         try:
             self._run(call)
         except _GROUP_FAILURES as exc:
@@ -182,14 +240,15 @@ class Communicator:
         except BaseException as exc:
             self.abort(failure_reason(exc))
             raise
-        return result
+
+    def _translate(self, call: Call, exc: BaseException) -> BaseException:
+        return self._group_failed(call, exc) if isinstance(exc, _GROUP_FAILURES) else exc
 
     def _after_pending(self) -> None:
         """Let queued async work finish first (its errors stay with its Work)."""
         self._check_open()
-        if self._last_future is not None:
-            concurrent.futures.wait([self._last_future])
-            self._last_future = None
+        if self._worker is not None:
+            self._worker.drain()
 
     def _group_failed(self, call: Call, exc: Exception) -> Exception:
         """A failure of the group, logged and, with NCL_TRACE_DIR set, with this rank's flight
@@ -300,7 +359,7 @@ class Communicator:
         if dst is not None and out is not None:
             check_aliasing(src, dst, "reduce", 0, _IN_PLACE)
         call = Call.of("reduce", src.ptr, _ptr(dst), src.count, src.dtype, op, root)
-        return self._launch(call, dst.obj if is_root else x, async_op)
+        return self._launch(call, dst.obj if is_root else x, async_op, written=is_root)
 
     def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False):
         """Reduce x over all ranks; rank r gets block r of dim 0."""
@@ -401,6 +460,8 @@ class Communicator:
                 recv_counts = known[:, self._rank].tolist()
         if recv_counts is not None:
             recv = check_counts(recv_counts, "recv_counts", self._size)
+        elif self._grouped:
+            raise ValueError("inside comm.group(), all_to_allv needs recv_counts (or all_counts)")
         else:
             exchanged = self.all_to_all(np.asarray(send, dtype=np.int64))
             recv = tuple(int(c) for c in exchanged)
@@ -437,11 +498,26 @@ class Communicator:
         buf = as_buffer(x, "x", writable=False)
         return self._launch(Call.of("send", buf.ptr, ffi.NULL, buf.count, buf.dtype, -1, dst), None, async_op)
 
-    def recv(self, x, src: int, *, async_op: bool = False):
-        """Receive from rank src into x (same count and dtype as the matching send)."""
+    def recv(self, x, src: Optional[int], *, async_op: bool = False):
+        """Receive from rank src into x (same count and dtype as the matching send); returns x.
+        src None: from whichever rank sends first (MPI_ANY_SOURCE); returns that rank instead."""
+        if src is None:
+            return self._recv_any(x, async_op)
         src = check_rank(src, "src", self._size, other_than=self._rank)
         buf = as_buffer(x, "x", writable=True)
         return self._launch(Call.of("recv", ffi.NULL, buf.ptr, buf.count, buf.dtype, -1, src), x, async_op)
+
+    def _recv_any(self, x, async_op: bool):
+        buf = as_buffer(x, "x", writable=True)
+        if self._size < 2 or getattr(self._backend, "p2p_batch", None) is None:
+            raise ValueError("recv with src=None (from any source) needs a single-host communicator of two ranks "
+                             "or more")
+        if buf.is_torch:
+            _bump_version(x)
+        sender = ffi.new("int[1]", [-1])  # the core writes the sender's rank here
+        call = Call.of("recv", sender, buf.ptr, buf.count, buf.dtype, -1, -1)
+        got = self._launch(call, sender, async_op, written=False)
+        return got.map(lambda s: int(s[0])) if isinstance(got, Work) else int(got[0])
 
     def barrier(self, *, async_op: bool = False):
         """Return once every rank has entered the barrier."""
@@ -464,6 +540,8 @@ class Communicator:
         """Like MPI_Comm_split: ranks with the same color form a new communicator, ordered by
         (key, old rank).  color None (MPI_UNDEFINED) joins none and returns None."""
         color, key = self._split_args(color, key)
+        if self._grouped:
+            raise NclStateError("split inside comm.group(): leave the block first")
         table = self.all_gather(np.array([-1 if color is None else color, key], dtype=np.int64)).reshape(-1, 2)
         self._splits += 1
         if color is None:

@@ -35,8 +35,10 @@ def _runner(handle):
                 rc = lib.ncl_broadcast(handle, c.send, c.recv, c.count, c.dtype, c.root)
             case "send":
                 rc = lib.ncl_send(handle, c.send, c.count, c.dtype, c.root)
-            case "recv":
+            case "recv" if c.root >= 0:
                 rc = lib.ncl_recv(handle, c.recv, c.count, c.dtype, c.root)
+            case "recv":  # from any source: c.send is where the sender's rank goes
+                rc = lib.ncl_recv_any(handle, c.recv, c.count, c.dtype, c.send)
             case "all_to_all":
                 rc = lib.ncl_all_to_all(handle, c.send, c.recv, c.count, c.dtype)
             case "reduce":
@@ -60,6 +62,47 @@ def _all_to_allv(handle, c: Call) -> int:
         return lib.ncl_all_to_allv(handle, c.send, send, c.recv, recv, c.dtype)
     return lib.ncl_all_to_allv_known(handle, c.send, send, c.recv, recv, ffi.from_buffer("int64_t[]", c.matrix),
                                      c.row, c.dtype)
+
+
+class P2PBatch:
+    """Sends and recvs progressing together in the core (ncl_p2p_progress): add(call) returns a
+    token, progress(wait_s) the tokens of the calls now done.  Ops not yet done are carried
+    from round to round (their state lives in the op)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._ops: list = []  # (token, ncl_p2p_op[1]) not yet done
+        self._any: dict = {}  # token -> where a recv from any source puts its sender's rank
+        self._next = 0
+
+    def add(self, c: Call) -> int:
+        op = ffi.new("ncl_p2p_op[1]")
+        send = c.collective == "send"
+        op[0].is_send, op[0].peer, op[0].dtype = send, c.root, c.dtype
+        op[0].buf, op[0].count = c.send if send else c.recv, c.count
+        self._next += 1
+        self._ops.append((self._next, op))
+        if not send and c.root < 0:
+            self._any[self._next] = c.send
+        return self._next
+
+    def progress(self, wait_s: float) -> list:
+        n = len(self._ops)
+        ops = ffi.new("ncl_p2p_op[]", n)
+        size = ffi.sizeof("ncl_p2p_op")
+        for i, (_, op) in enumerate(self._ops):
+            ffi.memmove(ops + i, op, size)
+        rc = lib.ncl_p2p_progress(self._handle, ops, n, wait_s)
+        for i, (_, op) in enumerate(self._ops):
+            ffi.memmove(op, ops + i, size)
+        if rc:
+            raise error(rc)
+        for token, op in self._ops:
+            if self._any.get(token) is not None and op[0].state == 2:
+                self._any.pop(token)[0] = op[0].peer  # a recv from any source: who sent
+        done = [token for token, op in self._ops if op[0].state == 2]
+        self._ops = [(token, op) for token, op in self._ops if op[0].state != 2]
+        return done
 
 
 class SharedMemoryBackend:
@@ -92,6 +135,9 @@ class SharedMemoryBackend:
             return None
         return (e.seq, ffi.string(e.algorithm).decode() if e.algorithm else None, e.steps,
                 max(e.t_end - e.t_begin, 0.0))
+
+    def p2p_batch(self) -> P2PBatch:
+        return P2PBatch(self.handle)
 
     def window(self, nbytes: int):
         self._windows += 1

@@ -124,7 +124,7 @@ CASES = {
     "send(dst=-1)": Case(lambda c: c.send(f32(), dst=-1), V, (r"\bdst\b",)),
     "send(dst=0.0)": Case(lambda c: c.send(f32(), dst=0.0), T, (r"\bdst\b",)),
     "recv(src=size)": Case(lambda c: c.recv(f32(), src=c.size), V, (r"\bsrc\b",)),
-    "recv(src=None)": Case(lambda c: c.recv(f32(), src=None), T, (r"\bsrc\b",)),
+    "recv(src='0')": Case(lambda c: c.recv(f32(), src="0"), T, (r"\bsrc\b",)),
     # dim 0 not divisible by the size
     "reduce_scatter(indivisible)": Case(lambda c: c.reduce_scatter(f32(2 * c.size + 1)), V,
                                         (r"divisible|shape\[0\]",), "multi"),
@@ -246,6 +246,12 @@ def comm1():
 def test_bad_argument_size_1(comm1, case_id):
     _needs_torch(case_id)
     check_outcome(case_id, outcome_of(case_id, comm1), "size 1")
+
+
+def test_recv_from_any_source_alone_is_an_error(comm1):
+    """src=None (any source) is valid with peers; a communicator of one has none to hear from."""
+    with pytest.raises(ValueError, match=r"\bsrc\b"):
+        comm1.recv(f32(), None)
 
 
 def test_size_1_still_works_after_the_table(comm1):

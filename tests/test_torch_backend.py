@@ -5,7 +5,8 @@ async and sync; reduce; the three reduce_scatter forms; broadcast; all_gather an
 forms; all_to_all and all_to_all_single, even and uneven; gather; scatter; send/recv and
 isend/irecv; barrier; new_group; new_subgroups; the functional collectives; DDP for 3 steps
 against single-process training), float32 and bfloat16, on 2, 3 and 4 ranks under ncl-run
-(env:// initialisation).  Bootstrap through file://, an explicit store and torchrun is tested
+(env:// initialisation).  torch_libraries_program.py runs torch's own libraries where they need
+the group's CPU device or point-to-point that progresses together.  Bootstrap through file://, an explicit store and torchrun is tested
 here too.
 """
 import os
@@ -35,6 +36,15 @@ def _ncl_run(n, *argv, timeout=280):
 def test_every_supported_call_matches_numpy_and_gloo(tmp_path, n):
     failures = program_failures(ncl_run_argv(n, os.path.join(HERE, "torch_program.py"), str(tmp_path)), tmp_path, n)
     assert not failures, "\n".join(failures[:30])
+
+
+def test_torch_libraries_that_need_the_cpu_device_and_p2p_progress(tmp_path):
+    """torch_libraries_program.py: the CPU device registered (DCP async_save, FSDP2 loading with
+    broadcast_from_rank0), a batch_isend_irecv ring of 1 MiB and Schedule1F1B with 4 MiB
+    activations on 2 ranks; a deadlock ends at NCL_TIMEOUT as a failure."""
+    argv = ncl_run_argv(2, os.path.join(HERE, "torch_libraries_program.py"), str(tmp_path))
+    failures = program_failures(argv, tmp_path, 2, env={"NCL_TIMEOUT": "30"}, timeout=150)
+    assert not failures, "\n".join(failures)
 
 
 BOOTSTRAP = """

@@ -86,10 +86,7 @@ def attention_kernels(keys) -> Tuple[Keys, ...]:
 
 def total_keys(keys) -> Keys:
     parts = attention_kernels(keys)
-    out = parts[0]
-    for k in parts[1:]:
-        out = out + k
-    return out
+    return sum(parts[1:], parts[0])
 
 
 @dataclass

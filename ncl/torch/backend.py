@@ -3,18 +3,23 @@
 torch hands the backend's creator a store (prefixed per group), this rank and the group size;
 rank 0 of the group puts a fresh ncl job id in the store and every rank builds an ncl
 communicator from it, so `init_process_group("ncl")` works with env://, file:// or a store,
-and `new_group` builds a new communicator the same way.  Each call runs at once (ncl's own
-argument checks apply) and returns a completed Work, whose wait() and get_future() behave as
-torch documents.  What ncl cannot do (another reduce op, a tensor on another device) raises
-an error naming the call.
+and `new_group` builds a new communicator the same way.  Each call checks its arguments (ncl's
+own checks, before any rank communicates) and starts on the communicator's worker thread
+(ncl/work.py): the Work it returns completes in the background; its wait(), is_completed()
+and get_future() behave as torch documents; sends and recvs queued together progress together
+(batch_isend_irecv, pipelining); a recv without src takes whichever rank sends first.  The
+coalesced calls start all their parts and return one Work.  The group lists the CPU as its
+device, so torch finds it as the CPU backend (DCP's async save, state-dict loading from rank
+0).  What ncl cannot do (another reduce op, a tensor on another device) raises an error naming
+the call.
 """
 import datetime
 import functools
+import threading
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 
 import ncl
 
@@ -33,10 +38,82 @@ def _op(opts):
     raise ValueError(f"supported reduce ops are SUM, PRODUCT, MIN, MAX and AVG, not {name}")
 
 
-def _done(result) -> dist.Work:
+class _Started(dist.Work):
+    """A torch Work over a torch Future, whose wait() torch calls from Python: it waits in slices so that a
+    Ctrl-C reaches this thread, and then aborts the group (interrupted) so that peers learn why at once."""
+
+    def __init__(self, future: torch.futures.Future, interrupted=None):
+        super().__init__()
+        self._future, self._interrupted = future, interrupted
+        self._done = threading.Event()
+        future.add_done_callback(lambda _: self._done.set())
+
+    def wait(self, timeout=None) -> bool:
+        try:
+            while not self._done.wait(0.05):
+                pass
+        except BaseException as exc:
+            if self._interrupted is not None and not self._done.is_set():
+                self._interrupted(exc)
+            raise
+        self._future.wait()  # raises the calls' error, if any
+        return True
+
+    def is_completed(self) -> bool:
+        return self._future.done()
+
+    def is_success(self) -> bool:
+        if not self._future.done():
+            return False
+        try:
+            self._future.wait()
+        except BaseException:  # noqa: B036
+            return False
+        return True
+
+    def exception(self):
+        try:
+            self._future.wait()
+        except BaseException as exc:  # noqa: B036
+            return exc
+        return None
+
+    def get_future(self) -> torch.futures.Future:
+        return self._future
+
+
+def _work(works: list, result, then=None, keep=(), interrupted=None) -> dist.Work:
+    """A torch Work that completes when every ncl Work in works has: then() runs first (copies
+    out of temporaries, on the communicator's worker thread), errors pass on to wait().  keep:
+    temporaries the calls read, alive until then; interrupted: what a Ctrl-C in wait() does."""
     future = torch.futures.Future()
-    future.set_result(result)
-    return _create_work_from_future(future)
+    left = [len(works)]
+    lock = threading.Lock()
+
+    def finish(_work=None) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] > 0:
+                return
+        try:
+            for w in works:
+                if (exc := w.exception()) is not None:
+                    raise exc
+            if then is not None:
+                then()
+        except BaseException as exc:  # noqa: B036  (it belongs to the caller's wait())
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        nonlocal keep
+        keep = ()  # the temporaries lived until here
+
+    if not works:
+        left[0] = 1
+        finish()
+    for w in works:
+        w.add_done_callback(finish)
+    return _Started(future, interrupted)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +139,10 @@ class ProcessGroupNcl(dist.ProcessGroup):
         super().__init__(comm.rank, comm.size)
         self.comm = comm
         self._group_name = self._group_desc = ""
+        self._coalesced: Optional[list] = None  # inside _start/_end_coalescing: the Works started
+        # torch looks groups up by device (DCP's async save asks for the CPU's); this group's
+        # collectives are its own Python methods, so the entry names the device and no C++ backend
+        self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.CUSTOM, None)
 
     # torch's bookkeeping (functional collectives look groups up by name)
     def getBackendName(self) -> str:
@@ -86,13 +167,30 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def getGroupDesc(self) -> str:
         return self._group_desc
 
+    def shutdown(self) -> None:
+        """destroy_process_group: finish the queued calls and close the communicator."""
+        self.comm.close()
+
+    def _started(self, works: list, result, then=None, keep=()) -> dist.Work:
+        """The torch Work of calls just started (remembered while coalescing)."""
+        work = _work(works, result, then, keep, self.comm._interrupted)
+        if self._coalesced is not None:
+            self._coalesced.append(work)
+        return work
+
+    def _start_coalescing(self, device=None) -> None:
+        self._coalesced = []
+
+    def _end_coalescing(self, device=None) -> dist.Work:
+        """One Work for the calls since _start_coalescing (they were started in order already)."""
+        works, self._coalesced = self._coalesced or [], None
+        return _work([_TorchWork(w) for w in works], None)
+
     # ---- collectives -------------------------------------------------------------------------------
     @_named
     def allreduce(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
         op = _op(opts) if opts is not None else ncl.SUM
-        for t in tensors:
-            self.comm.all_reduce(t, op)
-        return _done(tensors)
+        return self._started([self.comm.all_reduce(t, op, async_op=True) for t in tensors], tensors)
 
     @_named
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
@@ -100,36 +198,56 @@ class ProcessGroupNcl(dist.ProcessGroup):
 
     @_named
     def reduce(self, tensors: List[torch.Tensor], opts) -> dist.Work:
-        for t in tensors:
-            self.comm.reduce(t, opts.rootRank, _op(opts))
-        return _done(tensors)
+        op = _op(opts)
+        return self._started([self.comm.reduce(t, opts.rootRank, op, async_op=True) for t in tensors], tensors)
 
     @_named
     def broadcast(self, tensors: List[torch.Tensor], opts) -> dist.Work:
-        for t in tensors:
-            self.comm.broadcast(t, opts.rootRank)
-        return _done(tensors)
+        return self._started([self.comm.broadcast(t, opts.rootRank, async_op=True) for t in tensors], tensors)
+
+    def _gathered(self, outs: List[torch.Tensor], x: torch.Tensor, fn, *args) -> tuple:
+        """fn(x flat, *args, out=one flat tensor) started; then() copies its blocks into outs."""
+        flat = x.reshape(-1).contiguous()
+        got = torch.empty(len(outs) * x.numel(), dtype=x.dtype)
+        work = fn(flat, *args, out=got, async_op=True)
+
+        def then() -> None:
+            for r, out in enumerate(outs):
+                out.copy_(got[r * x.numel():(r + 1) * x.numel()].view(out.shape))
+        return work, then, (flat, got)
 
     @_named
     def allgather(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts=None) -> dist.Work:
-        for outs, x in zip(output_lists, inputs):
-            gathered = self.comm.all_gather(x.reshape(-1).contiguous())
-            for r, out in enumerate(outs):
-                out.copy_(gathered[r * x.numel():(r + 1) * x.numel()].view(out.shape))
-        return _done(output_lists)
+        started = [self._gathered(outs, x, self.comm.all_gather) for outs, x in zip(output_lists, inputs)]
+        return self._started([w for w, _, _ in started], output_lists,
+                             lambda: [then() for _, then, _ in started], [k for _, _, k in started])
+
+    @_named
+    def allgather_coalesced(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor],
+                            opts=None) -> dist.Work:
+        """Rank r's inputs[i] into output_lists[r][i]."""
+        flat = [x.reshape(-1).contiguous() for x in inputs]
+        gots = [torch.empty(self.comm.size * x.numel(), dtype=x.dtype) for x in flat]
+        works = [self.comm.all_gather(x, out=got, async_op=True) for x, got in zip(flat, gots)]
+
+        def then() -> None:
+            for i, (x, got) in enumerate(zip(flat, gots)):
+                for r in range(self.comm.size):
+                    output_lists[r][i].copy_(got[r * x.numel():(r + 1) * x.numel()].view(output_lists[r][i].shape))
+        return self._started(works, output_lists, then, (flat, gots))
 
     @_named
     def all_gather_single(self, out: torch.Tensor, x: torch.Tensor, opts=None) -> dist.Work:
-        self.comm.all_gather(x.reshape(-1).contiguous(), out=out.view(-1))
-        return _done([out])
+        flat = x.reshape(-1).contiguous()
+        return self._started([self.comm.all_gather(flat, out=out.view(-1), async_op=True)], [out], keep=flat)
 
     _allgather_base = all_gather_single
 
     @_named
     def all_gather_single_coalesced(self, outs, inputs, opts=None) -> dist.Work:
-        for out, x in zip(outs, inputs):
-            self.all_gather_single(out, x, opts)
-        return _done(outs)
+        flats = [x.reshape(-1).contiguous() for x in inputs]
+        works = [self.comm.all_gather(x, out=out.view(-1), async_op=True) for out, x in zip(outs, flats)]
+        return self._started(works, outs, keep=flats)
 
     @_named
     def allgather_into_tensor_coalesced(self, outs, inputs, opts=None) -> dist.Work:
@@ -138,23 +256,25 @@ class ProcessGroupNcl(dist.ProcessGroup):
     @_named
     def reduce_scatter(self, outs: List[torch.Tensor], input_lists: List[List[torch.Tensor]], opts) -> dist.Work:
         op = _op(opts)
-        for out, inputs in zip(outs, input_lists):
-            whole = torch.cat([t.reshape(-1) for t in inputs])
-            self.comm.reduce_scatter(whole, op, out=out.view(-1))
-        return _done(outs)
+        wholes = [torch.cat([t.reshape(-1) for t in inputs]) for inputs in input_lists]
+        works = [self.comm.reduce_scatter(whole, op, out=out.view(-1), async_op=True)
+                 for out, whole in zip(outs, wholes)]
+        return self._started(works, outs, keep=wholes)
 
     @_named
     def reduce_scatter_single(self, out: torch.Tensor, x: torch.Tensor, opts) -> dist.Work:
-        self.comm.reduce_scatter(x.reshape(-1).contiguous(), _op(opts), out=out.view(-1))
-        return _done([out])
+        flat = x.reshape(-1).contiguous()
+        return self._started([self.comm.reduce_scatter(flat, _op(opts), out=out.view(-1), async_op=True)], [out],
+                             keep=flat)
 
     _reduce_scatter_base = reduce_scatter_single
 
     @_named
     def reduce_scatter_single_coalesced(self, outs, inputs, opts) -> dist.Work:
-        for out, x in zip(outs, inputs):
-            self.reduce_scatter_single(out, x, opts)
-        return _done(outs)
+        op = _op(opts)
+        flats = [x.reshape(-1).contiguous() for x in inputs]
+        works = [self.comm.reduce_scatter(x, op, out=out.view(-1), async_op=True) for out, x in zip(outs, flats)]
+        return self._started(works, outs, keep=flats)
 
     @_named
     def reduce_scatter_tensor_coalesced(self, outs, inputs, opts) -> dist.Work:
@@ -165,13 +285,13 @@ class ProcessGroupNcl(dist.ProcessGroup):
                           opts=None) -> dist.Work:
         rows_in, rows_out = _rows(x.contiguous()), _rows(out)
         if not in_splits and not out_splits:
-            self.comm.all_to_all(rows_in, out=rows_out)
+            work = self.comm.all_to_all(rows_in, out=rows_out, async_op=True)
         else:
             n = self.comm.size
             send = list(in_splits) or [rows_in.shape[0] // n] * n
             recv = list(out_splits) or [rows_out.shape[0] // n] * n
-            self.comm.all_to_allv(rows_in, send, recv, out=rows_out)
-        return _done([out])
+            work = self.comm.all_to_allv(rows_in, send, recv, out=rows_out, async_op=True)
+        return self._started([work], [out], keep=rows_in)
 
     alltoall_base = all_to_all_single
 
@@ -179,49 +299,87 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def alltoall(self, outs: List[torch.Tensor], inputs: List[torch.Tensor], opts=None) -> dist.Work:
         whole = torch.cat([t.reshape(-1) for t in inputs])
         got = torch.empty(sum(t.numel() for t in outs), dtype=whole.dtype)
-        self.comm.all_to_allv(whole, [t.numel() for t in inputs], [t.numel() for t in outs], out=got)
-        at = 0
-        for t in outs:
-            t.copy_(got[at:at + t.numel()].view(t.shape))
-            at += t.numel()
-        return _done(outs)
+        work = self.comm.all_to_allv(whole, [t.numel() for t in inputs], [t.numel() for t in outs], out=got,
+                                     async_op=True)
+
+        def then() -> None:
+            at = 0
+            for t in outs:
+                t.copy_(got[at:at + t.numel()].view(t.shape))
+                at += t.numel()
+        return self._started([work], outs, then, (whole, got))
 
     @_named
     def gather(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts) -> dist.Work:
         x = inputs[0]
-        got = self.comm.gather(x.reshape(-1).contiguous(), opts.rootRank)
         if self.comm.rank == opts.rootRank:
-            for r, out in enumerate(output_lists[0]):
-                out.copy_(got[r * x.numel():(r + 1) * x.numel()].view(out.shape))
-        return _done(output_lists)
+            work, then, keep = self._gathered(output_lists[0], x, self.comm.gather, opts.rootRank)
+            return self._started([work], output_lists, then, keep)
+        flat = x.reshape(-1).contiguous()
+        return self._started([self.comm.gather(flat, opts.rootRank, async_op=True)], output_lists, keep=flat)
 
     @_named
     def scatter(self, outs: List[torch.Tensor], input_lists: List[List[torch.Tensor]], opts) -> dist.Work:
         out = outs[0]
         whole = torch.cat([t.reshape(-1) for t in input_lists[0]]) if self.comm.rank == opts.rootRank else None
-        self.comm.scatter(whole, opts.rootRank, out=out.view(-1))
-        return _done(outs)
+        return self._started([self.comm.scatter(whole, opts.rootRank, out=out.view(-1), async_op=True)], outs,
+                             keep=whole)
 
     @_named
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> dist.Work:
-        for t in tensors:
-            self.comm.send(t, dst)
-        return _done(tensors)
+        return self._started([self.comm.send(t, dst, async_op=True) for t in tensors], tensors)
 
     @_named
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> dist.Work:
-        for t in tensors:
-            self.comm.recv(t, src)
-        return _done(tensors)
+        return self._started([self.comm.recv(t, src, async_op=True) for t in tensors], tensors)
 
     @_named
-    def recv_anysource(self, tensors, tag=0):
-        raise NotImplementedError("the ncl backend has no recv from any source: give src")
+    def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> dist.Work:
+        if len(tensors) != 1:
+            raise ValueError(f"recv from any source takes one tensor, not {len(tensors)}")
+        return _FromAnySource(self.comm.recv(tensors[0], None, async_op=True), tensors)
 
     @_named
     def barrier(self, opts=None) -> dist.Work:
-        self.comm.barrier()
-        return _done(None)
+        return self._started([self.comm.barrier(async_op=True)], None)
+
+
+class _FromAnySource(dist.Work):
+    """A recv from any source: torch asks its Work for the sender (_source_rank)."""
+
+    def __init__(self, work: "ncl.Work", tensors: List[torch.Tensor]):
+        super().__init__()
+        self._work, self._tensors = work, tensors
+
+    def wait(self, timeout=None) -> bool:
+        self._work.wait()
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+    def _source_rank(self) -> int:
+        return self._work.wait()
+
+    def get_future(self) -> torch.futures.Future:
+        return _work([self._work], self._tensors).get_future()
+
+
+class _TorchWork:
+    """A torch Work seen as an ncl Work (what _work waits for)."""
+
+    def __init__(self, work: dist.Work):
+        self._future = work.get_future()
+
+    def exception(self):
+        try:
+            self._future.wait()
+        except BaseException as exc:  # noqa: B036
+            return exc
+        return None
+
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
 
 
 def _create(store: dist.Store, rank: int, size: int, timeout: Optional[datetime.timedelta] = None) -> ProcessGroupNcl:
