@@ -203,6 +203,17 @@ class Communicator:
         """This rank's wait for its worker was interrupted (Ctrl-C): the group is aborted with the reason."""
         self.abort(failure_reason(exc))
 
+    def _compressed(self, collective: str, compress: str, async_op: bool, x, *args, out=None):
+        """A block-scaled collective (ncl/compress.py): its codes move through this communicator's own
+        all_to_all and all_gather, from this thread, after any queued work."""
+        from . import compress as mx
+        mx.check_format(compress)
+        if async_op or self._grouped:
+            raise ValueError(f"compress runs {collective} in this thread: not with async_op=True or inside "
+                             "comm.group()")
+        self._after_pending()
+        return getattr(mx, collective)(self, x, compress, *args, out=out)
+
     @contextlib.contextmanager
     def group(self):
         """Calls issued inside `with comm.group():` are queued as with async_op=True and return
@@ -336,8 +347,12 @@ class Communicator:
         return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
 
     # ---- reductions ---------------------------------------------------------------------------
-    def all_reduce(self, x, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False):
-        """Reduce x over all ranks (in rank order); the result lands in x, or in out if given."""
+    def all_reduce(self, x, op: ReduceOp = ReduceOp.SUM, *, out=None, async_op: bool = False,
+                   compress: Optional[str] = None):
+        """Reduce x over all ranks (in rank order); the result lands in x, or in out if given.
+        compress="fp8" | "int8" | "mxfp4": block-scaled on the wire (ncl/compress.py, SUM and AVG)."""
+        if compress is not None:
+            return self._compressed("all_reduce", compress, async_op, x, op, out=out)
         if type(op) is not ReduceOp:  # (the check's call costs more than the test, on every call)
             check_op(op)
         src = as_buffer(x, "x", writable=out is None)
@@ -361,8 +376,11 @@ class Communicator:
         call = Call.of("reduce", src.ptr, _ptr(dst), src.count, src.dtype, op, root)
         return self._launch(call, dst.obj if is_root else x, async_op, written=is_root)
 
-    def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False):
-        """Reduce x over all ranks; rank r gets block r of dim 0."""
+    def reduce_scatter(self, x, op: ReduceOp = ReduceOp.SUM, out=None, *, async_op: bool = False,
+                       compress: Optional[str] = None):
+        """Reduce x over all ranks; rank r gets block r of dim 0 (compress: as all_reduce)."""
+        if compress is not None:
+            return self._compressed("reduce_scatter", compress, async_op, x, op, out=out)
         if type(op) is not ReduceOp:
             check_op(op)
         src = as_buffer(x, "x", writable=False)
@@ -389,8 +407,10 @@ class Communicator:
     def _stacked_shape(self, src: Buffer):
         return (self._size * src.shape[0],) + src.shape[1:] if src.shape else (self._size,)
 
-    def all_gather(self, x, out=None, *, async_op: bool = False):
-        """Concatenate every rank's x along dim 0 (rank order)."""
+    def all_gather(self, x, out=None, *, async_op: bool = False, compress: Optional[str] = None):
+        """Concatenate every rank's x along dim 0 (rank order; compress: as all_reduce)."""
+        if compress is not None:
+            return self._compressed("all_gather", compress, async_op, x, out=out)
         src = as_buffer(x, "x", writable=False)
         dst = output(out, src, self._stacked_shape(src))
         if out is not None:
@@ -426,8 +446,11 @@ class Communicator:
             check_aliasing(dst, send, "scatter", self._rank * dst.nbytes, "only out = x[rank block] (in place)")
         return self._launch(Call.of("scatter", _ptr(send), dst.ptr, dst.count, dst.dtype, -1, root), dst.obj, async_op)
 
-    def all_to_all(self, x, out=None, *, async_op: bool = False):
-        """Block j of x (along dim 0) goes to rank j; block i of the result came from rank i."""
+    def all_to_all(self, x, out=None, *, async_op: bool = False, compress: Optional[str] = None):
+        """Block j of x (along dim 0) goes to rank j; block i of the result came from rank i
+        (compress: as all_reduce)."""
+        if compress is not None:
+            return self._compressed("all_to_all", compress, async_op, x, out=out)
         src = as_buffer(x, "x", writable=False)
         n = rows(src, "x")
         if n % self._size:

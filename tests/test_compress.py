@@ -8,6 +8,8 @@ saturating (6, 8) costs at most 2 / 4 = 1/2."""
 import numpy as np
 import pytest
 
+import ncl
+
 from harness import SMALL_STAGING, as_numpy, as_torch, case_seed, digest
 from ncl import compress
 from ncl.buffers import ReduceOp
@@ -118,6 +120,9 @@ def _compressed_sweep(comm, seed, count, kind):
             x = datas[me].copy()
             x = as_torch(x) if kind == "torch" else x
             got = as_numpy(compress.all_reduce(comm, x, name, ReduceOp[op])).astype(np.float64)
+            again = as_numpy(comm.all_reduce(datas[me].copy(), ReduceOp[op], compress=name)).astype(np.float64)
+            if not np.array_equal(got, again):
+                failures.append(f"rank {me} {name} {op}: comm.all_reduce(compress=) differs from compress.all_reduce")
             want, bound = _all_reduce_bound(datas, name, avg=op == "AVG")
             bad = np.abs(got - want) > bound
             if bad.any():
@@ -236,3 +241,21 @@ def test_a_row_parallel_layer_sums_compressed_within_the_bound(pool_factory, nam
     results = pool_factory(3).run(_row_parallel_compressed, name, timeout=60)
     assert all(excess <= 0 for excess, _ in results), results
     assert len({d for _, d in results}) == 1
+
+
+def test_the_communicator_takes_compress_and_refuses_it_async():
+    comm = ncl.init()  # a group of one: the same path, no peers
+    x = np.linspace(-3, 3, 100).astype(np.float32)
+    want = compress.dequantize(compress.quantize(np.pad(x, (0, 28)), compress.FORMATS["int8"]), 128,
+                               compress.FORMATS["int8"])[:100]
+    want = compress.dequantize(compress.quantize(np.pad(want, (0, 28)), compress.FORMATS["int8"]), 128,
+                               compress.FORMATS["int8"])[:100]  # quantized twice: contribution, then the sum
+    assert np.array_equal(comm.all_reduce(x.copy(), compress="int8"), want)
+    for kwargs in (dict(async_op=True), ):
+        with pytest.raises(ValueError, match="not with async_op=True"):
+            comm.all_reduce(x, compress="fp8", **kwargs)
+    with comm.group(), pytest.raises(ValueError, match="inside comm.group"):
+        comm.all_gather(x, compress="fp8")
+    with pytest.raises(ValueError, match="compress must be one of"):
+        comm.all_to_all(x, compress="e4m3")
+    comm.close()
