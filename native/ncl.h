@@ -116,6 +116,8 @@ uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
 int ncl_comm_get_info(const ncl_comm* comm, ncl_comm_info* out);
 /* The newest min(cap, recorded) flight-recorder entries, oldest first; returns how many. */
 int ncl_flight_entries(const ncl_comm* comm, ncl_flight_entry* out, int cap);
+/* Ranks gone for good, nranks bytes: 1 its process died, 2 it closed its communicator, else 0. */
+int ncl_comm_gone_ranks(ncl_comm* comm, uint8_t* out);
 /* Each rank's last posted step (nranks values), read from the shared segment: who lags. */
 int ncl_comm_peer_steps(const ncl_comm* comm, uint32_t* out);
 const char* ncl_coll_name(int coll);

@@ -165,10 +165,13 @@ void ncl_wake_waiters(ncl_comm* c) {
 
 int ncl_comm_usable(ncl_comm* c) {
     if (!c) return ncl_error(NCL_ERR_STATE, "the communicator is closed");
-    if (c->broken)
-        return ncl_error(NCL_ERR_STATE,
-                         "the communicator is unusable after an earlier error on this rank (see that error); "
-                         "create a new one");
+    if (c->broken) { /* quote why this rank left (its own words in the segment): a revoke is named */
+        char reason[sizeof c->ranks[c->rank].abort_reason];
+        memcpy(reason, c->ranks[c->rank].abort_reason, sizeof reason);
+        reason[sizeof reason - 1] = 0;
+        return ncl_error(NCL_ERR_STATE, "the communicator is unusable after an earlier error on this rank (%s); "
+                         "create a new one, or shrink() it", reason[0] ? reason : "see that error");
+    }
     return NCL_OK;
 }
 

@@ -125,6 +125,18 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
     return NCL_OK;
 }
 
+/* Which ranks have left the group for good (what shrink excludes by default): out[r] = 1
+ * when rank r's process is gone (dead, or a zombie), 2 when it closed its communicator,
+ * 0 otherwise.  A living rank that aborted, or failed with the group, is still 0: it may
+ * join the survivors. */
+int ncl_comm_gone_ranks(ncl_comm* c, uint8_t* out) {
+    if (!c || !out) return ncl_error(NCL_ERR_ARGUMENT, "ncl_comm_gone_ranks needs a communicator and nranks bytes");
+    for (int r = 0; r < c->nranks; r++)
+        out[r] = r == c->rank ? 0 : !pid_running(atomic_load(&c->ranks[r].pid)) ? 1
+                 : atomic_load(&c->ranks[r].aborted) == NCL_CLOSED ? 2 : 0;
+    return NCL_OK;
+}
+
 static void futex_wait(_Atomic uint32_t* word, uint32_t seen) {
     struct timespec ts = {0, FUTEX_SLICE_NS};
     syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);

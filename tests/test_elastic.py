@@ -1,0 +1,189 @@
+"""Elastic groups (ncl/elastic.py): revoke, and shrink after a failure.
+
+Ranks are started directly (no launcher, which would stop the survivors; test_lifecycle.py has
+ncl-run --elastic).  Each rank contributes old_rank + 1 to its all_reduces, so the expected sum
+on a group is the sum over the old ranks it holds: the ranks learn who is in the new group from
+an all_gather on it and check the sum and the membership against what the test killed.
+The kill test prints the time from the SIGKILL to the first correct call on the shrunk group
+(pytest -s shows it)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from harness import REPO, spawn, start_ranks
+from ncl import supervisor
+
+pytestmark = pytest.mark.usefixtures("no_leftover_segments")
+N = 4
+
+# On a group, `calls` all_reduces whose sum must be that of the old ranks it holds.
+CHECK = """
+    import sys, time, numpy as np, ncl
+
+    def check(c, old, calls):
+        members = c.all_gather(np.array([old], np.int64)).tolist()
+        assert members == sorted(members) and members[c.rank] == old, members
+        for i in range(calls):
+            x = np.full(1000, old + 1 + i, np.float64)
+            c.all_reduce(x)
+            want = sum(m + 1 + i for m in members)
+            assert (x == want).all(), (x[:3], want)
+            if i == 0:
+                first = time.time()
+        return members, first
+"""
+
+KILLED = CHECK + """
+    c = ncl.init()
+    old = c.rank
+    x = np.ones(4096, np.float32)
+    sys.stdout.write("started\\n"); sys.stdout.flush()
+    try:
+        while True:
+            c.all_reduce(x)
+            assert (x == N).all()
+            x[:] = 1
+    except ncl.NclPeerError as e:
+        caught = time.time()
+        failed = c.failed_ranks()
+    new = c.shrink()
+    assert c.closed and new.size == N - 1
+    members, first = check(new, old, 100)
+    print(f"rank {old}: failed {failed}, new rank {new.rank} of {new.size} {members}, caught {caught:.6f} "
+          f"first {first:.6f}", flush=True)
+    new.close()
+""".replace("N - 1", str(N - 1)).replace("== N", f"== {N}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", [0, 2])
+def test_survivors_of_a_kill_shrink_and_go_on(victim):
+    with supervisor.Group(new_session=False) as group:
+        procs = start_ranks(group, N, [sys.executable, "-c", textwrap.dedent(KILLED)], {"NCL_TIMEOUT": "30"},
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for p in procs:
+            assert p.stdout.readline().strip() == "started"
+        time.sleep(0.2)
+        killed_at = time.time()
+        os.kill(procs[victim].pid, signal.SIGKILL)
+        outs = {r: p.communicate(timeout=60)[0] for r, p in enumerate(procs) if r != victim}
+    survivors = [r for r in range(N) if r != victim]
+    firsts = []
+    for r, out in outs.items():
+        assert procs[r].returncode == 0, f"rank {r} exited {procs[r].returncode}: {out}"
+        fields = out.split()
+        assert f"rank {r}: failed [{victim}], new rank {survivors.index(r)} of {N - 1} {survivors}," in out, out
+        firsts.append(float(fields[fields.index("first") + 1]))
+    took = max(firsts) - killed_at
+    print(f"\nrank {victim} of {N} killed: the {N - 1} survivors shrank and their first correct all_reduce on the "
+          f"shrunk group came {took * 1e3:.0f} ms after the kill (100 correct calls each)")
+    assert took < 10, f"the survivors took {took:.2f} s"
+
+
+REVOKED = CHECK + """
+    c = ncl.init()
+    old = c.rank
+    x = np.ones(4096, np.float32)
+    try:
+        if old == 0:
+            time.sleep(0.3)
+            c.revoke()
+            print("revoked", flush=True)
+        else:
+            while True:
+                c.all_reduce(x)
+    except ncl.NclPeerError as e:
+        assert "revoked the communicator" in str(e), e
+        print("pending call failed:", e, flush=True)
+    try:
+        c.all_reduce(x)
+    except ncl.NclStateError as e:
+        assert "revoked the communicator" in str(e), e
+        print("later call failed", flush=True)
+    for bad, kind in (([N], ValueError), (["1"], TypeError)):
+        try:
+            c.shrink(exclude=bad)
+        except kind:
+            pass
+        else:
+            raise AssertionError(f"shrink(exclude={bad}) did not raise {kind}")
+    new = c.shrink(exclude=[1])
+    if old == 1:
+        assert new is None and not c.closed
+        c.close()
+    else:
+        members, _ = check(new, old, 10)
+        print(f"rank {old}: new rank {new.rank} {members}", flush=True)
+        new.close()
+""".replace("[N]", f"[{N}]")
+
+
+@pytest.mark.timeout(120)
+def test_revoke_fails_every_call_and_the_group_shrinks():
+    codes, lines, _ = spawn(N, REVOKED, env={"NCL_TIMEOUT": "30"})
+    assert codes == [0] * N, "\n".join(lines)
+    assert sum("pending call failed" in ln for ln in lines) == N - 1, lines
+    assert sum(ln == "later call failed" for ln in lines) == N, lines
+    for old, new_rank in ((0, 0), (2, 1), (3, 2)):
+        assert f"rank {old}: new rank {new_rank} [0, 2, 3]" in lines, lines
+
+
+RACE = CHECK + """
+    import os, random, signal
+    c = ncl.init()
+    old = c.rank
+    second, delay = int(sys.argv[1]), float(sys.argv[2])
+    x = np.ones(4096, np.float32)
+    sys.stdout.write("started\\n"); sys.stdout.flush()
+    try:
+        while True:
+            c.all_reduce(x)
+    except ncl.NclPeerError:
+        pass
+    if old == second:  # the second failure, while the others shrink
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGKILL)
+    for attempt in range(3):
+        try:
+            c = c.shrink()
+            members, _ = check(c, old, 20)
+        except ncl.NclError as e:
+            print(f"rank {old}: attempt {attempt}: {type(e).__name__}: {e}", flush=True)
+            continue
+        print(f"rank {old}: group {members}", flush=True)
+        break
+    else:
+        raise SystemExit(7)
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("seed", range(int(os.environ.get("NCL_TEST_RACES", "3"))))
+def test_a_shrink_racing_a_second_failure(seed):
+    rng = random.Random(seed)
+    first, second = rng.sample(range(N), 2)
+    delay = (0.0, 0.005, 0.05)[seed % 3]  # before, during or after the others' shrink
+    with supervisor.Group(new_session=False) as group:
+        procs = start_ranks(group, N, [sys.executable, "-c", textwrap.dedent(RACE), str(second), str(delay)],
+                            {"NCL_TIMEOUT": "10"}, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for p in procs:
+            assert p.stdout.readline().strip() == "started"
+        time.sleep(0.1)
+        os.kill(procs[first].pid, signal.SIGKILL)
+        outs = {r: p.communicate(timeout=120)[0] for r, p in enumerate(procs) if r not in (first, second)}
+    left = sorted(outs)
+    where = f"seed {seed}: rank {first} killed, then rank {second} after {delay * 1e3:g} ms"
+    for r, out in outs.items():
+        # a clear error is allowed (exit 7, each attempt's error printed); a wrong group or a hang is not
+        assert procs[r].returncode in (0, 7), f"{where}: rank {r} exited {procs[r].returncode}: {out}"
+        if procs[r].returncode == 0:
+            assert f"rank {r}: group {left}" in out, f"{where}: {out}"
+        else:
+            assert out.count("attempt") == 3, f"{where}: {out}"
+    print(f"\n{where}:\n" + "".join(outs.values()))
