@@ -1,7 +1,7 @@
 """Elastic groups (ncl/elastic.py): revoke, and shrink after a failure.
 
-Ranks are started directly (no launcher, which would stop the survivors; test_lifecycle.py has
-ncl-run --elastic).  Each rank contributes old_rank + 1 to its all_reduces, so the expected sum
+Ranks are started directly (no launcher, so nobody stops them but the test), and under
+ncl-run --elastic (which keeps the survivors running).  Each rank contributes old_rank + 1 to its all_reduces, so the expected sum
 on a group is the sum over the old ranks it holds: the ranks learn who is in the new group from
 an all_gather on it and check the sum and the membership against what the test killed.
 The kill test prints the time from the SIGKILL to the first correct call on the shrunk group
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import REPO, spawn, start_ranks
+from harness import REPO, launch, spawn, start_ranks
 from ncl import supervisor
 
 pytestmark = pytest.mark.usefixtures("no_leftover_segments")
@@ -191,3 +191,39 @@ def test_a_shrink_racing_a_second_failure(seed):
     finals = {out.strip().splitlines()[-1].split(": ", 1)[1] for r, out in outs.items() if procs[r].returncode == 0}
     assert len(finals) <= 1, f"{where}: the survivors ended in different groups: {outs}"
     print(f"\n{where}:\n" + "".join(outs.values()))
+
+
+UNDER_NCL_RUN = CHECK + """
+    import os, signal
+    c = ncl.init()
+    old, survivors_exit = c.rank, int(os.environ["SURVIVORS_EXIT"])
+    x = np.ones(64, np.float32)
+    try:
+        for i in range(10_000):
+            if old == 1 and i == 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            c.all_reduce(x)
+            x[:] = 1
+    except ncl.NclPeerError:
+        pass
+    c = c.shrink()
+    members, _ = check(c, old, 10)
+    print(f"rank {old}: group {members}", flush=True)
+    c.close()
+    raise SystemExit(survivors_exit)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("survivors_exit", [0, 3])
+def test_ncl_run_elastic_keeps_the_survivors_running(survivors_exit):
+    code, out, err, _ = launch(3, UNDER_NCL_RUN, extra=("--elastic",),
+                               env={"NCL_TIMEOUT": "30", "SURVIVORS_EXIT": str(survivors_exit)})
+    assert code == survivors_exit, (code, out, err)
+    assert sorted(out.splitlines()) == ["rank 0: group [0, 2]", "rank 2: group [0, 2]"], (out, err)
+    assert "rank 1 (pid" in err and "--elastic: the other 2 ranks go on" in err, err
+
+
+def test_ncl_run_elastic_refuses_hosts():
+    code, _, err, _ = launch(2, "pass", extra=("--elastic", "--hosts", "2"))
+    assert code == 2 and "--elastic needs one host" in err, err
