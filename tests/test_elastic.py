@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from harness import REPO, launch, spawn, start_ranks
@@ -227,3 +228,34 @@ def test_ncl_run_elastic_keeps_the_survivors_running(survivors_exit):
 def test_ncl_run_elastic_refuses_hosts():
     code, _, err, _ = launch(2, "pass", extra=("--elastic", "--hosts", "2"))
     assert code == 2 and "--elastic needs one host" in err, err
+
+
+class _NotOnOneHost:
+    """Stands for a backend other than shared memory (a multi-host one)."""
+    rank, size, label, options, recorder, single_host = 0, 2, "fake", None, None, False
+
+    def run(self, call):
+        raise AssertionError("shrink ran a call")
+
+    abort = close = lambda self, *reason: None
+
+
+def test_shrink_checks_before_anything_moves():
+    import ncl
+    from ncl.comm import Communicator
+    with pytest.raises(NotImplementedError, match="multi-host"):
+        Communicator(_NotOnOneHost()).shrink()
+    comm = ncl.init(0, 1, ncl.get_unique_id())
+    for bad, kind in (([1], ValueError), ([-1], ValueError), ([0.0], TypeError), ([True], TypeError), (3, TypeError)):
+        with pytest.raises(kind):
+            comm.shrink(exclude=bad)
+    assert comm.failed_ranks() == [] and not comm.closed
+    solo = comm.shrink()
+    assert comm.closed and comm.failed_ranks() == [] and (solo.rank, solo.size) == (0, 1)
+    x = np.arange(5.0)
+    assert (solo.all_reduce(x) == np.arange(5.0)).all()
+    assert solo.shrink(exclude=[0]) is None and not solo.closed
+    solo.revoke()
+    with pytest.raises(ncl.NclStateError, match="revoked"):
+        solo.all_reduce(x)
+    solo.close()
