@@ -484,9 +484,9 @@ class Communicator:
     def failed_ranks(self) -> list:
         """Ranks of this group whose process died or that closed their communicator (what shrink
         excludes by default); [] once this communicator is closed."""
-        if self._closed or not isinstance(self._backend, elastic.SharedMemoryBackend):
+        if self._closed or not isinstance(self._backend, SharedMemoryBackend):
             return []
-        return elastic.gone_ranks(self._backend)
+        return elastic.failed_ranks(self._backend)
 
     def shrink(self, exclude: Optional[Sequence[int]] = None) -> Optional["Communicator"]:
         """A new communicator of the survivors, ranks renumbered in order, as ncclCommShrink:
@@ -495,16 +495,16 @@ class Communicator:
         passes the same exclude.  This communicator is closed once the new one is ready (its
         segment released); an excluded rank gets None and keeps it."""
         excluded = elastic.check_exclude(exclude, self._size)
-        if not isinstance(self._backend, elastic.SharedMemoryBackend):
+        if not isinstance(self._backend, SharedMemoryBackend):
             raise NotImplementedError("shrink() needs a communicator on one host; a multi-host communicator "
                                       "cannot shrink yet (start a new job without the failed host)")
-        self._check_open()
+        self._after_pending()
         self._shrinks += 1
         backend = elastic.shrink(self._backend, self._shrinks, excluded)
         if backend is None:
             return None
         self.close()
-        return Communicator._shared_memory(lambda: backend, backend.size, self._options)
+        return Communicator._shared_memory(lambda: backend, backend.size, backend.options)
 
 
 __all__ = ["Communicator"]

@@ -27,7 +27,7 @@ REVOKED = "it revoked the communicator (comm.revoke())"
 FIRST_ATTEMPT_S = 0.5  # a setup of live ranks takes milliseconds; a view that differs fails this fast
 
 
-def gone_ranks(backend: SharedMemoryBackend) -> List[int]:
+def failed_ranks(backend: SharedMemoryBackend) -> List[int]:
     """Ranks of the group whose process died, or that closed their communicator."""
     out = ffi.new("uint8_t[]", backend.size)
     rc = lib.ncl_comm_gone_ranks(backend.handle, out)
@@ -40,6 +40,8 @@ def check_exclude(exclude: Optional[Iterable[int]], size: int) -> frozenset:
     """exclude as a set of ranks of the group, checked."""
     if exclude is None:
         return frozenset()
+    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__iter__"):
+        raise TypeError(f"exclude must be a list of ranks or None, not {type(exclude).__name__}")
     ranks = set()
     for r in exclude:
         if isinstance(r, bool):
@@ -71,7 +73,7 @@ def shrink(backend: SharedMemoryBackend, index: int, exclude: frozenset) -> Opti
     timeout = backend.options.timeout_s
     deadline, attempt_s = time.monotonic() + timeout, FIRST_ATTEMPT_S
     while True:
-        members = sorted(set(range(backend.size)) - exclude - set(gone_ranks(backend)))
+        members = sorted(set(range(backend.size)) - exclude - set(failed_ranks(backend)))
         name = f"{backend.name}/shrink{index}/" + ".".join(map(str, members))
         options = ffi.new("ncl_options *", backend.options[0])
         options.one_shot_max_bytes, options.direct_min_bytes, options.cma_all_reduce_min_bytes = \
@@ -81,7 +83,7 @@ def shrink(backend: SharedMemoryBackend, index: int, exclude: frozenset) -> Opti
             new = SharedMemoryBackend.create(name, f"{backend.label}.shrink{index}", members.index(backend.rank),
                                              len(members), backend.unique_id, options)
         except NclError as exc:
-            if members[0] in gone_ranks(backend):
+            if members[0] in failed_ranks(backend):
                 _unlink_if_left(segment_name(backend.unique_id, name))
             if time.monotonic() >= deadline:
                 raise type(exc)(f"shrink of rank {backend.rank}'s group to ranks {members} failed within "

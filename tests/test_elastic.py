@@ -246,7 +246,8 @@ def test_shrink_checks_before_anything_moves():
     with pytest.raises(NotImplementedError, match="multi-host"):
         Communicator(_NotOnOneHost()).shrink()
     comm = ncl.init(0, 1, ncl.get_unique_id())
-    for bad, kind in (([1], ValueError), ([-1], ValueError), ([0.0], TypeError), ([True], TypeError), (3, TypeError)):
+    for bad, kind in (([1], ValueError), ([-1], ValueError), ([0.0], TypeError), ([True], TypeError), (3, TypeError),
+                      ("1", TypeError)):
         with pytest.raises(kind):
             comm.shrink(exclude=bad)
     assert comm.failed_ranks() == [] and not comm.closed
