@@ -260,3 +260,27 @@ def test_shrink_checks_before_anything_moves():
     with pytest.raises(ncl.NclStateError, match="revoked"):
         solo.all_reduce(x)
     solo.close()
+
+
+TORCH_ABORT = """
+    import time, torch, torch.distributed as dist, ncl, ncl.torch
+    dist.init_process_group("ncl")
+    x = torch.ones(8)
+    dist.all_reduce(x)
+    if dist.get_rank() == 0:
+        time.sleep(0.3)
+        dist.distributed_c10d._abort_process_group()  # torch's abort: revokes the group's communicator
+    else:
+        try:
+            dist.all_reduce(x)
+        except ncl.NclPeerError as e:
+            print(f"rank {dist.get_rank()}: {e}", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_torch_abort_revokes_the_communicator():
+    pytest.importorskip("torch")
+    code, out, err, _ = launch(2, TORCH_ABORT, env={"NCL_TIMEOUT": "30"})
+    assert code == 0, (out, err)
+    assert "rank 1: all_reduce: rank 0 aborted the group: it revoked the communicator" in out, (out, err)

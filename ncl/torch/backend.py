@@ -86,6 +86,10 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def getGroupDesc(self) -> str:
         return self._group_desc
 
+    def abort(self) -> None:
+        """torch's abort of a group (dist.distributed_c10d._abort_process_group) revokes its communicator."""
+        self.comm.revoke()
+
     # ---- collectives -------------------------------------------------------------------------------
     @_named
     def allreduce(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
