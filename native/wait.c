@@ -147,11 +147,23 @@ void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t v
     if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters. */
+void ncl_own_reason(ncl_comm* c, char* out, size_t cap) {
+    size_t n = ncl_min(cap, sizeof c->ranks[c->rank].abort_reason);
+    memcpy(out, c->ranks[c->rank].abort_reason, n);
+    out[n - 1] = 0;
+}
+
+/* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters.  This rank
+ * having left the group meanwhile (abort or revoke from another thread) ends the wait too. */
 static int check_peers(ncl_comm* c, int watch, double now, double deadline, double* next_check, const char* what) {
     if (now < *next_check) return NCL_OK;
     *next_check = now + LIVENESS_PERIOD_S;
     NCL_CHECK(ncl_interrupted(what));
+    if (atomic_load(&c->ranks[c->rank].aborted) == NCL_ABORTED) {
+        char reason[sizeof c->ranks[c->rank].abort_reason];
+        ncl_own_reason(c, reason, sizeof reason);
+        return ncl_error(NCL_ERR_STATE, "%s: this rank left the group meanwhile: %s", what, reason);
+    }
     int rc = ncl_peer_alive(c, watch);
     if (rc != NCL_OK) {
         char msg[768];

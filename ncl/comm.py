@@ -479,7 +479,8 @@ class Communicator:
         """Make every pending and future call on this communicator fail at once, here and on every
         peer (NclPeerError quoting the revoke, then NclStateError naming it), as ncclCommRevoke;
         the survivors may then shrink() it."""
-        self.abort(elastic.REVOKED)
+        if not self._closed:
+            elastic.revoke(self._backend)
 
     def failed_ranks(self) -> list:
         """Ranks of this group whose process died or that closed their communicator (what shrink

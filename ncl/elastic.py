@@ -1,7 +1,8 @@
 """Elastic groups: revoke a communicator, and shrink it to the ranks that are left.
 
-revoke is abort with a reason peers recognise (REVOKED): every rank waiting on the group fails
-at once with NclPeerError quoting it, and every later call on it raises.
+revoke is abort with a reason peers recognise (REVOKED) plus a flag in the segment that every
+call checks first: every rank waiting on the group fails at once with NclPeerError quoting it,
+and every later call on it raises, even one whose peers' steps were posted before the revoke.
 
 shrink builds a shared-memory group of the survivors without a word from the ranks that are
 gone.  Each survivor reads from the old segment (still mapped) which ranks died or closed
@@ -25,6 +26,15 @@ from .shm import SharedMemoryBackend
 
 REVOKED = "it revoked the communicator (comm.revoke())"
 FIRST_ATTEMPT_S = 0.5  # a setup of live ranks takes milliseconds; a view that differs fails this fast
+
+
+def revoke(backend) -> None:
+    """Revoke the group (a backend other than shared memory: abort it, with the same words)."""
+    if isinstance(backend, SharedMemoryBackend):
+        if not backend.closed:
+            lib.ncl_comm_revoke(backend.handle, REVOKED.encode())
+    else:
+        backend.abort(REVOKED)
 
 
 def failed_ranks(backend: SharedMemoryBackend) -> List[int]:

@@ -135,6 +135,38 @@ def test_revoke_fails_every_call_and_the_group_shrinks():
         assert f"rank {old}: new rank {new_rank} [0, 2, 3]" in lines, lines
 
 
+FROM_A_THREAD = """
+    import threading, time, numpy as np, ncl
+    c = ncl.init()
+    x = np.ones(16, np.float32)
+    if c.rank == 0:  # a watchdog thread revokes while the main thread waits for rank 1, which is late
+        threading.Timer(0.3, c.revoke).start()
+        t = time.monotonic()
+        try:
+            c.all_reduce(x)
+        except ncl.NclStateError as e:
+            print(f"rank 0: pending call failed after {time.monotonic() - t:.1f} s: {e}", flush=True)
+    else:
+        time.sleep(3)
+        try:
+            c.all_reduce(x)
+        except ncl.NclPeerError as e:
+            print(f"rank 1: late call failed: {e}", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_revoke_from_another_thread_ends_this_ranks_pending_call():
+    # an NclStateError on rank 0 (not the NclPeerError rank 1's leaving would give 3 s later) shows that its
+    # own wait ended when it revoked
+    codes, lines, _ = spawn(2, FROM_A_THREAD, env={"NCL_TIMEOUT": "30"})
+    assert codes == [0, 0], lines
+    assert any(ln.startswith("rank 0: pending call failed") and "left the group meanwhile: it revoked" in ln
+               for ln in lines), lines
+    assert any(ln.startswith("rank 1: late call failed") and "rank 0 revoked the communicator" in ln
+               for ln in lines), lines
+
+
 RACE = CHECK + """
     import os, random, signal
     c = ncl.init()
@@ -209,7 +241,8 @@ UNDER_NCL_RUN = CHECK + """
         pass
     c = c.shrink()
     members, _ = check(c, old, 10)
-    print(f"rank {old}: group {members}", flush=True)
+    sys.stdout.write(f"rank {old}: group {members}\\n")  # one write: the ranks share ncl-run's stdout
+    sys.stdout.flush()
     c.close()
     raise SystemExit(survivors_exit)
 """
