@@ -85,6 +85,7 @@ typedef struct {
     uint64_t p2p_slot_bytes;
     uint64_t rank_ctrl_off, pair_ctrl_off, staging_off, p2p_off;
     uint32_t central_sync;   /* rank 0's choice, the same for all: steps meet at `generation` */
+    _Atomic uint32_t revoked; /* 1 + the first rank that revoked the group, else 0 (read by every call) */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t arrived;    /* central sync: ranks at the current step */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t generation; /* central sync: last step every rank reached */
@@ -175,6 +176,7 @@ int ncl_wait_word(ncl_comm* c, int peer, _Atomic uint32_t* word, _Atomic uint32_
                   uint32_t target, double deadline, const char* what);
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value);
 int ncl_peer_alive(ncl_comm* c, int peer);
+void ncl_own_reason(ncl_comm* c, char* out, size_t cap); /* why this rank left the group, NUL-terminated */
 /* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */
 int ncl_interrupted(const char* what);
 

@@ -111,11 +111,16 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
 int ncl_comm_destroy(ncl_comm* comm);
 /* Mark this rank failed so that peers stop waiting; they quote `reason` (NULL: "it called abort()"). */
 int ncl_comm_abort(ncl_comm* comm, const char* reason);
+/* Abort, and make every later call of every rank on the group fail at once (NCL_ERR_PEER naming
+ * this rank), even one whose peers' steps are already posted: ncclCommRevoke. */
+int ncl_comm_revoke(ncl_comm* comm, const char* reason);
 int ncl_comm_set_timeout(ncl_comm* comm, double timeout_s);
 uint64_t ncl_comm_segment_bytes(const ncl_comm* comm);
 int ncl_comm_get_info(const ncl_comm* comm, ncl_comm_info* out);
 /* The newest min(cap, recorded) flight-recorder entries, oldest first; returns how many. */
 int ncl_flight_entries(const ncl_comm* comm, ncl_flight_entry* out, int cap);
+/* Ranks gone for good, nranks bytes: 1 its process died, 2 it closed its communicator, else 0. */
+int ncl_comm_gone_ranks(ncl_comm* comm, uint8_t* out);
 /* Each rank's last posted step (nranks values), read from the shared segment: who lags. */
 int ncl_comm_peer_steps(const ncl_comm* comm, uint32_t* out);
 const char* ncl_coll_name(int coll);

@@ -165,10 +165,15 @@ void ncl_wake_waiters(ncl_comm* c) {
 
 int ncl_comm_usable(ncl_comm* c) {
     if (!c) return ncl_error(NCL_ERR_STATE, "the communicator is closed");
-    if (c->broken)
-        return ncl_error(NCL_ERR_STATE,
-                         "the communicator is unusable after an earlier error on this rank (see that error); "
-                         "create a new one");
+    uint32_t revoker = atomic_load_explicit(&c->hdr->revoked, memory_order_relaxed);
+    if (revoker && !c->broken) /* even a call whose peers' steps are already posted fails */
+        return ncl_fail(c, ncl_error(NCL_ERR_PEER, "rank %u revoked the communicator", revoker - 1));
+    if (c->broken) { /* quote why this rank left (its own words in the segment): a revoke is named */
+        char reason[sizeof c->ranks[c->rank].abort_reason];
+        ncl_own_reason(c, reason, sizeof reason);
+        return ncl_error(NCL_ERR_STATE, "the communicator is unusable after an earlier error on this rank (%s); "
+                         "create a new one, or shrink() it", reason[0] ? reason : "see that error");
+    }
     return NCL_OK;
 }
 
@@ -195,6 +200,13 @@ int ncl_comm_abort(ncl_comm* c, const char* reason) {
     leave(c, NCL_ERR_PEER, reason ? reason : "it called abort()");
     ncl_wake_waiters(c);
     return NCL_OK;
+}
+
+int ncl_comm_revoke(ncl_comm* c, const char* reason) {
+    if (!c) return NCL_OK;
+    uint32_t none = 0;
+    atomic_compare_exchange_strong(&c->hdr->revoked, &none, (uint32_t)c->rank + 1);
+    return ncl_comm_abort(c, reason);
 }
 
 int ncl_barrier(ncl_comm* c) {

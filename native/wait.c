@@ -125,6 +125,18 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
     return NCL_OK;
 }
 
+/* Which ranks have left the group for good (what shrink excludes by default): out[r] = 1
+ * when rank r's process is gone (dead, or a zombie), 2 when it closed its communicator,
+ * 0 otherwise.  A living rank that aborted, or failed with the group, is still 0: it may
+ * join the survivors. */
+int ncl_comm_gone_ranks(ncl_comm* c, uint8_t* out) {
+    if (!c || !out) return ncl_error(NCL_ERR_ARGUMENT, "ncl_comm_gone_ranks needs a communicator and nranks bytes");
+    for (int r = 0; r < c->nranks; r++)
+        out[r] = r == c->rank ? 0 : !pid_running(atomic_load(&c->ranks[r].pid)) ? 1
+                 : atomic_load(&c->ranks[r].aborted) == NCL_CLOSED ? 2 : 0;
+    return NCL_OK;
+}
+
 static void futex_wait(_Atomic uint32_t* word, uint32_t seen) {
     struct timespec ts = {0, FUTEX_SLICE_NS};
     syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
@@ -135,11 +147,23 @@ void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t v
     if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters. */
+void ncl_own_reason(ncl_comm* c, char* out, size_t cap) {
+    size_t n = ncl_min(cap, sizeof c->ranks[c->rank].abort_reason);
+    memcpy(out, c->ranks[c->rank].abort_reason, n);
+    out[n - 1] = 0;
+}
+
+/* Periodic checks: deadline and liveness.  `watch` is the peer whose death matters.  This rank
+ * having left the group meanwhile (abort or revoke from another thread) ends the wait too. */
 static int check_peers(ncl_comm* c, int watch, double now, double deadline, double* next_check, const char* what) {
     if (now < *next_check) return NCL_OK;
     *next_check = now + LIVENESS_PERIOD_S;
     NCL_CHECK(ncl_interrupted(what));
+    if (atomic_load(&c->ranks[c->rank].aborted) == NCL_ABORTED) {
+        char reason[sizeof c->ranks[c->rank].abort_reason];
+        ncl_own_reason(c, reason, sizeof reason);
+        return ncl_error(NCL_ERR_STATE, "%s: this rank left the group meanwhile: %s", what, reason);
+    }
     int rc = ncl_peer_alive(c, watch);
     if (rc != NCL_OK) {
         char msg[768];

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from . import dtypes, emulation, env, log, tuning
+from . import dtypes, elastic, emulation, env, log, tuning
 from ._native import ffi
 from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank, \
     output, rows
@@ -63,6 +63,7 @@ def _bump_version(obj) -> None:
 class Communicator:
     """A group of ranks; see the README for the API tour."""
     _emulator: Optional[emulation.Emulator] = None
+    _shrinks = 0  # shrinks of this communicator so far: part of each new group's name
 
     def __init__(self, backend, *, emulator: Optional[emulation.Emulator] = None):
         self._backend = backend
@@ -573,6 +574,39 @@ class Communicator:
         new_rank = members.index((int(key), self._rank))
         return Communicator._shared_memory(
             lambda: self._backend.split(self._splits, color, new_rank, len(members)), len(members), self._options)
+
+    # ---- elastic groups (ncl/elastic.py) -----------------------------------------------------------
+    def revoke(self) -> None:
+        """Make every pending and future call on this communicator fail at once, here and on every
+        peer (NclPeerError quoting the revoke, then NclStateError naming it), as ncclCommRevoke;
+        the survivors may then shrink() it."""
+        if not self._closed:
+            elastic.revoke(self._backend)
+
+    def failed_ranks(self) -> list:
+        """Ranks of this group whose process died or that closed their communicator (what shrink
+        excludes by default); [] once this communicator is closed."""
+        if self._closed or not isinstance(self._backend, SharedMemoryBackend):
+            return []
+        return elastic.failed_ranks(self._backend)
+
+    def shrink(self, exclude: Optional[Sequence[int]] = None) -> Optional["Communicator"]:
+        """A new communicator of the survivors, ranks renumbered in order, as ncclCommShrink:
+        collective over the ranks of this group not in `exclude` and not failed (failed_ranks()),
+        with no word from the others, so it works after a failure or a revoke().  Every survivor
+        passes the same exclude.  This communicator is closed once the new one is ready (its
+        segment released); an excluded rank gets None and keeps it."""
+        excluded = elastic.check_exclude(exclude, self._size)
+        if not isinstance(self._backend, SharedMemoryBackend):
+            raise NotImplementedError("shrink() needs a communicator on one host; a multi-host communicator "
+                                      "cannot shrink yet (start a new job without the failed host)")
+        self._after_pending()
+        self._shrinks += 1
+        backend = elastic.shrink(self._backend, self._shrinks, excluded)
+        if backend is None:
+            return None
+        self.close()
+        return Communicator._shared_memory(lambda: backend, backend.size, backend.options)
 
 
 __all__ = ["Communicator"]

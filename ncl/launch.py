@@ -11,6 +11,9 @@ Guarantees:
   the failed rank; NCL_TRACE_DIR gets their flight records), then are stopped (SIGTERM,
   then SIGKILL after a grace period); ncl-run exits with the failing rank's code (128 +
   signal for a signal);
+- with --elastic a failed rank does not stop the others (they may shrink their communicator and go
+  on, ncl/elastic.py); ncl-run waits for every rank and exits with the code of the first survivor that
+  failed, 0 when every survivor succeeded (the failed rank's own code when none was left);
 - whatever shared memory the job left in /dev/shm is removed on the way out;
 - ncl/supervisor.py's Group does the starting, forwarding, stopping, reaping and removing;
 - --hosts K > 1 splits the ranks into K emulated hosts that talk over MPI: mpiexec starts
@@ -70,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
                         "stretch each call to it (pace), or neither (exported as NCL_EMULATE)")
     p.add_argument("--hosts", type=int, default=1, help="emulated hosts the ranks are split into")
     p.add_argument("--timeout", type=float, help="NCL_TIMEOUT for the ranks, in seconds")
+    p.add_argument("--elastic", action="store_true",
+                   help="when a rank fails, keep the others running (they may comm.shrink() and go on); the job's "
+                        "exit code is then that of the survivors")
     p.add_argument("command", nargs=argparse.REMAINDER, help="program and its arguments")
     return p
 
@@ -143,17 +149,30 @@ class _Tagger:
         pipe.close()
 
 
-def _supervise(group: Group) -> int:
-    """Wait for all ranks; on the first failure stop the rest. Returns the exit code."""
+def _supervise(group: Group, elastic: bool = False) -> int:
+    """Wait for all ranks; on the first failure stop the rest (elastic: let them go on). Returns the exit code."""
     codes = group.wait()
     failed = group.first_failure()
     if failed is None:
         return 0
     others = sum(c is None for c in codes)
+    if elastic:
+        return _supervise_survivors(group, failed, [r for r, c in enumerate(codes) if c is None])
     print(f"ncl-run: {failed}; stopping the other {others} rank{'s' if others != 1 else ''}", file=sys.stderr,
           flush=True)
     group.stop(wait_s=REPORT_S)  # survivors name the failed rank and write their flight records
     return failed.status
+
+
+def _supervise_survivors(group: Group, failed, survivors: List[int]) -> int:
+    """--elastic after the first failure: wait for the survivors; the first of them to fail gives the code."""
+    if not survivors:
+        return failed.status
+    print(f"ncl-run: {failed}; --elastic: the other {len(survivors)} rank{'s' if len(survivors) != 1 else ''} "
+          f"go on", file=sys.stderr, flush=True)
+    group.wait(through_failures=True)
+    later = group.failures_after(survivors)
+    return later[0].status if later else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -176,6 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--topology {args.topology} has {topology.num_chips} chips, fewer than -n {args.nproc}")
     if args.timeout is not None and not args.timeout > 0:
         parser.error("--timeout must be positive")
+    if args.elastic and args.hosts > 1:
+        parser.error("--elastic needs one host: a multi-host communicator cannot shrink (and mpiexec stops the job)")
 
     uid, taggers = get_unique_id(), []
     with Group(new_session=False, grace_s=GRACE_S, forward=True, job_id=uid, adopt_orphans=True) as group:
@@ -199,7 +220,7 @@ def _run_job(group: Group, uid: str, command: List[str], args, taggers: list) ->
         except OSError as exc:
             print(f"ncl-run: {exc}", file=sys.stderr)
             return 127
-        return _supervise(group)
+        return _supervise(group, args.elastic)
     pipe = subprocess.PIPE if args.tag_output else None
     arm = _dies_with_launcher()
     for rank in range(n):
@@ -214,7 +235,7 @@ def _run_job(group: Group, uid: str, command: List[str], args, taggers: list) ->
     if args.tag_output:  # (after the forks: see _dies_with_launcher)
         taggers += [_Tagger(r, getattr(p, name), sink) for r, p in enumerate(group.procs)
                     for name, sink in (("stdout", sys.stdout), ("stderr", sys.stderr))]
-    code = _supervise(group)
+    code = _supervise(group, args.elastic)
     if len(group.procs) < n and code == 0:  # the ranks that started stopped cleanly, but the job did not run
         code = 128 + group.signals[0]
     return code

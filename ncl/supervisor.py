@@ -201,12 +201,13 @@ class Group:
             self.procs[rank].wait(wait_s)
         return self.poll()[rank]
 
-    def wait(self, timeout: Optional[float] = None) -> List[Optional[int]]:
-        """Wait until every rank has exited, or one has failed, or timeout; the exit codes (None: running)."""
+    def wait(self, timeout: Optional[float] = None, *, through_failures: bool = False) -> List[Optional[int]]:
+        """Wait until every rank has exited, or one has failed (unless through_failures), or timeout; the exit
+        codes (None: running)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             codes = self.poll()
-            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+            if all(c is not None for c in codes) or (not through_failures and any(c not in (None, 0) for c in codes)):
                 return codes
             if deadline is not None and time.monotonic() >= deadline:
                 return codes
@@ -216,6 +217,11 @@ class Group:
         """The first rank seen to exit non-zero (or by a signal), or None."""
         self.poll()
         return next((e for e in self._exits if e.code != 0), None)
+
+    def failures_after(self, ranks) -> List[Exit]:
+        """The exits of these ranks that were failures, in the order seen (an elastic job's survivors)."""
+        self.poll()
+        return [e for e in self._exits if e.rank in ranks and e.code != 0]
 
     # ---- signalling and stopping ------------------------------------------------------------------------
     def send(self, signum: int) -> None:

@@ -167,6 +167,10 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def getGroupDesc(self) -> str:
         return self._group_desc
 
+    def abort(self) -> None:
+        """torch's abort of a group (dist.distributed_c10d._abort_process_group) revokes its communicator."""
+        self.comm.revoke()
+
     def shutdown(self) -> None:
         """destroy_process_group: finish the queued calls and close the communicator."""
         self.comm.close()
