@@ -25,7 +25,8 @@ typedef enum {
 typedef enum {
     NCL_INT8 = 0, NCL_UINT8 = 1, NCL_INT32 = 2, NCL_INT64 = 3,
     NCL_FLOAT16 = 4, NCL_BFLOAT16 = 5, NCL_FLOAT32 = 6, NCL_FLOAT64 = 7,
-    NCL_NUM_DTYPES = 8
+    NCL_FLOAT8_E4M3FN = 8, NCL_FLOAT8_E5M2 = 9, /* OCP fp8: native/fp8.h states their rounding */
+    NCL_NUM_DTYPES = 10
 } ncl_dtype;
 
 typedef enum {
@@ -89,7 +90,7 @@ int ncl_dtype_size(int dtype);
 const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx512", "avx2", "generic" */
 
 /* Reduce nsrc buffers element by element, strictly left to right (srcs[0] op srcs[1] op ...);
- * 16-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
+ * 16- and 8-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
  * (integers: the exact sum, truncated toward zero).  dst may alias any source. */
 int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
 /* y[t] = the SUM (as ncl_reduce_local) of rows[index[t*n + j]] over j = 0..n-1 in order,
