@@ -6,71 +6,79 @@
  * overflow value (e4m3fn: NaN, as it has no inf; e5m2: inf); a NaN becomes the canonical
  * quiet NaN of its sign (e4m3fn S.1111.111, e5m2 S.11111.10).  (torch's .to() differs only
  * there: it saturates e4m3fn to +-448.)  fp8 -> float32 is exact.  Each function is a few
- * selects on integers and one float add, no branches or tables, so the reduction loops that
- * call them vectorise; none depends on denormals being kept (DAZ/FTZ safe on the way in). */
+ * selects on integers and one float add, no branches or tables, always inlined (GCC would not,
+ * and calls keep a loop scalar), so the reduction loops that call them vectorise; none depends on denormals being kept (DAZ/FTZ safe on the way in). */
 #ifndef NCL_FP8_H
 #define NCL_FP8_H
 #include <stdint.h>
 #include <string.h>
 
-static inline float fp8_bits_to_float(uint32_t u) {
+static inline __attribute__((always_inline)) float fp8_bits_to_float(uint32_t u) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint32_t fp8_float_to_bits(float f) {
+static inline __attribute__((always_inline)) uint32_t fp8_float_to_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
 }
 
-/* MANT mantissa bits, BIAS exponent bias: normals shift into float32's fields with the
- * exponent rebased; subnormals (exponent field 0) are the integer mantissa times 2^(1-BIAS-MANT). */
-#define FP8_DECODE(b, MANT, BIAS)                                                                       \
-    ((((b) & 0x7fu) >> (MANT)) == 0                                                                     \
-         ? fp8_bits_to_float(((uint32_t)((b) & 0x80u) << 24)) +                                         \
-               (((b) & 0x80u) ? -1.0f : 1.0f) * (float)((b) & ((1u << (MANT)) - 1)) *                   \
-                   fp8_bits_to_float((uint32_t)(127 + 1 - (BIAS) - (MANT)) << 23)                       \
-         : fp8_bits_to_float(((uint32_t)((b) & 0x80u) << 24) |                                          \
-                             ((((uint32_t)(b) & 0x7fu) << (23 - (MANT))) + ((uint32_t)(127 - (BIAS)) << 23))))
-
-static inline float e4m3_to_float(uint8_t b) {
-    float f = FP8_DECODE(b, 3, 7);
-    return (b & 0x7f) == 0x7f ? fp8_bits_to_float(0x7fc00000u | ((uint32_t)(b & 0x80) << 24)) : f;
+/* if c then x else y, as bit masks: a ?: on a value computed by float arithmetic lets GCC move
+ * that arithmetic into a branch (it may trap), and the loop no longer vectorises */
+static inline __attribute__((always_inline)) uint32_t fp8_select(int c, uint32_t x, uint32_t y) {
+    uint32_t mask = 0u - (uint32_t)(c != 0);
+    return (x & mask) | (y & ~mask);
 }
 
-static inline float e5m2_to_float(uint8_t b) {
-    float f = FP8_DECODE(b, 2, 15);
+/* mant mantissa bits, bias exponent bias (constants once inlined).  Both arms of every choice
+ * are computed and the choice is fp8_select: no branch, so loops over it vectorise.
+ * Normals shift into float32's fields with the exponent rebased; subnormals (exponent field 0)
+ * are the integer mantissa m times 2^(1 - bias - mant): its leading one, at bit p, becomes the
+ * implicit bit.  Integers only (float arithmetic here would keep MIN/MAX loops scalar). */
+static inline __attribute__((always_inline)) float fp8_decode(uint8_t b, int mant, int bias) {
+    uint32_t mag = b & 0x7fu, sign = (uint32_t)(b & 0x80u) << 24, m = mag & ((1u << mant) - 1), sub = 0;
+    for (int p = 0; p < mant; p++)
+        sub = fp8_select(m >> p == 1, ((uint32_t)(127 + 1 - bias - mant + p) << 23) | ((m - (1u << p)) << (23 - p)), sub);
+    uint32_t normal = (mag << (23 - mant)) + ((uint32_t)(127 - bias) << 23);
+    return fp8_bits_to_float(sign | fp8_select((mag >> mant) == 0, sub, normal));
+}
+
+/* The code of |f| (float32 bits a) when it is finite and in range.  Below the smallest normal:
+ * |f| plus a float whose ulp is the subnormal step, so that the FPU rounds to nearest even; the
+ * sum's low bits are the code (the step up to the smallest normal gives its code too).  At or
+ * above: the float32 mantissa rounded to mant bits, to nearest even, in the integer bits (a
+ * carry bumps the exponent). */
+static inline __attribute__((always_inline)) uint32_t fp8_encode_magnitude(uint32_t a, int mant, int bias) {
+    uint32_t magic = (uint32_t)(127 + 24 - bias - mant) << 23;
+    uint32_t sub = fp8_float_to_bits(fp8_bits_to_float(a) + fp8_bits_to_float(magic)) - magic;
+    uint32_t normal = ((a + ((1u << (22 - mant)) - 1) + ((a >> (23 - mant)) & 1)) >> (23 - mant)) -
+                      ((uint32_t)(127 - bias) << mant);
+    return fp8_select(a < ((uint32_t)(127 + 1 - bias) << 23), sub, normal);
+}
+
+static inline __attribute__((always_inline)) float e4m3_to_float(uint8_t b) {
+    uint32_t nan = 0x7fc00000u | ((uint32_t)(b & 0x80) << 24);
+    return fp8_bits_to_float(fp8_select((b & 0x7f) == 0x7f, nan, fp8_float_to_bits(fp8_decode(b, 3, 7))));
+}
+
+static inline __attribute__((always_inline)) float e5m2_to_float(uint8_t b) {
     uint32_t special = ((uint32_t)(b & 0x80) << 24) | 0x7f800000u | ((uint32_t)(b & 3) << 21); /* inf, NaN */
-    return (b & 0x7c) == 0x7c ? fp8_bits_to_float(special) : f;
+    return fp8_bits_to_float(fp8_select((b & 0x7c) == 0x7c, special, fp8_float_to_bits(fp8_decode(b, 2, 15))));
 }
 
-/* |f| below the smallest normal: round |f| * 2^(BIAS-1+MANT) to an integer by adding a float
- * whose ulp is the subnormal step (the FPU rounds to nearest even); the integer is the code
- * (the step up to the smallest normal gives its code too).  At or above: round the float32
- * mantissa to MANT bits, to nearest even, in the integer bits (a carry bumps the exponent). */
-#define FP8_ENCODE_MAGNITUDE(a, MANT, BIAS)                                                             \
-    ((a) < ((uint32_t)(127 + 1 - (BIAS)) << 23)                                                         \
-         ? fp8_float_to_bits(fp8_bits_to_float(a) +                                                    \
-                             fp8_bits_to_float((uint32_t)(127 + 24 - (BIAS) - (MANT)) << 23)) -              \
-               ((uint32_t)(127 + 24 - (BIAS) - (MANT)) << 23)                               \
-         : (((a) + ((1u << (22 - (MANT))) - 1) + (((a) >> (23 - (MANT))) & 1)) >> (23 - (MANT))) -     \
-               ((uint32_t)(127 - (BIAS)) << (MANT)))
-
-static inline uint8_t float_to_e4m3(float f) {
+static inline __attribute__((always_inline)) uint8_t float_to_e4m3(float f) {
     uint32_t u = fp8_float_to_bits(f), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80;
-    uint32_t m = FP8_ENCODE_MAGNITUDE(a, 3, 7);
+    uint32_t m = fp8_encode_magnitude(a, 3, 7);
     /* above 464 (halfway from 448 to the NaN code's 480; the tie rounds to even, 448) and NaN */
-    return (uint8_t)(sign | (a > 0x43e80000u ? 0x7fu : m));
+    return (uint8_t)(sign | fp8_select(a > 0x43e80000u, 0x7f, m));
 }
 
-static inline uint8_t float_to_e5m2(float f) {
+static inline __attribute__((always_inline)) uint8_t float_to_e5m2(float f) {
     uint32_t u = fp8_float_to_bits(f), a = u & 0x7fffffffu, sign = (u >> 24) & 0x80;
-    uint32_t m = FP8_ENCODE_MAGNITUDE(a, 2, 15);
+    uint32_t m = fp8_encode_magnitude(a, 2, 15);
     /* NaN; from 61440 (halfway from 57344 to 65536, a tie that rounds to even: inf) on, inf */
-    return (uint8_t)(sign | (a > 0x7f800000u ? 0x7eu : a >= 0x47700000u ? 0x7cu : m));
+    return (uint8_t)(sign | fp8_select(a > 0x7f800000u, 0x7e, fp8_select(a >= 0x47700000u, 0x7c, m)));
 }
-#undef FP8_DECODE
-#undef FP8_ENCODE_MAGNITUDE
 #endif
