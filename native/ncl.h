@@ -100,6 +100,14 @@ int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int d
 int ncl_sum_rows(void* y, const void* rows, size_t nrows, const int64_t* index, size_t tokens, int n, size_t width,
                  int dtype);
 
+/* Block-scaled codes (OCP MX v1.0) of float32 values, count a whole number of NCL_MX_BLOCK blocks:
+ * packed holds every block's codes (bits per value: 8, or 4 for MXFP4), then one E8M0 scale byte per
+ * block.  native/quant.c states the rounding; ncl/compress.py sends these bytes. */
+enum { NCL_MX_BLOCK = 32 };
+typedef enum { NCL_MX_FP8 = 0, NCL_MX_INT8 = 1, NCL_MX_FP4 = 2, NCL_NUM_MX_FORMATS = 3 } ncl_mx_format;
+int ncl_mx_quantize(void* packed, const float* values, size_t count, int format);
+int ncl_mx_dequantize(float* values, const void* packed, size_t count, int format);
+
 /* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
  * Returns once all nranks have attached; the segment is unlinked at that moment. */
 int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out);
