@@ -40,8 +40,11 @@ static inline float e2m1_to_float(uint8_t n) {
     return fp8_decode((uint8_t)(((n & 8) << 4) | (n & 7)), 1, 1);
 }
 
+/* x clamped to [-top, top] (x finite, top > 0), on the bits: a float compare-and-select here would
+ * be compiled as a branch, and the loop would not vectorise */
 static inline float clamp(float x, float top) {
-    return x > top ? top : x < -top ? -top : x;
+    uint32_t u = fp8_float_to_bits(x), a = u & 0x7fffffffu, t = fp8_float_to_bits(top);
+    return fp8_bits_to_float((u & 0x80000000u) | fp8_select(a > t, t, a));
 }
 
 /* this block's e (see the top); *finite = 0 for a block with a NaN or an inf */
