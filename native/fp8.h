@@ -7,7 +7,8 @@
  * quiet NaN of its sign (e4m3fn S.1111.111, e5m2 S.11111.10).  (torch's .to() differs only
  * there: it saturates e4m3fn to +-448.)  fp8 -> float32 is exact.  Each function is a few
  * selects on integers and one float add, no branches or tables, always inlined (GCC would not,
- * and calls keep a loop scalar), so the reduction loops that call them vectorise; none depends on denormals being kept (DAZ/FTZ safe on the way in). */
+ * and calls keep a loop scalar), so the reduction loops that call them vectorise.  Decoding is
+ * integer only, so it holds under DAZ/FTZ too. */
 #ifndef NCL_FP8_H
 #define NCL_FP8_H
 #include <stdint.h>
