@@ -4,9 +4,9 @@
  *
  * Each kernel walks the message in blocks that stay in L1: the block's accumulator is
  * sources 0 and 1 combined, then combined with sources 2..n-1 in order, the last of them fused
- * with the finish (AVG divides) and the store; two sources take one pass with no accumulator.  16- and 8-bit floats accumulate in float32 and
- * round once at the store.  Integer
- * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
+ * with the finish (AVG divides) and the store; two sources take one pass with no accumulator.
+ * 16- and 8-bit floats accumulate in float32 and round once at the store (fp8: native/fp8.h).
+ * Integer SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
  * integer AVG sums exactly in a wider type W, so an average never overflows, then divides
  * (truncating toward zero).  Float MIN/MAX propagate NaN: the result is the NaN of the first
  * source (in rank order) that holds one, so every rank gets the same bits whichever rank had it. */
