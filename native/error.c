@@ -25,7 +25,8 @@ const char* ncl_coll_name(int coll) {
 
 const char* ncl_dtype_name(int dtype) {
     static const char* names[] = {"int8", "uint8", "int32", "int64",
-                                  "float16", "bfloat16", "float32", "float64"};
+                                  "float16", "bfloat16", "float32", "float64",
+                                  "float8_e4m3fn", "float8_e5m2"}; /* numpy's (ml_dtypes') and torch's names */
     return dtype >= 0 && dtype < NCL_NUM_DTYPES ? names[dtype] : "?";
 }
 

@@ -26,7 +26,8 @@ typedef enum {
 typedef enum {
     NCL_INT8 = 0, NCL_UINT8 = 1, NCL_INT32 = 2, NCL_INT64 = 3,
     NCL_FLOAT16 = 4, NCL_BFLOAT16 = 5, NCL_FLOAT32 = 6, NCL_FLOAT64 = 7,
-    NCL_NUM_DTYPES = 8
+    NCL_FLOAT8_E4M3FN = 8, NCL_FLOAT8_E5M2 = 9, /* OCP fp8: native/fp8.h states their rounding */
+    NCL_NUM_DTYPES = 10
 } ncl_dtype;
 
 typedef enum {
@@ -95,7 +96,7 @@ int ncl_dtype_size(int dtype);
 const char* ncl_kernel_isa(void);   /* which reduction kernels the CPU got: "avx512", "avx2", "generic" */
 
 /* Reduce nsrc buffers element by element, strictly left to right (srcs[0] op srcs[1] op ...);
- * 16-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
+ * 16- and 8-bit floats accumulate in float32 and round once; AVG divides the sum by nsrc
  * (integers: the exact sum, truncated toward zero).  dst may alias any source. */
 int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
 /* y[t] = the SUM (as ncl_reduce_local) of rows[index[t*n + j]] over j = 0..n-1 in order,
@@ -104,6 +105,14 @@ int ncl_reduce_local(void* dst, const void** srcs, int nsrc, size_t count, int d
  * once.  rows holds nrows rows of width elements. */
 int ncl_sum_rows(void* y, const void* rows, size_t nrows, const int64_t* index, size_t tokens, int n, size_t width,
                  int dtype);
+
+/* Block-scaled codes (OCP MX v1.0) of float32 values, count a whole number of NCL_MX_BLOCK blocks:
+ * packed holds every block's codes (bits per value: 8, or 4 for MXFP4), then one E8M0 scale byte per
+ * block.  native/quant.c states the rounding; ncl/compress.py sends these bytes. */
+enum { NCL_MX_BLOCK = 32 };
+typedef enum { NCL_MX_FP8 = 0, NCL_MX_INT8 = 1, NCL_MX_FP4 = 2, NCL_NUM_MX_FORMATS = 3 } ncl_mx_format;
+int ncl_mx_quantize(void* packed, const float* values, size_t count, int format);
+int ncl_mx_dequantize(float* values, const void* packed, size_t count, int format);
 
 /* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
  * Returns once all nranks have attached; the segment is unlinked at that moment. */

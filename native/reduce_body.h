@@ -4,8 +4,9 @@
  *
  * Each kernel walks the message in blocks that stay in L1: the block's accumulator is
  * sources 0 and 1 combined, then combined with sources 2..n-1 in order, the last of them fused
- * with the finish (AVG divides) and the store; two sources take one pass with no accumulator.  16-bit floats accumulate in float32 and round once at the store.  Integer
- * SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
+ * with the finish (AVG divides) and the store; two sources take one pass with no accumulator.
+ * 16- and 8-bit floats accumulate in float32 and round once at the store (fp8: native/fp8.h).
+ * Integer SUM/PROD run in the unsigned type so that overflow wraps (two's complement) without UB;
  * integer AVG sums exactly in a wider type W, so an average never overflows, then divides
  * (truncating toward zero).  Float MIN/MAX propagate NaN: the result is the NaN of the first
  * source (in rank order) that holds one, so every rank gets the same bits whichever rank had it. */
@@ -95,12 +96,14 @@ DEFINE_FLOAT_KERNELS(f16, _Float16, float, (float), (_Float16))
 DEFINE_FLOAT_KERNELS(bf16, uint16_t, float, bf16_to_float, float_to_bf16)
 DEFINE_FLOAT_KERNELS(f32, float, float, K_ID, K_ID)
 DEFINE_FLOAT_KERNELS(f64, double, double, K_ID, K_ID)
+DEFINE_FLOAT_KERNELS(e4m3, uint8_t, float, e4m3_to_float, float_to_e4m3)
+DEFINE_FLOAT_KERNELS(e5m2, uint8_t, float, e5m2_to_float, float_to_e5m2)
 
 /* [dtype][op], in the order of ncl_dtype and ncl_op */
 #define KROW(TAG) {KCAT(TAG##_sum, KERNEL_ISA), KCAT(TAG##_prod, KERNEL_ISA), KCAT(TAG##_min, KERNEL_ISA), \
                    KCAT(TAG##_max, KERNEL_ISA), KCAT(TAG##_avg, KERNEL_ISA)}
 static const kernel_fn KCAT(kernels, KERNEL_ISA)[NCL_NUM_DTYPES][NCL_NUM_OPS] = {
-    KROW(i8), KROW(u8), KROW(i32), KROW(i64), KROW(f16), KROW(bf16), KROW(f32), KROW(f64)};
+    KROW(i8), KROW(u8), KROW(i32), KROW(i64), KROW(f16), KROW(bf16), KROW(f32), KROW(f64), KROW(e4m3), KROW(e5m2)};
 
 #undef DEFINE_KERNEL
 #undef DEFINE_INT_KERNELS

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "fp8.h"
 #include "internal.h"
 
 typedef void (*kernel_fn)(void* dst, const void** srcs, int nsrc, size_t count);
@@ -77,7 +78,7 @@ const char* ncl_kernel_isa(void) {
 }
 
 int ncl_dtype_size(int dtype) {
-    static const int sizes[NCL_NUM_DTYPES] = {1, 1, 4, 8, 2, 2, 4, 8};
+    static const int sizes[NCL_NUM_DTYPES] = {1, 1, 4, 8, 2, 2, 4, 8, 1, 1};
     return dtype >= 0 && dtype < NCL_NUM_DTYPES ? sizes[dtype] : 0;
 }
 

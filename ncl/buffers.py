@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ._native import check, ffi, lib
-from .dtypes import CODES, SUPPORTED
+from .dtypes import CODES, ITEMSIZE, ML_DTYPES, SUPPORTED
 
 
 class ReduceOp(enum.IntEnum):
@@ -21,16 +21,16 @@ class ReduceOp(enum.IntEnum):
     AVG = lib.NCL_AVG
 
 
-# the core's codes (ncl/dtypes.py) by numpy dtype (bfloat16, ml_dtypes', is recognised by name) and torch name
-_NUMPY_DTYPES = {np.dtype(name): code for name, code in CODES.items() if name != "bfloat16"}
+# the core's codes (ncl/dtypes.py) by numpy dtype (ml_dtypes' are recognised by name: no import) and torch name
+_NUMPY_DTYPES = {np.dtype(name): code for name, code in CODES.items() if name not in ML_DTYPES}
 _TORCH_DTYPE_NAMES = {f"torch.{name}": code for name, code in CODES.items()}
 _torch_codes: dict = {}  # torch.dtype -> code, filled on first use (keyed by the dtype object: no str())
 
 
 def _numpy_dtype_code(dtype: np.dtype) -> Optional[int]:
     code = _NUMPY_DTYPES.get(dtype)
-    if code is None and dtype.name == "bfloat16" and dtype.itemsize == 2:  # ml_dtypes.bfloat16
-        code = CODES["bfloat16"]
+    if code is None and dtype.name in ML_DTYPES and dtype.itemsize == ITEMSIZE[CODES[dtype.name]]:
+        code = CODES[dtype.name]
     return code
 
 

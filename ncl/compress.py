@@ -6,7 +6,8 @@ every block of BLOCK values shares one E8M0 scale, 2^e with e = floor(log2(max |
 format (section 6.3), stored as e + 127 in one byte; each value is v / 2^e rounded to nearest-even into the
 element format and clamped to its largest magnitude.  A block holding a NaN or an infinity gets the NaN
 scale (255) and comes back as all NaN.  The bytes of a block: BLOCK codes (packed two to a byte for
-4-bit ones), then, per chunk, the scales.
+4-bit ones), then, per chunk, the scales.  The C core encodes and decodes (native/quant.c, which states
+the rounding exactly; tests/test_quant.py holds a numpy reference it matches byte for byte).
 
 Where rounding happens (and nowhere else), for a call on x of any float dtype:
   all_reduce      x is cut into `size` chunks of whole blocks (the last padded with zeros).  (1) Each rank
@@ -26,26 +27,24 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 
 import numpy as np
 
+from ._native import check, ffi, lib
 from .buffers import ReduceOp, as_buffer, check_op, output, rows
 
-BLOCK = 32                 # values per shared scale (OCP MX v1.0: k = 32 for every MX format)
-SCALE_BIAS = 127           # E8M0: 2^(code - 127); code 255 is NaN
-NAN_SCALE = 255
+BLOCK = lib.NCL_MX_BLOCK   # values per shared scale (OCP MX v1.0: k = 32 for every MX format)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Format(NamedTuple):
     name: str
-    element: str          # ml_dtypes type name of the element ("int8": MXINT8's fixed point)
-    emax: int             # exponent of the element format's largest power of two (OCP MX v1.0, table 1)
+    code: int             # the C core's ncl_mx_format (native/quant.c has each one's emax)
     bits: int             # bits per element code
     about: str
 
 
 FORMATS: Dict[str, Format] = {f.name: f for f in (
-    Format("fp8", "float8_e4m3fn", 8, 8, "MXFP8 (E4M3 elements, max 448)"),
-    Format("int8", "int8", 0, 8, "MXINT8 (8-bit two's complement, implicit scale 2^-6; -128 unused)"),
-    Format("mxfp4", "float4_e2m1fn", 2, 4, "MXFP4 (E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6)"),
+    Format("fp8", lib.NCL_MX_FP8, 8, "MXFP8 (E4M3 elements, max 448)"),
+    Format("int8", lib.NCL_MX_INT8, 8, "MXINT8 (8-bit two's complement, implicit scale 2^-6; -128 unused)"),
+    Format("mxfp4", lib.NCL_MX_FP4, 4, "MXFP4 (E2M1 elements: 0, 0.5, 1, 1.5, 2, 3, 4, 6)"),
 )}
 
 
@@ -54,16 +53,6 @@ def check_format(compress: Any) -> Format:
     if fmt is None:
         raise ValueError(f"compress must be one of {', '.join(FORMATS)}, not {compress!r}")
     return fmt
-
-
-def _ml_dtypes():
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise ImportError("compressed collectives need ml_dtypes >= 0.5 (pip install ml_dtypes)") from None
-    if not hasattr(ml_dtypes, "float4_e2m1fn"):
-        raise ImportError(f"compressed collectives need ml_dtypes >= 0.5 (MXFP4); this is {ml_dtypes.__version__}")
-    return ml_dtypes
 
 
 def packed_bytes(count: int, fmt: Format) -> int:
@@ -86,50 +75,20 @@ def wire_calls(count: int, size: int, compress: str) -> List[Tuple[str, int]]:
 
 def quantize(values: np.ndarray, fmt: Format) -> np.ndarray:
     """fp32 values (a multiple of BLOCK of them) -> their packed bytes (uint8)."""
-    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, BLOCK)
-    finite = np.isfinite(v).all(axis=1)
-    amax = np.where(finite, np.abs(np.where(np.isfinite(v), v, 0)).max(axis=1), 0)
-    with np.errstate(divide="ignore"):
-        exp = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))), -SCALE_BIAS) - fmt.emax
-    exp = np.clip(exp, -SCALE_BIAS, SCALE_BIAS).astype(np.int32)
-    scaled = np.ldexp(np.where(finite[:, None], v, 0), -exp[:, None])
-    codes = _encode(scaled, fmt)
-    scales = np.where(finite, exp + SCALE_BIAS, NAN_SCALE).astype(np.uint8)
-    return np.concatenate([codes.reshape(-1), scales])
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    packed = np.empty(packed_bytes(v.size, fmt), dtype=np.uint8)
+    check(lib.ncl_mx_quantize(ffi.from_buffer(packed), ffi.from_buffer("float[]", v), v.size, fmt.code))
+    return packed
 
 
 def dequantize(packed: np.ndarray, count: int, fmt: Format) -> np.ndarray:
     """The fp32 values of `count` packed values (a multiple of BLOCK)."""
-    blocks = count // BLOCK
-    code_bytes = blocks * BLOCK * fmt.bits // 8
-    codes, scales = packed[:code_bytes], packed[code_bytes:code_bytes + blocks]
-    values = _decode(codes, fmt).reshape(blocks, BLOCK)
-    exp = scales.astype(np.int32) - SCALE_BIAS
-    out = np.ldexp(values, exp[:, None])
-    out[scales == NAN_SCALE] = np.nan
-    return out.reshape(-1)
-
-
-def _encode(scaled: np.ndarray, fmt: Format) -> np.ndarray:
-    if fmt.element == "int8":  # fixed point with 6 fraction bits, clamped symmetric
-        return np.clip(np.rint(scaled * 64), -127, 127).astype(np.int8).view(np.uint8)
-    ml = _ml_dtypes()
-    element = getattr(ml, fmt.element)
-    top = float(ml.finfo(element).max)
-    codes = np.clip(scaled, -top, top).astype(element).view(np.uint8)
-    if fmt.bits == 4:  # two codes a byte, the first in the low nibble
-        codes = codes.reshape(-1, 2)
-        codes = (codes[:, 0] & 0x0F) | (codes[:, 1] << 4)
-    return codes
-
-
-def _decode(codes: np.ndarray, fmt: Format) -> np.ndarray:
-    if fmt.element == "int8":
-        return codes.view(np.int8).astype(np.float32) / 64
-    element = getattr(_ml_dtypes(), fmt.element)
-    if fmt.bits == 4:
-        codes = np.stack([codes & 0x0F, codes >> 4], axis=1).reshape(-1)
-    return codes.view(element).astype(np.float32)
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    if packed.size < packed_bytes(count, fmt):
+        raise ValueError(f"dequantize: {packed.size} bytes hold fewer than {count} values in {fmt.name}")
+    out = np.empty(count, dtype=np.float32)
+    check(lib.ncl_mx_dequantize(ffi.from_buffer("float[]", out), ffi.from_buffer(packed), count, fmt.code))
+    return out
 
 
 # ---- the collectives -------------------------------------------------------------------------------------------
@@ -142,7 +101,8 @@ def _values(buf) -> np.ndarray:
     import torch
     flat = obj.detach().reshape(-1)
     if flat.dtype == torch.bfloat16:
-        return flat.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
+        import ml_dtypes
+        return flat.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return flat.numpy()
 
 

@@ -351,8 +351,9 @@ DTYPES = {
     "float32": np.dtype(np.float32), "float64": np.dtype(np.float64), "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
     "int32": np.dtype(np.int32), "int64": np.dtype(np.int64),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
 }
-FLOATS = ("float32", "float64", "float16", "bfloat16")
+FLOATS = ("float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 OPS = ("SUM", "PROD", "MIN", "MAX", "AVG")
 _BINARY = {"SUM": np.add, "AVG": np.add, "PROD": np.multiply, "MIN": np.minimum, "MAX": np.maximum}
 
@@ -384,8 +385,9 @@ def rank_data(seed: int, rank: int, shape: Sequence[int], dtype: str, op: Option
 
 
 def reference_reduce(datas: Sequence[np.ndarray], op: str) -> np.ndarray:
-    """The elementwise reduction strictly in rank order: float16/bfloat16 accumulate in float32
-    and round once; AVG is sum / n (integers: the exact sum, truncated toward zero)."""
+    """The elementwise reduction strictly in rank order: float16/bfloat16 and the fp8 types
+    accumulate in float32 and round once (fp8: ml_dtypes' rounding, the core's rule); AVG is sum / n
+    (integers: the exact sum, truncated toward zero)."""
     dt = datas[0].dtype
     n = len(datas)
     if dt.kind in "iu":
@@ -408,20 +410,28 @@ def reference_reduce(datas: Sequence[np.ndarray], op: str) -> np.ndarray:
 
 
 def as_numpy(x: Any) -> np.ndarray:
-    """A numpy view of a numpy array or torch tensor (bfloat16 as ml_dtypes.bfloat16)."""
+    """A numpy view of a numpy array or torch tensor (bfloat16 and fp8 as ml_dtypes' types)."""
     if isinstance(x, np.ndarray):
         return x
-    import torch
-    if x.dtype == torch.bfloat16:
-        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    name = str(x.dtype).removeprefix("torch.")
+    if name in ML_DTYPE_NAMES:
+        return x.view(_torch_bits(x.element_size())).numpy().view(DTYPES[name])
     return x.numpy()
 
 
-def as_torch(a: np.ndarray):
-    """A torch tensor sharing `a`'s memory (bfloat16 included)."""
+ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # numpy has them through ml_dtypes only
+
+
+def _torch_bits(itemsize: int):
     import torch
-    if a.dtype == DTYPES["bfloat16"]:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return {1: torch.uint8, 2: torch.int16}[itemsize]
+
+
+def as_torch(a: np.ndarray):
+    """A torch tensor sharing `a`'s memory (bfloat16 and fp8 included)."""
+    import torch
+    if a.dtype.name in ML_DTYPE_NAMES:
+        return torch.from_numpy(a.view(f"i{a.itemsize}")).view(getattr(torch, a.dtype.name))
     return torch.from_numpy(a)
 
 

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ncl  # noqa: E402
 from harness import DTYPES, OPS, case_seed, digest, mismatch, rank_data, reference_reduce  # noqa: E402
 
-_WIDE = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float64, "float64": np.float64}
+_WIDE = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float64, "float64": np.float64,
+         "float8_e4m3fn": np.float32, "float8_e5m2": np.float32}
 
 
 def hier_reduce(datas, op, members):

@@ -19,7 +19,7 @@ SIZES = (1, 2, 3, 4, 5, 8)
 BIG = 50_000        # elements: many chunks with 8 KiB of staging
 COUNTS = (0, 1, 7, 1001, BIG)
 ALL_DTYPES = tuple(DTYPES)
-TORCH_DTYPES = ("float32", "bfloat16", "int64")
+TORCH_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "int64")
 INTEGERS = tuple(d for d in DTYPES if d not in FLOATS)
 
 
@@ -144,7 +144,9 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
     assert not differ, f"algorithms disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
-QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000}
+# (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
+QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000,
+             "float8_e4m3fn": 0x7F, "float8_e5m2": 0x7E}
 
 
 def _nan_sweep(comm, count=3001):
@@ -157,7 +159,7 @@ def _nan_sweep(comm, count=3001):
     where = [np.zeros(count, bool)] + [(np.arange(count) % (n + 3) == r) | (np.arange(count) % 97 == 0)
                                        for r in range(1, n)]
     for dtype in FLOATS:
-        t = np.dtype(dtype) if dtype != "bfloat16" else rank_data(0, 0, (1,), dtype).dtype
+        t = DTYPES[dtype]
         u = f"u{t.itemsize}"
         datas = [rank_data(case_seed("nan", dtype, r), r, (count,), dtype) for r in range(n)]
         for r in range(1, n):
@@ -686,7 +688,7 @@ def _torch_sweep(comm, tag):
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("size", (1, 2, 3, 5))
 def test_torch_tensors(pool_factory, size):
-    """torch CPU tensors (float32, bfloat16, int64) in, torch tensors out, same references."""
+    """torch CPU tensors (float32, bfloat16, float8_e4m3fn, int64) in, torch tensors out, same references."""
     pytest.importorskip("torch")
     _assert_sweep(pool_factory(size, SMALL_STAGING).run(_torch_sweep, "torch", timeout=180))
 

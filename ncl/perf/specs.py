@@ -7,8 +7,9 @@ with the hardware's link bandwidth whatever the rank count.
 
 Test data: rank r's element at global index i is ((r + i) mod 4) + 1, in the buffer's dtype.  Sums
 and products of 8 ranks of those are exact in every dtype ncl supports (float16 and bfloat16
-included), so every backend's result can be checked exactly against a numpy reference built in
-float64 (integers in int64) and cast once, which is also ncl's rounding rule.
+included; fp8 sums are exact in float32, and products beyond fp8's range overflow alike), so every
+backend's result can be checked exactly against a numpy reference built in float64 (integers in
+int64) and cast once, which is also ncl's rounding rule.
 """
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -119,11 +120,12 @@ def expected(spec: Spec, rank: int, n: int, count: int, root: int, op: str, dtyp
 
 
 def wrong(result: Optional[np.ndarray], want: Optional[np.ndarray]) -> int:
-    """Elements that differ (exactly: the test data makes every result exact)."""
+    """Elements that differ (exactly: the test data makes every result exact; NaN, an fp8 overflow, equals NaN)."""
     if want is None:
         return 0
     if result is None or result.shape != want.shape:
         return int(want.size)
-    a = result.astype(np.float64) if result.dtype.kind == "f" or result.dtype.name == "bfloat16" else result
-    b = want.astype(np.float64) if want.dtype.kind == "f" or want.dtype.name == "bfloat16" else want
-    return int(np.count_nonzero(a != b))
+    if result.dtype.kind in "iu":
+        return int(np.count_nonzero(result != want))
+    a, b = result.astype(np.float64), want.astype(np.float64)
+    return int(np.count_nonzero((a != b) & ~(np.isnan(a) & np.isnan(b))))
