@@ -38,6 +38,15 @@ def _op(opts):
     raise ValueError(f"supported reduce ops are SUM, PRODUCT, MIN, MAX and AVG, not {name}")
 
 
+def _future_exception(future: torch.futures.Future):
+    """The error a torch Future completed with (waiting for it), or None."""
+    try:
+        future.wait()
+    except BaseException as exc:  # noqa: B036
+        return exc
+    return None
+
+
 class _Started(dist.Work):
     """A torch Work over a torch Future, whose wait() torch calls from Python: it waits in slices so that a
     Ctrl-C reaches this thread, and then aborts the group (interrupted) so that peers learn why at once."""
@@ -63,20 +72,10 @@ class _Started(dist.Work):
         return self._future.done()
 
     def is_success(self) -> bool:
-        if not self._future.done():
-            return False
-        try:
-            self._future.wait()
-        except BaseException:  # noqa: B036
-            return False
-        return True
+        return self._future.done() and _future_exception(self._future) is None
 
     def exception(self):
-        try:
-            self._future.wait()
-        except BaseException as exc:  # noqa: B036
-            return exc
-        return None
+        return _future_exception(self._future)
 
     def get_future(self) -> torch.futures.Future:
         return self._future
@@ -376,11 +375,7 @@ class _TorchWork:
         self._future = work.get_future()
 
     def exception(self):
-        try:
-            self._future.wait()
-        except BaseException as exc:  # noqa: B036
-            return exc
-        return None
+        return _future_exception(self._future)
 
     def add_done_callback(self, fn) -> None:
         self._future.add_done_callback(lambda _: fn(self))
