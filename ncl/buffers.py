@@ -114,6 +114,13 @@ def as_buffer(x: Any, name: str, *, writable: bool) -> Buffer:
     raise TypeError(f"{name} must be a numpy array or a torch CPU tensor, not {type(x).__name__}")
 
 
+def bump_version(obj) -> None:
+    """A torch tensor a call writes: autograd sees it modified, as after torch's in-place ops."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        torch.autograd.graph.increment_version(obj)
+
+
 def empty_like(like: Buffer, shape: Tuple[int, ...]) -> Any:
     """A new output of `like`'s kind and dtype."""
     if like.is_torch:

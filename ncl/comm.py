@@ -14,7 +14,6 @@ as torch's own in-place ops do.
 """
 import contextlib
 import math
-import sys
 import threading
 from typing import Any, Optional, Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from . import dtypes, elastic, emulation, env, log, tuning
 from ._native import ffi
-from .buffers import Buffer, ReduceOp, as_buffer, check_aliasing, check_counts, check_op, check_rank, \
+from .buffers import Buffer, ReduceOp, as_buffer, bump_version, check_aliasing, check_counts, check_op, check_rank, \
     output, rows
 from .call import Call
 from .errors import NclError, NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
@@ -51,13 +50,6 @@ _OWN_BLOCK = "only x = this rank's block of out (in place)"
 
 def _ptr(buf: Optional[Buffer]):
     return buf.ptr if buf is not None else ffi.NULL
-
-
-def _bump_version(obj) -> None:
-    """A torch tensor a call writes: autograd sees it modified, as after torch's in-place ops."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(obj, torch.Tensor):
-        torch.autograd.graph.increment_version(obj)
 
 
 class Communicator:
@@ -165,7 +157,7 @@ class Communicator:
         (or a Work that will).  written: result is a buffer the call writes (a torch tensor's
         version counter is bumped)."""
         if type(result) is not _NDARRAY and written and result is not None:
-            _bump_version(result)
+            bump_version(result)
         entry = self._entry
         if not entry.acquire(False):
             raise NclStateError(f"another thread is inside a call on this communicator (rank {self._rank}): "
@@ -537,7 +529,7 @@ class Communicator:
             raise ValueError("recv with src=None (from any source) needs a single-host communicator of two ranks "
                              "or more")
         if buf.is_torch:
-            _bump_version(x)
+            bump_version(x)
         sender = ffi.new("int[1]", [-1])  # the core writes the sender's rank here
         call = Call.of("recv", sender, buf.ptr, buf.count, buf.dtype, -1, -1)
         got = self._launch(call, sender, async_op, written=False)

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 import numpy as np
 
 from ._native import check, ffi, lib
-from .buffers import ReduceOp, as_buffer, check_op, output, rows
+from .buffers import ReduceOp, as_buffer, bump_version, check_op, output, rows
 
 BLOCK = lib.NCL_MX_BLOCK   # values per shared scale (OCP MX v1.0: k = 32 for every MX format)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -116,9 +116,7 @@ def _store(dst, values: np.ndarray) -> None:
     """Write fp32 values into a checked buffer, rounding once into its dtype."""
     target = _values(dst)
     target[...] = values.astype(target.dtype)
-    if not isinstance(dst.obj, np.ndarray):  # an in-place write autograd must see, as torch's own ops bump it
-        import torch
-        torch.autograd.graph.increment_version(dst.obj)
+    bump_version(dst.obj)
 
 
 def _chunks(count: int, size: int) -> Tuple[int, int]:
