@@ -22,8 +22,8 @@ class Group:
         self.rank = group.rank if self.is_ncl else dist.get_rank(group)
         self.size = group.size if self.is_ncl else dist.get_world_size(group)
         if compress is not None:
-            from . import compress as mx
-            mx.check_format(compress)
+            from .compress import check_format
+            check_format(compress)
             if not self.is_ncl:
                 raise ValueError("compress needs an ncl Communicator as the group, not a torch ProcessGroup")
         self.compress = compress
@@ -32,10 +32,9 @@ class Group:
         t = t.contiguous()
         if self.size == 1:
             return t
-        if self.compress is not None:
-            from . import compress as mx
-            return mx.all_reduce(self.group, t, self.compress)
-        self.group.all_reduce(t) if self.is_ncl else dist.all_reduce(t, group=self.group)
+        if self.is_ncl:
+            return self.group.all_reduce(t, compress=self.compress)
+        dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -54,11 +53,8 @@ class Group:
         t = t.contiguous()
         if self.size == 1:
             return t
-        if self.compress is not None:
-            from . import compress as mx
-            return mx.reduce_scatter(self.group, t, self.compress)
         if self.is_ncl:
-            return self.group.reduce_scatter(t)
+            return self.group.reduce_scatter(t, compress=self.compress)
         out = torch.empty((t.shape[0] // self.size,) + t.shape[1:], dtype=t.dtype)
         dist.reduce_scatter_tensor(out, t, group=self.group)
         return out
