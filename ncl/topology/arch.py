@@ -172,20 +172,19 @@ def forward_collectives(arch: Arch, split: Split, tokens: int, sequences: int, a
     calls: List[Collective] = []
     tp_group = "world" if tp == n else "tp"
 
-    def summed() -> List[Collective]:  # one all-reduce of the activations
-        if compress is None:
-            return [Collective("all_reduce", act, tp_group, tp)]
+    summed = [Collective("all_reduce", act, tp_group, tp)]  # one all-reduce of the activations
+    if compress is not None:
         from ..compress import wire_calls
-        return [Collective(kind, nbytes, tp_group, tp) for kind, nbytes in wire_calls(tokens * arch.dim, tp, compress)]
-
+        summed = [Collective(kind, nbytes, tp_group, tp)
+                  for kind, nbytes in wire_calls(tokens * arch.dim, tp, compress)]
     if tp > 1:
-        calls += summed()                                                            # vocab-parallel embedding
+        calls += summed                                                              # vocab-parallel embedding
     for layer in range(arch.n_layers):
         if tp > 1:
-            calls += summed()                                                        # attention out projection
+            calls += summed                                                          # attention out projection
         if not arch.moe:
             if tp > 1:
-                calls += summed()                                                    # MLP down projection
+                calls += summed                                                      # MLP down projection
             continue
         calls += _moe_calls(arch, split, tokens, act_bytes, None if routing is None else routing[layer])
     if tp > 1:
