@@ -18,7 +18,6 @@ import os
 import time
 from typing import Iterable, List, Optional
 
-from . import tuning
 from ._native import error, ffi, lib
 from .errors import NclError
 from .job import segment_name
@@ -85,9 +84,7 @@ def shrink(backend: SharedMemoryBackend, index: int, exclude: frozenset) -> Opti
     while True:
         members = sorted(set(range(backend.size)) - exclude - set(failed_ranks(backend)))
         name = f"{backend.name}/shrink{index}/" + ".".join(map(str, members))
-        options = ffi.new("ncl_options *", backend.options[0])
-        options.one_shot_max_bytes, options.direct_min_bytes, options.cma_all_reduce_min_bytes = \
-            tuning.thresholds(len(members))
+        options = backend.sub_options(len(members))
         options.timeout_s = min(attempt_s, max(deadline - time.monotonic(), 0.05))
         try:
             new = SharedMemoryBackend.create(name, f"{backend.label}.shrink{index}", members.index(backend.rank),

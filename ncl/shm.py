@@ -148,11 +148,16 @@ class SharedMemoryBackend:
         memory = ffi.gc(ffi.cast("char *", lib.ncl_window_ptr(win)), lambda _p: lib.ncl_window_free(win), nbytes)
         return ffi.buffer(memory, nbytes)
 
-    def split(self, index: int, color: int, rank: int, size: int) -> "SharedMemoryBackend":
-        """The group of this rank's color in its `index`-th split (collective over its members)."""
+    def sub_options(self, size: int):
+        """A sub-group's options (a split, a shrink): this group's, with the algorithm thresholds of its size."""
         options = ffi.new("ncl_options *", self.options[0])
         options.one_shot_max_bytes, options.direct_min_bytes, options.cma_all_reduce_min_bytes = \
             tuning.thresholds(size)
+        return options
+
+    def split(self, index: int, color: int, rank: int, size: int) -> "SharedMemoryBackend":
+        """The group of this rank's color in its `index`-th split (collective over its members)."""
+        options = self.sub_options(size)
         return SharedMemoryBackend.create(f"{self.name}/split{index}/color{color}",
                                           f"{self.label}.split{index}.color{color}", rank, size, self.unique_id,
                                           options)
