@@ -82,6 +82,19 @@ def _bad_cases():
         ({"name": "t", "chips": [{"name": "c{__import__}", "count": 2, "memory_gib": 1, "memory_bandwidth_gbps": 1}],
           "links": []}, "chips[0].name has a template {...} that is not bounded integer arithmetic on i"),
         ([1, 2], "must be a mapping"),
+        (with_("measured", {"all_reduce": 1}), "measured must be a list"),
+        (with_("measured", [{"collective": "all_reduce", "ranks": 3, "source": "s", "times_us": {8: 1, 16: 2}}]),
+         "measured[0].ranks must be an integer from 2 to the file's 2 chips, not 3"),
+        (with_("measured", [{"collective": "allreduce", "ranks": 2, "source": "s", "times_us": {8: 1, 16: 2}}]),
+         "measured[0].collective must be one of"),
+        (with_("measured", [{"collective": "all_reduce", "ranks": 2, "times_us": {8: 1, 16: 2}}]),
+         "measured[0].source is missing"),
+        (with_("measured", [{"collective": "all_reduce", "ranks": 2, "source": "s", "times_us": {8: 1}}]),
+         "measured[0].times_us must map 2 to 64 sizes"),
+        (with_("measured", [{"collective": "all_reduce", "ranks": 2, "source": "s", "times_us": {"8B": 1, 16: 2}}]),
+         "measured[0].times_us sizes must be positive integers (bytes), not '8B'"),
+        (with_("measured", [{"collective": "all_reduce", "ranks": 2, "source": "s", "times_us": {8: -1, 16: 2}}]),
+         "measured[0].times_us.8 must be a positive number, not -1"),
     ]
 
 
@@ -253,8 +266,23 @@ def test_predict_grows_with_size_and_best_is_cheapest(name, collective):
     for s in sizes[::4]:
         best = topo.best_algorithm(collective, s, n)
         assert best in topo.algorithms(collective, n)
-        assert topo.predict(collective, s, n) == min(topo.predict(collective, s, n, a)
-                                                    for a in topo.algorithms(collective, n))
+        modelled = min(topo.predict(collective, s, n, a) for a in topo.algorithms(collective, n))
+        assert topo.predict(collective, s, n, best) == modelled
+        curve = topo.spec.measured.get((collective, n))  # a stack's measured times replace the model's
+        assert topo.predict(collective, s, n) == (curve.time(s) if curve else modelled)
+
+
+def test_measured_times_replace_the_model_for_their_collective_and_rank_count():
+    curve = {"collective": "all_reduce", "ranks": 2, "source": "a test", "times_us": {1024: 10, 4096: 16, 2048: 12}}
+    topo = topo_of(small(measured=[curve]))
+    # by hand: the first row below it, linear between rows, the last interval's slope beyond
+    assert topo.predict("all_reduce", 8, 2) == pytest.approx(10e-6)
+    assert topo.predict("all_reduce", 1536, 2) == pytest.approx(11e-6)
+    assert topo.predict("all_reduce", 3072, 2) == pytest.approx(14e-6)
+    assert topo.predict("all_reduce", 8192, 2) == pytest.approx(16e-6 + 4096 * 4e-6 / 2048)
+    plain = topo_of(small())
+    for kind, n, algo in (("all_gather", 2, None), ("all_reduce", 2, "ring")):  # not measured, or chosen
+        assert topo.predict(kind, 4096, n, algo) == plain.predict(kind, 4096, n, algo)
 
 
 def test_too_many_ranks_names_both_numbers():

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import measured, schedules
 from .chip import CALIBRATED_FIELDS, FIELDS as CHIP_TYPE_FIELDS, NUMBER_FIELDS as CHIP_NUMBERS, ChipType
 
 
@@ -82,6 +83,7 @@ class Spec:
     placement: List[str]
     scale: Dict[str, Any]
     raw: Dict[str, Any]
+    measured: Dict[Tuple[str, int], Any] = field(default_factory=dict)   # measured.Curve by (collective, ranks)
 
 
 class _Checker:
@@ -194,7 +196,7 @@ def _arithmetic(node, i: int) -> Optional[int]:
 def parse(data: Any, path: str) -> Spec:
     ck = _Checker(path)
     top = ck.keys(data, "", ("name", "chips", "links"),
-                  ("description", "chip_types", "switches", "hosts", "placement", "scale"))
+                  ("description", "chip_types", "switches", "hosts", "placement", "scale", "measured"))
     name = ck.string(top, "name", "")
     types: Dict[str, dict] = {}
     ct = top.get("chip_types", {})
@@ -318,7 +320,9 @@ def parse(data: Any, path: str) -> Spec:
         ck.fail("scale.kind", f"must be servers, ring or torus, not {scale.get('kind')!r}")
     for key in ("nic_bandwidth_gbps", "nic_latency_us"):
         ck.number(scale, key, "scale", allow_zero=key == "nic_latency_us")
-    return Spec(name, path, str(top.get("description", "")), chips, switches, links, hosts, placement, scale, top)
+    curves = measured.parse(top.get("measured", []), ck, schedules.COLLECTIVES, len(placement))
+    return Spec(name, path, str(top.get("description", "")), chips, switches, links, hosts, placement, scale, top,
+                curves)
 
 
 def _chip_type(name: str, obj: dict, ck: _Checker) -> ChipType:
