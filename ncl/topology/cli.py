@@ -130,6 +130,9 @@ def show(args) -> int:
     for h in spec.hosts[:8]:
         print(f"  host      {h.name}: {len(h.chips)} chips" + (f", NICs {', '.join(h.nics)}" if h.nics else "")
               + (f", {h.cpus} CPUs" if h.cpus else ""))
+    for c in spec.measured.values():
+        print(f"  measured  {c.collective} on {c.ranks} ranks, {len(c.sizes)} sizes "
+              f"({c.sizes[0]} B .. {c.sizes[-1]} B), priced from it: {c.source}")
     per_byte, lat = g.hop_cost(ring)
     print(f"  bottleneck: the ring's slowest link direction moves {1 / per_byte / 1e9:.1f} GB/s per ring flow"
           if per_byte else "  bottleneck: none (one chip)")
