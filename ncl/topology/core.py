@@ -66,7 +66,8 @@ class Topology:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, not {nbytes}")
         if algorithm is None and (collective, nranks) in self.spec.measured:
-            return self.spec.measured[(collective, nranks)].time(nbytes)
+            return self.spec.measured[(collective, nranks)].time(
+                nbytes, lambda n: self.predict(collective, n, nranks, self.best_algorithm(collective, n, nranks)))
         if algorithm is None:
             algorithm = self.best_algorithm(collective, nbytes, nranks)
         costs = self.costs(collective, nranks, algorithm)

@@ -5,11 +5,14 @@ communication library on real chips also pays for its kernel launches, synchroni
 chooses at each size, which is why an 8-GPU all_reduce reaches half its large-message bus bandwidth at
 8 MiB.  Where the file gives a stack's own measurement (nccl-tests / rccl-tests output, every row with its
 source), a call of that collective on that many ranks takes the measured time: linear between the two
-measured sizes around it, the first row's time below it, and beyond the last row the last interval's
-slope (the large-message bandwidth).  Every other call, and every explicit algorithm, keeps the link model.
+measured sizes around it, the first row's time below it, and beyond the last row the last row's time plus
+what the link model adds from there (the wires' bandwidth).  Every other call, and every explicit
+algorithm, keeps the link model.  A smaller message never takes longer than a larger one (it could be
+padded to the larger size), so each row's time is capped by the times of the larger rows: published
+sweeps' warm-up outliers (rccl-tests' first rows) do not set the small-message latency.
 """
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -24,11 +27,12 @@ class Curve:
     seconds: Tuple[float, ...]   # the time column
     source: str
 
-    def time(self, nbytes: float) -> float:
+    def time(self, nbytes: float, link: Callable[[float], float]) -> float:
+        """Seconds for nbytes; link(n): the link model's seconds, used beyond the last row."""
         s, t = self.sizes, self.seconds
         if nbytes <= s[-1]:
             return float(np.interp(nbytes, s, t))
-        return t[-1] + (nbytes - s[-1]) * (t[-1] - t[-2]) / (s[-1] - s[-2])
+        return t[-1] + link(nbytes) - link(s[-1])
 
 
 def parse(entries, ck, collectives, num_chips: int) -> Dict[Tuple[str, int], Curve]:
@@ -56,5 +60,6 @@ def parse(entries, ck, collectives, num_chips: int) -> Dict[Tuple[str, int], Cur
         if (kind, ranks) in out:
             ck.fail(where, f"repeats {kind} on {ranks} ranks")
         sizes = tuple(sorted(rows))
-        out[(kind, ranks)] = Curve(kind, ranks, sizes, tuple(float(rows[s]) * 1e-6 for s in sizes), source)
+        capped = np.minimum.accumulate([float(rows[s]) * 1e-6 for s in reversed(sizes)])[::-1]
+        out[(kind, ranks)] = Curve(kind, ranks, sizes, tuple(float(x) for x in capped), source)
     return out
