@@ -86,7 +86,8 @@ typedef struct {
     uint64_t rank_ctrl_off, pair_ctrl_off, staging_off, p2p_off;
     uint32_t central_sync;   /* rank 0's choice, the same for all: steps meet at `generation` */
     _Atomic uint32_t revoked; /* 1 + the first rank that revoked the group, else 0 (read by every call) */
-    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;
+    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;   /* futex word: ranks counted in at setup */
+    _Atomic uint32_t attach_waiters;                      /* sleepers on `attached` (segment.c) */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t arrived;    /* central sync: ranks at the current step */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t generation; /* central sync: last step every rank reached */
     _Atomic uint32_t gen_waiters;
@@ -174,7 +175,11 @@ uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);
 double ncl_now(void);
 int ncl_wait_word(ncl_comm* c, int peer, _Atomic uint32_t* word, _Atomic uint32_t* waiters,
                   uint32_t target, double deadline, const char* what);
+/* Sleep on futex word `word` while it still holds `seen`, at most `slice_s` (a setup wait's
+ * polling period: whoever changes the word wakes it at once with ncl_post_word). */
+void ncl_futex_wait(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t seen, double slice_s);
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value);
+void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters); /* after changing *word (seq_cst) */
 int ncl_peer_alive(ncl_comm* c, int peer);
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap); /* why this rank left the group, NUL-terminated */
 /* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */

@@ -149,13 +149,19 @@ static bool still_named(const char* name, ino_t ino) {
     return same;
 }
 
+#define SETUP_CHECK_PERIOD_S 0.05 /* liveness, interrupts and the name, this often while ranks attach */
+
 /* Wait until every rank is counted in; name the missing ones otherwise.  Until then no rank
  * has finished setup, so an attached rank that died or gave up, and a name removed from
- * /dev/shm (the missing ranks could never open it), are errors at once. */
+ * /dev/shm (the missing ranks could never open it), are errors at once.  The wait sleeps on the
+ * attach count (a futex each attaching rank wakes), so the last one releases everybody at once. */
 static int wait_all_attached(ncl_comm* c, double deadline, ino_t ino) {
-    for (unsigned i = 0;; i++) {
-        if (atomic_load(&c->hdr->attached) >= (uint32_t)c->nranks) return NCL_OK;
-        if (i % 50 == 49) {
+    for (double next_check = ncl_now() + SETUP_CHECK_PERIOD_S;;) {
+        uint32_t seen = atomic_load(&c->hdr->attached);
+        if (seen >= (uint32_t)c->nranks) return NCL_OK;
+        double now = ncl_now();
+        if (now >= next_check) {
+            next_check = now + SETUP_CHECK_PERIOD_S;
             NCL_CHECK(ncl_peer_alive(c, -1));
             NCL_CHECK(ncl_interrupted("communicator setup"));
             /* the last rank to attach unlinks the name after counting itself in: look again */
@@ -163,7 +169,7 @@ static int wait_all_attached(ncl_comm* c, double deadline, ino_t ino) {
                 return ncl_error(NCL_ERR_SYSTEM, "shared-memory segment %s was removed from /dev/shm before every "
                                                  "rank had opened it (by another process of this user?)", c->name);
         }
-        if (ncl_now() > deadline) {
+        if (now > deadline) {
             char missing[512] = "";
             size_t len = 0;
             for (int r = 0; r < c->nranks && len < sizeof missing - 16; r++)
@@ -172,7 +178,7 @@ static int wait_all_attached(ncl_comm* c, double deadline, ino_t ino) {
             return ncl_error(NCL_ERR_TIMEOUT, "communicator setup timed out after %.0f s: ranks [%s] never attached",
                              c->timeout_s, missing);
         }
-        sleep_ms(1);
+        ncl_futex_wait(&c->hdr->attached, &c->hdr->attach_waiters, seen, SETUP_CHECK_PERIOD_S);
     }
 }
 
@@ -272,10 +278,13 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->p2p_off = want.p2p_off;
     c->ranks = (ncl_rank_ctrl*)(c->base + want.rank_ctrl_off);
     c->pairs = (ncl_pair_ctrl*)(c->base + want.pair_ctrl_off);
-    memset(ncl_slot(c, rank, 0), 0, 2 * slot); /* fault our own staging pages in now, not mid-collective */
+    /* Staging pages are not faulted in here: a fresh page costs ~2 us to allocate and clear here, 2-3 ms for
+     * 4 MiB of staging, which made setup (split, new_group) 10-30 ms on a loaded host.  Like the send/recv
+     * slots, they fault in on first use: a small call touches one page. */
     ncl_cma_publish_probe(c);
     atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
     if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
+    ncl_wake_word(&c->hdr->attached, &c->hdr->attach_waiters);
     int rc = wait_all_attached(c, deadline, st.st_ino);
     if (rc == NCL_OK) rc = ncl_cma_agree(c, opts->cma_min_bytes > 0, deadline);
     if (rc != NCL_OK) {

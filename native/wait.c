@@ -142,9 +142,20 @@ static void futex_wait(_Atomic uint32_t* word, uint32_t seen) {
     syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
 }
 
+void ncl_futex_wait(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t seen, double slice_s) {
+    struct timespec ts = {(time_t)slice_s, (long)((slice_s - (double)(time_t)slice_s) * 1e9)};
+    atomic_fetch_add(waiters, 1); /* registered before the last look: a poster after it wakes us */
+    if (atomic_load(word) == seen) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
+    atomic_fetch_sub(waiters, 1);
+}
+
+void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters) {
+    if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value) {
     atomic_store(word, value); /* seq_cst: ordered before the waiters load (Dekker with the waiter) */
-    if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    ncl_wake_word(word, waiters);
 }
 
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap) {
