@@ -46,7 +46,7 @@ static bool reached(_Atomic uint32_t* word, uint32_t target) {
 }
 
 /* A pid that exists may still be a zombie (dead, parent has not reaped it yet). */
-static bool pid_running(pid_t pid) {
+bool ncl_pid_running(pid_t pid) {
     if (pid <= 0) return true; /* not attached yet: not ours to judge */
     if (kill(pid, 0) != 0 && errno == ESRCH) return false;
     char path[64], buf[256];
@@ -108,7 +108,7 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
     int lo = peer < 0 ? 0 : peer, hi = peer < 0 ? c->nranks : peer + 1;
     for (int r = lo; r < hi; r++) {
         pid_t pid = atomic_load(&c->ranks[r].pid);
-        if (r != c->rank && !atomic_load(&c->ranks[r].aborted) && !pid_running(pid))
+        if (r != c->rank && !atomic_load(&c->ranks[r].aborted) && !ncl_pid_running(pid))
             return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", r, (int)pid);
     }
     for (int r = lo; r < hi; r++) {
@@ -132,7 +132,7 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
 int ncl_comm_gone_ranks(ncl_comm* c, uint8_t* out) {
     if (!c || !out) return ncl_error(NCL_ERR_ARGUMENT, "ncl_comm_gone_ranks needs a communicator and nranks bytes");
     for (int r = 0; r < c->nranks; r++)
-        out[r] = r == c->rank ? 0 : !pid_running(atomic_load(&c->ranks[r].pid)) ? 1
+        out[r] = r == c->rank ? 0 : !ncl_pid_running(atomic_load(&c->ranks[r].pid)) ? 1
                  : atomic_load(&c->ranks[r].aborted) == NCL_CLOSED ? 2 : 0;
     return NCL_OK;
 }
