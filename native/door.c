@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -78,9 +79,10 @@ int ncl_door_listen(int door) {
 /* One knock: read it (bounded in time), check it, answer it. */
 static void answer(int sock, int fd, const char* key, int nranks, bool* admitted) {
     knock_msg m;
-    struct pollfd p = {sock, POLLIN, 0};
-    if (poll(&p, 1, (int)(ANSWER_S * 1000)) != 1 || recv(sock, &m, sizeof m, MSG_WAITALL) != (ssize_t)sizeof m)
-        return;
+    struct timeval tv = {(time_t)ANSWER_S, 0};
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv); /* a knocker that stalls is dropped */
+    setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (recv(sock, &m, sizeof m, MSG_WAITALL) != (ssize_t)sizeof m) return;
     int32_t verdict = !same_user(sock, NULL) ? WRONG_TICKET
                       : memcmp(m.ticket, key + HALF, HALF) != 0 ? WRONG_TICKET
                       : m.rank < 1 || m.rank >= nranks || admitted[m.rank] ? BAD_RANK : ADMITTED;
