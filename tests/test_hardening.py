@@ -231,6 +231,9 @@ def test_a_live_jobs_segment_is_reachable_by_no_name_and_its_door_refuses_strang
         assert os.path.getsize(found[0]) <= 4096
         with open(found[0], "r+b") as f:  # what the hostile user did to the segment, done to the note
             f.write(b"\xff" * 4096)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # knocks and says nothing: dropped after 1 s
+        silent.settimeout(10)
+        silent.connect("\0ncl-" + key[:32])
         for ticket in (b"\0" * 32, found[0][-32:].encode(), key[:32].encode()):  # none is the ticket
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
                 stranger.settimeout(10)
@@ -239,6 +242,8 @@ def test_a_live_jobs_segment_is_reachable_by_no_name_and_its_door_refuses_strang
                 data, fds, _, _ = socket.recv_fds(stranger, 4, 4)
                 assert fds == [] and data != b"\0\0\0\0", (ticket, data, fds)
         outs = [rank.communicate(timeout=40)[0] for rank in ranks]
+        assert silent.recv(4) == b"", "rank 0 answered a knock that showed nothing"
+        silent.close()
     assert outs == ["result [10.0, 12.0, 14.0, 16.0]\n"] * 2, outs
     assert glob.glob(prefix + "*") == [] and not door_listed(key)
 
