@@ -167,7 +167,7 @@ static int count_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
-/* Whether `name` still names the segment this rank mapped (inode `ino`). */
+/* Whether `name` still names the rendezvous note rank 0 made (inode `ino`). */
 static bool still_named(const char* name, ino_t ino) {
     int fd = shm_open(name, O_RDONLY, 0);
     if (fd < 0) return errno != ENOENT;
