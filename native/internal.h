@@ -24,6 +24,7 @@
 #define NCL_MAGIC 0x6e636c31u /* "ncl1" */
 #define NCL_ABORTED 1 /* values of ncl_rank_ctrl.aborted */
 #define NCL_CLOSED 2
+#define NCL_KEY_CHARS 64 /* a group's key (hex digest of the job's secret): door name + ticket (door.c) */
 
 /* Records a message for ncl_last_error() (thread-local) and returns status. */
 int ncl_error(int status, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -84,9 +85,11 @@ typedef struct {
     uint64_t slot_bytes;
     uint64_t p2p_slot_bytes;
     uint64_t rank_ctrl_off, pair_ctrl_off, staging_off, p2p_off;
+    uint64_t note_ino;       /* inode of the rendezvous note in /dev/shm (segment.c), 0 if none */
     uint32_t central_sync;   /* rank 0's choice, the same for all: steps meet at `generation` */
     _Atomic uint32_t revoked; /* 1 + the first rank that revoked the group, else 0 (read by every call) */
-    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;
+    _Alignas(NCL_CACHE_LINE) _Atomic uint32_t attached;   /* futex word: ranks counted in at setup */
+    _Atomic uint32_t attach_waiters;                      /* sleepers on `attached` (segment.c) */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t arrived;    /* central sync: ranks at the current step */
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t generation; /* central sync: last step every rank reached */
     _Atomic uint32_t gen_waiters;
@@ -126,6 +129,7 @@ struct ncl_comm {
     uint64_t calls;         /* calls begun on this communicator */
     ncl_flight_entry* current; /* the call in progress, if recorded */
     char name[256];
+    char key[NCL_KEY_CHARS + 1]; /* the group's key: its windows' doors and tickets (door.c) */
 };
 
 /* A buffer inside a registered window: where the same bytes sit in any rank's slice. */
@@ -163,9 +167,24 @@ ncl_reg ncl_direct_source(ncl_comm* c, const void* p, size_t bytes);
 void ncl_fp_registered(ncl_fingerprint* fp, const ncl_reg* send, const ncl_reg* recv);
 void ncl_windows_detach(ncl_comm* c);   /* the communicator is going: windows live on alone */
 
-/* segment.c: shared-memory files of a job (communicator segments and windows) */
-int ncl_shm_create(const char* name, size_t bytes, int* fd_out, bool window);  /* window: comm.empty */
-int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out, ncl_comm* group);
+/* segment.c: a job's shared memory (communicator segments and windows): anonymous (memfd),
+ * handed from rank 0 to the others through a door (door.c) named by key + suffix. */
+int ncl_shm_create(size_t bytes, int* fd_out, bool window);  /* rank 0; window: comm.empty */
+/* Rank 0: hand `fd` out through `door` until every rank has it (liveness, interrupts and, with a
+ * note, the note's name checked every 50 ms); `what` names the setup in errors. */
+int ncl_shm_hand_out(ncl_comm* c, int door, int fd, double deadline, const char* what, const char* note);
+/* Other ranks: rank 0's descriptor.  `group` (NULL while a communicator is set up: then the
+ * note in /dev/shm names rank 0's pid) is watched, so that rank 0's death is an error at once. */
+int ncl_shm_receive(const char* key, const char* suffix, int rank, const char* note, size_t bytes, double deadline,
+                    int* fd_out, ncl_comm* group);
+
+/* door.c: abstract Unix sockets handing a descriptor to the job's ranks only */
+int ncl_door_open(const char* key, const char* suffix, int* door_out); /* bind (rank 0), not listening yet */
+int ncl_door_listen(int door);
+/* Answer the knocks that come within slice_s: a rank with the ticket gets fd, admitted[rank] = true. */
+int ncl_door_answer(int door, int fd, const char* key, int nranks, bool* admitted, double slice_s);
+/* NCL_OK with *fd_out = rank 0's descriptor, or -1 when nobody listens (yet); an error if refused. */
+int ncl_door_knock(const char* key, const char* suffix, int rank, double deadline, int* fd_out);
 
 uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step);
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);
@@ -174,8 +193,13 @@ uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);
 double ncl_now(void);
 int ncl_wait_word(ncl_comm* c, int peer, _Atomic uint32_t* word, _Atomic uint32_t* waiters,
                   uint32_t target, double deadline, const char* what);
+/* Sleep on futex word `word` while it still holds `seen`, at most `slice_s` (a setup wait's
+ * polling period: whoever changes the word wakes it at once with ncl_post_word). */
+void ncl_futex_wait(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t seen, double slice_s);
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value);
+void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters); /* after changing *word (seq_cst) */
 int ncl_peer_alive(ncl_comm* c, int peer);
+bool ncl_pid_running(pid_t pid);  /* false once it died (a zombie counts as dead); true for pid <= 0 */
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap); /* why this rank left the group, NUL-terminated */
 /* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */
 int ncl_interrupted(const char* what);

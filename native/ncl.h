@@ -114,9 +114,11 @@ typedef enum { NCL_MX_FP8 = 0, NCL_MX_INT8 = 1, NCL_MX_FP4 = 2, NCL_NUM_MX_FORMA
 int ncl_mx_quantize(void* packed, const float* values, size_t count, int format);
 int ncl_mx_dequantize(float* values, const void* packed, size_t count, int format);
 
-/* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
- * Returns once all nranks have attached; the segment is unlinked at that moment. */
-int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out);
+/* name: the group's rendezvous note in /dev/shm ("/ncl-..."), key: 64 hex characters, secret to
+ * the job; both identical on every rank.  Rank 0 creates the segment (anonymous) and hands it to
+ * the others (native/segment.c).  Returns once all nranks have attached; the note is gone then. */
+int ncl_comm_create(const char* name, const char* key, int rank, int nranks, const ncl_options* opts,
+                    ncl_comm** out);
 int ncl_comm_destroy(ncl_comm* comm);
 /* Mark this rank failed so that peers stop waiting; they quote `reason` (NULL: "it called abort()"). */
 int ncl_comm_abort(ncl_comm* comm, const char* reason);
@@ -142,7 +144,7 @@ const char* ncl_status_name(int status);  /* "ok", "bad argument", ..., "unusabl
  * its own slice of one segment all ranks map.  Collectives on buffers inside a window (at
  * the same offset on every rank) read peers' slices in place instead of staging copies.
  * ncl_window_free is local and may come after the communicator is destroyed. */
-int ncl_window_create(ncl_comm* comm, const char* name, size_t bytes, ncl_window** out);
+int ncl_window_create(ncl_comm* comm, const char* name, size_t bytes, ncl_window** out); /* name: for errors */
 void* ncl_window_ptr(const ncl_window* win);
 int ncl_window_free(ncl_window* win);
 

@@ -1,10 +1,14 @@
 /* segment.c: a communicator's shared-memory segment, from creation to unmapping.
  *
- * Rank 0 creates the segment (O_EXCL, mode 0600) under a name every rank derives from
- * the job's secret unique id; the others open it once it exists and is sized.  Each rank
- * counts itself in; the last one to attach unlinks the name, so after setup nothing is
- * left in /dev/shm even if a rank is killed with SIGKILL later.  The launcher removes
- * what a crash during setup leaves behind. */
+ * Invariant: a live job's segment is never reachable by name.  Rank 0 creates it as a memfd
+ * (anonymous, sealed at its size), lays it out, and hands the descriptor to the other ranks
+ * through a door (door.c: an abstract Unix socket, the job's secret as the ticket, same user
+ * only), then closes the door.  Nothing in /dev/shm or anywhere else names the segment: it lives
+ * while a rank maps it, so a kill -9 of anyone leaves nothing behind.  The only file is the
+ * rendezvous note, /dev/shm/<name> (from the job's secret id), one page holding rank 0's pid and
+ * nothing of the segment: a rank arriving after rank 0 died reads whom to name, and its removal
+ * during setup is reported.  The last rank to attach removes it; the launcher removes what a
+ * crash during setup leaves.  Every rank waits for the attach count on a futex. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
@@ -75,61 +80,84 @@ static int check_free_space(size_t need, const char* what, const char* remedy) {
     return NCL_OK;
 }
 
-static void sleep_ms(int ms) {
-    struct timespec ts = {0, ms * 1000000L};
+static void sleep_s(double s) {
+    struct timespec ts = {0, (long)(s * 1e9)};
     nanosleep(&ts, NULL);
 }
 
-/* Rank 0: create and size; returns the open descriptor. */
-int ncl_shm_create(const char* name, size_t bytes, int* fd_out, bool window) {
+/* Rank 0: a new segment with no name, sealed at its size (a rank cannot shrink it under the others). */
+int ncl_shm_create(size_t bytes, int* fd_out, bool window) {
     NCL_CHECK(window ? check_free_space(bytes, "this registered buffer (every rank's copy)", "allocate less")
                      : check_free_space(bytes, "this communicator", "lower NCL_BUFFSIZE / NCL_P2P_BUFFSIZE"));
-    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0)
-        return ncl_error(NCL_ERR_SYSTEM, "cannot create shared-memory segment %s: %s%s", name,
-                         strerror(errno),
-                         errno == EEXIST ? " (a unique id was reused: take a fresh ncl.get_unique_id())" : "");
+    int fd = memfd_create(window ? "ncl-window" : "ncl-segment", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return ncl_error(NCL_ERR_SYSTEM, "cannot create a shared-memory segment: %s", strerror(errno));
     if (ftruncate(fd, (off_t)bytes) != 0) {
         int err = errno;
         close(fd);
-        shm_unlink(name);
-        return ncl_error(NCL_ERR_SYSTEM, "cannot size shared-memory segment %s to %zu bytes: %s", name,
-                         bytes, strerror(err));
+        return ncl_error(NCL_ERR_SYSTEM, "cannot size a shared-memory segment to %zu bytes: %s", bytes, strerror(err));
     }
+    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
     *fd_out = fd;
     return NCL_OK;
 }
 
-/* Other ranks: open once rank 0 has created and sized it.  `group` (NULL while a
- * communicator is being set up) is watched, so that rank 0 failing to create it is an error
- * here at once rather than a timeout. */
-int ncl_shm_open(const char* name, size_t bytes, double deadline, int* fd_out, ncl_comm* group) {
-    for (unsigned i = 0;; i++) {
-        int fd = shm_open(name, O_RDWR, 0600);
-        if (fd >= 0) {
-            struct stat st;
-            if (fstat(fd, &st) == 0 && st.st_size > 0) {
-                if ((uint64_t)st.st_size != bytes) {
-                    close(fd);
-                    return ncl_error(NCL_ERR_MISMATCH,
-                                     "shared-memory segment %s has %lld bytes but this rank expects %llu: "
-                                     "ranks disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE",
-                                     name, (long long)st.st_size, (unsigned long long)bytes);
-                }
-                *fd_out = fd;
-                return NCL_OK;
-            }
-            close(fd);
-        } else if (errno != ENOENT) {
-            return ncl_error(NCL_ERR_SYSTEM, "cannot open shared-memory segment %s: %s", name, strerror(errno));
-        }
-        if (ncl_now() > deadline)
-            return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time (or it was "
-                                              "removed from /dev/shm before this rank opened it)", name);
-        if (group && i % 50 == 49) NCL_CHECK(ncl_peer_alive(group, 0));
-        NCL_CHECK(ncl_interrupted("communicator setup"));
-        sleep_ms(1);
+/* The rendezvous note: rank 0's pid, in a file of the job's name (mode 0600). */
+static int note_create(const char* name, ino_t* ino) {
+    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0)
+        return ncl_error(NCL_ERR_SYSTEM, "cannot create rendezvous note %s: %s%s", name, strerror(errno),
+                         errno == EEXIST ? " (a unique id was reused: take a fresh ncl.get_unique_id())" : "");
+    int32_t pid = (int32_t)getpid();
+    struct stat st = {0};
+    bool ok = write(fd, &pid, sizeof pid) == (ssize_t)sizeof pid && fstat(fd, &st) == 0;
+    int err = errno;
+    close(fd);
+    if (!ok) {
+        shm_unlink(name);
+        return ncl_error(NCL_ERR_SYSTEM, "cannot write rendezvous note %s: %s", name, strerror(err));
     }
+    *ino = st.st_ino;
+    return NCL_OK;
+}
+
+/* An error naming rank 0 if the note says it died (and the note removed: nobody can use it now). */
+static int creator_alive(const char* note) {
+    int fd = shm_open(note, O_RDONLY, 0);
+    if (fd < 0) return NCL_OK; /* not created yet */
+    int32_t pid = 0;
+    bool read_it = read(fd, &pid, sizeof pid) == (ssize_t)sizeof pid;
+    close(fd);
+    if (!read_it || ncl_pid_running(pid)) return NCL_OK;
+    shm_unlink(note);
+    return ncl_error(NCL_ERR_PEER, "rank 0 (pid %d) died", (int)pid);
+}
+
+int ncl_shm_receive(const char* key, const char* suffix, int rank, const char* note, size_t bytes, double deadline,
+                    int* fd_out, ncl_comm* group) {
+    int fd = -1;
+    for (double pause = 50e-6, next_check = 0;; pause = pause < 1e-3 ? 2 * pause : 1e-3) {
+        NCL_CHECK(ncl_door_knock(key, suffix, rank, deadline, &fd));
+        if (fd >= 0) break;
+        double now = ncl_now();
+        if (now >= next_check) { /* at once, then every 50 ms: rank 0 gone is an error now, not at the deadline */
+            next_check = now + 0.05;
+            NCL_CHECK(group ? ncl_peer_alive(group, 0) : creator_alive(note));
+        }
+        if (now > deadline)
+            return ncl_error(NCL_ERR_TIMEOUT, "rank 0 did not create shared-memory segment %s in time (or its "
+                             "rendezvous note was removed from /dev/shm before this rank joined)", note);
+        NCL_CHECK(ncl_interrupted("communicator setup"));
+        sleep_s(pause);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != bytes) {
+        close(fd);
+        return ncl_error(NCL_ERR_MISMATCH, "shared-memory segment %s has %lld bytes but this rank expects %llu: "
+                         "ranks disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE", note,
+                         (long long)st.st_size, (unsigned long long)bytes);
+    }
+    *fd_out = fd;
+    return NCL_OK;
 }
 
 static int count_cpus(void) {
@@ -139,7 +167,7 @@ static int count_cpus(void) {
     return n > 0 ? (int)n : 1;
 }
 
-/* Whether `name` still names the segment this rank mapped (inode `ino`). */
+/* Whether `name` still names the rendezvous note rank 0 made (inode `ino`). */
 static bool still_named(const char* name, ino_t ino) {
     int fd = shm_open(name, O_RDONLY, 0);
     if (fd < 0) return errno != ENOENT;
@@ -149,36 +177,78 @@ static bool still_named(const char* name, ino_t ino) {
     return same;
 }
 
+#define SETUP_CHECK_PERIOD_S 0.05 /* liveness, interrupts and the name, this often while ranks attach */
+
+/* Ranks [..] that have not attached yet, for a timeout's message. */
+static void missing_ranks(ncl_comm* c, const bool* admitted, char* out, size_t cap) {
+    size_t len = 0;
+    out[0] = 0;
+    for (int r = 0; r < c->nranks && len < cap - 16; r++)
+        if (admitted ? r > 0 && !admitted[r] : atomic_load(&c->ranks[r].pid) == 0)
+            len += (size_t)snprintf(out + len, cap - len, "%s%d", len ? ", " : "", r);
+}
+
+/* The periodic checks of a setup wait: attached ranks alive, no interrupt, the note (if any)
+ * still there while some rank may still need it, the deadline. */
+static int setup_checks(ncl_comm* c, const char* note, double deadline, const bool* admitted, const char* what) {
+    NCL_CHECK(ncl_peer_alive(c, -1));
+    NCL_CHECK(ncl_interrupted(what));
+    /* the last rank to attach removes the note after counting itself in: look again */
+    if (note && !still_named(note, c->hdr->note_ino) && atomic_load(&c->hdr->attached) < (uint32_t)c->nranks)
+        return ncl_error(NCL_ERR_SYSTEM, "rendezvous note %s was removed from /dev/shm before every rank had joined "
+                                         "(by another process of this user?)", note);
+    if (ncl_now() <= deadline) return NCL_OK;
+    char missing[512];
+    missing_ranks(c, admitted, missing, sizeof missing);
+    return ncl_error(NCL_ERR_TIMEOUT, "%s timed out after %.0f s: ranks [%s] never attached", what, c->timeout_s,
+                     missing);
+}
+
+int ncl_shm_hand_out(ncl_comm* c, int door, int fd, double deadline, const char* what, const char* note) {
+    bool admitted[NCL_MAX_RANKS] = {false};
+    NCL_CHECK(ncl_door_listen(door));
+    for (int n = 1; n < c->nranks;) {
+        NCL_CHECK(ncl_door_answer(door, fd, c->key, c->nranks, admitted, SETUP_CHECK_PERIOD_S));
+        n = 1;
+        for (int r = 1; r < c->nranks; r++) n += admitted[r];
+        if (n < c->nranks) NCL_CHECK(setup_checks(c, note, deadline, admitted, what));
+    }
+    return NCL_OK;
+}
+
 /* Wait until every rank is counted in; name the missing ones otherwise.  Until then no rank
- * has finished setup, so an attached rank that died or gave up, and a name removed from
- * /dev/shm (the missing ranks could never open it), are errors at once. */
-static int wait_all_attached(ncl_comm* c, double deadline, ino_t ino) {
-    for (unsigned i = 0;; i++) {
-        if (atomic_load(&c->hdr->attached) >= (uint32_t)c->nranks) return NCL_OK;
-        if (i % 50 == 49) {
-            NCL_CHECK(ncl_peer_alive(c, -1));
-            NCL_CHECK(ncl_interrupted("communicator setup"));
-            /* the last rank to attach unlinks the name after counting itself in: look again */
-            if (!still_named(c->name, ino) && atomic_load(&c->hdr->attached) < (uint32_t)c->nranks)
-                return ncl_error(NCL_ERR_SYSTEM, "shared-memory segment %s was removed from /dev/shm before every "
-                                                 "rank had opened it (by another process of this user?)", c->name);
+ * has finished setup, so an attached rank that died or gave up, and the note removed (the
+ * missing ranks could not name rank 0 if it died), are errors at once.  The wait sleeps on the
+ * attach count (a futex each attaching rank wakes), so the last one releases everybody at once. */
+static int wait_all_attached(ncl_comm* c, double deadline) {
+    for (double next_check = ncl_now() + SETUP_CHECK_PERIOD_S;;) {
+        uint32_t seen = atomic_load(&c->hdr->attached);
+        if (seen >= (uint32_t)c->nranks) return NCL_OK;
+        double now = ncl_now();
+        if (now >= next_check) {
+            next_check = now + SETUP_CHECK_PERIOD_S;
+            NCL_CHECK(setup_checks(c, c->name, deadline, NULL, "communicator setup"));
         }
-        if (ncl_now() > deadline) {
-            char missing[512] = "";
-            size_t len = 0;
-            for (int r = 0; r < c->nranks && len < sizeof missing - 16; r++)
-                if (atomic_load(&c->ranks[r].pid) == 0)
-                    len += (size_t)snprintf(missing + len, sizeof missing - len, "%s%d", len ? ", " : "", r);
-            return ncl_error(NCL_ERR_TIMEOUT, "communicator setup timed out after %.0f s: ranks [%s] never attached",
-                             c->timeout_s, missing);
-        }
-        sleep_ms(1);
+        ncl_futex_wait(&c->hdr->attached, &c->hdr->attach_waiters, seen, SETUP_CHECK_PERIOD_S);
     }
 }
 
-int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* opts, ncl_comm** out) {
+/* Rank 0's part before the segment exists: the door bound (so that nobody else can take its name),
+ * then the note, then the segment.  On failure nothing is left. */
+static int create_as_rank0(const char* name, const char* key, size_t bytes, int* door, int* fd, ino_t* ino) {
+    NCL_CHECK(ncl_door_open(key, "", door));
+    int rc = note_create(name, ino);
+    if (rc == NCL_OK && (rc = ncl_shm_create(bytes, fd, false)) != NCL_OK) shm_unlink(name);
+    if (rc != NCL_OK) close(*door);
+    return rc;
+}
+
+int ncl_comm_create(const char* name, const char* key, int rank, int nranks, const ncl_options* opts,
+                    ncl_comm** out) {
     if (!name || name[0] != '/' || strlen(name) >= sizeof(((ncl_comm*)0)->name) || strchr(name + 1, '/'))
         return ncl_error(NCL_ERR_ARGUMENT, "segment name must be '/' followed by at most 254 characters, no '/'");
+    if (!key || strlen(key) != NCL_KEY_CHARS)
+        return ncl_error(NCL_ERR_ARGUMENT, "a group's key must be %d characters", NCL_KEY_CHARS);
     if (nranks < 1 || nranks > NCL_MAX_RANKS || rank < 0 || rank >= nranks)
         return ncl_error(NCL_ERR_ARGUMENT, "rank %d of %d is out of range (1..%d ranks)", rank, nranks, NCL_MAX_RANKS);
     if (!opts || opts->staging_bytes < 4096 || opts->p2p_bytes < 4096 || !(opts->timeout_s > 0))
@@ -193,28 +263,25 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     layout(&want, nranks, slot, pslot);
 
     double deadline = ncl_now() + opts->timeout_s;
-    int fd = -1;
-    NCL_CHECK(rank == 0 ? ncl_shm_create(name, want.total_bytes, &fd, false)
-                        : ncl_shm_open(name, want.total_bytes, deadline, &fd, NULL));
+    int fd = -1, door = -1;
+    ino_t note_ino = 0;
+    NCL_CHECK(rank == 0 ? create_as_rank0(name, key, want.total_bytes, &door, &fd, &note_ino)
+                        : ncl_shm_receive(key, "", rank, name, want.total_bytes, deadline, &fd, NULL));
     void* base = mmap(NULL, want.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int map_err = errno;
-    struct stat st = {0};
-    fstat(fd, &st);
-    close(fd);
-    if (base == MAP_FAILED) {
-        if (rank == 0) shm_unlink(name);
-        return ncl_error(NCL_ERR_SYSTEM, "cannot map shared-memory segment %s (%zu bytes): %s", name,
-                         (size_t)want.total_bytes, strerror(map_err));
-    }
-    ncl_comm* c = calloc(1, sizeof *c);
+    ncl_comm* c = base == MAP_FAILED ? NULL : calloc(1, sizeof *c);
     uint32_t* counters = calloc(2 * (size_t)nranks, sizeof *counters);
     ncl_flight_entry* flight = opts->flight_entries ? calloc(opts->flight_entries, sizeof *flight) : NULL;
     if (!c || !counters || (opts->flight_entries && !flight)) {
         free(c);
         free(counters);
         free(flight);
+        close(fd);
+        if (rank == 0) close(door), shm_unlink(name);
+        if (base == MAP_FAILED)
+            return ncl_error(NCL_ERR_SYSTEM, "cannot map shared-memory segment %s (%zu bytes): %s", name,
+                             (size_t)want.total_bytes, strerror(map_err));
         munmap(base, want.total_bytes);
-        if (rank == 0) shm_unlink(name);
         return ncl_error(NCL_ERR_SYSTEM, "out of memory creating a communicator");
     }
     c->rank = rank;
@@ -242,27 +309,21 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->cma_all_reduce_min_bytes = opts->cma_all_reduce_min_bytes;
     pthread_mutex_init(&c->win_lock, NULL);
     strcpy(c->name, name);
+    strcpy(c->key, key);
 
     if (rank == 0) {
         want.central_sync = c->oversubscribed;
+        want.note_ino = note_ino;
         memcpy((char*)c->hdr + sizeof(uint32_t), (char*)&want + sizeof(uint32_t), sizeof want - sizeof(uint32_t));
         atomic_store_explicit(&c->hdr->magic, NCL_MAGIC, memory_order_release);
-    } else {
-        while (atomic_load_explicit(&c->hdr->magic, memory_order_acquire) != NCL_MAGIC) {
-            if (ncl_now() > deadline) {
-                ncl_comm_destroy(c);
-                return ncl_error(NCL_ERR_TIMEOUT, "rank 0 never initialised segment %s", name);
-            }
-            int rc = ncl_interrupted("communicator setup");
-            if (rc != NCL_OK) {
-                ncl_comm_destroy(c);
-                return rc;
-            }
-            sleep_ms(1);
-        }
+    } else if (atomic_load_explicit(&c->hdr->magic, memory_order_acquire) != NCL_MAGIC) {
+        close(fd);
+        ncl_comm_destroy(c); /* rank 0 hands the segment out only once it is laid out */
+        return ncl_error(NCL_ERR_MISMATCH, "segment %s was handed over without its header", name);
     }
     if (c->hdr->nranks != want.nranks || c->hdr->slot_bytes != want.slot_bytes ||
         c->hdr->p2p_slot_bytes != want.p2p_slot_bytes || c->hdr->staging_off != want.staging_off) {
+        close(fd);
         ncl_comm_destroy(c);
         return ncl_error(NCL_ERR_MISMATCH, "segment %s was laid out for other options than this rank's: ranks "
                          "disagree on the world size, NCL_BUFFSIZE or NCL_P2P_BUFFSIZE", name);
@@ -272,17 +333,23 @@ int ncl_comm_create(const char* name, int rank, int nranks, const ncl_options* o
     c->p2p_off = want.p2p_off;
     c->ranks = (ncl_rank_ctrl*)(c->base + want.rank_ctrl_off);
     c->pairs = (ncl_pair_ctrl*)(c->base + want.pair_ctrl_off);
-    memset(ncl_slot(c, rank, 0), 0, 2 * slot); /* fault our own staging pages in now, not mid-collective */
+    /* Staging pages are not faulted in here: a fresh page costs ~2 us to allocate and clear here, 2-3 ms for
+     * 4 MiB of staging, which made setup (split, new_group) 10-30 ms on a loaded host.  Like the send/recv
+     * slots, they fault in on first use: a small call touches one page. */
     ncl_cma_publish_probe(c);
     atomic_store(&c->ranks[rank].pid, (int32_t)getpid());
     if (atomic_fetch_add(&c->hdr->attached, 1) + 1 == (uint32_t)nranks) shm_unlink(name);
-    int rc = wait_all_attached(c, deadline, st.st_ino);
+    ncl_wake_word(&c->hdr->attached, &c->hdr->attach_waiters);
+    int rc = rank == 0 ? ncl_shm_hand_out(c, door, fd, deadline, "communicator setup", name) : NCL_OK;
+    close(fd);
+    if (rank == 0) close(door); /* every rank has the segment: its door's name is gone */
+    if (rc == NCL_OK) rc = wait_all_attached(c, deadline);
     if (rc == NCL_OK) rc = ncl_cma_agree(c, opts->cma_min_bytes > 0, deadline);
     if (rc != NCL_OK) {
         snprintf(c->ranks[rank].abort_reason, sizeof c->ranks[rank].abort_reason, "setup failed: %s",
                  ncl_last_error());
         atomic_store(&c->ranks[rank].aborted, NCL_ABORTED);
-        shm_unlink(name); /* nobody else may attach now */
+        shm_unlink(name); /* nobody else may join now */
         ncl_comm_destroy(c);
         return rc;
     }

@@ -46,7 +46,7 @@ static bool reached(_Atomic uint32_t* word, uint32_t target) {
 }
 
 /* A pid that exists may still be a zombie (dead, parent has not reaped it yet). */
-static bool pid_running(pid_t pid) {
+bool ncl_pid_running(pid_t pid) {
     if (pid <= 0) return true; /* not attached yet: not ours to judge */
     if (kill(pid, 0) != 0 && errno == ESRCH) return false;
     char path[64], buf[256];
@@ -108,7 +108,7 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
     int lo = peer < 0 ? 0 : peer, hi = peer < 0 ? c->nranks : peer + 1;
     for (int r = lo; r < hi; r++) {
         pid_t pid = atomic_load(&c->ranks[r].pid);
-        if (r != c->rank && !atomic_load(&c->ranks[r].aborted) && !pid_running(pid))
+        if (r != c->rank && !atomic_load(&c->ranks[r].aborted) && !ncl_pid_running(pid))
             return ncl_error(NCL_ERR_PEER, "rank %d (pid %d) died", r, (int)pid);
     }
     for (int r = lo; r < hi; r++) {
@@ -132,7 +132,7 @@ int ncl_peer_alive(ncl_comm* c, int peer) {
 int ncl_comm_gone_ranks(ncl_comm* c, uint8_t* out) {
     if (!c || !out) return ncl_error(NCL_ERR_ARGUMENT, "ncl_comm_gone_ranks needs a communicator and nranks bytes");
     for (int r = 0; r < c->nranks; r++)
-        out[r] = r == c->rank ? 0 : !pid_running(atomic_load(&c->ranks[r].pid)) ? 1
+        out[r] = r == c->rank ? 0 : !ncl_pid_running(atomic_load(&c->ranks[r].pid)) ? 1
                  : atomic_load(&c->ranks[r].aborted) == NCL_CLOSED ? 2 : 0;
     return NCL_OK;
 }
@@ -142,9 +142,20 @@ static void futex_wait(_Atomic uint32_t* word, uint32_t seen) {
     syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
 }
 
+void ncl_futex_wait(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t seen, double slice_s) {
+    struct timespec ts = {(time_t)slice_s, (long)((slice_s - (double)(time_t)slice_s) * 1e9)};
+    atomic_fetch_add(waiters, 1); /* registered before the last look: a poster after it wakes us */
+    if (atomic_load(word) == seen) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAIT, seen, &ts, NULL, 0);
+    atomic_fetch_sub(waiters, 1);
+}
+
+void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters) {
+    if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
 void ncl_post_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t value) {
     atomic_store(word, value); /* seq_cst: ordered before the waiters load (Dekker with the waiter) */
-    if (atomic_load(waiters) != 0) syscall(SYS_futex, (uint32_t*)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    ncl_wake_word(word, waiters);
 }
 
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap) {

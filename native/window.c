@@ -6,13 +6,14 @@
  * the one-copy (and for reductions, zero-staging) paths of the direct algorithms.
  *
  * Creation is collective (a fingerprinted step first, so ranks asking for different sizes
- * get a mismatch error before anything is created); naming, unlinking and the free-space
- * check are those of communicator segments.  Windows are numbered in creation order, the
+ * get a mismatch error before anything is created); like a communicator's segment it is a memfd
+ * that rank 0 hands to the others through a door (segment.c, door.c): never named.  Windows are numbered in creation order, the
  * same on every rank; the number and offset go into each collective's fingerprint.
  * Freeing is local: it unmaps this rank's view only (peers keep theirs), and it may come
  * after the communicator is gone, since arrays can outlive it. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -61,30 +62,39 @@ static int create(ncl_comm* c, const char* name, size_t bytes, ncl_window** out)
     size_t slice = ncl_div_up(bytes ? bytes : 1, NCL_PAGE) * NCL_PAGE;
     size_t total = WINDOW_HEADER + slice * (size_t)c->nranks;
     double deadline = ncl_now() + c->timeout_s;
-    int fd = -1;
-    NCL_CHECK(c->rank == 0 ? ncl_shm_create(name, total, &fd, true) : ncl_shm_open(name, total, deadline, &fd, c));
+    char suffix[32];
+    snprintf(suffix, sizeof suffix, "/window%u", c->nwindows + 1);
+    int fd = -1, door = -1;
+    if (c->rank == 0) {
+        NCL_CHECK(ncl_door_open(c->key, suffix, &door));
+        int rc = ncl_shm_create(total, &fd, true);
+        if (rc == NCL_OK) rc = ncl_shm_hand_out(c, door, fd, deadline, "registered buffer (comm.empty)", NULL);
+        close(door);
+        if (rc != NCL_OK) {
+            if (fd >= 0) close(fd);
+            return rc;
+        }
+    } else {
+        NCL_CHECK(ncl_shm_receive(c->key, suffix, c->rank, name, total, deadline, &fd, c));
+    }
     /* MAP_POPULATE: no page faults later, in the middle of a collective */
     void* base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     int err = errno;
     close(fd);
-    if (base == MAP_FAILED) {
-        shm_unlink(name);
+    if (base == MAP_FAILED)
         return ncl_error(NCL_ERR_SYSTEM, "cannot map registered buffer %s (%zu bytes): %s", name, total,
                          strerror(err));
-    }
     ncl_window* w = calloc(1, sizeof *w);
     if (!w) {
         munmap(base, total);
-        shm_unlink(name);
         return ncl_error(NCL_ERR_SYSTEM, "out of memory");
     }
     *w = (ncl_window){.owner = c, .base = base, .map_bytes = total, .slice = slice, .bytes = bytes,
                       .id = ++c->nwindows, .rank = c->rank};
     window_header* h = base;
-    if (atomic_fetch_add(&h->attached, 1) + 1 == (uint32_t)c->nranks) shm_unlink(name);
+    atomic_fetch_add(&h->attached, 1);
     int rc = wait_attached(c, h, deadline, name);
     if (rc != NCL_OK) {
-        shm_unlink(name);
         munmap(base, total);
         free(w);
         return rc;

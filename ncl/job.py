@@ -17,7 +17,14 @@ def shm_prefix(unique_id: str) -> str:
 
 
 def segment_name(unique_id: str, label: str) -> str:
-    """Shared-memory name of a communicator: the job's prefix (so that ncl-run can clean up
-    after a crash) plus a digest of the secret id, so that nobody can guess it."""
+    """Name of a communicator's rendezvous note in /dev/shm (rank 0's pid while ranks join; the
+    segment itself has no name): the job's prefix (so that ncl-run can clean up after a crash)
+    plus a digest of the secret id, so that nobody can guess it."""
     digest = hashlib.sha256(f"{unique_id}/{label}".encode()).hexdigest()[:32]
     return "/" + shm_prefix(unique_id) + digest
+
+
+def segment_key(unique_id: str, label: str) -> str:
+    """A communicator's key (64 hex): the name of the socket that hands its segment to its ranks,
+    and the ticket they show there (native/door.c).  Not derivable from the note's name."""
+    return hashlib.sha256(f"{unique_id}/{label}/key".encode()).hexdigest()

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 from . import env, log, tuning
 from ._native import check, error, ffi, lib
 from .call import Call
-from .job import segment_name
+from .job import segment_key, segment_name
 
 def _runner(handle):
     """run(call) on this handle: the one mapping of a Call to the core's arguments.  A closure
@@ -126,7 +126,8 @@ class SharedMemoryBackend:
     def create(cls, name: str, label: str, rank: int, size: int, unique_id: str, options) -> "SharedMemoryBackend":
         """Create (rank 0) or attach to the group's segment; returns once every rank has."""
         out = ffi.new("ncl_comm **")
-        check(lib.ncl_comm_create(segment_name(unique_id, name).encode(), rank, size, options, out))
+        check(lib.ncl_comm_create(segment_name(unique_id, name).encode(), segment_key(unique_id, name).encode(), rank,
+                                  size, options, out))
         return cls(out[0], rank, size, name=name, unique_id=unique_id, label=label, options=options)
 
     def last_call(self) -> Optional[Tuple[int, Optional[str], int, float]]:

@@ -17,8 +17,9 @@ Invariants:
 - with adopt_orphans (a launcher, Linux), this process is a child subreaper: what a rank leaves running
   (`sleep 77 &`, a daemon in its own session) is reparented here when the rank ends, and stopped (SIGTERM, SIGKILL
   after the grace period, reaped) when the group closes, after the ranks;
-- a job's shared memory (/dev/shm/<shm_prefix(job_id)>*: what a rank that died during setup left, as the C core
-  unlinks its segments once every rank is attached) is removed when the group closes.
+- a job's files in /dev/shm (<shm_prefix(job_id)>*: rendezvous notes a rank that died during setup left, as the
+  C core removes each once every rank is attached; segments themselves have no name) are removed when the group
+  closes.
 Standard library only (and ncl.job's names), so that a launcher starts fast.
 """
 import contextlib

@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 import ncl
 from harness import REPO, launch, mapped_lines, pid_alive, spawn
 from ncl import supervisor
-from ncl.job import segment_name
+from ncl.job import segment_key, segment_name, shm_prefix
 
 pytestmark = pytest.mark.usefixtures("no_leftover_segments")
 
@@ -190,6 +191,61 @@ def test_a_segment_removed_during_setup_is_reported_as_removed_at_once():
         out = rank0.communicate(timeout=30)[0]
     assert "NclSystemError" in out and "was removed from /dev/shm" in out, out
     assert float(out.split()[0]) < 10, out
+
+
+# A job of 2 ranks whose rank 1 comes 2 s late: setup is open that long.
+LATE_JOINER = """
+    import sys, time, numpy as np, ncl
+    if sys.argv[1] == "1":
+        time.sleep(2)
+    c = ncl.init(timeout=30)
+    x = np.arange(4.0) + 10 * c.rank
+    c.all_reduce(x)
+    print("result", x.tolist(), flush=True)
+"""
+
+
+def door_listed(key: str) -> bool:
+    with open("/proc/net/unix") as f:
+        return any(line.rstrip().endswith("@ncl-" + key[:32]) for line in f)
+
+
+@pytest.mark.timeout(60)
+def test_a_live_jobs_segment_is_reachable_by_no_name_and_its_door_refuses_strangers():
+    """Issue 21's row: a process of this user listing /dev/shm during setup could open the segment and write
+    garbage into staging.  Now the segment is a memfd handed to the ranks through a socket: /dev/shm holds
+    only the rendezvous note (rank 0's pid: garbage there changes nothing), and a stranger knocking on the
+    socket without the job's secret gets no descriptor; after setup nothing of the job is named at all."""
+    uid = ncl.get_unique_id()
+    key, prefix = segment_key(uid, "world"), os.path.join("/dev/shm", shm_prefix(uid))
+    with supervisor.Group(new_session=False) as group:
+        env = dict(os.environ, NCL_WORLD_SIZE="2", NCL_UNIQUE_ID=uid)
+        ranks = [group.start([sys.executable, "-c", textwrap.dedent(LATE_JOINER), str(r)],
+                             env=dict(env, NCL_RANK=str(r)), stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+        for _ in range(1000):  # rank 0 is set up and waits for rank 1
+            if door_listed(key) and glob.glob(prefix + "*"):
+                break
+            time.sleep(0.01)
+        found = glob.glob(prefix + "*")
+        assert found == ["/dev/shm" + segment_name(uid, "world")], found  # the note, nothing else
+        assert os.path.getsize(found[0]) <= 4096
+        with open(found[0], "r+b") as f:  # what the hostile user did to the segment, done to the note
+            f.write(b"\xff" * 4096)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # knocks and says nothing: dropped after 1 s
+        silent.settimeout(10)
+        silent.connect("\0ncl-" + key[:32])
+        for ticket in (b"\0" * 32, found[0][-32:].encode(), key[:32].encode()):  # none is the ticket
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+                stranger.settimeout(10)
+                stranger.connect("\0ncl-" + key[:32])
+                stranger.sendall(ticket + (1).to_bytes(4, "little"))
+                data, fds, _, _ = socket.recv_fds(stranger, 4, 4)
+                assert fds == [] and data != b"\0\0\0\0", (ticket, data, fds)
+        outs = [rank.communicate(timeout=40)[0] for rank in ranks]
+        assert silent.recv(4) == b"", "rank 0 answered a knock that showed nothing"
+        silent.close()
+    assert outs == ["result [10.0, 12.0, 14.0, 16.0]\n"] * 2, outs
+    assert glob.glob(prefix + "*") == [] and not door_listed(key)
 
 
 STOPPED_HOST = """

@@ -207,9 +207,9 @@ def test_two_buffers_on_one_communicator_do_not_interfere(pool_factory):
 
 
 def _shared_mappings() -> int:
-    """Shared-memory segments this process maps (the communicator's and every registered window)."""
+    """Shared-memory segments this process maps (the communicator's and every registered window: memfds)."""
     with open("/proc/self/maps") as f:
-        return sum("/dev/shm/ncl-" in line for line in f)
+        return sum("/memfd:ncl-" in line for line in f)
 
 
 def _job_files(unique_id: str) -> list:

@@ -2,10 +2,11 @@
 (native/segment.c, ncl_comm_create with rank > 0): the header and control blocks rank 0 wrote,
 so any bytes another process of the user could put there.
 
-Per input, a file /dev/shm/ncl-fuzz<pid>-<i> of at most 1 MiB stands for rank 0's segment and
-rank 1 of 2 attaches to it with a 0.05 s timeout.  Contract: ncl_comm_create returns NCL_OK (the
-communicator is then destroyed) or an error status with a message, within the timeout (plus
-slack for a busy host); the process never crashes; the file is always removed.
+Per input, a memfd of at most 1 MiB stands for rank 0's segment; the harness plays rank 0's door
+(native/door.c: an abstract socket that hands the descriptor to a knock with the key's ticket)
+and rank 1 of 2 attaches to it with a 0.05 s timeout.  Contract: ncl_comm_create returns NCL_OK
+(the communicator is then destroyed) or an error status with a message, within the timeout (plus
+slack for a busy host); the process never crashes; nothing is left in /dev/shm.
 
 Input: byte 0 chooses, the rest is content.  The content is XORed onto the first KiB of each
 4 KiB page of a real segment image (taken once, from a real rank 0), since the header and each
@@ -16,8 +17,10 @@ attach and the CMA probe; bit 2 set: the file size is the next three bytes (belo
 instead of the real segment's.
 """
 import functools
+import hashlib
 import itertools
 import os
+import socket
 import struct
 import threading
 import time
@@ -49,32 +52,65 @@ def options(timeout: float):
 OPTIONS = options(TIMEOUT)
 
 
+def key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def memfds(prefix: str) -> set:
+    """This process's descriptors of memfds named `prefix` (what the C core's rank 0 holds)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{prefix}"):
+                found.add(int(fd))
+        except OSError:
+            continue
+    return found
+
+
 @functools.lru_cache(maxsize=None)
 def real_segment() -> bytes:
     """The segment as a real rank 0 leaves it for the others to attach: rank 0 of 2 sets it up
-    in a thread while we copy the file (until it stops changing), then rank 1 attaches for real
+    in a thread while we read its memfd (until it stops changing), then rank 1 attaches for real
     so that both finish."""
-    name = f"ncl-fuzz{os.getpid()}-real"
+    name = f"/ncl-fuzz{os.getpid()}-real"
     opts, comms, status = options(10.0), [ffi.new("ncl_comm **") for _ in range(2)], []
-    rank0 = threading.Thread(target=lambda: status.append(lib.ncl_comm_create(f"/{name}".encode(), 0, 2, opts,
-                                                                              comms[0])))
+    before = memfds("ncl-segment")
+    rank0 = threading.Thread(target=lambda: status.append(lib.ncl_comm_create(name.encode(), key(name).encode(), 0,
+                                                                              2, opts, comms[0])))
     rank0.start()
     image, deadline = b"", time.monotonic() + 10
     while time.monotonic() < deadline:
         time.sleep(0.02)
-        try:
-            with open(f"/dev/shm/{name}", "rb") as f:
-                image, last = f.read(), image
-        except FileNotFoundError:
-            continue
+        for fd in memfds("ncl-segment") - before:
+            try:
+                image, last = os.pread(fd, 1 << 24, 0), image
+            except OSError:
+                continue
         if image[:4] == MAGIC and image == last:
             break
-    status.append(lib.ncl_comm_create(f"/{name}".encode(), 1, 2, opts, comms[1]))
+    status.append(lib.ncl_comm_create(name.encode(), key(name).encode(), 1, 2, opts, comms[1]))
     rank0.join()
     assert status == [lib.NCL_OK] * 2 and image[:4] == MAGIC, f"no real segment to start from: {last_error()}"
     for comm in comms:
         lib.ncl_comm_destroy(comm[0])
     return image
+
+
+def serve_door(door: socket.socket, fd: int, ticket: bytes) -> None:
+    """Rank 0's door for one knock: the descriptor to the ticket's holder (native/door.c's answer)."""
+    try:
+        sock, _ = door.accept()
+    except OSError:  # rank 1 never knocked
+        return
+    with sock:
+        sock.settimeout(1)
+        try:
+            knock = sock.recv(36, socket.MSG_WAITALL)  # knock_msg: 32 ticket bytes, int32 rank
+            admitted = knock[:32] == ticket
+            socket.send_fds(sock, [struct.pack("i", 0 if admitted else 1)], [fd] if admitted else [])
+        except OSError:
+            pass
 
 
 @atheris.instrument_func
@@ -108,7 +144,7 @@ def how_far(status: int, message: str) -> int:
         return 0
     if "bytes but this rank expects" in message:
         return 1
-    if "never initialised" in message:
+    if "without its header" in message:
         return 2
     if "laid out for other options" in message:
         return 3
@@ -126,14 +162,19 @@ def how_far(status: int, message: str) -> int:
 
 
 def TestOneInput(data: bytes) -> None:
-    name = f"ncl-fuzz{os.getpid()}-{next(COUNTER)}"
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    name = f"/ncl-fuzz{os.getpid()}-{next(COUNTER)}"
+    secret = key(name)
+    fd = os.memfd_create("ncl-fuzz")
+    door = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(segment(data))
+        os.write(fd, segment(data))
+        door.bind(f"\0ncl-{secret[:32]}")
+        door.listen(1)
+        door.settimeout(TIMEOUT + SLACK)  # a rank 1 that never knocks (a stub in its place) ends the wait
+        threading.Thread(target=serve_door, args=(door, fd, secret[32:].encode()), daemon=True).start()
         out = ffi.new("ncl_comm **")
         start = time.monotonic()
-        status = lib.ncl_comm_create(f"/{name}".encode(), 1, 2, OPTIONS, out)
+        status = lib.ncl_comm_create(name.encode(), secret.encode(), 1, 2, OPTIONS, out)
         took = time.monotonic() - start
         if status == lib.NCL_OK:
             lib.ncl_comm_destroy(out[0])
@@ -141,10 +182,8 @@ def TestOneInput(data: bytes) -> None:
         assert status == lib.NCL_OK or status in ERRORS and last_error(), f"status {status}, message {last_error()!r}"
         how_far(status, last_error())
     finally:
-        try:
-            os.unlink(f"/dev/shm/{name}")
-        except FileNotFoundError:  # the last rank to attach removes it
-            pass
+        door.close()
+        os.close(fd)
 
 
 if __name__ == "__main__":
