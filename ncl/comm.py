@@ -590,7 +590,8 @@ class Communicator:
         segment released); an excluded rank gets None and keeps it."""
         excluded = elastic.check_exclude(exclude, self._size)
         if not isinstance(self._backend, SharedMemoryBackend):
-            raise NotImplementedError(_NO_MULTI_HOST_SHRINK)
+            raise NotImplementedError("shrink() needs a communicator on one host, or a multi-host one "
+                                      "(HierarchicalCommunicator.shrink)")
         self._after_pending()
         self._shrinks += 1
         backend = elastic.shrink(self._backend, self._shrinks, excluded)
@@ -599,15 +600,5 @@ class Communicator:
         self.close()
         return Communicator._shared_memory(lambda: backend, backend.size, backend.options)
 
-
-# Why shrink stops at one host (tried with MPICH 5.0.2 from PyPI, mpi4py 4.1.2, 2026-12): between hosts the
-# survivors would need MPI's ULFM (MPIX_Comm_revoke/shrink) to leave a dead peer's MPI communicator.
-_NO_MULTI_HOST_SHRINK = (
-    "shrink() needs a communicator on one host: a multi-host communicator cannot shrink, since leaving a dead "
-    "peer's MPI communicator needs MPI's fault tolerance (ULFM: MPIX_Comm_revoke and MPIX_Comm_shrink), and the "
-    "MPICH that ncl[mpi] installs (the PyPI wheel, device ch4:ucx/ofi) has none at run time: with "
-    "MPIR_CVAR_ENABLE_FT=1 its MPI_Init fails an assertion (ch4_request.h) on 2 or more ranks, and MPICH "
-    "implements fault tolerance only in ch3:tcp; without it a dead rank ends the whole MPI job. Open MPI 5 "
-    "(`mpiexec --with-ft ulfm`) has ULFM; ncl does not use it yet. Start a new job without the failed host")
 
 __all__ = ["Communicator"]
