@@ -37,7 +37,8 @@ def shrink_group(ranks_to_exclude: Optional[List[int]] = None,
                                   f"{torch.__version__} lacks ({', '.join(missing)})")
     pg = ncl_group(group)
     if ranks_to_exclude is not None and not isinstance(ranks_to_exclude, list):
-        raise TypeError(f"ranks_to_exclude must be a list of group ranks or None, not {type(ranks_to_exclude).__name__}")
+        raise TypeError("ranks_to_exclude must be a list of group ranks or None, not "
+                        f"{type(ranks_to_exclude).__name__}")
     if ranks_to_exclude is not None and pg.rank() in ranks_to_exclude:
         raise RuntimeError(f"rank {pg.rank()} is in ranks_to_exclude {ranks_to_exclude}: only the survivors call "
                            "shrink_group")
