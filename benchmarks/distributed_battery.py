@@ -6,7 +6,8 @@ backend "ncl", against gloo registered as a plugin backend the same way (issue 2
 
 For each backend a child process runs the battery's `_DistTestBase` (3 ranks, file://
 initialisation, as torch's test_distributed_spawn.py does) with BACKEND set to that name, and
-prints one line per test: `<backend> <test> passed|failed|skipped|error`.  Both backends are
+prints one line per test: `<backend> <test> passed|failed|skipped|error`, and at the end a
+side-by-side table of the tests either passed.  Both backends are
 plugins (`dist.Backend.register_backend`, listed in the battery's "plugin" feature set), so the
 battery skips the same tests for both.  At the end: the tests gloo-as-plugin passes and "ncl"
 does not, and the counts.  It is heavy (every test that is not skipped spawns 3 processes).
@@ -135,8 +136,12 @@ def main() -> None:
         missing = sorted(t for t, o in ref_got.items() if o == "passed" and mine_got.get(t) != "passed")
         lines.append(f"passed on {ref} but not on {mine}: {len(missing)}")
         lines += [f"  {t}: {mine_got.get(t, 'not run')}" for t in missing]
-        lines.append(f"passed on both: " + " ".join(sorted(t for t, o in ref_got.items()
-                                                          if o == "passed" and mine_got.get(t) == "passed")))
+        both = sorted(t for t, o in ref_got.items() if o == "passed" and mine_got.get(t) == "passed")
+        lines.append(f"passed on both: {len(both)}")
+        shown = sorted(t for t in set(ref_got) | set(mine_got) if "passed" in (ref_got.get(t), mine_got.get(t)))
+        width = max((len(t) for t in shown), default=4)
+        lines.append(f"side by side, every test that passed on either:\n  {'test':<{width}}  {ref:<11}  {mine}")
+        lines += [f"  {t:<{width}}  {ref_got.get(t, 'not run'):<11}  {mine_got.get(t, 'not run')}" for t in shown]
     text = "\n".join(lines)
     print(text)
     if args.out:

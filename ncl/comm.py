@@ -590,8 +590,8 @@ class Communicator:
         segment released); an excluded rank gets None and keeps it."""
         excluded = elastic.check_exclude(exclude, self._size)
         if not isinstance(self._backend, SharedMemoryBackend):
-            raise NotImplementedError("shrink() needs a communicator on one host; a multi-host communicator "
-                                      "cannot shrink yet (start a new job without the failed host)")
+            raise NotImplementedError("shrink() needs a communicator on one host, or a multi-host one "
+                                      "(HierarchicalCommunicator.shrink)")
         self._after_pending()
         self._shrinks += 1
         backend = elastic.shrink(self._backend, self._shrinks, excluded)

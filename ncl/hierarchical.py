@@ -31,14 +31,14 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from . import dtypes, env, log
+from . import dtypes, elastic, env, log
 from ._native import check, ffi, lib
 from .call import Call
 from .comm import Communicator
 from .errors import NclError, NclMismatchError, NclStateError
 from .job import get_unique_id
 from .shm import SharedMemoryBackend
-from .transport.mpi import MpiTransport, abort_at_exit, import_mpi
+from .transport.mpi import MpiTransport, abort_at_exit, import_mpi, keep_finalize, ulfm_missing
 from .tuning import options
 
 _TAG = 77
@@ -140,6 +140,35 @@ class HierarchicalCommunicator(Communicator):
         sub.Free()
         return comm
 
+    def shrink(self, exclude: Optional[Sequence[int]] = None) -> Optional[Communicator]:
+        """As Communicator.shrink, across hosts through MPI's fault tolerance (ULFM; Open MPI 5 under
+        `mpiexec --with-ft ulfm`, see transport.mpi.ulfm_missing): the survivors revoke the MPI
+        communicator (so ranks still waiting in an exchange leave it), shrink it to the live
+        ranks (MPI_Comm_shrink) and build the hierarchy again over those, each keeping its host.
+        MPI's shrink keeps every live rank, so exclude must be None."""
+        if elastic.check_exclude(exclude, self._size):
+            raise ValueError("across hosts shrink() leaves out the failed ranks only (MPI_Comm_shrink keeps every "
+                             "live rank): exclude must be None")
+        reason = ulfm_missing()
+        if reason is not None:
+            raise NotImplementedError(f"shrink() of a multi-host communicator: {reason}")
+        self._after_pending()
+        MPI, backend = import_mpi(), self._backend
+        world = backend.world.comm
+        world.Revoke()
+        # blocking: ULFM's shrink completes despite failed ranks (an agreement among the live ones),
+        # but waits for a live rank that never calls it; Open MPI 5.0.11's Ishrink fails (MPI_ERR_INTERN)
+        survivors = world.Shrink()
+        old = MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())), world.Get_group())
+        host_of = {r: h for h, m in enumerate(backend.members) for r in m}
+        self._shrinks += 1
+        comm = from_mpi(survivors, timeout=self._options.timeout_s, host_of=[host_of[r] for r in old],
+                        label=f"{self._label}.shrink{self._shrinks}")
+        survivors.Free()
+        self.close()
+        keep_finalize()  # the failure is survived: exit through MPI_Finalize, not MPI_Abort
+        return comm
+
 
 # the algorithm of each collective, on the Call's fields
 _ALGORITHMS = {
@@ -194,6 +223,7 @@ class HierarchicalBackend:
         except NclError as exc:  # the group is in an unknown state (a cancelled MPI exchange, say)
             self._broken = f"{type(exc).__name__}: {exc}"
             self.local.abort(f"it failed with {self._broken}")  # this host's ranks learn why (an MPI timeout, say)
+            self._revoke_mpi()
             abort_at_exit()
             raise
 
@@ -207,7 +237,14 @@ class HierarchicalBackend:
     def abort(self, reason: Optional[str] = None) -> None:
         self.local.abort(reason)
         self._broken = self._broken or f"aborted: {reason or 'abort()'}"
+        self._revoke_mpi()
         abort_at_exit()  # the other hosts' ranks may be waiting for this one
+
+    def _revoke_mpi(self) -> None:
+        """The other hosts' ranks leave their exchanges at once where MPI can tell them (ULFM)."""
+        for transport in (self.world, self._leaders, self._rail):
+            if transport is not None:
+                transport.revoke()
 
     def close(self) -> None:
         self._destroy()

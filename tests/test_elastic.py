@@ -314,3 +314,45 @@ def test_torch_abort_revokes_the_communicator():
     code, out, err, _ = launch(2, TORCH_ABORT, env={"NCL_TIMEOUT": "30"})
     assert code == 1, (out, err)
     assert "NclPeerError: all_reduce: rank 0 aborted the group: it revoked the communicator" in err, (out, err)
+
+
+TORCH_SHRINK = """
+    import os, signal, sys, torch, torch.distributed as dist, ncl, ncl.torch
+    dist.init_process_group("ncl", pg_options=ncl.torch.Options(compress="int8"))
+    old = dist.get_rank()
+    evens = dist.new_group([0, 2])  # destroyed with the default group's shrink, as torch does
+    x = torch.ones(64)
+    try:
+        for i in range(10_000):
+            if old == 1 and i == 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            dist.all_reduce(x)
+            x.fill_(1)
+    except ncl.NclPeerError:
+        pass
+    try:  # torch's own shrink_group needs a C++ backend (see ncl/torch/elastic.py)
+        dist.shrink_group([1])
+    except RuntimeError as e:
+        refused = "torch refused"
+    group = ncl.torch.shrink_group()  # the default group, without the dead rank
+    assert dist.distributed_c10d._get_default_group() is group and group.options.compress == "int8"
+    assert dist.get_process_group_ranks(group) == [0, 2] and evens not in dist.distributed_c10d._world.pg_map
+    members = [None] * group.size()
+    dist.all_gather_object(members, old)
+    for i in range(10):
+        t = torch.full((100,), float(old + 1 + i), dtype=torch.float64)  # float64: not compressed
+        dist.all_reduce(t)
+        assert (t == sum(m + 1 + i for m in members)).all(), (t[:3], members)
+    sys.stdout.write(f"rank {old}: {refused}, now rank {dist.get_rank()} of {dist.get_world_size()} {members}\\n")
+    sys.stdout.flush()
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_torch_survivors_of_a_kill_shrink_the_default_group():
+    pytest.importorskip("torch")
+    code, out, err, _ = launch(3, TORCH_SHRINK, extra=("--elastic",), env={"NCL_TIMEOUT": "30"})
+    assert code == 0, (code, out, err)
+    assert sorted(out.splitlines()) == [f"rank {r}: torch refused, now rank {i} of 2 [0, 2]"
+                                        for i, r in enumerate((0, 2))], (out, err)

