@@ -25,6 +25,8 @@ reduce, gather and scatter go through all_reduce, all_gather and broadcast.
 """
 import hashlib
 import socket
+import sys
+import threading
 import time
 import weakref
 from typing import List, Optional, Sequence
@@ -157,8 +159,15 @@ class HierarchicalCommunicator(Communicator):
         world = backend.world.comm
         world.Revoke()
         # blocking: ULFM's shrink completes despite failed ranks (an agreement among the live ones),
-        # but waits for a live rank that never calls it; Open MPI 5.0.11's Ishrink fails (MPI_ERR_INTERN)
-        survivors = world.Shrink()
+        # but waits for a live rank that never calls it; Open MPI 5.0.11's Ishrink fails (MPI_ERR_INTERN).
+        # So a watchdog ends the job at the communicator's deadline rather than let it hang.
+        watchdog = threading.Timer(self._options.timeout_s, _shrink_overdue, (MPI, self._rank, self._options.timeout_s))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            survivors = world.Shrink()
+        finally:
+            watchdog.cancel()
         old = MPI.Group.Translate_ranks(survivors.Get_group(), list(range(survivors.Get_size())), world.Get_group())
         host_of = {r: h for h, m in enumerate(backend.members) for r in m}
         self._shrinks += 1
@@ -168,6 +177,14 @@ class HierarchicalCommunicator(Communicator):
         self.close()
         keep_finalize()  # the failure is survived: exit through MPI_Finalize, not MPI_Abort
         return comm
+
+
+def _shrink_overdue(MPI, rank: int, timeout_s: float) -> None:
+    """A live rank never joined the shrink: no exception can reach the blocked MPI call, so the job ends."""
+    sys.stderr.write(f"ncl: rank {rank}: shrink() across hosts did not complete in {timeout_s:g} s (a live rank "
+                     "never called it); aborting the MPI job\n")
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
 
 
 # the algorithm of each collective, on the Call's fields
