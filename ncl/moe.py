@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from . import buffers, scratch
+from . import buffers, moe_step, scratch
 from .errors import NclStateError
 from .group import Group
 
@@ -76,12 +76,15 @@ def _experts_per_rank(num_experts: int, nranks: int) -> int:
     return num_experts // nranks
 
 
-def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> np.ndarray:
+def _check_routing(topk_idx: torch.Tensor, num_experts: int, ids: bool = True) -> Optional[np.ndarray]:
     """topk_idx checked, as an int64 numpy array (the routing bookkeeping runs in numpy: a few µs
-    where the same torch ops cost tens of µs)."""
+    where the same torch ops cost tens of µs).  ids=False: its shape and dtype only (None), for
+    the one-step path, whose core checks the ids before anything moves (native/moe.c)."""
     if topk_idx.dim() != 2 or topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_idx must be an int tensor of shape (tokens, k), not {topk_idx.dtype} "
                          f"{tuple(topk_idx.shape)}")
+    if not ids:
+        return None
     idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
     if idx.size and (idx.min() < -1 or idx.max() >= num_experts):
         raise ValueError(f"topk_idx holds expert ids outside 0..{num_experts - 1} (or -1 for none)")
@@ -167,6 +170,7 @@ def _exchange_counts(group: Group, counts: np.ndarray):
 
 
 PACKED_MAX_BYTES = 256 << 10       # dispatches whose largest send is smaller: rows, ids and weights in one exchange
+                                   # (0: neither that nor the one-step path of ncl/moe_step.py: tests reach the others so)
 SEND_BUFFER_MIN_BYTES = 64 << 10   # from here up the rows are gathered into the registered send buffer
 
 
@@ -283,12 +287,13 @@ def _num_experts(num_experts: Optional[int], layout: Optional[Layout]) -> int:
     return len(layout.num_tokens_per_expert)
 
 
-def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity_factor):
-    """(topk_idx after the capacity factor, choices dropped): the arguments of a dispatch checked."""
+def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity_factor, ids: bool = True):
+    """(topk_idx after the capacity factor, choices dropped): the arguments of a dispatch checked
+    (ids=False: not the expert ids, which the one-step path's core checks)."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
     _experts_per_rank(num_experts, group.size)
-    _check_routing(topk_idx, num_experts)
+    _check_routing(topk_idx, num_experts, ids)
     if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
                          f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
@@ -315,6 +320,7 @@ class Buffer:
         self.group = Group(group)
         self._register = reuse and self.group.is_ncl
         keep = self._register and self.group.group.single_host
+        self._one_step = self.group.is_ncl and self.group.group.single_host  # small batches: ncl/moe_step.py
         self._send = scratch.SendBuffer(self.group.group) if keep else None
         self._outputs = scratch.OutputPool() if keep else None
         self._back = scratch.OutputPool(1) if keep else None  # combine's received rows, dropped at its end
@@ -346,6 +352,10 @@ class Buffer:
         if self._closed:
             raise NclStateError("this MoE Buffer is closed")
 
+    def _in_one_step(self) -> bool:
+        """Small batches go through ncl/moe_step.py (the same answer on every rank)."""
+        return self._one_step and PACKED_MAX_BYTES > 0
+
     def _check_handle(self, handle: Handle, low_latency: bool) -> None:
         self._check_open()
         if handle.buffer is not self:
@@ -371,7 +381,8 @@ class Buffer:
         handle.dropped says how many; a layout passed in must then come from the kept choices."""
         self._check_open()
         num_experts = _num_experts(num_experts, layout)
-        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
+                                     ids=layout is not None or not self._in_one_step())
         if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
             recv_x, recv_idx, recv_w, handle = self._dispatch(x, topk_idx, topk_weights, num_experts, layout)
         else:
@@ -398,10 +409,20 @@ class Buffer:
     def _dispatch(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout]):
         group = self.group
         per = num_experts // group.size
+        matrix = None
+        if layout is None and self._in_one_step():  # one step: the counts, and the rows when they fit it
+            d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts)
+            if d.moved:
+                return d.recv_x, d.recv_idx, d.recv_w, Handle(self, d.send_token, d.send_counts, d.recv_counts,
+                                                              x.shape[0], x.shape[1], rank_matrix=d.matrix)
+            matrix = d.matrix
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)  # checked by dispatch()
         if layout is None:
             r = _route(idx, _is_in(idx, per, group.size), per)
-            recv_counts, matrix = _exchange_counts(group, np.asarray(r.send_counts))
+            if matrix is None:
+                recv_counts, matrix = _exchange_counts(group, np.asarray(r.send_counts))
+            else:
+                recv_counts = d.recv_counts
         else:
             r = _route(idx, layout.is_token_in_rank.t().numpy(), per)
             recv_counts, matrix = layout.num_recv_per_rank.tolist(), layout.rank_matrix
@@ -430,6 +451,11 @@ class Buffer:
 
     def _combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Rows back to their tokens' ranks, summed per token in rank order."""
+        if self._in_one_step() and handle.rank_matrix is not None:
+            y = self._outputs.empty((handle.num_tokens, handle.hidden), expert_out.dtype) if self._outputs is not None \
+                else torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+            if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y):
+                return y
         matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
         back = _all_to_allv(self.group, expert_out, handle.recv_counts, handle.send_counts, self._back, matrix)
         return sum_by_token(back, handle, self._outputs)
@@ -442,7 +468,8 @@ class Buffer:
         (registered memory over an ncl communicator).  recv_x has N*M rows, block s from rank
         s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
         self._check_open()
-        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
+                                     ids=not self._in_one_step())
         if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
             raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
         if x.shape[0] > max_tokens_per_rank:
@@ -459,6 +486,11 @@ class Buffer:
         if expert_out.dim() != 2 or expert_out.shape[0] != rows:
             raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
         with torch.no_grad():
+            if self._in_one_step() and handle.rank_matrix is not None:
+                y = torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+                if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
+                                    handle.slots):
+                    return y
             send, recv = self._slot_pair(tuple(expert_out.shape), expert_out.dtype)
             send.copy_(expert_out)
             return sum_by_token(_fixed_exchange(self.group, send, recv), handle)  # block r: rank r's rows, first real
@@ -481,6 +513,12 @@ class Buffer:
         only the unused rows cleared) and read out of the received blocks in one copy each."""
         group = self.group
         n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
+        if self._in_one_step():  # one step of the core when the slots fit it (else it exchanged only counts)
+            d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots)
+            if d.moved:
+                handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, slots=slots,
+                                rank_matrix=d.matrix)
+                return d.recv_x, d.recv_idx, d.recv_w, handle
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
         r = _route(idx, _is_in(idx, per, n), per)
         payload = slots * hidden * x.element_size()
