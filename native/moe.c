@@ -114,9 +114,9 @@ int ncl_moe_dispatch(ncl_comm* c, ncl_moe_dispatch_args* a) {
             pack_record(slot + (size_t)j * piece + HEADER + i * record, a, (size_t)token[i], j, per);
         token += count;
     }
-    /* the record's size and the experts: ranks that route differently get a mismatch error */
+    /* the record's size, the experts and the slots: ranks that disagree get a mismatch error */
     ncl_fingerprint fp = {.coll = NCL_COLL_MOE_DISPATCH, .dtype = NCL_UINT8, .root = -1, .count = record,
-                          .extra = (uint64_t)a->num_experts};
+                          .extra = (uint64_t)a->num_experts | a->slots << 40}; /* (bit 32 is NCL_EXTRA_CMA) */
     int rc = ncl_step_sync(c, &fp);
     if (rc) return ncl_call_end(c, rc);
     a->moved = 1;
