@@ -113,6 +113,12 @@ enum { NCL_MX_BLOCK = 32 };
 typedef enum { NCL_MX_FP8 = 0, NCL_MX_INT8 = 1, NCL_MX_FP4 = 2, NCL_NUM_MX_FORMATS = 3 } ncl_mx_format;
 int ncl_mx_quantize(void* packed, const float* values, size_t count, int format);
 int ncl_mx_dequantize(float* values, const void* packed, size_t count, int format);
+/* fp8 rows (DeepEP's convention: e4m3 codes, one float32 scale per NCL_FP8_ROW_BLOCK values of a
+ * row); native/quant.c states the rounding and the layout of a row's ncl_fp8_row_bytes bytes. */
+enum { NCL_FP8_ROW_BLOCK = 128 };
+size_t ncl_fp8_row_bytes(size_t width);
+int ncl_fp8_rows_quantize(void* packed, const float* rows, size_t nrows, size_t width);
+int ncl_fp8_rows_dequantize(float* rows, const void* packed, size_t nrows, size_t width);
 
 /* name: shared-memory segment name ("/ncl-..."), identical on every rank; rank 0 creates it.
  * Returns once all nranks have attached; the segment is unlinked at that moment. */

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from . import buffers, moe_step, scratch
+from . import buffers, compress, moe_step, scratch
 from .errors import NclStateError
 from .group import Group
 
@@ -302,6 +302,32 @@ def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity
     return apply_capacity(topk_idx, num_experts, capacity_factor)
 
 
+def _check_fp8(x: torch.Tensor, fp8, dequantize) -> None:
+    if not isinstance(fp8, bool) or not isinstance(dequantize, bool):
+        raise TypeError(f"fp8 and dequantize must be bools, not {fp8!r} and {dequantize!r}")
+    if dequantize and not fp8:
+        raise ValueError("dequantize=True needs fp8=True")
+    if fp8 and x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"an fp8 dispatch takes bfloat16 or float32 rows, not {x.dtype}")
+    if fp8 and torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("an fp8 dispatch has no gradient: run it under torch.no_grad(), or on x.detach()")
+
+
+def _fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as fp8 rows (ncl.compress.quantize_fp8_rows), the bytes the dispatch moves."""
+    return torch.from_numpy(compress.quantize_fp8_rows(x.detach().float().numpy()))
+
+
+def _fp8_received(rows: torch.Tensor, hidden: int, dequantize: bool):
+    """What an fp8 dispatch returns for the fp8 rows it received: (codes (R, hidden) float8_e4m3fn,
+    scales (R, blocks) float32), or with dequantize the rows in bfloat16 (code * scale, rounded once)."""
+    packed = rows.numpy()
+    if dequantize:
+        return torch.from_numpy(compress.dequantize_fp8_rows(packed, hidden)).to(torch.bfloat16)
+    codes, scales = compress.fp8_row_parts(packed, hidden)
+    return torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn), torch.from_numpy(scales.copy())
+
+
 class Buffer:
     """The memory one group's MoE exchanges reuse between calls (DeepEP's Buffer): over an ncl
     communicator on one host (`single_host`), a registered send buffer that receivers copy from
@@ -371,18 +397,27 @@ class Buffer:
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
-                 capacity_factor: Optional[float] = None):
+                 capacity_factor: Optional[float] = None, fp8: bool = False, dequantize: bool = False):
         """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
         process, grouped by source rank (token order within each), with their top-k global expert
         ids (-1 where the expert is on another rank) and weights.  Collective over the group.
         The routing weights are not differentiated through (as DeepEP's dispatch).
         num_experts: needed unless a layout (get_dispatch_layout) is given.
         capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
-        handle.dropped says how many; a layout passed in must then come from the kept choices."""
+        handle.dropped says how many; a layout passed in must then come from the kept choices.
+        fp8: send the rows (bfloat16 or float32, no gradient) as e4m3 codes with one float32 scale
+        per 128 values of a row (DeepEP's convention; ncl.compress.quantize_fp8_rows): recv_x is
+        then (codes (R, hidden) float8_e4m3fn, scales (R, ceil(hidden / 128)) float32), or with
+        dequantize=True the rows in bfloat16; combine takes bfloat16 rows as usual."""
         self._check_open()
         num_experts = _num_experts(num_experts, layout)
         topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
                                      ids=layout is not None or not self._in_one_step())
+        _check_fp8(x, fp8, dequantize)
+        if fp8:
+            recv, recv_idx, recv_w, handle = self._dispatch(_fp8_rows(x), topk_idx, topk_weights, num_experts, layout)
+            return (_fp8_received(recv, x.shape[1], dequantize), recv_idx, recv_w,
+                    handle._replace(hidden=x.shape[1], dropped=dropped))
         if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
             recv_x, recv_idx, recv_w, handle = self._dispatch(x, topk_idx, topk_weights, num_experts, layout)
         else:
@@ -467,11 +502,13 @@ class Buffer:
 
     # ---- low-latency mode -----------------------------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                             max_tokens_per_rank: int, *, num_experts: int, capacity_factor: Optional[float] = None):
+                             max_tokens_per_rank: int, *, num_experts: int, capacity_factor: Optional[float] = None,
+                             fp8: bool = False, dequantize: bool = False):
         """dispatch for decode (inference, no autograd): every rank sends every rank exactly
         max_tokens_per_rank=M rows, so no count travels before the data, through fixed slots
         (registered memory over an ncl communicator).  recv_x has N*M rows, block s from rank
-        s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
+        s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1.
+        fp8, dequantize: as dispatch's (padding rows: zero codes and scales)."""
         self._check_open()
         topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
                                      ids=not self._in_one_step())
@@ -479,10 +516,13 @@ class Buffer:
             raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
         if x.shape[0] > max_tokens_per_rank:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={max_tokens_per_rank}")
+        _check_fp8(x, fp8, dequantize)
         with torch.no_grad():
-            recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(x, topk_idx, topk_weights, num_experts,
-                                                                          max_tokens_per_rank)
-        return recv_x, recv_idx, recv_w, handle._replace(dropped=dropped)
+            recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(_fp8_rows(x) if fp8 else x, topk_idx,
+                                                                          topk_weights, num_experts, max_tokens_per_rank)
+        if fp8:
+            recv_x = _fp8_received(recv_x, x.shape[1], dequantize)
+        return recv_x, recv_idx, recv_w, handle._replace(hidden=x.shape[1], dropped=dropped)
 
     def low_latency_combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """combine for a handle of low_latency_dispatch: expert_out has the N*M rows it returned."""
@@ -581,17 +621,18 @@ def _group(group) -> Group:
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
              layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
-             capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None):
+             capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None, fp8: bool = False,
+             dequantize: bool = False):
     """Buffer.dispatch, or with max_tokens_per_rank=M Buffer.low_latency_dispatch, on group: a
     Buffer, or an ncl communicator or torch group (then on a Buffer made for this call, which
     the handle keeps for combine)."""
     buffer = group if isinstance(group, Buffer) else Buffer(group, reuse=False)
     if max_tokens_per_rank is None:
         return buffer.dispatch(x, topk_idx, topk_weights, layout, num_experts=num_experts,
-                               capacity_factor=capacity_factor)
+                               capacity_factor=capacity_factor, fp8=fp8, dequantize=dequantize)
     return buffer.low_latency_dispatch(x, topk_idx, topk_weights, max_tokens_per_rank,
                                        num_experts=_num_experts(num_experts, layout),
-                                       capacity_factor=capacity_factor)
+                                       capacity_factor=capacity_factor, fp8=fp8, dequantize=dequantize)
 
 
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:

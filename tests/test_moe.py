@@ -325,3 +325,79 @@ def test_one_step_dispatch_and_combine_equal_numpy_and_the_other_paths(pool_fact
         # the rows moved in the one step (the normal and the low-latency dispatch), or, with 8 KiB of staging,
         # the blocks of the last case did not fit it: only the counts did, then the rows the other way
         assert paths[-2:] == (["counts"] * 2 if staging else ["one_step"] * 2), paths
+
+
+# ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
+# combine in bfloat16 within fp8's bound of the bfloat16 dispatch's
+FP8_CASE, FP8_HIDDEN = Case((4, 0, 7), 6, 2), 200  # rank 1 sends nothing; rows of two blocks, the second short
+
+
+def _fp8_round_trips(comm):
+    from test_quant import reference_fp8_rows, reference_fp8_rows_values
+    me, n, slots, failures = comm.rank, comm.size, max(FP8_CASE.tokens), []
+    x32, idx, w = _routing(31, me, FP8_HIDDEN, FP8_CASE)
+    x32[:, ::37] *= 50  # outliers
+    x, idx, w = torch.from_numpy(x32).to(torch.bfloat16), torch.from_numpy(idx), torch.from_numpy(w)
+    received = []  # the senders' rows with their outliers, rounded to bfloat16 as they were
+    for rows, _, _ in _received(31, me, n, FP8_HIDDEN, FP8_CASE):
+        rows[:, ::37] *= 50
+        received.append(torch.from_numpy(rows).to(torch.bfloat16).float().numpy())
+    with moe.Buffer(comm) as buffer, torch.no_grad():
+        for low_latency in (False, True):
+            def dispatch(**wire):
+                if low_latency:
+                    return buffer.low_latency_dispatch(x, idx, w, slots, num_experts=FP8_CASE.experts, **wire)
+                return buffer.dispatch(x, idx, w, num_experts=FP8_CASE.experts, **wire)
+            label = f"rank {me} of {n}, low_latency={low_latency}"
+            (codes, scales), ids, weights, _ = dispatch(fp8=True)
+            deq, _, _, handle = dispatch(fp8=True, dequantize=True)
+            plain, _, _, plain_handle = dispatch()
+            if codes.dtype != torch.float8_e4m3fn or scales.dtype != torch.float32 or deq.dtype != torch.bfloat16:
+                failures.append(f"{label}: dtypes {codes.dtype}, {scales.dtype}, {deq.dtype}")
+                continue
+            at = 0
+            for source, rows in enumerate(received):
+                start = source * slots if low_latency else at
+                block, pad = slice(start, start + len(rows)), slice(start + len(rows), start + slots)
+                want = reference_fp8_rows(rows)
+                if (codes[block].view(torch.uint8).numpy().tobytes() != want[:, :FP8_HIDDEN].tobytes() or
+                        scales[block].numpy().tobytes() != want[:, -scales.shape[1] * 4:].tobytes()):
+                    failures.append(f"{label}: the codes or scales from rank {source} are not numpy's")
+                if not torch.equal(deq[block], torch.from_numpy(reference_fp8_rows_values(want, FP8_HIDDEN)).to(
+                        torch.bfloat16)):
+                    failures.append(f"{label}: the dequantized rows from rank {source} are not numpy's")
+                if low_latency and (codes[pad].view(torch.uint8).any() or scales[pad].any() or deq[pad].any()):
+                    failures.append(f"{label}: padding rows from rank {source} are not zero")
+                at += len(rows)
+            combine = buffer.low_latency_combine if low_latency else buffer.combine
+            y = combine(_play_experts(deq.float(), ids, weights).to(torch.bfloat16), handle).float()
+            exact = combine(_play_experts(plain.float(), ids, weights).to(torch.bfloat16), plain_handle).float()
+            # each dequantized value is off by at most 1/16 of its block's largest (e4m3: 3 mantissa bits), then
+            # bfloat16 roundings; a token's rows add up with its total weight
+            total = torch.from_numpy((w.numpy() * _scale(idx.numpy())).sum(1, keepdims=True)).float()
+            bound = total * x.float().abs().amax(1, keepdim=True) * (1 / 16 + 1 / 128) + exact.abs() / 64 + 1e-6
+            if ((y - exact).abs() > bound).any():
+                failures.append(f"{label}: the fp8 round trip is off by more than fp8's bound")
+    return failures
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_fp8_dispatch_sends_numpys_codes_and_combines_within_the_bound(pool_factory, n):
+    failures = sum(pool_factory(n).run(_fp8_round_trips), [])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("wire, x, says", [
+    (dict(fp8="yes"), torch.zeros(2, 8), "must be bools"),
+    (dict(dequantize=True), torch.zeros(2, 8), "needs fp8=True"),
+    (dict(fp8=True), torch.zeros(2, 8, dtype=torch.float16), "bfloat16 or float32"),
+    (dict(fp8=True), torch.zeros(2, 8, requires_grad=True), "no gradient"),
+])
+def test_bad_fp8_arguments_are_clear_errors(wire, x, says):
+    idx, w = torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)
+    with ncl.init() as comm:
+        for call in (lambda: moe.dispatch(x, idx, w, comm, num_experts=4, **wire),
+                     lambda: moe.dispatch(x, idx, w, comm, num_experts=4, max_tokens_per_rank=2, **wire)):
+            with pytest.raises((ValueError, TypeError), match=says):
+                call()
