@@ -107,10 +107,12 @@ int ncl_moe_dispatch(ncl_comm* c, ncl_moe_dispatch_args* a) {
     ncl_call_begin(c, NCL_COLL_MOE_DISPATCH, NCL_UINT8, sent * record, -1, -1);
     uint8_t* slot = ncl_step_begin(c);
     const int64_t* token = a->send_token;
+    bool fits = true; /* else no record moves this step, anyone's: pack none */
+    for (int j = 0; j < n; j++) fits = fits && a->send_counts[j] <= fit;
     for (int j = 0; j < n; j++) {
         uint64_t count = a->send_counts[j];
         memcpy(slot + (size_t)j * piece, &count, sizeof count);
-        for (uint64_t i = 0; count <= fit && i < count; i++)
+        for (uint64_t i = 0; fits && i < count; i++)
             pack_record(slot + (size_t)j * piece + HEADER + i * record, a, (size_t)token[i], j, per);
         token += count;
     }
