@@ -536,10 +536,6 @@ class Buffer:
                 if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
                                     handle.slots):
                     return y
-                # a block does not fit one step: its real rows go back the normal mode's way (matrix known)
-                rows = torch.cat([expert_out[s * handle.slots:s * handle.slots + count]
-                                  for s, count in enumerate(handle.recv_counts)])
-                return self._combine(rows, handle._replace(slots=0))
             send, recv = self._slot_pair(tuple(expert_out.shape), expert_out.dtype)
             send.copy_(expert_out)
             return sum_by_token(_fixed_exchange(self.group, send, recv), handle)  # block r: rank r's rows, first real
@@ -568,9 +564,8 @@ class Buffer:
                 handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, slots=slots,
                                 rank_matrix=d.matrix)
                 return d.recv_x, d.recv_idx, d.recv_w, handle
-            # they did not: the normal mode's exchange of the real rows (the counts known now), then the slots
-            recv_x, recv_idx, recv_w, handle = self._dispatch_rows(x, topk_idx, topk_weights, num_experts, None, d)
-            return _into_slots(recv_x, recv_idx, recv_w, d.recv_counts, slots) + (handle._replace(slots=slots),)
+            # they did not (only the counts moved): the fixed exchange below, which measured faster at 8 ranks
+            # on 2 CPUs than the normal mode's exchange of the real rows spread into the slots after
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
         r = _route(idx, _is_in(idx, per, n), per)
         payload = slots * hidden * x.element_size()
@@ -599,20 +594,6 @@ class Buffer:
         handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], hidden, slots=slots)
         return (recv_x.view(n * slots, hidden), torch.from_numpy(recv_meta[:, :k].astype(np.int64)),
                 _weights_tensor(recv_meta[:, k:2 * k].copy(), topk_weights), handle)
-
-
-def _into_slots(recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor, counts: list, slots: int):
-    """Rows packed by source -> the low-latency layout: source s's from row s * slots, the rest zero rows
-    with ids -1 and weights 0."""
-    n, k = len(counts), recv_idx.shape[1]
-    x = recv_x.new_zeros((n * slots, recv_x.shape[1]))
-    idx, w = torch.full((n * slots, k), -1, dtype=recv_idx.dtype), recv_w.new_zeros((n * slots, k))
-    at = 0
-    for s, count in enumerate(counts):
-        for out, got in ((x, recv_x), (idx, recv_idx), (w, recv_w)):
-            out[s * slots:s * slots + count] = got[at:at + count]
-        at += count
-    return x, idx, w
 
 
 def _group(group) -> Group:
