@@ -19,8 +19,8 @@ const char* ncl_last_error(void) { return last_error; }
 const char* ncl_coll_name(int coll) {
     static const char* names[] = {"?", "barrier", "all_reduce", "reduce", "broadcast", "all_gather",
                                   "gather", "reduce_scatter", "scatter", "all_to_all", "all_to_allv",
-                                  "send", "comm.empty", "recv"};
-    return coll > 0 && coll <= NCL_COLL_RECV ? names[coll] : "?";
+                                  "send", "comm.empty", "recv", "moe_dispatch", "moe_combine"};
+    return coll > 0 && coll <= NCL_COLL_MOE_COMBINE ? names[coll] : "?";
 }
 
 const char* ncl_dtype_name(int dtype) {

@@ -53,7 +53,8 @@ typedef enum {
     NCL_COLL_BARRIER = 1, NCL_COLL_ALL_REDUCE, NCL_COLL_REDUCE, NCL_COLL_BROADCAST,
     NCL_COLL_ALL_GATHER, NCL_COLL_GATHER, NCL_COLL_REDUCE_SCATTER, NCL_COLL_SCATTER,
     NCL_COLL_ALL_TO_ALL, NCL_COLL_ALL_TO_ALLV, NCL_COLL_SEND, NCL_COLL_WINDOW,
-    NCL_COLL_RECV /* flight recorder only: a recv carries its sender's fingerprint */
+    NCL_COLL_RECV, /* flight recorder only: a recv carries its sender's fingerprint */
+    NCL_COLL_MOE_DISPATCH, NCL_COLL_MOE_COMBINE /* moe.c */
 } ncl_coll_kind;
 
 

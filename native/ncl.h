@@ -113,6 +113,12 @@ enum { NCL_MX_BLOCK = 32 };
 typedef enum { NCL_MX_FP8 = 0, NCL_MX_INT8 = 1, NCL_MX_FP4 = 2, NCL_NUM_MX_FORMATS = 3 } ncl_mx_format;
 int ncl_mx_quantize(void* packed, const float* values, size_t count, int format);
 int ncl_mx_dequantize(float* values, const void* packed, size_t count, int format);
+/* fp8 rows (DeepEP's convention: e4m3 codes, one float32 scale per NCL_FP8_ROW_BLOCK values of a
+ * row); native/quant.c states the rounding and the layout of a row's ncl_fp8_row_bytes bytes. */
+enum { NCL_FP8_ROW_BLOCK = 128 };
+size_t ncl_fp8_row_bytes(size_t width);
+int ncl_fp8_rows_quantize(void* packed, const float* rows, size_t nrows, size_t width);
+int ncl_fp8_rows_dequantize(float* rows, const void* packed, size_t nrows, size_t width);
 
 /* name: the group's rendezvous note in /dev/shm ("/ncl-..."), key: 64 hex characters, secret to
  * the job; both identical on every rank.  Rank 0 creates the segment (anonymous) and hands it to
@@ -186,6 +192,45 @@ typedef struct {
 int ncl_p2p_progress(ncl_comm* comm, ncl_p2p_op* ops, int n, double wait_s);
 /* A recv from whichever rank sends first (MPI_ANY_SOURCE); *src: that rank. */
 int ncl_recv_any(ncl_comm* comm, void* buf, size_t count, int dtype, int* src);
+
+/* MoE dispatch and combine of small batches in one step each (moe.c states how).  Experts are in
+ * contiguous blocks of num_experts / nranks; ncl_moe_dispatch routes, publishes counts and records,
+ * fills send_counts, send_token and the matrix [sender][receiver], and sets moved; when the rows
+ * moved, ncl_moe_take (next, with no call between) copies this rank's into recv_x, recv_idx and
+ * recv_w: packed by source rank, or with slots > 0 source s's at row s * slots, the rest zero
+ * (ids -1).  When they did not, only the counts moved (the same on every rank). */
+typedef struct {
+    const void* x;            /* tokens rows of row_bytes */
+    const void* topk_idx;     /* tokens x k expert ids (-1: none), idx_bytes (4 or 8) each */
+    const void* weights;      /* tokens x k routing weights, weight_bytes each */
+    uint64_t tokens, row_bytes;
+    int32_t k, idx_bytes, weight_bytes, num_experts;
+    uint64_t slots;           /* rows per source block of the outputs (low-latency mode); 0: packed */
+    void* recv_x;             /* take's outputs: rows of row_bytes, */
+    int64_t* recv_idx;        /* k ids per row (-1 where this rank does not hold the expert), */
+    void* recv_w;             /* k weights per row */
+    uint64_t* send_counts;    /* out: nranks rows sent to each rank */
+    int64_t* send_token;      /* out: the token of each row sent (tokens * min(k, nranks) room) */
+    int64_t* matrix;          /* out: nranks x nranks rows [sender][receiver] */
+    int32_t moved;            /* out: 1 the rows moved (take them); 0 only the counts */
+    uint32_t step;            /* out: the step they moved in (take checks it is still the last) */
+} ncl_moe_dispatch_args;
+int ncl_moe_dispatch(ncl_comm* comm, ncl_moe_dispatch_args* args);
+int ncl_moe_take(ncl_comm* comm, const ncl_moe_dispatch_args* args);
+/* The rows of a dispatch back to their tokens' ranks, each token's summed in rank order (as
+ * ncl_sum_rows) into y, in one step when each block fits one (moved = 1; else nothing happened,
+ * the same on every rank, and the caller moves them the ordinary way). */
+typedef struct {
+    const void* rows;         /* the received rows, processed: as recv_x was laid out */
+    uint64_t width;           /* elements per row */
+    int32_t dtype, moved;     /* moved: out */
+    uint64_t slots;           /* as the dispatch's */
+    const int64_t* matrix;    /* the dispatch's [sender][receiver] */
+    const int64_t* send_token;  /* the dispatch's */
+    uint64_t tokens;          /* this rank's tokens: y has tokens rows */
+    void* y;
+} ncl_moe_combine_args;
+int ncl_moe_combine(ncl_comm* comm, ncl_moe_combine_args* args);
 /* END CDEF */
 
 #endif

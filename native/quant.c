@@ -121,3 +121,49 @@ int ncl_mx_dequantize(float* values, const void* packed_, size_t count, int form
     }
     return NCL_OK;
 }
+
+/* fp8 rows (DeepEP's convention, ncl.moe's fp8 dispatch): each row's values in blocks of
+ * NCL_FP8_ROW_BLOCK (the last one may be shorter), one float32 scale per block.  amax = max |v| of
+ * the block, at least 1e-4; a code is float_to_e4m3(v * (448 / amax)) (|v * 448/amax| <= 448 up to
+ * one rounding, which e4m3 rounds back to 448), the scale amax / 448; a value decodes as code *
+ * scale.  NaNs are skipped by the max and stay NaN; an inf makes its block NaN.  Layout of a row:
+ * width codes, zero-padded to 4 bytes, then the scales (ncl_fp8_row_bytes in all). */
+size_t ncl_fp8_row_bytes(size_t width) {
+    return ((width + 3) & ~(size_t)3) + 4 * ncl_div_up(width, NCL_FP8_ROW_BLOCK);
+}
+
+int ncl_fp8_rows_quantize(void* packed_, const float* rows, size_t nrows, size_t width) {
+    size_t row_bytes = ncl_fp8_row_bytes(width), codes_bytes = (width + 3) & ~(size_t)3;
+    for (size_t r = 0; r < nrows; r++) {
+        const float* v = rows + r * width;
+        uint8_t* codes = (uint8_t*)packed_ + r * row_bytes;
+        memset(codes + width, 0, codes_bytes - width);
+        for (size_t b = 0, at = 0; at < width; b++, at += NCL_FP8_ROW_BLOCK) {
+            size_t m = ncl_min(NCL_FP8_ROW_BLOCK, width - at);
+            float amax = 1e-4f;
+            for (size_t i = 0; i < m; i++) {
+                float a = fp8_bits_to_float(fp8_float_to_bits(v[at + i]) & 0x7fffffffu);
+                amax = a > amax ? a : amax;
+            }
+            float factor = 448.0f / amax, scale = amax / 448.0f;
+            for (size_t i = 0; i < m; i++) codes[at + i] = float_to_e4m3(v[at + i] * factor);
+            memcpy(codes + codes_bytes + 4 * b, &scale, 4);
+        }
+    }
+    return NCL_OK;
+}
+
+int ncl_fp8_rows_dequantize(float* rows, const void* packed_, size_t nrows, size_t width) {
+    size_t row_bytes = ncl_fp8_row_bytes(width), codes_bytes = (width + 3) & ~(size_t)3;
+    for (size_t r = 0; r < nrows; r++) {
+        const uint8_t* codes = (const uint8_t*)packed_ + r * row_bytes;
+        float* v = rows + r * width;
+        for (size_t b = 0, at = 0; at < width; b++, at += NCL_FP8_ROW_BLOCK) {
+            size_t m = ncl_min(NCL_FP8_ROW_BLOCK, width - at);
+            float scale;
+            memcpy(&scale, codes + codes_bytes + 4 * b, 4);
+            for (size_t i = 0; i < m; i++) v[at + i] = e4m3_to_float(codes[at + i]) * scale;
+        }
+    }
+    return NCL_OK;
+}

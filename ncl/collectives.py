@@ -53,6 +53,9 @@ COLLECTIVES: Dict[str, Collective] = {c.name: c for c in (
     Collective("send", False, False, VARIES, False, "send_recv", _one),
     Collective("recv", False, False, VARIES, False, "send_recv", _one),
     Collective("barrier", False, False, VARIES, False, "all_reduce", None),
+    # ncl.moe's small dispatch and combine, one step each (native/moe.c); count: the bytes this rank sends
+    Collective("moe_dispatch", False, False, VARIES, False, "all_to_all", None),
+    Collective("moe_combine", False, False, VARIES, False, "all_to_all", None),
 )}
 BLOCK_COUNTED = frozenset(c.name for c in COLLECTIVES.values() if c.block_counted)
 # the link model's collectives and their factors (send and recv are its send_recv)

@@ -46,6 +46,7 @@ def failure_reason(exc: BaseException) -> str:
 _IN_PLACE = "only out=x itself (in place)"
 _NDARRAY = np.ndarray  # (a global: the fast path's type test skips an attribute lookup)
 _OWN_BLOCK = "only x = this rank's block of out (in place)"
+_UINT8 = dtypes.CODES["uint8"]
 
 
 def _ptr(buf: Optional[Buffer]):
@@ -506,6 +507,17 @@ class Communicator:
         if known.shape != (self._size, self._size):
             raise ValueError(f"all_counts must be a ({self._size}, {self._size}) matrix, not {known.shape}")
         return known
+
+    def _moe(self, collective: str, args, nbytes: int) -> None:
+        """ncl.moe's small dispatch or combine, one step of the core (native/moe.c) from the argument
+        struct ncl/moe.py filled and checked ("moe_dispatch" or "moe_combine"; nbytes: about what this
+        rank sends, for the emulator): run as any call, after queued work, traced, costed, failing alike.
+        A dispatch whose rows moved is taken (ncl_moe_take) by _moe_take, next."""
+        self._launch(Call.of(collective, args, ffi.NULL, nbytes, _UINT8), None, False, written=False)
+
+    def _moe_take(self, args) -> None:
+        """This rank's rows of the moe_dispatch that just ran, into the outputs args now points to."""
+        self._backend.moe_take(args)
 
     # ---- point to point and synchronisation ------------------------------------------------------
     def send(self, x, dst: int, *, async_op: bool = False):

@@ -91,6 +91,39 @@ def dequantize(packed: np.ndarray, count: int, fmt: Format) -> np.ndarray:
     return out
 
 
+# ---- fp8 rows (DeepEP's convention), what ncl.moe's fp8 dispatch sends -------------------------------------------
+FP8_ROW_BLOCK = lib.NCL_FP8_ROW_BLOCK  # values of a row per float32 scale (the last block of a row may be shorter)
+
+
+def fp8_row_bytes(width: int) -> int:
+    """Bytes of a row of `width` values as an fp8 row: e4m3 codes (padded to 4 bytes), then one float32
+    scale per FP8_ROW_BLOCK values (native/quant.c states the rounding)."""
+    return lib.ncl_fp8_row_bytes(width)
+
+
+def quantize_fp8_rows(rows: np.ndarray) -> np.ndarray:
+    """float32 rows (R, W) -> their fp8 rows, (R, fp8_row_bytes(W)) uint8."""
+    v = np.ascontiguousarray(rows, dtype=np.float32)
+    packed = np.empty((v.shape[0], fp8_row_bytes(v.shape[1])), dtype=np.uint8)
+    check(lib.ncl_fp8_rows_quantize(ffi.from_buffer(packed), ffi.from_buffer("float[]", v), v.shape[0], v.shape[1]))
+    return packed
+
+
+def fp8_row_parts(packed: np.ndarray, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Views of fp8 rows (R, fp8_row_bytes(width)): the codes (R, width) uint8, the scales (R, blocks) float32."""
+    return packed[:, :width], packed[:, fp8_row_bytes(width) - 4 * -(-width // FP8_ROW_BLOCK):].view(np.float32)
+
+
+def dequantize_fp8_rows(packed: np.ndarray, width: int) -> np.ndarray:
+    """fp8 rows (R, fp8_row_bytes(width)) uint8 -> their float32 values (R, width): code times scale."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    if packed.ndim != 2 or packed.shape[1] != fp8_row_bytes(width):
+        raise ValueError(f"fp8 rows of {width} values are {fp8_row_bytes(width)} bytes, not {packed.shape}")
+    out = np.empty((packed.shape[0], width), dtype=np.float32)
+    check(lib.ncl_fp8_rows_dequantize(ffi.from_buffer("float[]", out), ffi.from_buffer(packed), packed.shape[0], width))
+    return out
+
+
 # ---- the collectives -------------------------------------------------------------------------------------------
 
 def _values(buf) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from . import buffers, scratch
+from . import buffers, compress, moe_step, scratch
 from .errors import NclStateError
 from .group import Group
 
@@ -76,12 +76,15 @@ def _experts_per_rank(num_experts: int, nranks: int) -> int:
     return num_experts // nranks
 
 
-def _check_routing(topk_idx: torch.Tensor, num_experts: int) -> np.ndarray:
+def _check_routing(topk_idx: torch.Tensor, num_experts: int, ids: bool = True) -> Optional[np.ndarray]:
     """topk_idx checked, as an int64 numpy array (the routing bookkeeping runs in numpy: a few µs
-    where the same torch ops cost tens of µs)."""
+    where the same torch ops cost tens of µs).  ids=False: its shape and dtype only (None), for
+    the one-step path, whose core checks the ids before anything moves (native/moe.c)."""
     if topk_idx.dim() != 2 or topk_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"topk_idx must be an int tensor of shape (tokens, k), not {topk_idx.dtype} "
                          f"{tuple(topk_idx.shape)}")
+    if not ids:
+        return None
     idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
     if idx.size and (idx.min() < -1 or idx.max() >= num_experts):
         raise ValueError(f"topk_idx holds expert ids outside 0..{num_experts - 1} (or -1 for none)")
@@ -167,6 +170,7 @@ def _exchange_counts(group: Group, counts: np.ndarray):
 
 
 PACKED_MAX_BYTES = 256 << 10       # dispatches whose largest send is smaller: rows, ids and weights in one exchange
+                                   # (0: neither that nor the one-step path of ncl/moe_step.py: tests reach the others so)
 SEND_BUFFER_MIN_BYTES = 64 << 10   # from here up the rows are gathered into the registered send buffer
 
 
@@ -283,18 +287,45 @@ def _num_experts(num_experts: Optional[int], layout: Optional[Layout]) -> int:
     return len(layout.num_tokens_per_expert)
 
 
-def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity_factor):
-    """(topk_idx after the capacity factor, choices dropped): the arguments of a dispatch checked."""
+def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity_factor, ids: bool = True):
+    """(topk_idx after the capacity factor, choices dropped): the arguments of a dispatch checked
+    (ids=False: not the expert ids, which the one-step path's core checks)."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
     _experts_per_rank(num_experts, group.size)
-    _check_routing(topk_idx, num_experts)
+    _check_routing(topk_idx, num_experts, ids)
     if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
                          f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
     if capacity_factor is None:
         return topk_idx, 0
     return apply_capacity(topk_idx, num_experts, capacity_factor)
+
+
+def _check_fp8(x: torch.Tensor, fp8, dequantize) -> None:
+    if not isinstance(fp8, bool) or not isinstance(dequantize, bool):
+        raise TypeError(f"fp8 and dequantize must be bools, not {fp8!r} and {dequantize!r}")
+    if dequantize and not fp8:
+        raise ValueError("dequantize=True needs fp8=True")
+    if fp8 and x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"an fp8 dispatch takes bfloat16 or float32 rows, not {x.dtype}")
+    if fp8 and torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("an fp8 dispatch has no gradient: run it under torch.no_grad(), or on x.detach()")
+
+
+def _fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as fp8 rows (ncl.compress.quantize_fp8_rows), the bytes the dispatch moves."""
+    return torch.from_numpy(compress.quantize_fp8_rows(x.detach().float().numpy()))
+
+
+def _fp8_received(rows: torch.Tensor, hidden: int, dequantize: bool):
+    """What an fp8 dispatch returns for the fp8 rows it received: (codes (R, hidden) float8_e4m3fn,
+    scales (R, blocks) float32), or with dequantize the rows in bfloat16 (code * scale, rounded once)."""
+    packed = rows.numpy()
+    if dequantize:
+        return torch.from_numpy(compress.dequantize_fp8_rows(packed, hidden)).to(torch.bfloat16)
+    codes, scales = compress.fp8_row_parts(packed, hidden)
+    return torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn), torch.from_numpy(scales.copy())
 
 
 class Buffer:
@@ -315,6 +346,7 @@ class Buffer:
         self.group = Group(group)
         self._register = reuse and self.group.is_ncl
         keep = self._register and self.group.group.single_host
+        self._one_step = self.group.is_ncl and self.group.group.single_host  # small batches: ncl/moe_step.py
         self._send = scratch.SendBuffer(self.group.group) if keep else None
         self._outputs = scratch.OutputPool() if keep else None
         self._back = scratch.OutputPool(1) if keep else None  # combine's received rows, dropped at its end
@@ -346,6 +378,10 @@ class Buffer:
         if self._closed:
             raise NclStateError("this MoE Buffer is closed")
 
+    def _in_one_step(self) -> bool:
+        """Small batches go through ncl/moe_step.py (the same answer on every rank)."""
+        return self._one_step and PACKED_MAX_BYTES > 0
+
     def _check_handle(self, handle: Handle, low_latency: bool) -> None:
         self._check_open()
         if handle.buffer is not self:
@@ -361,17 +397,27 @@ class Buffer:
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
-                 capacity_factor: Optional[float] = None):
+                 capacity_factor: Optional[float] = None, fp8: bool = False, dequantize: bool = False):
         """(recv_x, recv_topk_idx, recv_topk_weights, handle): the tokens this rank's experts must
         process, grouped by source rank (token order within each), with their top-k global expert
         ids (-1 where the expert is on another rank) and weights.  Collective over the group.
         The routing weights are not differentiated through (as DeepEP's dispatch).
         num_experts: needed unless a layout (get_dispatch_layout) is given.
         capacity_factor: drop the choices beyond each expert's capacity (apply_capacity) first;
-        handle.dropped says how many; a layout passed in must then come from the kept choices."""
+        handle.dropped says how many; a layout passed in must then come from the kept choices.
+        fp8: send the rows (bfloat16 or float32, no gradient) as e4m3 codes with one float32 scale
+        per 128 values of a row (DeepEP's convention; ncl.compress.quantize_fp8_rows): recv_x is
+        then (codes (R, hidden) float8_e4m3fn, scales (R, ceil(hidden / 128)) float32), or with
+        dequantize=True the rows in bfloat16; combine takes bfloat16 rows as usual."""
         self._check_open()
         num_experts = _num_experts(num_experts, layout)
-        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
+                                     ids=layout is not None or not self._in_one_step())
+        _check_fp8(x, fp8, dequantize)
+        if fp8:
+            recv, recv_idx, recv_w, handle = self._dispatch(_fp8_rows(x), topk_idx, topk_weights, num_experts, layout)
+            return (_fp8_received(recv, x.shape[1], dequantize), recv_idx, recv_w,
+                    handle._replace(hidden=x.shape[1], dropped=dropped))
         if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
             recv_x, recv_idx, recv_w, handle = self._dispatch(x, topk_idx, topk_weights, num_experts, layout)
         else:
@@ -396,12 +442,27 @@ class Buffer:
         return _Combine.apply(expert_out, handle)
 
     def _dispatch(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout]):
+        if layout is None and self._in_one_step():  # one step: the counts, and the rows when they fit it
+            d = moe_step.dispatch(self.group.group, x, topk_idx, topk_weights, num_experts)
+            if d.moved:
+                return d.recv_x, d.recv_idx, d.recv_w, Handle(self, d.send_token, d.send_counts, d.recv_counts,
+                                                              x.shape[0], x.shape[1], rank_matrix=d.matrix)
+            return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, None, d)
+        return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, layout, None)
+
+    def _dispatch_rows(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout],
+                       counted: Optional[moe_step.Dispatched]):
+        """The rows through all_to_allv, the counts taken from the layout, from the one step that counted
+        them, or exchanged first."""
         group = self.group
         per = num_experts // group.size
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)  # checked by dispatch()
         if layout is None:
             r = _route(idx, _is_in(idx, per, group.size), per)
-            recv_counts, matrix = _exchange_counts(group, np.asarray(r.send_counts))
+            if counted is None:
+                recv_counts, matrix = _exchange_counts(group, np.asarray(r.send_counts))
+            else:
+                recv_counts, matrix = counted.recv_counts, counted.matrix
         else:
             r = _route(idx, layout.is_token_in_rank.t().numpy(), per)
             recv_counts, matrix = layout.num_recv_per_rank.tolist(), layout.rank_matrix
@@ -430,27 +491,38 @@ class Buffer:
 
     def _combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Rows back to their tokens' ranks, summed per token in rank order."""
+        if self._in_one_step() and handle.rank_matrix is not None:
+            y = self._outputs.empty((handle.num_tokens, handle.hidden), expert_out.dtype) if self._outputs is not None \
+                else torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+            if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y):
+                return y
         matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
         back = _all_to_allv(self.group, expert_out, handle.recv_counts, handle.send_counts, self._back, matrix)
         return sum_by_token(back, handle, self._outputs)
 
     # ---- low-latency mode -----------------------------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                             max_tokens_per_rank: int, *, num_experts: int, capacity_factor: Optional[float] = None):
+                             max_tokens_per_rank: int, *, num_experts: int, capacity_factor: Optional[float] = None,
+                             fp8: bool = False, dequantize: bool = False):
         """dispatch for decode (inference, no autograd): every rank sends every rank exactly
         max_tokens_per_rank=M rows, so no count travels before the data, through fixed slots
         (registered memory over an ncl communicator).  recv_x has N*M rows, block s from rank
-        s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1."""
+        s, its first handle.recv_counts[s] real and the rest zero with recv_topk_idx -1.
+        fp8, dequantize: as dispatch's (padding rows: zero codes and scales)."""
         self._check_open()
-        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor)
+        topk_idx, dropped = _checked(self.group, x, topk_idx, topk_weights, num_experts, capacity_factor,
+                                     ids=not self._in_one_step())
         if isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
             raise ValueError(f"max_tokens_per_rank must be a positive int, not {max_tokens_per_rank!r}")
         if x.shape[0] > max_tokens_per_rank:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={max_tokens_per_rank}")
+        _check_fp8(x, fp8, dequantize)
         with torch.no_grad():
-            recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(x, topk_idx, topk_weights, num_experts,
-                                                                          max_tokens_per_rank)
-        return recv_x, recv_idx, recv_w, handle._replace(dropped=dropped)
+            recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(_fp8_rows(x) if fp8 else x, topk_idx,
+                                                                          topk_weights, num_experts, max_tokens_per_rank)
+        if fp8:
+            recv_x = _fp8_received(recv_x, x.shape[1], dequantize)
+        return recv_x, recv_idx, recv_w, handle._replace(hidden=x.shape[1], dropped=dropped)
 
     def low_latency_combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """combine for a handle of low_latency_dispatch: expert_out has the N*M rows it returned."""
@@ -459,6 +531,11 @@ class Buffer:
         if expert_out.dim() != 2 or expert_out.shape[0] != rows:
             raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
         with torch.no_grad():
+            if self._in_one_step() and handle.rank_matrix is not None:
+                y = torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+                if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
+                                    handle.slots):
+                    return y
             send, recv = self._slot_pair(tuple(expert_out.shape), expert_out.dtype)
             send.copy_(expert_out)
             return sum_by_token(_fixed_exchange(self.group, send, recv), handle)  # block r: rank r's rows, first real
@@ -481,6 +558,14 @@ class Buffer:
         only the unused rows cleared) and read out of the received blocks in one copy each."""
         group = self.group
         n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
+        if self._in_one_step():  # one step of the core when the slots fit it (else it exchanged only counts)
+            d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots)
+            if d.moved:
+                handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, slots=slots,
+                                rank_matrix=d.matrix)
+                return d.recv_x, d.recv_idx, d.recv_w, handle
+            # they did not (only the counts moved): the fixed exchange below, which measured faster at 8 ranks
+            # on 2 CPUs than the normal mode's exchange of the real rows spread into the slots after
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
         r = _route(idx, _is_in(idx, per, n), per)
         payload = slots * hidden * x.element_size()
@@ -517,17 +602,18 @@ def _group(group) -> Group:
 
 def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, group,
              layout: Optional[Layout] = None, *, num_experts: Optional[int] = None,
-             capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None):
+             capacity_factor: Optional[float] = None, max_tokens_per_rank: Optional[int] = None, fp8: bool = False,
+             dequantize: bool = False):
     """Buffer.dispatch, or with max_tokens_per_rank=M Buffer.low_latency_dispatch, on group: a
     Buffer, or an ncl communicator or torch group (then on a Buffer made for this call, which
     the handle keeps for combine)."""
     buffer = group if isinstance(group, Buffer) else Buffer(group, reuse=False)
     if max_tokens_per_rank is None:
         return buffer.dispatch(x, topk_idx, topk_weights, layout, num_experts=num_experts,
-                               capacity_factor=capacity_factor)
+                               capacity_factor=capacity_factor, fp8=fp8, dequantize=dequantize)
     return buffer.low_latency_dispatch(x, topk_idx, topk_weights, max_tokens_per_rank,
                                        num_experts=_num_experts(num_experts, layout),
-                                       capacity_factor=capacity_factor)
+                                       capacity_factor=capacity_factor, fp8=fp8, dequantize=dequantize)
 
 
 def combine(expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:

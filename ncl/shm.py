@@ -49,6 +49,10 @@ def _runner(handle):
                 rc = lib.ncl_scatter(handle, c.send, c.recv, c.count, c.dtype, c.root)
             case "barrier":
                 rc = lib.ncl_barrier(handle)
+            case "moe_dispatch":  # c.send: the ncl_moe_dispatch_args ncl/moe.py filled
+                rc = lib.ncl_moe_dispatch(handle, c.send)
+            case "moe_combine":
+                rc = lib.ncl_moe_combine(handle, c.send)
             case _:
                 raise ValueError(f"the shared-memory backend has no collective {c.collective!r}")
         if rc:
@@ -136,6 +140,10 @@ class SharedMemoryBackend:
             return None
         return (e.seq, ffi.string(e.algorithm).decode() if e.algorithm else None, e.steps,
                 max(e.t_end - e.t_begin, 0.0))
+
+    def moe_take(self, args) -> None:
+        """Copy this rank's rows of the moe_dispatch that just ran out of the step (native/moe.c)."""
+        check(lib.ncl_moe_take(self.handle, args))
 
     def p2p_batch(self) -> P2PBatch:
         return P2PBatch(self.handle)

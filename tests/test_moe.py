@@ -15,13 +15,14 @@ import contextlib
 import gc
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
 import ncl
-from harness import ncl_run_argv, program_failures
+from harness import SMALL_STAGING, ncl_run_argv, program_failures
 from ncl import moe, scratch
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_program.py")
@@ -80,31 +81,44 @@ EXPERTS, HIDDEN, TOP_K = 6, 40, 2
 TOKENS = (5, 0, 9)  # per rank: rank 1 sends nothing
 
 
-def _routing(seed: int, rank: int, hidden: int = HIDDEN):
+class Case(NamedTuple):
+    tokens: tuple = TOKENS  # per rank
+    experts: int = EXPERTS
+    top_k: int = TOP_K
+
+
+def _routing(seed: int, rank: int, hidden: int = HIDDEN, case: Case = Case()):
     """(x, topk_idx, topk_weights) as numpy: distinct experts per token, some choices -1."""
     g = np.random.default_rng([seed, rank])
-    tokens = TOKENS[rank]
+    tokens, k = case.tokens[rank], case.top_k
     x = g.standard_normal((tokens, hidden)).astype(np.float32)
-    idx = np.array([g.choice(EXPERTS, TOP_K, replace=False) for _ in range(tokens)], dtype=np.int64)
-    idx = idx.reshape(tokens, TOP_K)
-    idx[g.random((tokens, TOP_K)) < 0.2] = -1
-    return x, idx, g.random((tokens, TOP_K)).astype(np.float32)
+    idx = np.array([g.choice(case.experts, k, replace=False) for _ in range(tokens)], dtype=np.int64)
+    idx = idx.reshape(tokens, k)
+    idx[g.random((tokens, k)) < 0.2] = -1
+    return x, idx, g.random((tokens, k)).astype(np.float32)
 
 
 def _scale(ids: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, 1 + ids / 4, 0.0)
 
 
-def _expected(seed: int, me: int, n: int, hidden: int = HIDDEN):
-    """(rows from each source rank, this rank's combined output), in numpy."""
-    per = EXPERTS // n
+def _received(seed: int, me: int, n: int, hidden: int = HIDDEN, case: Case = Case()):
+    """Per source rank, in numpy: (its rows this rank receives, their ids, -1 where this rank
+    lacks the expert, their weights)."""
+    per = case.experts // n
     received = []
     for source in range(n):
-        x, idx, w = _routing(seed, source, hidden)
+        x, idx, w = _routing(seed, source, hidden, case)
         mine = ((idx >= 0) & (idx // per == me)).any(1)
-        received.append(x[mine])
-    x, idx, w = _routing(seed, me, hidden)
-    return received, (x * (w * _scale(idx)).sum(1, keepdims=True)).astype(np.float32)
+        received.append((x[mine], np.where((idx >= 0) & (idx // per == me), idx, -1)[mine], w[mine]))
+    return received
+
+
+def _expected(seed: int, me: int, n: int, hidden: int = HIDDEN, case: Case = Case()):
+    """(rows from each source rank, this rank's combined output), in numpy."""
+    x, idx, w = _routing(seed, me, hidden, case)
+    return ([rows for rows, _, _ in _received(seed, me, n, hidden, case)],
+            (x * (w * _scale(idx)).sum(1, keepdims=True)).astype(np.float32))
 
 
 def _play_experts(recv_x, recv_idx, recv_w):
@@ -247,3 +261,143 @@ def test_a_closed_buffer_frees_its_registered_memory(pool_factory):
         assert after == before, f"rank {rank}: {after - before} mappings left after close"
         assert files_after == files_before, f"rank {rank}: /dev/shm {files_before} -> {files_after}"
         assert refused, f"rank {rank}: a closed Buffer still dispatched"
+
+
+# ---- the one-step path (ncl/moe_step.py, native/moe.c) against numpy, and against the other paths bit for bit
+ONE_STEP_CASES = [  # tokens per rank (the first N of them), experts, top-k: one token, empty ranks, top-1 to top-4
+    Case((1, 1, 1, 1), 4, 1),
+    Case((0, 3, 0, 7), 8, 4),
+    Case((6, 2, 9, 1), 16, 3),
+    Case((40, 0, 33, 45), 8, 2),  # with 8 KiB of staging, blocks that do not fit one step: counts, then the rows
+]
+
+
+def _one_step_round_trips(comm, case: Case, dtype: torch.dtype, id_dtype: torch.dtype):
+    """(failures, the flight record's paths of the one-step dispatches): both modes through the one-step
+    path, checked against numpy (rows, ids, weights, output) and against the other paths (every output bit)."""
+    me, n, slots = comm.rank, comm.size, max(max(case.tokens[:comm.size]), 1)
+    x, idx, w = (torch.from_numpy(a) for a in _routing(21, me, HIDDEN, case))
+    x, idx = x.to(dtype), idx.to(id_dtype)
+    failures, results = [], {}
+    for path in ("packed", "registered"):  # packed: the one-step path; registered: the other ones
+        with _exchange_path(path), moe.Buffer(comm) as buffer:
+            for low_latency in (False, True):
+                if low_latency:
+                    got = buffer.low_latency_dispatch(x, idx, w, slots, num_experts=case.experts)
+                    y = buffer.low_latency_combine(_play_experts(got[0].float(), *got[1:3]).to(dtype), got[3])
+                else:
+                    got = buffer.dispatch(x, idx, w, num_experts=case.experts)
+                    y = buffer.combine(_play_experts(got[0].float(), *got[1:3]).to(dtype), got[3])
+                results[path, low_latency] = got[:3] + (y,)
+    paths = [e["algorithm"] for e in comm.flight_record() if e["collective"] == "moe_dispatch"]
+    for low_latency in (False, True):
+        label = f"{case}, {dtype}, ids {id_dtype}, low_latency={low_latency}, rank {me}"
+        recv_x, recv_idx, recv_w, y = results["packed", low_latency]
+        if any(not torch.equal(a, b) for a, b in zip(results["packed", low_latency], results["registered", low_latency])):
+            failures.append(f"{label}: the one-step path differs from the other paths")
+        at = 0
+        for source, (rows, ids, weights) in enumerate(_received(21, me, n, HIDDEN, case)):
+            start = source * slots if low_latency else at
+            block = slice(start, start + len(rows))
+            pad = slice(start + len(rows), start + slots) if low_latency else slice(0, 0)
+            if not (torch.equal(recv_x[block], torch.from_numpy(rows).to(dtype)) and
+                    torch.equal(recv_idx[block], torch.from_numpy(ids)) and
+                    torch.equal(recv_w[block], torch.from_numpy(weights)) and
+                    not recv_x[pad].any() and (recv_idx[pad] == -1).all() and not recv_w[pad].any()):
+                failures.append(f"{label}: the rows, ids or weights from rank {source} differ from numpy's")
+            at += len(rows)
+        want = torch.from_numpy(_expected(21, me, n, HIDDEN, case)[1])
+        if not torch.allclose(y.float(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2):
+            failures.append(f"{label}: the combined output differs from numpy's")
+    return failures, paths
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("n, staging", [(2, ()), (4, ()), (2, SMALL_STAGING)])
+def test_one_step_dispatch_and_combine_equal_numpy_and_the_other_paths(pool_factory, n, staging):
+    pool = pool_factory(n, staging)
+    for i, case in enumerate(ONE_STEP_CASES[-1:] if staging else ONE_STEP_CASES):
+        dtype, ids = (torch.bfloat16, torch.int32) if i % 2 else (torch.float32, torch.int64)
+        answers = pool.run(_one_step_round_trips, case, dtype, ids)
+        failures = sum((f for f, _ in answers), [])
+        assert not failures, "\n".join(failures)
+        paths = answers[0][1]
+        # the rows moved in the one step (the normal and the low-latency dispatch), or, with 8 KiB of staging,
+        # the blocks of the last case did not fit it: only the counts did, then the rows the other way
+        assert paths[-2:] == (["counts"] * 2 if staging else ["one_step"] * 2), paths
+
+
+# ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
+# combine in bfloat16 within fp8's bound of the bfloat16 dispatch's
+FP8_CASE, FP8_HIDDEN = Case((4, 0, 7), 6, 2), 200  # rank 1 sends nothing; rows of two blocks, the second short
+
+
+def _fp8_round_trips(comm):
+    from test_quant import reference_fp8_rows, reference_fp8_rows_values
+    me, n, slots, failures = comm.rank, comm.size, max(FP8_CASE.tokens), []
+    x32, idx, w = _routing(31, me, FP8_HIDDEN, FP8_CASE)
+    x32[:, ::37] *= 50  # outliers
+    x, idx, w = torch.from_numpy(x32).to(torch.bfloat16), torch.from_numpy(idx), torch.from_numpy(w)
+    received = []  # the senders' rows with their outliers, rounded to bfloat16 as they were
+    for rows, _, _ in _received(31, me, n, FP8_HIDDEN, FP8_CASE):
+        rows[:, ::37] *= 50
+        received.append(torch.from_numpy(rows).to(torch.bfloat16).float().numpy())
+    with moe.Buffer(comm) as buffer, torch.no_grad():
+        for low_latency in (False, True):
+            def dispatch(**wire):
+                if low_latency:
+                    return buffer.low_latency_dispatch(x, idx, w, slots, num_experts=FP8_CASE.experts, **wire)
+                return buffer.dispatch(x, idx, w, num_experts=FP8_CASE.experts, **wire)
+            label = f"rank {me} of {n}, low_latency={low_latency}"
+            (codes, scales), ids, weights, _ = dispatch(fp8=True)
+            deq, _, _, handle = dispatch(fp8=True, dequantize=True)
+            plain, _, _, plain_handle = dispatch()
+            if codes.dtype != torch.float8_e4m3fn or scales.dtype != torch.float32 or deq.dtype != torch.bfloat16:
+                failures.append(f"{label}: dtypes {codes.dtype}, {scales.dtype}, {deq.dtype}")
+                continue
+            at = 0
+            for source, rows in enumerate(received):
+                start = source * slots if low_latency else at
+                block, pad = slice(start, start + len(rows)), slice(start + len(rows), start + slots)
+                want = reference_fp8_rows(rows)
+                if (codes[block].view(torch.uint8).numpy().tobytes() != want[:, :FP8_HIDDEN].tobytes() or
+                        scales[block].numpy().tobytes() != want[:, -scales.shape[1] * 4:].tobytes()):
+                    failures.append(f"{label}: the codes or scales from rank {source} are not numpy's")
+                if not torch.equal(deq[block], torch.from_numpy(reference_fp8_rows_values(want, FP8_HIDDEN)).to(
+                        torch.bfloat16)):
+                    failures.append(f"{label}: the dequantized rows from rank {source} are not numpy's")
+                if low_latency and (codes[pad].view(torch.uint8).any() or scales[pad].any() or deq[pad].any()):
+                    failures.append(f"{label}: padding rows from rank {source} are not zero")
+                at += len(rows)
+            combine = buffer.low_latency_combine if low_latency else buffer.combine
+            y = combine(_play_experts(deq.float(), ids, weights).to(torch.bfloat16), handle).float()
+            exact = combine(_play_experts(plain.float(), ids, weights).to(torch.bfloat16), plain_handle).float()
+            # each dequantized value is off by at most 1/16 of its block's largest (e4m3: 3 mantissa bits), then
+            # bfloat16 roundings; a token's rows add up with its total weight
+            total = torch.from_numpy((w.numpy() * _scale(idx.numpy())).sum(1, keepdims=True)).float()
+            bound = total * x.float().abs().amax(1, keepdim=True) * (1 / 16 + 1 / 128) + exact.abs() / 64 + 1e-6
+            if ((y - exact).abs() > bound).any():
+                failures.append(f"{label}: the fp8 round trip is off by more than fp8's bound")
+    return failures
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_fp8_dispatch_sends_numpys_codes_and_combines_within_the_bound(pool_factory, n):
+    failures = sum(pool_factory(n).run(_fp8_round_trips), [])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("wire, x, says", [
+    (dict(fp8="yes"), torch.zeros(2, 8), "must be bools"),
+    (dict(dequantize=True), torch.zeros(2, 8), "needs fp8=True"),
+    (dict(fp8=True), torch.zeros(2, 8, dtype=torch.float16), "bfloat16 or float32"),
+    (dict(fp8=True), torch.zeros(2, 8, requires_grad=True), "no gradient"),
+])
+def test_bad_fp8_arguments_are_clear_errors(wire, x, says):
+    idx, w = torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)
+    with ncl.init() as comm:
+        for call in (lambda: moe.dispatch(x, idx, w, comm, num_experts=4, **wire),
+                     lambda: moe.dispatch(x, idx, w, comm, num_experts=4, max_tokens_per_rank=2, **wire)):
+            with pytest.raises((ValueError, TypeError), match=says):
+                call()

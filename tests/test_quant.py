@@ -104,3 +104,49 @@ def test_bad_counts_are_errors():
         compress.dequantize(np.zeros(66, np.uint8), 33, fmt)
     with pytest.raises(ValueError, match="fewer than 64 values"):
         compress.dequantize(np.zeros(65, np.uint8), 64, fmt)
+
+
+# ---- fp8 rows (DeepEP's convention: e4m3 codes, one float32 scale per 128 values of a row), ncl.moe's fp8 dispatch
+def reference_fp8_rows(rows: np.ndarray) -> np.ndarray:
+    """Per row, blocks of 128 (the last one shorter): amax = max |v| (NaNs skipped), at least 1e-4; codes
+    e4m3(v * (448 / amax)), scale amax / 448.  Bytes of a row: the codes, zero-padded to 4, then the scales."""
+    r, w = rows.shape
+    blocks = -(-w // 128)
+    codes, scales = np.zeros((r, -(-w // 4) * 4), np.uint8), np.empty((r, blocks), np.float32)
+    for b in range(blocks):
+        v = rows[:, b * 128:(b + 1) * 128]
+        amax = np.fmax(np.fmax.reduce(np.abs(v), axis=1), np.float32(1e-4))
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = v * (np.float32(448) / amax)[:, None]
+        codes[:, b * 128:b * 128 + v.shape[1]] = scaled.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+        scales[:, b] = amax / np.float32(448)
+    return np.concatenate([codes, scales.view(np.uint8).reshape(r, 4 * blocks)], axis=1)
+
+
+def reference_fp8_rows_values(packed: np.ndarray, width: int) -> np.ndarray:
+    codes = packed[:, :width].view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    scales = np.ascontiguousarray(packed[:, -(-width // 4) * 4:]).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        return codes * np.repeat(scales, 128, axis=1)[:, :width]
+
+
+def test_fp8_rows_are_the_references_bytes():
+    for rows, width in ((0, 64), (1, 1), (3, 127), (2, 128), (5, 200), (4, 2880), (64, 256)):
+        count = rows * width
+        for kind in ("awkward", "outliers"):
+            seed = case_seed("fp8 rows", kind, rows, width)
+            if kind == "awkward":  # zeros, NaN and inf blocks, 1e-38 .. 1e38, subnormals
+                v = _awkward(-(-count // BLOCK) * BLOCK, seed)[:count].reshape(rows, width)
+            else:
+                rng = np.random.default_rng(seed)
+                v = rng.standard_normal((rows, width)).astype(np.float32)
+                v[rng.random((rows, width)) < 0.01] *= 1000
+            want = reference_fp8_rows(v)
+            got = compress.quantize_fp8_rows(v)
+            assert got.shape == (rows, compress.fp8_row_bytes(width))
+            bad = np.flatnonzero(got.reshape(-1) != want.reshape(-1))
+            assert not bad.size, f"{kind} {rows}x{width}: {bad.size} bytes differ, first at {bad[:4]}"
+            back = compress.dequantize_fp8_rows(got, width)
+            assert back.tobytes() == reference_fp8_rows_values(want, width).tobytes(), f"{kind} {rows}x{width}"
+            codes, scales = compress.fp8_row_parts(got, width)
+            assert codes.tobytes() == want[:, :width].tobytes() and scales.shape == (rows, -(-width // 128))

@@ -22,6 +22,9 @@ FIELDS = ["backend", "mode", "nranks", "tokens", "hidden", "experts", "topk", "d
           "dispatch_gbps", "combine_gbps", "bytes", "received_rows", "wrong", "iters", "rounds", "spread"]
 
 
+MODE_LABELS = {"low_latency": " LL", "fp8": " fp8"}  # the plot's, after the backend
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ncl-perf moe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -35,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=runner.peers, default=["mpi", "gloo"], help="peers: mpi and/or gloo ('' none)")
     p.add_argument("--low-latency-max", type=int, default=128,
                    help="also time ncl's low-latency mode (max_tokens_per_rank) up to this many tokens (0: never)")
+    p.add_argument("--fp8", action="store_true",
+                   help="also time ncl's dispatch of fp8 rows (e4m3, a float32 scale per 128 values; bytes counted so)")
     p.add_argument("-w", "--warmup", type=int, default=3)
     p.add_argument("-i", "--iters", type=int, default=5, help="timed round trips per point (at least)")
     p.add_argument("--min-time", type=float, default=0.3, help="repeat a point until it lasts this many seconds")
@@ -109,11 +114,14 @@ def comparison(summary: List[dict], peers: List[str]) -> str:
             ncl = at.get(("ncl", "normal", n, t))
             if ncl is None:
                 continue
-            ll = at.get(("ncl", "low_latency", n, t))
+            ll, fp8 = at.get(("ncl", "low_latency", n, t)), at.get(("ncl", "fp8", n, t))
             cells = [t, ncl["dispatch_us"], ncl["combine_us"], ncl["dispatch_gbps"], ncl["combine_gbps"],
                      ll["dispatch_us"] if ll else None, ll["combine_us"] if ll else None]
             heads = ["tokens", "ncl dispatch us", "ncl combine us", "ncl disp GB/s", "ncl comb GB/s",
                      "ncl-LL dispatch us", "ncl-LL combine us"]
+            if fp8:  # the rows' bytes on the wire, fp8 over the dtype's
+                cells += [fp8["dispatch_us"], fp8["combine_us"], fp8["bytes"] / ncl["bytes"] if ncl["bytes"] else None]
+                heads += ["ncl-fp8 dispatch us", "ncl-fp8 combine us", "fp8/dtype bytes"]
             for peer in peers:
                 r = at.get((peer, "normal", n, t))
                 cells += [r["dispatch_us"] if r else None, r["combine_us"] if r else None,
@@ -137,7 +145,7 @@ def draw(summary: List[dict], path: str) -> None:
                           key=lambda k: (k[0] != "ncl", k)):
             pts = sorted((r["tokens"], r[f"{phase}_us"]) for r in summary
                          if (r["backend"], r["mode"], r["nranks"]) == key)
-            label = f"{key[0]}{' LL' if key[1] == 'low_latency' else ''} np={key[2]}"
+            label = f"{key[0]}{MODE_LABELS.get(key[1], '')} np={key[2]}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if key[0] == "ncl" else "--", marker="o", ms=3,
                     label=label)
         ax.set_xscale("log", base=2)
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
     _check(p, cfg)
     command = ["ncl-perf", "moe"] + (sys.argv[2:] if argv is None else list(argv))
     settings = {k: getattr(cfg, k) for k in ("hidden", "experts", "topk", "tokens", "dtype", "warmup", "iters",
-                                              "min_time", "low_latency_max")}
+                                              "min_time", "low_latency_max", "fp8")}
     backends = ["ncl"] + cfg.compare
     progress = runner.Progress(len(cfg.tokens) * len(backends) * len(cfg.nranks) * cfg.repeat)
     rows: List[dict] = []

@@ -1,0 +1,239 @@
+/* moe.c: MoE dispatch and combine of small batches, one step each (ncl/moe.py's fast path).
+ *
+ * Experts sit in contiguous blocks of `per` over the ranks; a token goes once to each rank
+ * holding one of its top-k experts, rows grouped by destination, token order within each.
+ * The staging slot is cut into nranks pieces; piece j carries a count word, then the records
+ * bound for rank j: [row | k ids (int64, -1 where rank j does not hold that expert) | k weights].
+ * Dispatch: one step publishes counts and records together.  Every rank then reads every
+ * piece's count (the whole matrix [sender][receiver], alike on every rank): when every block
+ * fit its piece the records moved, and ncl_moe_take copies this rank's out of the senders'
+ * slots into outputs sized from the matrix.  That is safe until this rank posts another step:
+ * a sender rewrites the slot of step s only at s + 2 (step.c), so take checks that no step
+ * came between.  When a block did not fit, only the counts moved, and every rank knows it
+ * alike: the caller moves the rows the ordinary way with the matrix known.
+ * Combine: with the dispatch's matrix known, the rows go back in one step when each block
+ * fits a piece (every rank decides alike, before the step), and each token's rows are summed
+ * in rank order straight from the slots, with ncl_sum_rows's kernels (the same bits). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum { HEADER = NCL_CACHE_LINE }; /* a piece's count word, on its own line */
+
+static size_t piece_bytes(const ncl_comm* c) { return c->slot_bytes / (size_t)c->nranks & ~(size_t)63; }
+
+static size_t rows_per_piece(const ncl_comm* c, size_t record) {
+    size_t piece = piece_bytes(c);
+    return piece > HEADER ? (piece - HEADER) / record : 0;
+}
+
+/* A record: the row, padded to 8 bytes, then the ids, then the weights, padded to 8 bytes. */
+static size_t ids_at(const ncl_moe_dispatch_args* a) { return ((size_t)a->row_bytes + 7) & ~(size_t)7; }
+static size_t record_bytes(const ncl_moe_dispatch_args* a) {
+    return (ids_at(a) + 8 * (size_t)a->k + (size_t)a->weight_bytes * (size_t)a->k + 7) & ~(size_t)7;
+}
+
+static int64_t expert(const ncl_moe_dispatch_args* a, size_t t, int j) {
+    const uint8_t* p = (const uint8_t*)a->topk_idx + (t * (size_t)a->k + (size_t)j) * (size_t)a->idx_bytes;
+    if (a->idx_bytes == 4) {
+        int32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static int check_dispatch(ncl_comm* c, const ncl_moe_dispatch_args* a) {
+    NCL_CHECK(ncl_comm_usable(c));
+    if (!a || !a->send_counts || !a->send_token || !a->matrix || (a->tokens && (!a->x || !a->topk_idx || !a->weights)))
+        return ncl_error(NCL_ERR_ARGUMENT, "moe_dispatch: NULL argument");
+    if (a->k < 1 || (a->idx_bytes != 4 && a->idx_bytes != 8) || a->weight_bytes < 1 || a->weight_bytes > 8 ||
+        a->num_experts < 1 || a->num_experts % c->nranks)
+        return ncl_error(NCL_ERR_ARGUMENT, "moe_dispatch: k %d, id bytes %d, weight bytes %d, %d experts on %d ranks",
+                         a->k, a->idx_bytes, a->weight_bytes, a->num_experts, c->nranks);
+    for (size_t t = 0; t < a->tokens; t++)
+        for (int j = 0; j < a->k; j++) {
+            int64_t e = expert(a, t, j);
+            if (e < -1 || e >= a->num_experts)
+                return ncl_error(NCL_ERR_ARGUMENT, "topk_idx holds expert ids outside 0..%d (or -1 for none)",
+                                 a->num_experts - 1);
+        }
+    return NCL_OK;
+}
+
+/* send_counts and send_token: the rows this rank sends, grouped by rank, token order within. */
+static void route(const ncl_comm* c, const ncl_moe_dispatch_args* a, int per) {
+    size_t n = (size_t)c->nranks;
+    uint64_t* counts = a->send_counts;
+    memset(counts, 0, n * sizeof *counts);
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t at[NCL_MAX_RANKS];
+        for (size_t r = 0, sum = 0; pass && r < n; r++) at[r] = sum, sum += counts[r];
+        for (size_t t = 0; t < a->tokens; t++)
+            for (int j = 0; j < a->k; j++) {
+                int64_t e = expert(a, t, j), dest = e / per;
+                bool seen = e < 0;
+                for (int i = 0; i < j && !seen; i++) seen = expert(a, t, i) >= 0 && expert(a, t, i) / per == dest;
+                if (seen) continue; /* -1, or a rank this token already goes to */
+                if (pass)
+                    a->send_token[at[dest]++] = (int64_t)t;
+                else
+                    counts[dest]++;
+            }
+    }
+}
+
+static void pack_record(uint8_t* rec, const ncl_moe_dispatch_args* a, size_t t, int dest, int per) {
+    size_t k = (size_t)a->k, wb = (size_t)a->weight_bytes;
+    memcpy(rec, (const uint8_t*)a->x + t * a->row_bytes, a->row_bytes);
+    int64_t* ids = (int64_t*)(rec + ids_at(a));
+    for (size_t j = 0; j < k; j++) {
+        int64_t e = expert(a, t, (int)j);
+        ids[j] = e >= 0 && e / per == dest ? e : -1;
+    }
+    memcpy(ids + k, (const uint8_t*)a->weights + t * k * wb, k * wb);
+}
+
+int ncl_moe_dispatch(ncl_comm* c, ncl_moe_dispatch_args* a) {
+    NCL_CHECK(check_dispatch(c, a));
+    int n = c->nranks, per = a->num_experts / n;
+    size_t record = record_bytes(a), fit = rows_per_piece(c, record), piece = piece_bytes(c);
+    route(c, a, per);
+    uint64_t sent = 0;
+    for (int j = 0; j < n; j++) sent += a->send_counts[j];
+    ncl_call_begin(c, NCL_COLL_MOE_DISPATCH, NCL_UINT8, sent * record, -1, -1);
+    uint8_t* slot = ncl_step_begin(c);
+    const int64_t* token = a->send_token;
+    bool fits = true; /* else no record moves this step, anyone's: pack none */
+    for (int j = 0; j < n; j++) fits = fits && a->send_counts[j] <= fit;
+    for (int j = 0; j < n; j++) {
+        uint64_t count = a->send_counts[j];
+        memcpy(slot + (size_t)j * piece, &count, sizeof count);
+        for (uint64_t i = 0; fits && i < count; i++)
+            pack_record(slot + (size_t)j * piece + HEADER + i * record, a, (size_t)token[i], j, per);
+        token += count;
+    }
+    /* the record's size, the experts and the slots: ranks that disagree get a mismatch error */
+    ncl_fingerprint fp = {.coll = NCL_COLL_MOE_DISPATCH, .dtype = NCL_UINT8, .root = -1, .count = record,
+                          .extra = (uint64_t)a->num_experts | a->slots << 40}; /* (bit 32 is NCL_EXTRA_CMA) */
+    int rc = ncl_step_sync(c, &fp);
+    if (rc) return ncl_call_end(c, rc);
+    a->moved = 1;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            uint64_t count;
+            memcpy(&count, ncl_step_peer_slot(c, i) + (size_t)j * piece, sizeof count);
+            a->matrix[(size_t)i * (size_t)n + (size_t)j] = (int64_t)count;
+            if (count > fit) a->moved = 0;
+        }
+    ncl_call_path(c, a->moved ? "one_step" : "counts");
+    a->step = c->step;
+    return ncl_call_end(c, NCL_OK);
+}
+
+int ncl_moe_take(ncl_comm* c, const ncl_moe_dispatch_args* a) {
+    NCL_CHECK(ncl_comm_usable(c));
+    if (!a->moved || a->step != c->step)
+        return ncl_error(NCL_ERR_STATE, "moe_take must follow the moe_dispatch whose rows moved, with no call between");
+    int n = c->nranks;
+    size_t record = record_bytes(a), piece = piece_bytes(c), k = (size_t)a->k, wb = (size_t)a->weight_bytes;
+    size_t row = 0;
+    for (int s = 0; s < n; s++) {
+        uint64_t count = (uint64_t)a->matrix[(size_t)s * (size_t)n + (size_t)c->rank];
+        if (a->slots) {
+            if (count > a->slots)
+                return ncl_error(NCL_ERR_ARGUMENT, "moe_take: rank %d sent %llu rows, more than %llu slots", s,
+                                 (unsigned long long)count, (unsigned long long)a->slots);
+            row = (size_t)s * a->slots;
+        }
+        const uint8_t* rec = ncl_step_peer_slot(c, s) + (size_t)c->rank * piece + HEADER;
+        for (uint64_t i = 0; i < count; i++, row++, rec += record) {
+            memcpy((uint8_t*)a->recv_x + row * a->row_bytes, rec, a->row_bytes);
+            memcpy(a->recv_idx + row * k, rec + ids_at(a), 8 * k);
+            memcpy((uint8_t*)a->recv_w + row * k * wb, rec + ids_at(a) + 8 * k, k * wb);
+        }
+        if (a->slots) { /* the rest of the block: zero rows, no expert, zero weights */
+            size_t pad = a->slots - count;
+            memset((uint8_t*)a->recv_x + row * a->row_bytes, 0, pad * a->row_bytes);
+            for (size_t i = 0; i < pad * k; i++) a->recv_idx[row * k + i] = -1;
+            memset((uint8_t*)a->recv_w + row * k * wb, 0, pad * k * wb);
+        }
+    }
+    return NCL_OK;
+}
+
+static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t piece) {
+    int n = c->nranks, me = c->rank;
+    const int64_t* m = a->matrix;
+    /* my received block from rank s goes back to s: it starts at s * slots, or after the blocks before it */
+    uint8_t* slot = ncl_step_begin(c);
+    size_t at = 0;
+    for (int s = 0; s < n; s++) {
+        size_t count = (size_t)m[(size_t)s * (size_t)n + (size_t)me];
+        if (a->slots) at = (size_t)s * a->slots;
+        ncl_copy_shared(slot + (size_t)s * piece, (const uint8_t*)a->rows + at * row, count * row);
+        at += count;
+    }
+    ncl_fingerprint fp = {.coll = NCL_COLL_MOE_COMBINE, .dtype = (uint8_t)a->dtype, .root = -1, .count = a->width,
+                          .extra = a->slots};
+    NCL_CHECK(ncl_step_sync(c, &fp));
+    /* each token's rows, in rank order: rank r returns my block for it in send_token's order */
+    const void** srcs = calloc(a->tokens * (size_t)n + 1, sizeof *srcs);
+    int* have = calloc(a->tokens + 1, sizeof *have);
+    if (!srcs || !have) {
+        free(srcs);
+        free(have);
+        return ncl_error(NCL_ERR_SYSTEM, "moe_combine: out of memory");
+    }
+    const int64_t* token = a->send_token;
+    int rc = NCL_OK;
+    for (int r = 0; r < n && rc == NCL_OK; r++) {
+        size_t count = (size_t)m[(size_t)me * (size_t)n + (size_t)r];
+        const uint8_t* back = ncl_step_peer_slot(c, r) + (size_t)me * piece;
+        for (size_t i = 0; i < count; i++) {
+            int64_t t = token[i];
+            if (t < 0 || (uint64_t)t >= a->tokens) {
+                rc = ncl_error(NCL_ERR_ARGUMENT, "moe_combine: token %lld of %llu", (long long)t,
+                               (unsigned long long)a->tokens);
+                break;
+            }
+            srcs[(size_t)t * (size_t)n + (size_t)have[t]++] = back + i * row;
+        }
+        token += count;
+    }
+    for (size_t t = 0; t < a->tokens && rc == NCL_OK; t++) {
+        uint8_t* y = (uint8_t*)a->y + t * row;
+        if (have[t] == 0)
+            memset(y, 0, row);
+        else if (have[t] == 1)
+            memcpy(y, srcs[t * (size_t)n], row);
+        else
+            rc = ncl_reduce_local(y, srcs + t * (size_t)n, have[t], a->width, a->dtype, NCL_SUM);
+    }
+    free(srcs);
+    free(have);
+    return rc;
+}
+
+int ncl_moe_combine(ncl_comm* c, ncl_moe_combine_args* a) {
+    NCL_CHECK(ncl_comm_usable(c));
+    size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1);
+    if (!a || !es || !a->matrix || (a->tokens && !a->y))
+        return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL argument or unknown dtype");
+    size_t n = (size_t)c->nranks, row = (size_t)a->width * es, piece = piece_bytes(c);
+    size_t fit = piece / ncl_max(row, 1), sent = 0, dispatched = 0;
+    a->moved = 1;
+    for (size_t i = 0; i < n * n; i++) {
+        if (a->matrix[i] < 0 || (size_t)a->matrix[i] > fit) a->moved = 0; /* every rank decides alike */
+        if (i % n == (size_t)c->rank) sent += (size_t)a->matrix[i];
+        if (i / n == (size_t)c->rank) dispatched += (size_t)a->matrix[i];
+    }
+    if (dispatched && !a->send_token) return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL send_token");
+    if (!a->moved) return NCL_OK;
+    ncl_call_begin(c, NCL_COLL_MOE_COMBINE, a->dtype, sent * a->width, -1, -1);
+    ncl_call_path(c, "one_step");
+    return ncl_call_end(c, combine_rows(c, a, row, piece));
+}

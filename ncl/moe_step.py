@@ -1,0 +1,76 @@
+"""MoE dispatch and combine of a small batch in one step of the C core each (native/moe.c says
+how): the routing, the packing of rows with their ids and weights, the unpacking and the
+rank-ordered sum all run there, so that a decode step's dispatch is one exchange and a few µs of
+Python.  ncl/moe.py takes this path over an ncl communicator on one host.  When a batch does not
+fit one step, the dispatch has still exchanged the counts (the whole matrix, alike on every
+rank), and ncl/moe.py moves the rows the ordinary way with it.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from ._native import ffi
+from .buffers import torch_dtype_code
+
+
+class Dispatched(NamedTuple):
+    moved: bool                  # the rows moved (else only the counts: matrix is still right)
+    send_token: torch.Tensor     # (S,) the token of each row sent, grouped by destination rank
+    send_counts: list            # rows sent to each rank
+    recv_counts: list            # rows received from each rank
+    matrix: np.ndarray           # (N, N) rows [sender, receiver]
+    recv_x: Optional[torch.Tensor] = None    # packed by source, or N * slots rows (low-latency)
+    recv_idx: Optional[torch.Tensor] = None  # int64 ids, -1 where this rank lacks the expert
+    recv_w: Optional[torch.Tensor] = None    # the routing weights, topk_weights' dtype
+
+
+def _ptr(t: torch.Tensor):
+    return ffi.cast("void *", t.data_ptr())
+
+
+def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+             slots: int = 0) -> Dispatched:
+    """One step: this rank's tokens to the ranks holding their experts (arguments checked by the
+    caller; slots: the low-latency mode's rows per source block, 0: packed by source)."""
+    n, (tokens, k) = comm.size, topk_idx.shape
+    x, idx, w = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
+    send_counts, matrix = np.empty(n, np.uint64), np.empty((n, n), np.int64)
+    send_token = np.empty(max(tokens * min(k, n), 1), np.int64)
+    row_bytes = x.shape[1] * x.element_size()
+    args = ffi.new("ncl_moe_dispatch_args *")  # (fields one by one: a dict costs a µs more)
+    args.x, args.topk_idx, args.weights = _ptr(x), _ptr(idx), _ptr(w)
+    args.tokens, args.row_bytes, args.k, args.num_experts, args.slots = tokens, row_bytes, k, num_experts, slots
+    args.idx_bytes, args.weight_bytes = idx.element_size(), w.element_size()
+    args.send_counts = ffi.from_buffer("uint64_t[]", send_counts)
+    args.send_token = ffi.from_buffer("int64_t[]", send_token)
+    args.matrix = ffi.from_buffer("int64_t[]", matrix)
+    comm._moe("moe_dispatch", args, tokens * row_bytes)
+    counts, recv_counts = send_counts.tolist(), matrix[:, comm.rank].tolist()
+    token = torch.from_numpy(send_token[:sum(counts)])
+    if not args.moved:
+        return Dispatched(False, token, counts, recv_counts, matrix)
+    rows = n * slots if slots else sum(recv_counts)
+    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
+    recv_idx = torch.empty((rows, k), dtype=torch.int64)
+    recv_w = torch.empty((rows, k), dtype=w.dtype)
+    args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast("int64_t *", recv_idx.data_ptr()), _ptr(recv_w)
+    comm._moe_take(args)
+    return Dispatched(True, token, counts, recv_counts, matrix, recv_x, recv_idx, recv_w)
+
+
+def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarray, y: torch.Tensor,
+            slots: int = 0) -> bool:
+    """One step: rows (laid out as the dispatch's recv_x) back to their tokens' ranks, summed per
+    token in rank order into y (tokens, hidden).  False: nothing moved (a block does not fit one
+    step, or a dtype the core has no kernel for; the same on every rank), y untouched."""
+    code = torch_dtype_code(rows.dtype)
+    if code is None:
+        return False
+    rows, send_token = rows.contiguous(), send_token.contiguous()  # (np.nonzero's columns are strided)
+    args = ffi.new("ncl_moe_combine_args *", {
+        "rows": _ptr(rows), "width": rows.shape[1], "dtype": code, "slots": slots,
+        "matrix": ffi.from_buffer("int64_t[]", matrix), "send_token": ffi.cast("int64_t *", send_token.data_ptr()),
+        "tokens": y.shape[0], "y": _ptr(y)})
+    comm._moe("moe_combine", args, send_token.shape[0] * rows.shape[1] * rows.element_size())
+    return bool(args.moved)
