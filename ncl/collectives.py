@@ -58,6 +58,8 @@ COLLECTIVES: Dict[str, Collective] = {c.name: c for c in (
     Collective("moe_combine", False, False, VARIES, False, "all_to_all", None),
 )}
 BLOCK_COUNTED = frozenset(c.name for c in COLLECTIVES.values() if c.block_counted)
+# calls whose count is all this rank sends, in blocks of any size: priced from every rank's total
+SENDS_TOTAL = frozenset(c.name for c in COLLECTIVES.values() if c.model == "all_to_all" and c.shape == VARIES)
 # the link model's collectives and their factors (send and recv are its send_recv)
 BUS_FACTOR: Dict[str, Callable[[int], float]] = {c.model: c.bus_factor for c in COLLECTIVES.values()
                                                  if c.bus_factor is not None}

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 from . import env
-from .collectives import COLLECTIVES, nccl_bytes
+from .collectives import COLLECTIVES, SENDS_TOTAL, nccl_bytes
 SPIN_S = 50e-6  # pace: sleep for longer waits (a sleep overshoots by tens of µs here), spin for shorter
 
 
@@ -115,10 +115,10 @@ class Pricer:
     """Prices calls recorded in flight records (entries of ncl.flight.entries) on a topology;
     caches identical calls (decode repeats them).  Barriers are not priced (no payload).
 
-    all_to_allv: the recorder keeps only this rank's total, so the exchanged byte matrix is
-    rebuilt from every rank's total (exact) split evenly over the destinations (an assumption:
-    routed tokens spread over experts uniformly on average) and priced as one phase of
-    concurrent transfers."""
+    all_to_allv and ncl.moe's one-step calls (collectives.SENDS_TOTAL): the recorder keeps only this
+    rank's total, so the exchanged byte matrix is rebuilt from every rank's total (exact) split evenly
+    over the destinations (an assumption: routed tokens spread over experts uniformly on average) and
+    priced as one phase of concurrent transfers."""
 
     def __init__(self, topology):
         self.topology = topology
@@ -129,7 +129,7 @@ class Pricer:
         coll = entry["collective"]
         if nranks < 2 or coll == "barrier" or self.topology is None:
             return 0.0
-        if coll == "all_to_allv":
+        if coll in SENDS_TOTAL:
             key = (coll, tuple(a2av_totals or ()), tuple(members))
             if key not in self.cache:
                 if a2av_totals and hasattr(self.topology, "predict_transfers"):

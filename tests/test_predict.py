@@ -66,7 +66,8 @@ def test_a_moe_models_calls_are_the_predicted_list_given_the_runs_routing(tmp_pa
     assert got == _predicted("gpt-oss-tiny", tp, ep, routing=routing)
     expected = _predicted("gpt-oss-tiny", tp, ep)
     assert [(k, s) for k, _, s in got] == [(k, s) for k, _, s in expected]
-    assert [c for c in got if c[0] != "all_to_allv"] == [c for c in expected if c[0] != "all_to_allv"]
+    routed = ("all_to_allv", "moe_dispatch", "moe_combine")  # their bytes follow the routing
+    assert [c for c in got if c[0] not in routed] == [c for c in expected if c[0] not in routed]
 
 
 # ---- floors -------------------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ def _record(comms, start: float):
 
 def phase_costs(comms, calls, phases, layer_windows, topology):
     """[field][phase] sums of wall, measured and emulated communication, overall and inside layers."""
+    from ncl.collectives import SENDS_TOTAL
     from ncl.emulation import Pricer
 
     from .metrics import window_of
@@ -95,7 +96,7 @@ def phase_costs(comms, calls, phases, layer_windows, topology):
             out["layer_wall"][p] += le - lb
     for comm, mine in zip(comms, calls):
         members = [int(m) for m in comm.all_gather(np.array([comms[0].rank], dtype=np.int64))]
-        a2av = [e for e in mine if e["collective"] == "all_to_allv"]
+        a2av = [e for e in mine if e["collective"] in SENDS_TOTAL]
         gathered = comm.all_gather(np.array([e["bytes"] for e in a2av], dtype=np.int64)) if comm.size > 1 else \
             np.array([e["bytes"] for e in a2av], dtype=np.int64)
         totals = {id(e): [int(x) for x in gathered[k::len(a2av)]] for k, e in enumerate(a2av)} if a2av else {}

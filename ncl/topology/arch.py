@@ -35,6 +35,8 @@ ALIASES = {
 # ncl.moe: dispatches whose largest sender moves fewer bytes go as one packed exchange of rows + ids + weights
 MOE_PACKED_MAX_BYTES = 256 << 10
 COUNT_BYTES = 8          # int64 counts and token ids
+MOE_STEP_BYTES = 2 << 20  # ncl.moe's one step: a staging slot (NCL_BUFFSIZE's default 4 MiB holds two)
+MOE_WEIGHT_BYTES = 4      # float32 routing weights
 ARGMAX_BYTES = (4, 8)    # ParallelLMHead.argmax: the float32 best logit (MAX), then the int64 token id (MIN)
 
 
@@ -201,13 +203,19 @@ def _moe_calls(arch: Arch, split: Split, group_tokens: int, act_bytes: int,
         ep_group = "world" if ep == n else "ep"
         sent, largest, received = routed or (round(rows * distinct_ranks(arch, ep)),) * 3
         row = arch.dim * act_bytes
-        calls.append(Collective("all_gather", ep * COUNT_BYTES, ep_group, ep))      # the send-count matrix
-        if largest * row < MOE_PACKED_MAX_BYTES:
-            calls.append(Collective("all_to_allv", sent * (row + 2 * arch.top_k * 8), ep_group, ep))  # packed
-        else:
-            calls.append(Collective("all_to_allv", sent * row, ep_group, ep))       # rows
-            calls.append(Collective("all_to_allv", sent * 2 * arch.top_k * 8, ep_group, ep))  # ids, weights
-        calls.append(Collective("all_to_allv", received * row, ep_group, ep))       # combine: the rows back
+        # ncl.moe's one step (native/moe.c): the counts, and each row with its ids and weights when every
+        # block fits a piece of a staging slot; `largest` (a rank's whole send) bounds its largest block
+        record = -(-(-(-row // 8) * 8 + arch.top_k * (8 + MOE_WEIGHT_BYTES)) // 8) * 8
+        piece = MOE_STEP_BYTES // ep & ~63
+        calls.append(Collective("moe_dispatch", sent * record, ep_group, ep))
+        if largest > (piece - 64) // record:
+            if largest * row < MOE_PACKED_MAX_BYTES:
+                calls.append(Collective("all_to_allv", sent * (row + 2 * arch.top_k * 8), ep_group, ep))  # packed
+            else:
+                calls.append(Collective("all_to_allv", sent * row, ep_group, ep))       # rows
+                calls.append(Collective("all_to_allv", sent * 2 * arch.top_k * 8, ep_group, ep))  # ids, weights
+        back = "moe_combine" if largest <= piece // row else "all_to_allv"
+        calls.append(Collective(back, received * row, ep_group, ep))                # combine: the rows back
     if tp > 1:
         calls.append(Collective("all_gather", rows * arch.dim * act_bytes, "world" if tp == n else "tp", tp))
     return calls

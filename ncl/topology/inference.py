@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ..collectives import SENDS_TOTAL
 from .arch import Arch, Collective, Split, forward_collectives
 from .chip import WEIGHT_BYTES, ChipType
 from .core import uniform_matrix
@@ -297,7 +298,7 @@ class Server:
     def price(self, c: Collective) -> float:
         key = (c.kind, c.nbytes, c.size)
         if key not in self._priced:
-            if c.kind == "all_to_allv":  # every rank's total spread evenly over the group (balanced routing)
+            if c.kind in SENDS_TOTAL:  # every rank's total spread evenly over the group (balanced routing)
                 transfers = uniform_matrix([c.nbytes] * c.size, list(range(c.size)))
                 self._priced[key] = float(self.topology.predict_transfers(transfers)) if transfers else 0.0
             else:
@@ -363,6 +364,6 @@ def _bytes_out(c: Collective) -> float:
         return 0.0
     if c.kind == "all_reduce":
         return 2 * (n - 1) / n * size
-    if c.kind == "all_to_allv":
+    if c.kind in SENDS_TOTAL:
         return (n - 1) / n * c.nbytes
     return (n - 1) / n * size
