@@ -144,6 +144,10 @@ class Collective:
         return self.nbytes * self.size if self.kind in BLOCK_COUNTED else self.nbytes
 
 
+def _aligned(nbytes: int, to: int = 8) -> int:
+    return -(-nbytes // to) * to
+
+
 def distinct_ranks(arch: Arch, ep: int) -> float:
     """Expected ranks a token's top_k experts sit on, experts drawn without replacement and spread
     evenly (balanced routing): ep x (1 - C(E - E/ep, k) / C(E, k))."""
@@ -205,7 +209,7 @@ def _moe_calls(arch: Arch, split: Split, group_tokens: int, act_bytes: int,
         row = arch.dim * act_bytes
         # ncl.moe's one step (native/moe.c): the counts, and each row with its ids and weights when every
         # block fits a piece of a staging slot; `largest` (a rank's whole send) bounds its largest block
-        record = -(-(-(-row // 8) * 8 + arch.top_k * (8 + MOE_WEIGHT_BYTES)) // 8) * 8
+        record = _aligned(_aligned(row) + arch.top_k * (COUNT_BYTES + MOE_WEIGHT_BYTES))  # row, ids, weights
         piece = MOE_STEP_BYTES // ep & ~63
         calls.append(Collective("moe_dispatch", sent * record, ep_group, ep))
         if largest > (piece - 64) // record:
