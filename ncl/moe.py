@@ -170,7 +170,7 @@ def _exchange_counts(group: Group, counts: np.ndarray):
 
 
 PACKED_MAX_BYTES = 256 << 10       # dispatches whose largest send is smaller: rows, ids and weights in one exchange
-                                   # (0: neither that nor the one-step path of ncl/moe_step.py: tests reach the others so)
+ONE_STEP = True                    # small batches in one step of the core (ncl/moe_step.py); tests turn it off
 SEND_BUFFER_MIN_BYTES = 64 << 10   # from here up the rows are gathered into the registered send buffer
 
 
@@ -380,7 +380,7 @@ class Buffer:
 
     def _in_one_step(self) -> bool:
         """Small batches go through ncl/moe_step.py (the same answer on every rank)."""
-        return self._one_step and PACKED_MAX_BYTES > 0
+        return self._one_step and ONE_STEP
 
     def _check_handle(self, handle: Handle, low_latency: bool) -> None:
         self._check_open()

@@ -171,15 +171,16 @@ def main():
     comm = ncl.init()
     failures = []
     from ncl import scratch
-    # every way dispatch moves rows (these tiny batches take the first unless told otherwise):
-    # packed with their ids and weights; apart and staged; apart from the registered send buffer
-    # with pooled outputs
+    # ways dispatch moves rows: these tiny batches take one step of the core (ncl/moe_step.py) unless
+    # told otherwise; with it off, apart and staged, and apart from the registered send buffer with
+    # pooled outputs (the packed exchange is reached by test_moe's small-staging case)
     for path, packed_max, send_buffer_min, pool_min in (("packed", None, None, None), ("apart", 0, 1 << 40, None),
                                                         ("registered", 0, 0, 0)):
-        saved = moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
-        moe.PACKED_MAX_BYTES = saved[0] if packed_max is None else packed_max
-        moe.SEND_BUFFER_MIN_BYTES = saved[1] if send_buffer_min is None else send_buffer_min
-        scratch.POOL_MIN_BYTES = saved[2] if pool_min is None else pool_min
+        saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
+        moe.ONE_STEP = packed_max is None  # the other paths only with the one step off
+        moe.PACKED_MAX_BYTES = saved[1] if packed_max is None else packed_max
+        moe.SEND_BUFFER_MIN_BYTES = saved[2] if send_buffer_min is None else send_buffer_min
+        scratch.POOL_MIN_BYTES = saved[3] if pool_min is None else pool_min
         mine = []
         with moe.Buffer(comm) as buffer:  # the memory every path reuses (registered where it pays)
             for kind in ("uniform", "zipf", "one expert", "last rank receives nothing"):
@@ -187,7 +188,7 @@ def main():
             for kind, factor in (("zipf", 1.0), ("one expert", 1.5), ("uniform", 0.5)):
                 check(comm, buffer, kind, mine, capacity=factor)
         failures += [f"[{path}] {f}" for f in mine]
-        moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
+        moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
     with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:
         json.dump({"rank": comm.rank, "failures": failures}, f)
     comm.close()

@@ -163,13 +163,14 @@ def _round_trip(buffer, label, seed, low_latency, hidden=HIDDEN):
 def _exchange_path(path: str):
     """Force how the normal mode moves rows: "packed" (the default at these sizes), or "registered"
     (rows from the registered send buffer, outputs from the pools)."""
-    saved = moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
+    saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
     if path == "registered":
+        moe.ONE_STEP = False
         moe.PACKED_MAX_BYTES = moe.SEND_BUFFER_MIN_BYTES = scratch.POOL_MIN_BYTES = 0
     try:
         yield
     finally:
-        moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
+        moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
 
 
 def _both_modes_on_rank(comm, path):
