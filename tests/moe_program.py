@@ -174,7 +174,7 @@ def main():
     # ways dispatch moves rows: these tiny batches take one step of the core (ncl/moe_step.py) unless
     # told otherwise; with it off, apart and staged, and apart from the registered send buffer with
     # pooled outputs (the packed exchange is reached by test_moe's small-staging case)
-    for path, packed_max, send_buffer_min, pool_min in (("packed", None, None, None), ("apart", 0, 1 << 40, None),
+    for path, packed_max, send_buffer_min, pool_min in (("one step", None, None, None), ("apart", 0, 1 << 40, None),
                                                         ("registered", 0, 0, 0)):
         saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
         moe.ONE_STEP = packed_max is None  # the other paths only with the one step off
