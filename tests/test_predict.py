@@ -218,6 +218,8 @@ def test_the_trtllm_table_is_whole_and_keeps_the_calibration_ids():
     ("admission", "greedy", "admission must be one of on_demand, full_request"),
     ("max_seqs", 0, "max_seqs must be an integer >= 1"),
     ("max_seqs", "256", "max_seqs must be an integer >= 1"),
+    ("replicas", 0, "replicas must be an integer >= 1"),
+    ("replicas", 2.5, "replicas must be an integer >= 1"),
 ])
 def test_validate_refuses_a_bad_stack_field(tmp_path, field, value, message):
     import yaml
@@ -226,6 +228,20 @@ def test_validate_refuses_a_bad_stack_field(tmp_path, field, value, message):
     path.write_text(yaml.safe_dump({"points": [point]}))
     with pytest.raises(ValueError, match=message):
         validate.load(str(path))
+
+
+def test_replicas_add_throughput_and_share_the_requests():
+    one = dict(id="p", system="s", topology="pcie-gen5-8card", model="llama-3.1-8b", tp=2, precision="fp8",
+               input_len=128, output_len=128, metric="output_tok_s", value=1.0, source="x", date="2025")
+    server = validate.server_for(one)
+    alone = model_predict.max_throughput(server, 128, 128)["output_tok_s"]
+    assert validate.predict(dict(one, concurrency="max", replicas=3)) == pytest.approx(3 * alone)
+    # 16 requests in flight on two copies: 8 each, continuous batching
+    eight = model_predict.max_throughput(server, 128, 128, max_seqs=8)
+    assert validate.predict(dict(one, concurrency=16, replicas=2)) == pytest.approx(2 * eight["output_tok_s"])
+    # a latency is one copy's: two requests on two copies run alone
+    single = model_predict.static_batch(server, 1, 128, 128)["tpot_ms"]
+    assert validate.predict(dict(one, concurrency=2, replicas=2, metric="tpot_ms")) == pytest.approx(single)
 
 
 def test_admission_full_request_holds_prompt_plus_output_and_on_demand_the_mean():

@@ -54,6 +54,8 @@ def load(path: str) -> dict:
             raise ValueError(f"{path}: points[{k}].value must be a positive number, not {pt['value']!r}")
         if "max_seqs" in pt and not (isinstance(pt["max_seqs"], int) and pt["max_seqs"] >= 1):
             raise ValueError(f"{path}: points[{k}].max_seqs must be an integer >= 1, not {pt['max_seqs']!r}")
+        if "replicas" in pt and not (isinstance(pt["replicas"], int) and pt["replicas"] >= 1):
+            raise ValueError(f"{path}: points[{k}].replicas must be an integer >= 1, not {pt['replicas']!r}")
         if pt.get("admission", "on_demand") not in model_predict.ADMISSION:
             raise ValueError(f"{path}: points[{k}].admission must be one of {', '.join(model_predict.ADMISSION)}, "
                              f"not {pt['admission']!r}")
@@ -80,16 +82,21 @@ def predict(pt: dict, chip=None) -> float:
     server = server_for(pt, chip)
     i, o, c = int(pt["input_len"]), int(pt["output_len"]), pt["concurrency"]
     admission = pt.get("admission", "on_demand")
+    # `replicas` identical copies of the model (data parallel) share the point's requests evenly; each copy
+    # is one server, so throughput adds up and per-request latencies are one copy's.
+    replicas = int(pt.get("replicas", 1))
+    per_copy = c if c == "max" else max(1, int(c) // replicas)
     if c != "max" and pt.get("batching") == "static":
-        row = model_predict.static_batch(server, int(c), i, o)
+        row = model_predict.static_batch(server, per_copy, i, o)
     elif c == "max":
         row = model_predict.max_throughput(server, i, o, max_seqs=int(pt.get("max_seqs", model_predict.MAX_SEQS)),
                                            admission=admission)
-    elif int(c) == 1:
+    elif per_copy == 1:
         row = model_predict.static_batch(server, 1, i, o)
     else:  # c requests kept in flight: continuous batching with c running
-        row = model_predict.max_throughput(server, i, o, max_seqs=int(c), admission=admission)
-    return float(row[pt["metric"]])
+        row = model_predict.max_throughput(server, i, o, max_seqs=per_copy, admission=admission)
+    value = float(row[pt["metric"]])
+    return value * replicas if pt["metric"] == "output_tok_s" else value
 
 
 def calibration_points() -> dict:
