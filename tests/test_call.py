@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 import ncl
-from ncl import emulation, flight
+from ncl import emulation, flight, log
 from ncl._native import ffi, lib
 from ncl.call import Call
 from ncl.comm import Communicator
 from ncl.shm import SharedMemoryBackend
 from ncl.topology import load_topology
 from ncl.tuning import options
+from ncl.work import Work
 
 
 class Recording:
@@ -176,3 +177,108 @@ def test_the_calls_count_is_what_the_flight_recorder_saw():
         assert len(record) == len(calls)
         assert [e["collective"] for e in record] == [c.collective for c in backend.calls]
         assert [(e["count"], e["bytes"]) for e in record] == [(c.count, c.nbytes) for c in backend.calls]
+
+
+class InPlace(Recording):
+    """A Recording backend that also offers the in-place all_reduce's fast path, and keeps what it got
+    there as (address, count, dtype, op, algo); `fail`: the exception it raises instead."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.in_place, self.fail, self.aborted = [], None, []
+
+    def all_reduce_in_place(self, buf, count, dtype, op, algo):
+        if self.fail is not None:
+            raise self.fail
+        self.in_place.append((_ptr(buf), count, dtype, int(op), algo))
+
+    def abort(self, reason=None):
+        self.aborted.append(reason)
+
+
+def test_an_in_place_numpy_all_reduce_skips_the_call_with_the_same_arguments():
+    backend = InPlace(rank=1, size=3)
+    comm = Communicator(backend)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert comm.all_reduce(x) is x and comm.all_reduce(x, ncl.MAX) is x
+    assert backend.in_place == [(_address(x), 6, lib.NCL_FLOAT32, lib.NCL_SUM, lib.NCL_ALGO_AUTO),
+                                (_address(x), 6, lib.NCL_FLOAT32, lib.NCL_MAX, lib.NCL_ALGO_AUTO)]
+    assert backend.calls == []
+    # everything else still goes as a Call (or fails as before): out=, a subclass, a view of another dtype
+    out = np.empty_like(x)
+    comm.all_reduce(x, out=out)
+    comm.all_reduce(x.view(np.recarray))
+    comm.all_reduce(x.view(np.int32))
+    assert [(c.collective, c.dtype, _ptr(c.recv)) for c in backend.calls] == [
+        ("all_reduce", lib.NCL_FLOAT32, _address(out)), ("all_reduce", lib.NCL_FLOAT32, _address(x))]
+    assert backend.in_place[2:] == [(_address(x), 6, lib.NCL_INT32, lib.NCL_SUM, lib.NCL_ALGO_AUTO)]  # a plain view
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda x: x[:, ::2], ValueError, "must be C-contiguous"),
+    (lambda x: np.broadcast_to(x[:1], x.shape), ValueError, "C-contiguous"),  # (read-only and strided)
+    (lambda x: x.astype(np.complex64), TypeError, "unsupported dtype complex64"),
+    (lambda x: x.astype(">f4"), TypeError, "unsupported dtype >f4"),
+    (lambda x: [1.0, 2.0], TypeError, "must be a numpy array"),
+])
+def test_the_fast_path_refuses_what_the_call_path_refuses(bad, error, message):
+    backend = InPlace(rank=1, size=3)
+    with pytest.raises(error, match=message):
+        Communicator(backend).all_reduce(bad(np.ones((2, 4), np.float32)))
+    assert backend.in_place == [] and backend.calls == []
+
+
+def test_a_read_only_array_is_refused_before_the_fast_path():
+    backend = InPlace(rank=1, size=3)
+    x = np.ones(4, np.float32)
+    x.setflags(write=False)
+    with pytest.raises(ValueError, match="x is read-only, but this call writes into it"):
+        Communicator(backend).all_reduce(x)
+    assert backend.in_place == [] and backend.calls == []
+
+
+def test_the_fast_path_steps_aside_while_anything_reads_calls(caplog):
+    x = np.ones(3, np.float32)
+    backend = InPlace()
+    comm = Communicator(backend)
+    comm.all_reduce(x)
+    with comm.group():
+        work = comm.all_reduce(x)  # queued
+    assert isinstance(work, Work) and work.wait() is x
+    comm.all_reduce(x)  # the worker the group started keeps program order: Calls from here on
+    assert [c.collective for c in backend.calls] == ["all_reduce"] * 2 and len(backend.in_place) == 1
+    comm = Communicator(backend)
+    comm.all_reduce(x, async_op=True).wait()
+    comm.all_reduce(x)
+    assert len(backend.calls) == 4 and len(backend.in_place) == 1
+    comm.close()
+    with pytest.raises(ncl.NclStateError, match="closed"):
+        comm.all_reduce(x)
+    emulator = emulation.Emulator(load_topology("pcie-gen5-8card"), "account", 3, keep=8)
+    Communicator(backend, emulator=emulator).all_reduce(x)
+    assert emulator.totals["calls"] == 1
+    with caplog.at_level(log.TRACE, logger="ncl"):
+        Communicator(backend).all_reduce(x)
+    assert "all_reduce 3 x float32 (12 B), sum done" in caplog.text
+    assert len(backend.calls) == 6 and len(backend.in_place) == 1
+
+
+def test_the_fast_paths_failures_are_the_call_paths(caplog):
+    backend = InPlace(rank=1, size=3)
+    comm = Communicator(backend)
+    x = np.ones(3, np.float32)
+    backend.fail = ncl.NclPeerError("rank 2 died")
+    with caplog.at_level(logging.WARNING, logger="ncl"), pytest.raises(ncl.NclPeerError, match="rank 2 died"):
+        comm.all_reduce(x)
+    assert "all_reduce failed: NclPeerError: rank 2 died" in caplog.text and backend.aborted == []
+    backend.fail = ValueError("the core refused it")
+    with pytest.raises(ValueError, match="the core refused it"):
+        comm.all_reduce(x)
+    assert backend.aborted == []  # the core's own error: nothing to tell the peers
+    backend.fail = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        comm.all_reduce(x)
+    assert backend.aborted == ["it failed with KeyboardInterrupt"]
+    backend.fail = None
+    comm.all_reduce(x)  # the entry was left: the next call runs
+    assert len(backend.in_place) == 1

@@ -42,10 +42,12 @@ CTRL_C_IN_A_WAIT = """
     try:
         all_reduce(x)
     except KeyboardInterrupt:
-        print(f"interrupted {time.monotonic():.3f}", flush=True)
+        sys.stdout.write(f"interrupted {time.monotonic():.3f}\\n")  # one write: lines of two ranks stay whole
+        sys.stdout.flush()
         time.sleep(2)  # alive: rank 1 must learn it from the abort, not from a death
     except Exception as e:
-        print(f"peer error {time.monotonic():.3f} {type(e).__name__}: {e}", flush=True)
+        sys.stdout.write(f"peer error {time.monotonic():.3f} {type(e).__name__}: {e}\\n")
+        sys.stdout.flush()
 """
 
 
