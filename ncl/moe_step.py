@@ -32,7 +32,8 @@ def _ptr(t: torch.Tensor):
 def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
              slots: int = 0) -> Dispatched:
     """One step: this rank's tokens to the ranks holding their experts (arguments checked by the
-    caller; slots: the low-latency mode's rows per source block, 0: packed by source)."""
+    caller; slots: the low-latency mode's rows per source block, in as many steps as it takes,
+    0: packed by source, in one step or only the counts)."""
     n, (tokens, k) = comm.size, topk_idx.shape
     x, idx, w = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
     send_counts, matrix = np.empty(n, np.uint64), np.empty((n, n), np.int64)
@@ -45,18 +46,26 @@ def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     args.send_counts = ffi.from_buffer("uint64_t[]", send_counts)
     args.send_token = ffi.from_buffer("int64_t[]", send_token)
     args.matrix = ffi.from_buffer("int64_t[]", matrix)
+    if slots:  # the outputs' size is known before: the call fills them (native/moe.c)
+        recv_x, recv_idx, recv_w = _outputs(n * slots, x, k, w.dtype, args)
     comm._moe("moe_dispatch", args, tokens * row_bytes)
     counts, recv_counts = send_counts.tolist(), matrix[:, comm.rank].tolist()
     token = torch.from_numpy(send_token[:sum(counts)])
     if not args.moved:
         return Dispatched(False, token, counts, recv_counts, matrix)
-    rows = n * slots if slots else sum(recv_counts)
+    if not slots:
+        recv_x, recv_idx, recv_w = _outputs(sum(recv_counts), x, k, w.dtype, args)
+        comm._moe_take(args)
+    return Dispatched(True, token, counts, recv_counts, matrix, recv_x, recv_idx, recv_w)
+
+
+def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args):
+    """(recv_x, recv_idx, recv_w) of rows rows, args pointed at them."""
     recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
     recv_idx = torch.empty((rows, k), dtype=torch.int64)
-    recv_w = torch.empty((rows, k), dtype=w.dtype)
+    recv_w = torch.empty((rows, k), dtype=weight_dtype)
     args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast("int64_t *", recv_idx.data_ptr()), _ptr(recv_w)
-    comm._moe_take(args)
-    return Dispatched(True, token, counts, recv_counts, matrix, recv_x, recv_idx, recv_w)
+    return recv_x, recv_idx, recv_w
 
 
 def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarray, y: torch.Tensor,
