@@ -218,22 +218,25 @@ int ncl_moe_take(ncl_comm* c, const ncl_moe_dispatch_args* a) {
     return NCL_OK;
 }
 
-static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row) {
+/* My received block from rank s goes back to s: rows [from, from + fit) of it into the next step's slot.  The
+ * block starts at s * slots, or after the blocks before it. */
+static void pack_back(ncl_comm* c, uint8_t* slot, const ncl_moe_combine_args* a, size_t row, size_t from, size_t fit) {
     int n = c->nranks, me = c->rank;
-    const int64_t* m = a->matrix;
-    /* my received block from rank s goes back to s: it starts at s * slots, or after the blocks before it */
-    uint8_t* slot = ncl_step_begin(c);
     size_t at = 0;
     for (int s = 0; s < n; s++) {
-        size_t count = (size_t)m[(size_t)s * (size_t)n + (size_t)me];
+        size_t count = (size_t)a->matrix[(size_t)s * (size_t)n + (size_t)me];
         if (a->slots) at = (size_t)s * a->slots;
-        ncl_copy_shared(piece_of(c, slot, (size_t)s), (const uint8_t*)a->rows + at * row, count * row);
+        if (from < count)
+            ncl_copy_shared(piece_of(c, slot, (size_t)s), (const uint8_t*)a->rows + (at + from) * row,
+                            ncl_min(count - from, fit) * row);
         at += count;
     }
-    ncl_fingerprint fp = {.coll = NCL_COLL_MOE_COMBINE, .dtype = (uint8_t)a->dtype, .root = -1, .count = a->width,
-                          .extra = a->slots};
-    NCL_CHECK(ncl_step_sync(c, &fp));
-    /* each token's rows, in rank order: rank r returns my block for it in send_token's order */
+}
+
+/* Each token's rows, in rank order, summed into y: rank r returned my block for it in send_token's order,
+ * starting at blocks[r]. */
+static int sum_tokens(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, const uint8_t* const* blocks) {
+    int n = c->nranks, me = c->rank;
     const void** srcs = calloc(a->tokens * (size_t)n + 1, sizeof *srcs);
     int* have = calloc(a->tokens + 1, sizeof *have);
     if (!srcs || !have) {
@@ -244,8 +247,7 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row) 
     const int64_t* token = a->send_token;
     int rc = NCL_OK;
     for (int r = 0; r < n && rc == NCL_OK; r++) {
-        size_t count = (size_t)m[(size_t)me * (size_t)n + (size_t)r];
-        const uint8_t* back = piece_of(c, ncl_step_peer_slot(c, r), (size_t)me);
+        size_t count = (size_t)a->matrix[(size_t)me * (size_t)n + (size_t)r];
         for (size_t i = 0; i < count; i++) {
             int64_t t = token[i];
             if (t < 0 || (uint64_t)t >= a->tokens) {
@@ -253,7 +255,7 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row) 
                                (unsigned long long)a->tokens);
                 break;
             }
-            srcs[(size_t)t * (size_t)n + (size_t)have[t]++] = back + i * row;
+            srcs[(size_t)t * (size_t)n + (size_t)have[t]++] = blocks[r] + i * row;
         }
         token += count;
     }
@@ -271,22 +273,53 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row) 
     return rc;
 }
 
+/* Every block fits a piece: one step, summed straight from the peers' slots.  Else as many steps
+ * as the largest block needs, each rank's rows gathered into back (rank order), summed from there. */
+static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t fit, size_t largest) {
+    int n = c->nranks, me = c->rank;
+    ncl_fingerprint fp = {.coll = NCL_COLL_MOE_COMBINE, .dtype = (uint8_t)a->dtype, .root = -1, .count = a->width,
+                          .extra = a->slots};
+    const uint8_t* blocks[NCL_MAX_RANKS];
+    size_t steps = largest <= fit ? 1 : (largest + fit - 1) / fit; /* (fit > 0 when largest > fit) */
+    for (size_t step = 0, from = 0; step < steps; step++, from += fit) {
+        pack_back(c, ncl_step_begin(c), a, row, from, fit);
+        NCL_CHECK(ncl_step_sync(c, &fp));
+        size_t at = 0;
+        for (int r = 0; r < n; r++) {
+            size_t count = (size_t)a->matrix[(size_t)me * (size_t)n + (size_t)r];
+            const uint8_t* piece = piece_of(c, ncl_step_peer_slot(c, r), (size_t)me);
+            if (largest <= fit)
+                blocks[r] = piece;
+            else if (from < count)
+                memcpy((uint8_t*)a->back + (at + from) * row, piece, ncl_min(count - from, fit) * row);
+            at += count;
+        }
+    }
+    if (largest > fit)
+        for (size_t r = 0, at = 0; r < (size_t)n; at += (size_t)a->matrix[(size_t)me * (size_t)n + r], r++)
+            blocks[r] = (const uint8_t*)a->back + at * row;
+    return sum_tokens(c, a, row, blocks);
+}
+
 int ncl_moe_combine(ncl_comm* c, ncl_moe_combine_args* a) {
     NCL_CHECK(ncl_comm_usable(c));
     size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1);
     if (!a || !es || !a->matrix || (a->tokens && !a->y))
         return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL argument or unknown dtype");
     size_t n = (size_t)c->nranks, row = (size_t)a->width * es, piece = piece_bytes(c);
-    size_t fit = piece / ncl_max(row, 1), sent = 0, dispatched = 0;
-    a->moved = 1;
+    size_t fit = piece / ncl_max(row, 1), sent = 0, dispatched = 0, largest = 0;
+    bool valid = true;
     for (size_t i = 0; i < n * n; i++) {
-        if (a->matrix[i] < 0 || (size_t)a->matrix[i] > fit) a->moved = 0; /* every rank decides alike */
+        valid = valid && a->matrix[i] >= 0;
+        largest = ncl_max(largest, (size_t)a->matrix[i]);
         if (i % n == (size_t)c->rank) sent += (size_t)a->matrix[i];
         if (i / n == (size_t)c->rank) dispatched += (size_t)a->matrix[i];
     }
     if (dispatched && !a->send_token) return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL send_token");
+    /* every rank decides alike: one step, more steps into back (when given), or nothing */
+    a->moved = valid && (largest <= fit || (fit && a->back));
     if (!a->moved) return NCL_OK;
     ncl_call_begin(c, NCL_COLL_MOE_COMBINE, a->dtype, sent * a->width, -1, -1);
-    ncl_call_path(c, "one_step");
-    return ncl_call_end(c, combine_rows(c, a, row));
+    ncl_call_path(c, largest <= fit ? "one_step" : "steps");
+    return ncl_call_end(c, combine_rows(c, a, row, fit, largest));
 }

@@ -221,8 +221,10 @@ typedef struct {
 int ncl_moe_dispatch(ncl_comm* comm, ncl_moe_dispatch_args* args);
 int ncl_moe_take(ncl_comm* comm, const ncl_moe_dispatch_args* args);
 /* The rows of a dispatch back to their tokens' ranks, each token's summed in rank order (as
- * ncl_sum_rows) into y, in one step when each block fits one (moved = 1; else nothing happened,
- * the same on every rank, and the caller moves them the ordinary way). */
+ * ncl_sum_rows) into y, in one step when each block fits one, else, given back (room for the
+ * rows this rank dispatched), in as many steps as the largest block needs (moved = 1; else
+ * nothing happened, the same on every rank: the caller passes back, or moves them the
+ * ordinary way). */
 typedef struct {
     const void* rows;         /* the received rows, processed: as recv_x was laid out */
     uint64_t width;           /* elements per row */
@@ -232,6 +234,7 @@ typedef struct {
     const int64_t* send_token;  /* the dispatch's */
     uint64_t tokens;          /* this rank's tokens: y has tokens rows */
     void* y;
+    void* back;               /* NULL, or room for the rows that come back, when a block does not fit one step */
 } ncl_moe_combine_args;
 int ncl_moe_combine(ncl_comm* comm, ncl_moe_combine_args* args);
 /* END CDEF */

@@ -494,7 +494,8 @@ class Buffer:
         if self._in_one_step() and handle.rank_matrix is not None:
             y = self._outputs.empty((handle.num_tokens, handle.hidden), expert_out.dtype) if self._outputs is not None \
                 else torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
-            if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y):
+            if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
+                                back=self._back.empty if self._back is not None else None):
                 return y
         matrix = None if handle.rank_matrix is None else handle.rank_matrix.T  # the rows go back the way they came
         back = _all_to_allv(self.group, expert_out, handle.recv_counts, handle.send_counts, self._back, matrix)
@@ -534,7 +535,7 @@ class Buffer:
             if self._in_one_step() and handle.rank_matrix is not None:
                 y = torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
                 if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
-                                    handle.slots):
+                                    handle.slots, self._back.empty if self._back is not None else None):
                     return y
             send, recv = self._slot_pair(tuple(expert_out.shape), expert_out.dtype)
             send.copy_(expert_out)

@@ -5,7 +5,7 @@ Python.  ncl/moe.py takes this path over an ncl communicator on one host.  When 
 fit one step, the dispatch has still exchanged the counts (the whole matrix, alike on every
 rank), and ncl/moe.py moves the rows the ordinary way with it.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -69,10 +69,12 @@ def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args
 
 
 def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarray, y: torch.Tensor,
-            slots: int = 0) -> bool:
+            slots: int = 0, back: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None) -> bool:
     """One step: rows (laid out as the dispatch's recv_x) back to their tokens' ranks, summed per
-    token in rank order into y (tokens, hidden).  False: nothing moved (a block does not fit one
-    step, or a dtype the core has no kernel for; the same on every rank), y untouched."""
+    token in rank order into y (tokens, hidden); when a block does not fit one step, more steps,
+    the returning rows gathered in a tensor of back(shape, dtype) (torch.empty if not given).
+    False: nothing moved (a row larger than a piece of staging, or a dtype the core has no
+    kernel for; the same on every rank), y untouched."""
     code = torch_dtype_code(rows.dtype)
     if code is None:
         return False
@@ -81,5 +83,13 @@ def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarr
         "rows": _ptr(rows), "width": rows.shape[1], "dtype": code, "slots": slots,
         "matrix": ffi.from_buffer("int64_t[]", matrix), "send_token": ffi.cast("int64_t *", send_token.data_ptr()),
         "tokens": y.shape[0], "y": _ptr(y)})
-    comm._moe("moe_combine", args, send_token.shape[0] * rows.shape[1] * rows.element_size())
+    nbytes = send_token.shape[0] * rows.shape[1] * rows.element_size()
+    comm._moe("moe_combine", args, nbytes)
+    if args.moved:
+        return True
+    # a block did not fit one step (every rank saw it alike, before any step): again, with room for the rows
+    shape = (max(send_token.shape[0], 1), rows.shape[1])  # (never NULL: every rank passes it alike)
+    room = back(shape, rows.dtype) if back is not None else torch.empty(shape, dtype=rows.dtype)
+    args.back = _ptr(room)
+    comm._moe("moe_combine", args, nbytes)
     return bool(args.moved)

@@ -290,7 +290,8 @@ def _one_step_round_trips(comm, case: Case, dtype: torch.dtype, id_dtype: torch.
                     got = buffer.dispatch(x, idx, w, num_experts=case.experts)
                     y = buffer.combine(_play_experts(got[0].float(), *got[1:3]).to(dtype), got[3])
                 results[path, low_latency] = got[:3] + (y,)
-    paths = [(e["algorithm"], e["steps"]) for e in comm.flight_record() if e["collective"] == "moe_dispatch"]
+    paths = [(e["collective"], e["algorithm"], e["steps"]) for e in comm.flight_record()
+             if e["collective"] in ("moe_dispatch", "moe_combine")]
     for low_latency in (False, True):
         label = f"{case}, {dtype}, ids {id_dtype}, low_latency={low_latency}, rank {me}"
         recv_x, recv_idx, recv_w, y = results["packed", low_latency]
@@ -323,11 +324,13 @@ def test_one_step_dispatch_and_combine_equal_numpy_and_the_other_paths(pool_fact
         failures = sum((f for f, _ in answers), [])
         assert not failures, "\n".join(failures)
         paths = answers[0][1]
-        # the rows moved in the one step (the normal and the low-latency dispatch), or, with 8 KiB of staging,
-        # the blocks of the last case did not fit it: the normal mode moved only the counts, then the rows the
-        # other way; the low-latency mode moved them in more steps of the same call
-        assert [p for p, _ in paths[-2:]] == (["counts", "steps"] if staging else ["one_step"] * 2), paths
-        assert paths[-1][1] > 2 if staging else paths[-1][1] == 1, paths  # blocks of up to 45 rows, 10 a step
+        # the rows moved in the one step (the normal and the low-latency dispatch and combine), or, with 8 KiB of
+        # staging, the blocks of the last case did not fit it: the normal dispatch moved only the counts, then the
+        # rows the other way; the low-latency dispatch and both combines moved them in more steps of one call
+        # (blocks of up to 45 rows, 10 a step)
+        algorithms = [a for _, a, _ in paths[-4:]]
+        assert algorithms == (["counts", "steps", "steps", "steps"] if staging else ["one_step"] * 4), paths
+        assert [s > 2 for _, a, s in paths[-4:] if a != "counts"] == [bool(staging)] * (3 if staging else 4), paths
 
 
 # ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
