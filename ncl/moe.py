@@ -559,14 +559,13 @@ class Buffer:
         only the unused rows cleared) and read out of the received blocks in one copy each."""
         group = self.group
         n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
-        if self._in_one_step():  # one step of the core when the slots fit it (else it exchanged only counts)
+        if self._in_one_step():  # one call of the core, in as many steps as the largest block needs
             d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots)
             if d.moved:
                 handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, slots=slots,
                                 rank_matrix=d.matrix)
                 return d.recv_x, d.recv_idx, d.recv_w, handle
-            # they did not (only the counts moved): the fixed exchange below, which measured faster at 8 ranks
-            # on 2 CPUs than the normal mode's exchange of the real rows spread into the slots after
+            # they did not (a record larger than a piece of staging: only the counts moved): the fixed exchange
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
         r = _route(idx, _is_in(idx, per, n), per)
         payload = slots * hidden * x.element_size()

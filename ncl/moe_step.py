@@ -2,8 +2,9 @@
 how): the routing, the packing of rows with their ids and weights, the unpacking and the
 rank-ordered sum all run there, so that a decode step's dispatch is one exchange and a few µs of
 Python.  ncl/moe.py takes this path over an ncl communicator on one host.  When a batch does not
-fit one step, the dispatch has still exchanged the counts (the whole matrix, alike on every
-rank), and ncl/moe.py moves the rows the ordinary way with it.
+fit one step, the normal dispatch has still exchanged the counts (the whole matrix, alike on
+every rank), and ncl/moe.py moves the rows the ordinary way with it; the low-latency dispatch
+(whose outputs' size is known before) and combine take more steps of the same call instead.
 """
 from typing import Callable, NamedTuple, Optional
 
