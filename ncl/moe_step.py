@@ -80,10 +80,10 @@ def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarr
     if code is None:
         return False
     rows, send_token = rows.contiguous(), send_token.contiguous()  # (np.nonzero's columns are strided)
-    args = ffi.new("ncl_moe_combine_args *", {
-        "rows": _ptr(rows), "width": rows.shape[1], "dtype": code, "slots": slots,
-        "matrix": ffi.from_buffer("int64_t[]", matrix), "send_token": ffi.cast("int64_t *", send_token.data_ptr()),
-        "tokens": y.shape[0], "y": _ptr(y)})
+    args = ffi.new("ncl_moe_combine_args *")  # (fields one by one: a dict costs a µs more)
+    args.rows, args.width, args.dtype, args.slots = _ptr(rows), rows.shape[1], code, slots
+    args.matrix, args.send_token = ffi.from_buffer("int64_t[]", matrix), ffi.cast("int64_t *", send_token.data_ptr())
+    args.tokens, args.y = y.shape[0], _ptr(y)
     nbytes = send_token.shape[0] * rows.shape[1] * rows.element_size()
     comm._moe("moe_combine", args, nbytes)
     if args.moved:
