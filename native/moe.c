@@ -203,6 +203,7 @@ int ncl_moe_dispatch(ncl_comm* c, ncl_moe_dispatch_args* a) {
         a->moved = 1;
         return ncl_call_end(c, dispatch_steps(c, a, per, fit, &fp));
     }
+    if (a->slots) a->moved = 0; /* a record no piece holds: the caller moves the rows (even none: it pads) */
     ncl_call_path(c, a->moved ? "one_step" : "counts");
     a->step = c->step;
     return ncl_call_end(c, NCL_OK);

@@ -333,6 +333,37 @@ def test_one_step_dispatch_and_combine_equal_numpy_and_the_other_paths(pool_fact
         assert [s > 2 for _, a, s in paths[-4:] if a != "counts"] == [bool(staging)] * (3 if staging else 4), paths
 
 
+def _low_latency_rows_no_piece_holds(comm):
+    """Failures of low-latency round trips whose rows (600 float32, 2400 B) are larger than a piece of 8 KiB of
+    staging: only the counts move in the core, the rows the other way; with no token anywhere too."""
+    me, n, hidden, failures = comm.rank, comm.size, 600, []
+    for case in (Case((0, 0), 4, 2), Case((1, 2), 4, 2)):
+        slots = max(max(case.tokens), 1)
+        x, idx, w = (torch.from_numpy(a) for a in _routing(5, me, hidden, case))
+        with moe.Buffer(comm) as buffer:
+            recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, idx, w, slots, num_experts=case.experts)
+            y = buffer.low_latency_combine(_play_experts(recv_x, recv_idx, recv_w), handle)
+        for source, (rows, ids, weights) in enumerate(_received(5, me, n, hidden, case)):
+            block, pad = slice(source * slots, source * slots + len(rows)), slice(source * slots + len(rows),
+                                                                                (source + 1) * slots)
+            if not (torch.equal(recv_x[block], torch.from_numpy(rows)) and torch.equal(recv_idx[block],
+                    torch.from_numpy(ids)) and torch.equal(recv_w[block], torch.from_numpy(weights)) and
+                    not recv_x[pad].any() and (recv_idx[pad] == -1).all() and not recv_w[pad].any()):
+                failures.append(f"{case}, rank {me}: the block from rank {source} differs from numpy's")
+        if not torch.allclose(y, torch.from_numpy(_expected(5, me, n, hidden, case)[1]), rtol=1e-5, atol=1e-5):
+            failures.append(f"{case}, rank {me}: the combined output differs from numpy's")
+    paths = [e["algorithm"] for e in comm.flight_record() if e["collective"] == "moe_dispatch"]
+    if paths[-2:] != ["counts", "counts"]:
+        failures.append(f"rank {me}: the dispatches took {paths[-2:]}, not the core's counts and then the rows")
+    return failures
+
+
+@pytest.mark.timeout(120)
+def test_low_latency_rows_larger_than_a_piece_of_staging_move_the_other_way(pool_factory):
+    failures = sum(pool_factory(2, SMALL_STAGING).run(_low_latency_rows_no_piece_holds), [])
+    assert not failures, "\n".join(failures)
+
+
 # ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
 # combine in bfloat16 within fp8's bound of the bfloat16 dispatch's
 FP8_CASE, FP8_HIDDEN = Case((4, 0, 7), 6, 2), 200  # rank 1 sends nothing; rows of two blocks, the second short
