@@ -195,10 +195,13 @@ int ncl_recv_any(ncl_comm* comm, void* buf, size_t count, int dtype, int* src);
 
 /* MoE dispatch and combine of small batches in one step each (moe.c states how).  Experts are in
  * contiguous blocks of num_experts / nranks; ncl_moe_dispatch routes, publishes counts and records,
- * fills send_counts, send_token and the matrix [sender][receiver], and sets moved; when the rows
- * moved, ncl_moe_take (next, with no call between) copies this rank's into recv_x, recv_idx and
- * recv_w: packed by source rank, or with slots > 0 source s's at row s * slots, the rest zero
- * (ids -1).  When they did not, only the counts moved (the same on every rank). */
+ * fills send_counts, send_token and the matrix [sender][receiver], and sets moved.  Normal mode
+ * (slots 0): when the rows moved, ncl_moe_take (next, with no call between) copies this rank's
+ * into recv_x, recv_idx and recv_w, packed by source rank; when they did not, only the counts
+ * moved (the same on every rank).  Low-latency mode (slots > 0): the caller passes the outputs
+ * (nranks * slots rows) with the call, which fills them: source s's rows at row s * slots, the
+ * rest zero (ids -1), in as many steps as the largest block needs (moved 0 only when a record
+ * is larger than a piece of staging: then only the counts moved). */
 typedef struct {
     const void* x;            /* tokens rows of row_bytes */
     const void* topk_idx;     /* tokens x k expert ids (-1: none), idx_bytes (4 or 8) each */
@@ -206,7 +209,7 @@ typedef struct {
     uint64_t tokens, row_bytes;
     int32_t k, idx_bytes, weight_bytes, num_experts;
     uint64_t slots;           /* rows per source block of the outputs (low-latency mode); 0: packed */
-    void* recv_x;             /* take's outputs: rows of row_bytes, */
+    void* recv_x;             /* the outputs (take's, or the low-latency call's): rows of row_bytes, */
     int64_t* recv_idx;        /* k ids per row (-1 where this rank does not hold the expert), */
     void* recv_w;             /* k weights per row */
     uint64_t* send_counts;    /* out: nranks rows sent to each rank */
@@ -218,8 +221,10 @@ typedef struct {
 int ncl_moe_dispatch(ncl_comm* comm, ncl_moe_dispatch_args* args);
 int ncl_moe_take(ncl_comm* comm, const ncl_moe_dispatch_args* args);
 /* The rows of a dispatch back to their tokens' ranks, each token's summed in rank order (as
- * ncl_sum_rows) into y, in one step when each block fits one (moved = 1; else nothing happened,
- * the same on every rank, and the caller moves them the ordinary way). */
+ * ncl_sum_rows) into y, in one step when each block fits one, else, given back (room for the
+ * rows this rank dispatched), in as many steps as the largest block needs (moved = 1; else
+ * nothing happened, the same on every rank: the caller passes back, or moves them the
+ * ordinary way). */
 typedef struct {
     const void* rows;         /* the received rows, processed: as recv_x was laid out */
     uint64_t width;           /* elements per row */
@@ -229,6 +234,7 @@ typedef struct {
     const int64_t* send_token;  /* the dispatch's */
     uint64_t tokens;          /* this rank's tokens: y has tokens rows */
     void* y;
+    void* back;               /* NULL, or room for the rows that come back, when a block does not fit one step */
 } ncl_moe_combine_args;
 int ncl_moe_combine(ncl_comm* comm, ncl_moe_combine_args* args);
 /* END CDEF */

@@ -2,10 +2,11 @@
 how): the routing, the packing of rows with their ids and weights, the unpacking and the
 rank-ordered sum all run there, so that a decode step's dispatch is one exchange and a few µs of
 Python.  ncl/moe.py takes this path over an ncl communicator on one host.  When a batch does not
-fit one step, the dispatch has still exchanged the counts (the whole matrix, alike on every
-rank), and ncl/moe.py moves the rows the ordinary way with it.
+fit one step, the normal dispatch has still exchanged the counts (the whole matrix, alike on
+every rank), and ncl/moe.py moves the rows the ordinary way with it; the low-latency dispatch
+(whose outputs' size is known before) and combine take more steps of the same call instead.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ def _ptr(t: torch.Tensor):
 def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
              slots: int = 0) -> Dispatched:
     """One step: this rank's tokens to the ranks holding their experts (arguments checked by the
-    caller; slots: the low-latency mode's rows per source block, 0: packed by source)."""
+    caller; slots: the low-latency mode's rows per source block, in as many steps as it takes,
+    0: packed by source, in one step or only the counts)."""
     n, (tokens, k) = comm.size, topk_idx.shape
     x, idx, w = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
     send_counts, matrix = np.empty(n, np.uint64), np.empty((n, n), np.int64)
@@ -45,32 +47,50 @@ def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     args.send_counts = ffi.from_buffer("uint64_t[]", send_counts)
     args.send_token = ffi.from_buffer("int64_t[]", send_token)
     args.matrix = ffi.from_buffer("int64_t[]", matrix)
+    if slots:  # the outputs' size is known before: the call fills them (native/moe.c)
+        recv_x, recv_idx, recv_w = _outputs(n * slots, x, k, w.dtype, args)
     comm._moe("moe_dispatch", args, tokens * row_bytes)
     counts, recv_counts = send_counts.tolist(), matrix[:, comm.rank].tolist()
     token = torch.from_numpy(send_token[:sum(counts)])
     if not args.moved:
         return Dispatched(False, token, counts, recv_counts, matrix)
-    rows = n * slots if slots else sum(recv_counts)
-    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
-    recv_idx = torch.empty((rows, k), dtype=torch.int64)
-    recv_w = torch.empty((rows, k), dtype=w.dtype)
-    args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast("int64_t *", recv_idx.data_ptr()), _ptr(recv_w)
-    comm._moe_take(args)
+    if not slots:
+        recv_x, recv_idx, recv_w = _outputs(sum(recv_counts), x, k, w.dtype, args)
+        comm._moe_take(args)
     return Dispatched(True, token, counts, recv_counts, matrix, recv_x, recv_idx, recv_w)
 
 
+def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args):
+    """(recv_x, recv_idx, recv_w) of rows rows, args pointed at them."""
+    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
+    recv_idx = torch.empty((rows, k), dtype=torch.int64)
+    recv_w = torch.empty((rows, k), dtype=weight_dtype)
+    args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast("int64_t *", recv_idx.data_ptr()), _ptr(recv_w)
+    return recv_x, recv_idx, recv_w
+
+
 def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarray, y: torch.Tensor,
-            slots: int = 0) -> bool:
+            slots: int = 0, back: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None) -> bool:
     """One step: rows (laid out as the dispatch's recv_x) back to their tokens' ranks, summed per
-    token in rank order into y (tokens, hidden).  False: nothing moved (a block does not fit one
-    step, or a dtype the core has no kernel for; the same on every rank), y untouched."""
+    token in rank order into y (tokens, hidden); when a block does not fit one step, more steps,
+    the returning rows gathered in a tensor of back(shape, dtype) (torch.empty if not given).
+    False: nothing moved (a row larger than a piece of staging, or a dtype the core has no
+    kernel for; the same on every rank), y untouched."""
     code = torch_dtype_code(rows.dtype)
     if code is None:
         return False
     rows, send_token = rows.contiguous(), send_token.contiguous()  # (np.nonzero's columns are strided)
-    args = ffi.new("ncl_moe_combine_args *", {
-        "rows": _ptr(rows), "width": rows.shape[1], "dtype": code, "slots": slots,
-        "matrix": ffi.from_buffer("int64_t[]", matrix), "send_token": ffi.cast("int64_t *", send_token.data_ptr()),
-        "tokens": y.shape[0], "y": _ptr(y)})
-    comm._moe("moe_combine", args, send_token.shape[0] * rows.shape[1] * rows.element_size())
+    args = ffi.new("ncl_moe_combine_args *")  # (fields one by one: a dict costs a µs more)
+    args.rows, args.width, args.dtype, args.slots = _ptr(rows), rows.shape[1], code, slots
+    args.matrix, args.send_token = ffi.from_buffer("int64_t[]", matrix), ffi.cast("int64_t *", send_token.data_ptr())
+    args.tokens, args.y = y.shape[0], _ptr(y)
+    nbytes = send_token.shape[0] * rows.shape[1] * rows.element_size()
+    comm._moe("moe_combine", args, nbytes)
+    if args.moved:
+        return True
+    # a block did not fit one step (every rank saw it alike, before any step): again, with room for the rows
+    shape = (max(send_token.shape[0], 1), rows.shape[1])  # (never NULL: every rank passes it alike)
+    room = back(shape, rows.dtype) if back is not None else torch.empty(shape, dtype=rows.dtype)
+    args.back = _ptr(room)
+    comm._moe("moe_combine", args, nbytes)
     return bool(args.moved)

@@ -290,7 +290,8 @@ def _one_step_round_trips(comm, case: Case, dtype: torch.dtype, id_dtype: torch.
                     got = buffer.dispatch(x, idx, w, num_experts=case.experts)
                     y = buffer.combine(_play_experts(got[0].float(), *got[1:3]).to(dtype), got[3])
                 results[path, low_latency] = got[:3] + (y,)
-    paths = [e["algorithm"] for e in comm.flight_record() if e["collective"] == "moe_dispatch"]
+    paths = [(e["collective"], e["algorithm"], e["steps"]) for e in comm.flight_record()
+             if e["collective"] in ("moe_dispatch", "moe_combine")]
     for low_latency in (False, True):
         label = f"{case}, {dtype}, ids {id_dtype}, low_latency={low_latency}, rank {me}"
         recv_x, recv_idx, recv_w, y = results["packed", low_latency]
@@ -323,9 +324,44 @@ def test_one_step_dispatch_and_combine_equal_numpy_and_the_other_paths(pool_fact
         failures = sum((f for f, _ in answers), [])
         assert not failures, "\n".join(failures)
         paths = answers[0][1]
-        # the rows moved in the one step (the normal and the low-latency dispatch), or, with 8 KiB of staging,
-        # the blocks of the last case did not fit it: only the counts did, then the rows the other way
-        assert paths[-2:] == (["counts"] * 2 if staging else ["one_step"] * 2), paths
+        # the rows moved in the one step (the normal and the low-latency dispatch and combine), or, with 8 KiB of
+        # staging, the blocks of the last case did not fit it: the normal dispatch moved only the counts, then the
+        # rows the other way; the low-latency dispatch and both combines moved them in more steps of one call
+        # (blocks of up to 45 rows, 10 a step)
+        algorithms = [a for _, a, _ in paths[-4:]]
+        assert algorithms == (["counts", "steps", "steps", "steps"] if staging else ["one_step"] * 4), paths
+        assert [s > 2 for _, a, s in paths[-4:] if a != "counts"] == [bool(staging)] * (3 if staging else 4), paths
+
+
+def _low_latency_rows_no_piece_holds(comm):
+    """Failures of low-latency round trips whose rows (600 float32, 2400 B) are larger than a piece of 8 KiB of
+    staging: only the counts move in the core, the rows the other way; with no token anywhere too."""
+    me, n, hidden, failures = comm.rank, comm.size, 600, []
+    for case in (Case((0, 0), 4, 2), Case((1, 2), 4, 2)):
+        slots = max(max(case.tokens), 1)
+        x, idx, w = (torch.from_numpy(a) for a in _routing(5, me, hidden, case))
+        with moe.Buffer(comm) as buffer:
+            recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, idx, w, slots, num_experts=case.experts)
+            y = buffer.low_latency_combine(_play_experts(recv_x, recv_idx, recv_w), handle)
+        for source, (rows, ids, weights) in enumerate(_received(5, me, n, hidden, case)):
+            block, pad = slice(source * slots, source * slots + len(rows)), slice(source * slots + len(rows),
+                                                                                (source + 1) * slots)
+            if not (torch.equal(recv_x[block], torch.from_numpy(rows)) and torch.equal(recv_idx[block],
+                    torch.from_numpy(ids)) and torch.equal(recv_w[block], torch.from_numpy(weights)) and
+                    not recv_x[pad].any() and (recv_idx[pad] == -1).all() and not recv_w[pad].any()):
+                failures.append(f"{case}, rank {me}: the block from rank {source} differs from numpy's")
+        if not torch.allclose(y, torch.from_numpy(_expected(5, me, n, hidden, case)[1]), rtol=1e-5, atol=1e-5):
+            failures.append(f"{case}, rank {me}: the combined output differs from numpy's")
+    paths = [e["algorithm"] for e in comm.flight_record() if e["collective"] == "moe_dispatch"]
+    if paths[-2:] != ["counts", "counts"]:
+        failures.append(f"rank {me}: the dispatches took {paths[-2:]}, not the core's counts and then the rows")
+    return failures
+
+
+@pytest.mark.timeout(120)
+def test_low_latency_rows_larger_than_a_piece_of_staging_move_the_other_way(pool_factory):
+    failures = sum(pool_factory(2, SMALL_STAGING).run(_low_latency_rows_no_piece_holds), [])
+    assert not failures, "\n".join(failures)
 
 
 # ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
