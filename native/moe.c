@@ -302,23 +302,43 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, 
     return sum_tokens(c, a, row, blocks);
 }
 
+/* How the rows go back, decided alike on every rank from the matrix before any step: 1 in one
+ * step, k > 1 in k steps (through back), 0 not at all (a row larger than a piece, or a bad count). */
+static size_t combine_steps(const ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t* fit,
+                            size_t* largest) {
+    size_t n = (size_t)c->nranks;
+    bool valid = true;
+    *fit = piece_bytes(c) / ncl_max(row, 1), *largest = 0;
+    for (size_t i = 0; i < n * n; i++) {
+        valid = valid && a->matrix[i] >= 0;
+        *largest = ncl_max(*largest, (size_t)a->matrix[i]);
+    }
+    if (!valid) return 0;
+    if (*largest <= *fit) return 1;
+    return *fit ? (*largest + *fit - 1) / *fit : 0;
+}
+
+int ncl_moe_combine_steps(ncl_comm* c, const ncl_moe_combine_args* a) {
+    size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1), fit, largest;
+    if (!c || !a || !es || !a->matrix) return 0;
+    size_t steps = combine_steps(c, a, (size_t)a->width * es, &fit, &largest);
+    return steps > (size_t)INT32_MAX ? INT32_MAX : (int)steps;
+}
+
 int ncl_moe_combine(ncl_comm* c, ncl_moe_combine_args* a) {
     NCL_CHECK(ncl_comm_usable(c));
     size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1);
     if (!a || !es || !a->matrix || (a->tokens && !a->y))
         return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL argument or unknown dtype");
-    size_t n = (size_t)c->nranks, row = (size_t)a->width * es, piece = piece_bytes(c);
-    size_t fit = piece / ncl_max(row, 1), sent = 0, dispatched = 0, largest = 0;
-    bool valid = true;
+    size_t n = (size_t)c->nranks, row = (size_t)a->width * es, fit, largest, sent = 0, dispatched = 0;
     for (size_t i = 0; i < n * n; i++) {
-        valid = valid && a->matrix[i] >= 0;
-        largest = ncl_max(largest, (size_t)a->matrix[i]);
         if (i % n == (size_t)c->rank) sent += (size_t)a->matrix[i];
         if (i / n == (size_t)c->rank) dispatched += (size_t)a->matrix[i];
     }
     if (dispatched && !a->send_token) return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL send_token");
     /* every rank decides alike: one step, more steps into back (when given), or nothing */
-    a->moved = valid && (largest <= fit || (fit && a->back));
+    size_t steps = combine_steps(c, a, row, &fit, &largest);
+    a->moved = steps == 1 || (steps > 1 && a->back);
     if (!a->moved) return NCL_OK;
     ncl_call_begin(c, NCL_COLL_MOE_COMBINE, a->dtype, sent * a->width, -1, -1);
     ncl_call_path(c, largest <= fit ? "one_step" : "steps");

@@ -237,6 +237,9 @@ typedef struct {
     void* back;               /* NULL, or room for the rows that come back, when a block does not fit one step */
 } ncl_moe_combine_args;
 int ncl_moe_combine(ncl_comm* comm, ncl_moe_combine_args* args);
+/* The steps ncl_moe_combine would take with these args (matrix, width, dtype): 1, more (it then
+ * needs back), or 0 (it would move nothing).  Reads the matrix only: no step, no call. */
+int ncl_moe_combine_steps(ncl_comm* comm, const ncl_moe_combine_args* args);
 /* END CDEF */
 
 #endif

@@ -553,6 +553,10 @@ class Communicator:
         """This rank's rows of the moe_dispatch that just ran, into the outputs args now points to."""
         self._backend.moe_take(args)
 
+    def _moe_combine_steps(self, args) -> int:
+        """The steps the moe_combine these args describe would take (1, more: it needs room, 0: none)."""
+        return self._backend.moe_combine_steps(args)
+
     # ---- point to point and synchronisation ------------------------------------------------------
     def send(self, x, dst: int, *, async_op: bool = False):
         """Send x to rank dst (returns once x may be reused)."""

@@ -71,8 +71,8 @@ def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args
 
 def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarray, y: torch.Tensor,
             slots: int = 0, back: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None) -> bool:
-    """One step: rows (laid out as the dispatch's recv_x) back to their tokens' ranks, summed per
-    token in rank order into y (tokens, hidden); when a block does not fit one step, more steps,
+    """Rows (laid out as the dispatch's recv_x) back to their tokens' ranks, summed per token in
+    rank order into y (tokens, hidden): in one step, or, when a block does not fit one, in more,
     the returning rows gathered in a tensor of back(shape, dtype) (torch.empty if not given).
     False: nothing moved (a row larger than a piece of staging, or a dtype the core has no
     kernel for; the same on every rank), y untouched."""
@@ -84,13 +84,12 @@ def combine(comm, rows: torch.Tensor, send_token: torch.Tensor, matrix: np.ndarr
     args.rows, args.width, args.dtype, args.slots = _ptr(rows), rows.shape[1], code, slots
     args.matrix, args.send_token = ffi.from_buffer("int64_t[]", matrix), ffi.cast("int64_t *", send_token.data_ptr())
     args.tokens, args.y = y.shape[0], _ptr(y)
-    nbytes = send_token.shape[0] * rows.shape[1] * rows.element_size()
-    comm._moe("moe_combine", args, nbytes)
-    if args.moved:
-        return True
-    # a block did not fit one step (every rank saw it alike, before any step): again, with room for the rows
-    shape = (max(send_token.shape[0], 1), rows.shape[1])  # (never NULL: every rank passes it alike)
-    room = back(shape, rows.dtype) if back is not None else torch.empty(shape, dtype=rows.dtype)
-    args.back = _ptr(room)
-    comm._moe("moe_combine", args, nbytes)
+    steps = comm._moe_combine_steps(args)  # decided alike on every rank, from the matrix
+    if steps == 0:
+        return False
+    if steps > 1:  # room for the rows that come back
+        shape = (max(send_token.shape[0], 1), rows.shape[1])  # (never NULL: every rank passes it alike)
+        room = back(shape, rows.dtype) if back is not None else torch.empty(shape, dtype=rows.dtype)
+        args.back = _ptr(room)
+    comm._moe("moe_combine", args, send_token.shape[0] * rows.shape[1] * rows.element_size())
     return bool(args.moved)

@@ -159,6 +159,10 @@ class SharedMemoryBackend:
         """Copy this rank's rows of the moe_dispatch that just ran out of the step (native/moe.c)."""
         check(lib.ncl_moe_take(self.handle, args))
 
+    def moe_combine_steps(self, args) -> int:
+        """The steps a moe_combine with these args would take (native/moe.c): 1, more (it needs args.back), 0."""
+        return lib.ncl_moe_combine_steps(self.handle, args)
+
     def p2p_batch(self) -> P2PBatch:
         return P2PBatch(self.handle)
 

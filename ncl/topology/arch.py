@@ -210,16 +210,17 @@ def _moe_calls(arch: Arch, split: Split, group_tokens: int, act_bytes: int,
         # ncl.moe's one step (native/moe.c): the counts, and each row with its ids and weights when every
         # block fits a piece of a staging slot; `largest` (a rank's whole send) bounds its largest block
         record = _aligned(_aligned(row) + arch.top_k * (COUNT_BYTES + MOE_WEIGHT_BYTES))  # row, ids, weights
-        piece = MOE_STEP_BYTES // ep & ~63
+        piece = (MOE_STEP_BYTES - _aligned(ep * COUNT_BYTES, 64)) // ep & ~63  # after the sender's counts
         calls.append(Collective("moe_dispatch", sent * record, ep_group, ep))
-        if largest > (piece - 64) // record:
+        if largest > piece // record:
             if largest * row < MOE_PACKED_MAX_BYTES:
                 calls.append(Collective("all_to_allv", sent * (row + 2 * arch.top_k * 8), ep_group, ep))  # packed
             else:
                 calls.append(Collective("all_to_allv", sent * row, ep_group, ep))       # rows
                 calls.append(Collective("all_to_allv", sent * 2 * arch.top_k * 8, ep_group, ep))  # ids, weights
-        back = "moe_combine" if largest <= piece // row else "all_to_allv"
-        calls.append(Collective(back, received * row, ep_group, ep))                # combine: the rows back
+        # combine: the rows back in one step, or in as many as the largest block needs (one call either way)
+        back = "moe_combine" if piece >= row else "all_to_allv"
+        calls.append(Collective(back, received * row, ep_group, ep))
     if tp > 1:
         calls.append(Collective("all_gather", rows * arch.dim * act_bytes, "world" if tp == n else "tp", tp))
     return calls
