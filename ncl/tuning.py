@@ -174,6 +174,7 @@ def options(nranks: int, timeout: Optional[float] = None, host_ranks: Optional[i
     opts.yield_us = env.get("NCL_YIELD_US")
     opts.flight_entries = env.get("NCL_TRACE_BUFFER")
     opts.verify_calls = env.get("NCL_CHECK_CALLS")
+    opts.streaming = ("auto", "on", "off").index(env.get("NCL_STREAMING"))
     env.get("NCL_KERNEL_ISA")  # the C core reads it; a bad value is refused here, before any rank communicates
     for field, minimum in (("staging_bytes", 4096), ("p2p_bytes", 4096)):
         if getattr(opts, field) < minimum:
