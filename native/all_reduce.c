@@ -30,7 +30,7 @@ static void block_range(size_t m, int n, int b, size_t es, size_t* lo, size_t* h
 }
 
 /* Reduce every rank's slot (from offset_bytes) into dst; `stream` when a peer reads dst next
- * and streaming stores pay (stores.c). */
+ * and streaming stores pay (learn.c). */
 static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op, bool stream) {
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_step_peer_slot(c, r) + offset_bytes;
@@ -175,23 +175,25 @@ static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t cou
     if (algo == NCL_ALGO_CMA && !(c->cma && c->nranks > 1))
         return ncl_error(NCL_ERR_ARGUMENT, "the cma all_reduce needs more than one rank and process_vm_readv "
                                            "between them (the setup probe failed, or NCL_CMA=0)");
-    if (algo == NCL_ALGO_AUTO)
+    bool forced = algo != NCL_ALGO_AUTO;
+    if (!forced) /* the cost model's choice; learn.c may know a faster one on this host now */
         algo = registered && bytes >= c->direct_min_bytes                        ? NCL_ALGO_DIRECT
                : c->cma && c->nranks > 1 && bytes >= c->cma_all_reduce_min_bytes ? NCL_ALGO_CMA
                : bytes <= c->one_shot_max_bytes                                  ? NCL_ALGO_ONE_SHOT
                                                                                  : NCL_ALGO_TWO_SHOT;
     if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_CMA)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
+    ncl_learned how = ncl_learn_pick(c, algo, forced, registered, bytes);
+    algo = how.algo;
     ncl_call_path(c, ncl_algo_name(algo));
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
     if (algo == NCL_ALGO_DIRECT) ncl_fp_registered(&fp, &rs, &rr);
-    ncl_stores st = ncl_stores_pick(c, algo, bytes);
-    int rc = algo == NCL_ALGO_DIRECT   ? direct(c, &rs, &rr, count, dtype, op, st.stream, &fp)
-             : algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, st.stream, &fp)
-             : algo == NCL_ALGO_CMA      ? cma_two_shot(c, send, recv, count, dtype, op, st.stream, &fp)
-                                         : two_shot(c, send, recv, count, dtype, op, -1, st.stream, &fp);
-    ncl_stores_learn(c, &st, rc);
+    int rc = algo == NCL_ALGO_DIRECT     ? direct(c, &rs, &rr, count, dtype, op, how.stream, &fp)
+             : algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, how.stream, &fp)
+             : algo == NCL_ALGO_CMA      ? cma_two_shot(c, send, recv, count, dtype, op, how.stream, &fp)
+                                         : two_shot(c, send, recv, count, dtype, op, -1, how.stream, &fp);
+    ncl_learn_from(c, &how, rc);
     return rc;
 }
 

@@ -9,7 +9,7 @@
  * 0.9 us).  So every copy into a slot a peer reads goes through ncl_copy_shared, and every
  * reduction whose result a peer reads through ncl_reduce_shared.  With the vCPUs close the
  * other way round holds for staged exchanges (2026-12): all_reduce, the one collective where
- * it matters most, asks stores.c, which measures both while it runs, and passes its choice to
+ * it matters most, asks learn.c, which measures both while it runs, and passes its choice to
  * the _stores forms. */
 #include <string.h>
 

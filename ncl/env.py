@@ -70,7 +70,7 @@ KNOBS: Dict[str, Knob] = {
     "NCL_CMA_MIN_BYTES": Knob(parse_bytes, 32 << 10, "single-copy reads from this many bytes per peer block up"),
     "NCL_STREAMING": Knob(_lower_choice("auto", "on", "off"), "auto",
                           "all_reduce's stores for data peers read: auto (measure both kinds while running, "
-                          "native/stores.c), on (streaming from 32 KiB), off (ordinary)"),
+                          "native/learn.c), on (streaming from 32 KiB), off (ordinary)"),
     "NCL_SPIN_US": Knob(_int_in(0, 10**7), 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
     "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000, "sched_yield microseconds before sleeping on a futex"),
     "NCL_KERNEL_ISA": Knob(_lower_choice("generic", "avx2", "avx512"), "",

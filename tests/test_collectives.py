@@ -146,10 +146,12 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("size", (2, 3))
-def test_streaming_and_ordinary_stores_agree(pool_factory, size):
-    """NCL_STREAMING=on, =off and =auto (which switches kinds on its trial calls, every 8th of a
-    size class) give the reference, bitwise identical across ranks and settings; default staging,
-    sizes from 80 KB (above the streaming floor) to 1.2 MB, each 9 times per dtype and placement."""
+def test_learned_algorithms_and_stores_agree(pool_factory, size):
+    """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
+    settings; auto also tries another algorithm on the 4th call of every 8 of a size class and
+    the other kind of stores on the 8th (native/learn.c), so every rank must pick the same one.
+    Default staging, sizes from 80 KB (above the learning floor) to 1.2 MB, 9 calls each per
+    dtype and placement."""
     counts = (20_001, 300_001) * 9
     by_kind = {kind: _assert_sweep(pool_factory(size, (("NCL_STREAMING", kind),)).run(
         _all_reduce_sweep, "stores", ["float32", "bfloat16"], ("SUM",), counts, timeout=240))
