@@ -165,6 +165,7 @@ typedef struct {
     bool forced;      /* NCL_ALGO: the algorithm is not learned */
     int table, cls;   /* [registered][size class]; cls < 0: below the floor, nothing learned */
     bool stream;      /* streaming stores for what peers read */
+    bool store_trial; /* this call tries the other kind of stores */
     size_t bytes;
     double t0;        /* rank 0: when the call began */
 } ncl_learned;

@@ -25,7 +25,7 @@
 #include "internal.h"
 
 #define LEARN_MIN_BYTES (32u << 10)  /* copy.c's floor for streaming stores */
-#define SWITCH_MARGIN 0.9f           /* the other choice must be 10% faster: no flapping on noise */
+#define SWITCH_MARGIN 0.8f           /* another choice must be 20% faster: single calls vary that much under load */
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 static int size_class(size_t bytes) {
@@ -74,7 +74,8 @@ ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, 
     }
     uint8_t kind = atomic_load_explicit(&c->hdr->streaming[l.algo][l.cls], memory_order_relaxed);
     bool best = c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(l.algo);
-    l.stream = c->streaming ? best : best != trial(c->store_calls[l.algo][l.cls]++, 7);
+    l.store_trial = !c->streaming && trial(c->store_calls[l.algo][l.cls]++, 7);
+    l.stream = best != l.store_trial;
     if (c->rank == 0) l.t0 = ncl_now();
     return l;
 }
@@ -91,7 +92,7 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
         int want = fastest(est, 2, was);
         if (want != was) atomic_store_explicit(word, want ? NCL_STORES_STREAMING : NCL_STORES_CACHED, memory_order_relaxed);
     }
-    if (l->forced) return;
+    if (l->forced || l->store_trial) return; /* an algorithm is timed with its best stores only */
     float* est = c->algo_ns[l->table][l->cls];
     average(&est[l->algo], x);
     _Atomic uint64_t* word = &c->hdr->algo_word[l->table][l->cls];
