@@ -65,10 +65,13 @@ ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, 
         int published = choice_at(atomic_load(&c->hdr->algo_word[l.table][l.cls]), c->step);
         int best = published ? published : algo;
         l.algo = best;
-        if (trial(n, 3)) { /* another candidate, each in turn */
+        if (trial(n, 3)) { /* another candidate, each in turn; direct (no copies at all) first */
+            static const int order[] = {NCL_ALGO_DIRECT, NCL_ALGO_ONE_SHOT, NCL_ALGO_TWO_SHOT, NCL_ALGO_CMA};
             int cands[NCL_NUM_ALGOS], k = 0;
-            for (int a = NCL_ALGO_ONE_SHOT; a < NCL_NUM_ALGOS; a++)
+            for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
+                int a = order[i];
                 if (a != best && (a != NCL_ALGO_DIRECT || registered) && (a != NCL_ALGO_CMA || c->cma)) cands[k++] = a;
+            }
             l.algo = cands[(n < 32 ? n / 8 : n / 64) % (uint32_t)k];
         }
     }
