@@ -132,6 +132,8 @@ struct ncl_comm {
     float algo_ns[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];
     uint32_t store_calls[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];    /* [algorithm] */
     float store_ns[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];       /* [0] ordinary, [1] streaming stores */
+    uint8_t algo_seen[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];    /* rank 0: samples behind each average */
+    uint8_t store_seen[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];
     ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
     uint32_t nwindows;      /* windows ever created: the next one's number */
     pthread_mutex_t win_lock;

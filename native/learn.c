@@ -11,7 +11,7 @@
  * byte of each algorithm that could run (staged: one-shot, two-shot, cma where it works;
  * registered buffers: direct too) and, per algorithm and class, of each kind of store, and
  * publishes the fastest in the header.  To keep the averages current every rank tries another
- * on the same calls (the 4th and 8th of every 8 first, then one each in 64), found from its own count
+ * on the same calls (one of each kind in 32), found from its own count
  * of the class's calls: collectives run in the same order everywhere, so the counts agree.
  *
  * A store kind read stale is harmless (it never changes a result), but ranks must agree on the
@@ -34,19 +34,20 @@ static int size_class(size_t bytes) {
     return k;
 }
 
-/* Trial calls: the algorithm on the 4th of every 8 and the store kind on the 8th, over a class's
- * first 32 calls (learning fast costs at most a quarter of those), then one each in 64. */
-static bool trial(uint32_t calls, uint32_t at) { return calls < 32 ? calls % 8 == at : calls % 64 == at * 8 + 7; }
+/* Trial calls: the algorithm on the 16th of every 32 calls of a class and the store kind on the 32nd
+ * (a benchmark's few dozen calls per size pay for at most two, each possibly 2x slower). */
+static bool trial(uint32_t calls, uint32_t at) { return calls % 32 == at; }
 
 /* A moving average of ns per byte: a quarter of each sample, one preempted call counting at most
  * twice the average. */
 static void average(float* est, float x) { *est = *est == 0 ? x : *est + ((x < 2 * *est ? x : 2 * *est) - *est) * 0.25f; }
 
-/* The index of the smallest known estimate if it beats est[current] by the margin, else current. */
-static int fastest(const float* est, int n, int current) {
+/* The index of the smallest estimate of two samples or more if it beats est[current] by the margin,
+ * else current (one lucky call never decides). */
+static int fastest(const float* est, const uint8_t* seen, int n, int current) {
     int best = current;
     for (int i = 0; i < n; i++)
-        if (est[i] > 0 && (est[best] == 0 || est[i] < SWITCH_MARGIN * est[best])) best = i;
+        if (seen[i] >= 2 && (seen[best] < 2 || est[i] < SWITCH_MARGIN * est[best])) best = i;
     return best;
 }
 
@@ -65,19 +66,19 @@ ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, 
         int published = choice_at(atomic_load(&c->hdr->algo_word[l.table][l.cls]), c->step);
         int best = published ? published : algo;
         l.algo = best;
-        if (trial(n, 3)) { /* another candidate, each in turn; direct (no copies at all) first */
+        if (trial(n, 15)) { /* another candidate, each in turn; direct (no copies at all) first */
             static const int order[] = {NCL_ALGO_DIRECT, NCL_ALGO_ONE_SHOT, NCL_ALGO_TWO_SHOT, NCL_ALGO_CMA};
             int cands[NCL_NUM_ALGOS], k = 0;
             for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
                 int a = order[i];
                 if (a != best && (a != NCL_ALGO_DIRECT || registered) && (a != NCL_ALGO_CMA || c->cma)) cands[k++] = a;
             }
-            l.algo = cands[(n < 32 ? n / 8 : n / 64) % (uint32_t)k];
+            l.algo = cands[(n / 32) % (uint32_t)k];
         }
     }
     uint8_t kind = atomic_load_explicit(&c->hdr->streaming[l.algo][l.cls], memory_order_relaxed);
     bool best = c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(l.algo);
-    l.store_trial = !c->streaming && trial(c->store_calls[l.algo][l.cls]++, 7);
+    l.store_trial = !c->streaming && trial(c->store_calls[l.algo][l.cls]++, 31);
     l.stream = best != l.store_trial;
     if (c->rank == 0) l.t0 = ncl_now();
     return l;
@@ -88,20 +89,24 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     float x = (float)((ncl_now() - l->t0) * 1e9 / (double)l->bytes);
     if (!c->streaming) {
         float* est = c->store_ns[l->algo][l->cls];
+        uint8_t* seen = c->store_seen[l->algo][l->cls];
         average(&est[l->stream], x);
+        seen[l->stream] += seen[l->stream] < 255;
         _Atomic uint8_t* word = &c->hdr->streaming[l->algo][l->cls];
         uint8_t now = atomic_load_explicit(word, memory_order_relaxed);
         int was = now ? now == NCL_STORES_STREAMING : DEFAULT_STREAMING(l->algo);
-        int want = fastest(est, 2, was);
+        int want = fastest(est, seen, 2, was);
         if (want != was) atomic_store_explicit(word, want ? NCL_STORES_STREAMING : NCL_STORES_CACHED, memory_order_relaxed);
     }
     if (l->forced || l->store_trial) return; /* an algorithm is timed with its best stores only */
     float* est = c->algo_ns[l->table][l->cls];
+    uint8_t* seen = c->algo_seen[l->table][l->cls];
     average(&est[l->algo], x);
+    seen[l->algo] += seen[l->algo] < 255;
     _Atomic uint64_t* word = &c->hdr->algo_word[l->table][l->cls];
     uint64_t w = atomic_load(word);
     if ((int32_t)(c->step - (uint32_t)(w >> 32)) < 0) return; /* the last change is not in force yet */
     int now = choice_at(w, c->step), base = now ? now : l->model; /* 0: the model's choice */
-    int want = fastest(est, NCL_NUM_ALGOS, base);
+    int want = fastest(est, seen, NCL_NUM_ALGOS, base);
     if (want != base) atomic_store(word, (uint64_t)(c->step + 1) << 32 | (uint64_t)now << 8 | (uint64_t)want);
 }

@@ -148,11 +148,11 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 @pytest.mark.parametrize("size", (2, 3))
 def test_learned_algorithms_and_stores_agree(pool_factory, size):
     """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
-    settings; auto also tries another algorithm on the 4th call of every 8 of a size class and
-    the other kind of stores on the 8th (native/learn.c), so every rank must pick the same one.
-    Default staging, sizes from 80 KB (above the learning floor) to 1.2 MB, 9 calls each per
-    dtype and placement."""
-    counts = (20_001, 300_001) * 9
+    settings; auto also tries another algorithm on the 16th call of every 32 of a size class and
+    the other kind of stores on the 32nd (native/learn.c), so every rank must pick the same one.
+    Default staging, sizes from 80 KB (above the learning floor) to 1.2 MB, 17 calls each per
+    dtype and placement (34 per size class)."""
+    counts = (20_001, 300_001) * 17
     by_kind = {kind: _assert_sweep(pool_factory(size, (("NCL_STREAMING", kind),)).run(
         _all_reduce_sweep, "stores", ["float32", "bfloat16"], ("SUM",), counts, timeout=240))
         for kind in ("on", "off", "auto")}
