@@ -29,16 +29,18 @@ static void block_range(size_t m, int n, int b, size_t es, size_t* lo, size_t* h
     *hi = ncl_min(*lo + blk, m);
 }
 
-/* Reduce every rank's slot (from offset_bytes) into dst; `shared` when a peer reads dst next. */
-static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op, bool shared) {
+/* Reduce every rank's slot (from offset_bytes) into dst; `stream` when a peer reads dst next
+ * and streaming stores pay (learn.c). */
+static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op, bool stream) {
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_step_peer_slot(c, r) + offset_bytes;
-    return (shared ? ncl_reduce_shared : ncl_reduce_local)(dst, srcs, c->nranks, m, dtype, op);
+    return ncl_reduce_stores(dst, srcs, c->nranks, m, dtype, op, stream);
 }
 
 typedef struct {
     size_t m;
     int dtype, op;
+    bool stream;
 } last_reduce;
 
 /* Central sync: the last rank to arrive reduces every slot into its own, once for all. */
@@ -46,18 +48,18 @@ static void reduce_into_own_slot(ncl_comm* c, uint32_t step, void* arg) {
     const last_reduce* a = arg;
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_slot(c, r, step);
-    ncl_reduce_shared(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op);
+    ncl_reduce_stores(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op, a->stream);
 }
 
-static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op,
+static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op, bool stream,
                     const ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes / es;
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off);
-        ncl_copy_shared(ncl_step_begin(c), send + off * es, m * es);
+        ncl_copy_stores(ncl_step_begin(c), send + off * es, m * es, stream);
         if (c->central_sync) { /* oversubscribed: one rank reduces, the rest copy its result */
-            last_reduce a = {m, dtype, op};
+            last_reduce a = {m, dtype, op, stream};
             ncl_on_last last = {reduce_into_own_slot, &a};
             NCL_CHECK(ncl_step_sync_last(c, fp, &last));
             memcpy(recv + off * es, ncl_step_peer_slot(c, ncl_step_last_rank(c)), m * es);
@@ -71,17 +73,17 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
 
 /* Two-shot; with root >= 0 only the root collects the reduced blocks (that is reduce). */
 static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op, int root,
-                    const ncl_fingerprint* fp) {
+                    bool stream, const ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes / es;
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off), lo, hi;
-        ncl_copy_shared(ncl_step_begin(c), send + off * es, m * es);
+        ncl_copy_stores(ncl_step_begin(c), send + off * es, m * es, stream);
         NCL_CHECK(ncl_step_sync(c, fp));
         /* reduce my block into my next slot */
         block_range(m, c->nranks, c->rank, es, &lo, &hi);
         uint8_t* mine = ncl_step_begin(c);
-        NCL_CHECK(reduce_peers(c, mine + lo * es, lo * es, hi - lo, dtype, op, true));
+        NCL_CHECK(reduce_peers(c, mine + lo * es, lo * es, hi - lo, dtype, op, stream));
         NCL_CHECK(ncl_step_sync(c, fp));
         if (root >= 0 && root != c->rank) continue;
         for (int r = 0; r < c->nranks; r++) { /* gather every rank's reduced block */
@@ -93,14 +95,14 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
 }
 
 static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t count, int dtype, int op,
-                  const ncl_fingerprint* fp) {
+                  bool stream, const ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), lo, hi;
     const void* srcs[NCL_MAX_RANKS];
     NCL_CHECK(ncl_step_sync(c, fp));
     block_range(count, c->nranks, c->rank, es, &lo, &hi);
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_reg_peer(send, r) + lo * es;
     uint8_t* mine = ncl_reg_peer(recv, c->rank);
-    NCL_CHECK(ncl_reduce_shared(mine + lo * es, srcs, c->nranks, hi - lo, dtype, op));
+    NCL_CHECK(ncl_reduce_stores(mine + lo * es, srcs, c->nranks, hi - lo, dtype, op, stream));
     NCL_CHECK(ncl_step_sync(c, fp));
     for (int i = 1; i < c->nranks; i++) { /* start at the next rank: spread the readers */
         int r = (c->rank + i) % c->nranks;
@@ -113,7 +115,7 @@ static int direct(ncl_comm* c, const ncl_reg* send, const ncl_reg* recv, size_t 
 #define CMA_SCRATCH_BYTES ((size_t)256 << 10) /* all peers' pieces together: stays in L2 */
 
 static int cma_two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op,
-                        ncl_fingerprint* fp) {
+                        bool stream, ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), n = (size_t)c->nranks, lo, hi;
     if (!c->cma_scratch && !(c->cma_scratch = aligned_alloc(NCL_PAGE, CMA_SCRATCH_BYTES)))
         return ncl_error(NCL_ERR_SYSTEM, "out of memory for the all_reduce scratch buffer");
@@ -138,7 +140,7 @@ static int cma_two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t 
             srcs[r] = slot;
             slot += piece * es;
         }
-        NCL_CHECK(ncl_reduce_shared(recv + off * es, srcs, c->nranks, m, dtype, op));
+        NCL_CHECK(ncl_reduce_stores(recv + off * es, srcs, c->nranks, m, dtype, op, stream));
     }
     uint64_t recvs[NCL_MAX_RANKS]; /* the next step reuses the slots: keep the addresses */
     for (int r = 0; r < c->nranks; r++) recvs[r] = ((const uint64_t*)ncl_step_peer_slot(c, r))[1];
@@ -173,23 +175,26 @@ static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t cou
     if (algo == NCL_ALGO_CMA && !(c->cma && c->nranks > 1))
         return ncl_error(NCL_ERR_ARGUMENT, "the cma all_reduce needs more than one rank and process_vm_readv "
                                            "between them (the setup probe failed, or NCL_CMA=0)");
-    if (algo == NCL_ALGO_AUTO)
+    bool forced = algo != NCL_ALGO_AUTO;
+    if (!forced) /* the cost model's choice; learn.c may know a faster one on this host now */
         algo = registered && bytes >= c->direct_min_bytes                        ? NCL_ALGO_DIRECT
                : c->cma && c->nranks > 1 && bytes >= c->cma_all_reduce_min_bytes ? NCL_ALGO_CMA
                : bytes <= c->one_shot_max_bytes                                  ? NCL_ALGO_ONE_SHOT
                                                                                  : NCL_ALGO_TWO_SHOT;
     if (algo < NCL_ALGO_ONE_SHOT || algo > NCL_ALGO_CMA)
         return ncl_error(NCL_ERR_ARGUMENT, "unknown all_reduce algorithm %d", algo);
+    ncl_learned how = ncl_learn_pick(c, algo, forced, registered, bytes);
+    algo = how.algo;
     ncl_call_path(c, ncl_algo_name(algo));
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
-    if (algo == NCL_ALGO_DIRECT) {
-        ncl_fp_registered(&fp, &rs, &rr);
-        return direct(c, &rs, &rr, count, dtype, op, &fp);
-    }
-    return algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, &fp)
-           : algo == NCL_ALGO_CMA    ? cma_two_shot(c, send, recv, count, dtype, op, &fp)
-                                     : two_shot(c, send, recv, count, dtype, op, -1, &fp);
+    if (algo == NCL_ALGO_DIRECT) ncl_fp_registered(&fp, &rs, &rr);
+    int rc = algo == NCL_ALGO_DIRECT     ? direct(c, &rs, &rr, count, dtype, op, how.stream, &fp)
+             : algo == NCL_ALGO_ONE_SHOT ? one_shot(c, send, recv, count, dtype, op, how.stream, &fp)
+             : algo == NCL_ALGO_CMA      ? cma_two_shot(c, send, recv, count, dtype, op, how.stream, &fp)
+                                         : two_shot(c, send, recv, count, dtype, op, -1, how.stream, &fp);
+    ncl_learn_from(c, &how, rc);
+    return rc;
 }
 
 static int reduce_call(ncl_comm* c, const void* send, void* recv, size_t count, int dtype, int op, int root) {
@@ -198,7 +203,7 @@ static int reduce_call(ncl_comm* c, const void* send, void* recv, size_t count, 
     ncl_fingerprint fp = {.coll = NCL_COLL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = root,
                           .count = count};
     ncl_call_path(c, "two_shot");
-    return two_shot(c, send, recv, count, dtype, op, root, &fp);
+    return two_shot(c, send, recv, count, dtype, op, root, true, &fp);
 }
 
 /* Per step, rank r publishes a piece of k elements of each of its n blocks; every rank

@@ -7,7 +7,10 @@
  * send the lines to memory instead of leaving them dirty in the writer's cache.  Below about
  * 32 KiB ordinary stores win (the reader finds the lines in cache; 4 KiB: 0.4 us against
  * 0.9 us).  So every copy into a slot a peer reads goes through ncl_copy_shared, and every
- * reduction whose result a peer reads through ncl_reduce_shared. */
+ * reduction whose result a peer reads through ncl_reduce_shared.  With the vCPUs close the
+ * other way round holds for staged exchanges (2026-12): all_reduce, the one collective where
+ * it matters most, asks learn.c, which measures both while it runs, and passes its choice to
+ * the _stores forms. */
 #include <string.h>
 
 #include "internal.h"
@@ -20,9 +23,15 @@
 #define NT_MIN_BYTES (32u << 10)
 #define REDUCE_PIECE (16u << 10) /* reduce into an L1-resident buffer, then stream it out */
 
-void ncl_copy_shared(void* dst_, const void* src_, size_t n) {
+void ncl_copy_shared(void* dst, const void* src, size_t n) { ncl_copy_stores(dst, src, n, true); }
+
+int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op) {
+    return ncl_reduce_stores(dst, srcs, nsrc, count, dtype, op, true);
+}
+
+void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
 #ifdef HAVE_STREAMING
-    if (n >= NT_MIN_BYTES) {
+    if (stream && n >= NT_MIN_BYTES) {
         uint8_t* dst = dst_;
         const uint8_t* src = src_;
         size_t head = (16 - ((uintptr_t)dst & 15)) & 15; /* movntdq needs 16-byte aligned targets */
@@ -47,9 +56,9 @@ void ncl_copy_shared(void* dst_, const void* src_, size_t n) {
     if (n) memcpy(dst_, src_, n);
 }
 
-int ncl_reduce_shared(void* dst_, const void** srcs, int nsrc, size_t count, int dtype, int op) {
+int ncl_reduce_stores(void* dst_, const void** srcs, int nsrc, size_t count, int dtype, int op, bool stream) {
     size_t es = (size_t)ncl_dtype_size(dtype);
-    if (count * es < NT_MIN_BYTES) return ncl_reduce_local(dst_, srcs, nsrc, count, dtype, op);
+    if (!stream || count * es < NT_MIN_BYTES) return ncl_reduce_local(dst_, srcs, nsrc, count, dtype, op);
     _Alignas(64) static __thread uint8_t piece[REDUCE_PIECE];
     const void* at[NCL_MAX_RANKS];
     uint8_t* dst = dst_;
@@ -58,7 +67,7 @@ int ncl_reduce_shared(void* dst_, const void** srcs, int nsrc, size_t count, int
         size_t m = ncl_min(per, count - off);
         for (int i = 0; i < nsrc; i++) at[i] = (const uint8_t*)srcs[i] + off * es;
         NCL_CHECK(ncl_reduce_local(piece, at, nsrc, m, dtype, op));
-        ncl_copy_shared(dst + off * es, piece, m * es);
+        ncl_copy_stores(dst + off * es, piece, m * es, true);
     }
     return NCL_OK;
 }

@@ -24,6 +24,9 @@
 #define NCL_MAGIC 0x6e636c31u /* "ncl1" */
 #define NCL_ABORTED 1 /* values of ncl_rank_ctrl.aborted */
 #define NCL_CLOSED 2
+#define NCL_LEARN_CLASSES 12 /* learn.c: size classes 32 KiB, 64 KiB, ... 64 MiB and up */
+#define NCL_STORES_CACHED 1    /* values of ncl_header.streaming */
+#define NCL_STORES_STREAMING 2
 #define NCL_KEY_CHARS 64 /* a group's key (hex digest of the job's secret): door name + ticket (door.c) */
 
 /* Records a message for ncl_last_error() (thread-local) and returns status. */
@@ -96,6 +99,10 @@ typedef struct {
     _Atomic uint32_t gen_waiters;
     _Atomic uint32_t bad_step;    /* central sync: a step whose fingerprints differ (checked by the last arrival) */
     _Atomic uint32_t last_rank;   /* central sync: who arrived last at the latest step */
+    /* learn.c: rank 0's choices per size class (0: not measured yet): all_reduce's algorithm for
+     * staged [0] and registered [1] buffers, {effective step, old, new}; its stores per algorithm */
+    _Alignas(NCL_CACHE_LINE) _Atomic uint64_t algo_word[2][NCL_LEARN_CLASSES];
+    _Atomic uint8_t streaming[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];
 } ncl_header;
 
 struct ncl_comm {
@@ -119,6 +126,14 @@ struct ncl_comm {
     size_t cma_all_reduce_min_bytes; /* all_reduce AUTO: the CMA two-shot from here up */
     uint8_t* cma_scratch;   /* all_reduce through CMA: peers' pieces land here (malloc'd on first use) */
     size_t one_shot_max_bytes, direct_min_bytes; /* algorithm thresholds (ncl_options) */
+    int streaming;          /* ncl_options.streaming: 0 learned, 1 streaming, 2 ordinary */
+    /* learn.c: all_reduce calls per size class and, on rank 0, ns per byte of each choice */
+    uint32_t algo_calls[2][NCL_LEARN_CLASSES];                 /* [registered] */
+    float algo_ns[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];
+    uint32_t store_calls[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];    /* [algorithm] */
+    float store_ns[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];       /* [0] ordinary, [1] streaming stores */
+    uint8_t algo_seen[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];    /* rank 0: samples behind each average */
+    uint8_t store_seen[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];
     ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
     uint32_t nwindows;      /* windows ever created: the next one's number */
     pthread_mutex_t win_lock;
@@ -139,9 +154,25 @@ typedef struct {
     size_t off;
 } ncl_reg;
 
-/* copy.c: writes that a peer will read (non-temporal stores for large ones) */
+/* copy.c: writes that a peer will read (non-temporal stores for large ones); the _stores forms
+ * stream only when told to (learn.c decides for all_reduce) */
 void ncl_copy_shared(void* dst, const void* src, size_t n);
 int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
+void ncl_copy_stores(void* dst, const void* src, size_t n, bool stream);
+int ncl_reduce_stores(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op, bool stream);
+
+/* learn.c: one all_reduce call's algorithm and stores, learned per size class while running */
+typedef struct {
+    int algo, model;  /* the algorithm to run; the cost model's (or NCL_ALGO's) */
+    bool forced;      /* NCL_ALGO: the algorithm is not learned */
+    int table, cls;   /* [registered][size class]; cls < 0: below the floor, nothing learned */
+    bool stream;      /* streaming stores for what peers read */
+    bool store_trial; /* this call tries the other kind of stores */
+    size_t bytes;
+    double t0;        /* rank 0: when the call began */
+} ncl_learned;
+ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, size_t bytes);
+void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status); /* after the call: rank 0 learns */
 
 /* cma.c: single-copy reads of peers' unregistered buffers */
 #define NCL_EXTRA_CMA (1ull << 32) /* fingerprint.extra flag: this call reads peers through CMA */

@@ -61,6 +61,7 @@ typedef struct {
     uint32_t flight_entries;    /* calls the flight recorder keeps (0: none) */
     int32_t verify_calls;       /* compare every call's fingerprint across ranks (0 only to measure its cost) */
     uint32_t host_ranks;        /* processes sharing this machine's CPUs, this group's or more (0: nranks) */
+    int32_t streaming;          /* all_reduce's stores for data peers read: 0 learned (learn.c), 1 streaming, 2 ordinary */
 } ncl_options;
 
 /* What a communicator decided at setup (for logs and reports). */

@@ -307,6 +307,7 @@ int ncl_comm_create(const char* name, const char* key, int rank, int nranks, con
     c->direct_min_bytes = opts->direct_min_bytes;
     c->cma_min_bytes = opts->cma_min_bytes;
     c->cma_all_reduce_min_bytes = opts->cma_all_reduce_min_bytes;
+    c->streaming = opts->streaming;
     pthread_mutex_init(&c->win_lock, NULL);
     strcpy(c->name, name);
     strcpy(c->key, key);

@@ -68,6 +68,9 @@ KNOBS: Dict[str, Knob] = {
     "NCL_CMA": Knob(_flag, True,
                     "single-copy reads of peers' buffers with process_vm_readv (0: stage everything)"),
     "NCL_CMA_MIN_BYTES": Knob(parse_bytes, 32 << 10, "single-copy reads from this many bytes per peer block up"),
+    "NCL_STREAMING": Knob(_lower_choice("auto", "on", "off"), "auto",
+                          "all_reduce's stores for data peers read: auto (measure both kinds while running, "
+                          "native/learn.c), on (streaming from 32 KiB), off (ordinary)"),
     "NCL_SPIN_US": Knob(_int_in(0, 10**7), 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
     "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000,
                          "sched_yield microseconds before sleeping on a futex (none when ranks outnumber CPUs)"),

@@ -142,8 +142,10 @@ def thresholds(nranks: int) -> Tuple[int, int, int]:
     def staged(s):  # what the core runs for s bytes without registered memory or CMA
         return predict_us("one_shot" if s < one_shot_max else "two_shot", s, nranks)
 
-    direct_min = _from_size_on(lambda s: predict_us("direct", s, nranks) < staged(s))
     cma_min = _from_size_on(lambda s: predict_us("cma", s, nranks) < staged(s))
+    # direct reads in place what cma first copies through the kernel: never later than cma (a
+    # calibration from another mode of the host said otherwise at np=2; learn.c corrects the rest)
+    direct_min = min(_from_size_on(lambda s: predict_us("direct", s, nranks) < staged(s)), cma_min)
     forced = env.get("NCL_ONE_SHOT_MAX_BYTES"), env.get("NCL_DIRECT_MIN_BYTES")
     return (one_shot_max if forced[0] is None else forced[0]), (direct_min if forced[1] is None else forced[1]), \
         cma_min
@@ -174,6 +176,7 @@ def options(nranks: int, timeout: Optional[float] = None, host_ranks: Optional[i
     opts.yield_us = env.get("NCL_YIELD_US")
     opts.flight_entries = env.get("NCL_TRACE_BUFFER")
     opts.verify_calls = env.get("NCL_CHECK_CALLS")
+    opts.streaming = ("auto", "on", "off").index(env.get("NCL_STREAMING"))
     env.get("NCL_KERNEL_ISA")  # the C core reads it; a bad value is refused here, before any rank communicates
     for field, minimum in (("staging_bytes", 4096), ("p2p_bytes", 4096)):
         if getattr(opts, field) < minimum:

@@ -144,6 +144,22 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
     assert not differ, f"algorithms disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("size", (2, 3))
+def test_learned_algorithms_and_stores_agree(pool_factory, size):
+    """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
+    settings; auto also tries another algorithm on the 16th call of every 32 of a size class and
+    the other kind of stores on the 32nd (native/learn.c), so every rank must pick the same one.
+    Default staging, sizes from 80 KB (above the learning floor) to 1.2 MB, 17 calls each per
+    dtype and placement (34 per size class)."""
+    counts = (20_001, 300_001) * 17
+    by_kind = {kind: _assert_sweep(pool_factory(size, (("NCL_STREAMING", kind),)).run(
+        _all_reduce_sweep, "stores", ["float32", "bfloat16"], ("SUM",), counts, timeout=240))
+        for kind in ("on", "off", "auto")}
+    differ = [k for k in by_kind["auto"] if len({d[k] for d in by_kind.values()}) > 1]
+    assert not differ, f"store kinds disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
+
+
 # (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
 QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000,
              "float8_e4m3fn": 0x7F, "float8_e5m2": 0x7E}
