@@ -2,10 +2,7 @@
  *
  * Three phases: spin (cheapest wake-up, but steals the core a peer may need), then
  * sched_yield (lets a runnable peer have the core), then sleep on a futex with the
- * counter as the futex word.  With more ranks than CPUs a waiter sleeps at once: a yielding
- * waiter keeps its core's run queue busy, so a peer queued behind it on the other core is
- * never pulled over to run, and each wait costs a context switch per turn (MoE decode at 8
- * ranks on 2 CPUs ran 2-3x slower yielding, an 8-byte all_reduce up to 2x).  A poster wakes sleepers only when one is registered, so
+ * counter as the futex word.  A poster wakes sleepers only when one is registered, so
  * the common path costs one atomic load.  Every phase checks the deadline and, about
  * every 50 ms, that the peers are still alive (pid exists and is not a zombie, and has
  * not set its aborted flag), so a dead peer is reported within a fraction of a second.
@@ -202,8 +199,8 @@ int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32
             NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
         }
     }
-    /* Phase 2: yield the core to whoever is runnable (oversubscribed: sleep at once). */
-    double yield_until = c->oversubscribed ? now : now + c->yield_us * 1e-6;
+    /* Phase 2: yield the core to whoever is runnable. */
+    double yield_until = now + c->yield_us * 1e-6;
     while (now < yield_until) {
         sched_yield();
         if (reached(word, target)) return NCL_OK;

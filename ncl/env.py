@@ -72,8 +72,7 @@ KNOBS: Dict[str, Knob] = {
                           "all_reduce's stores for data peers read: auto (measure both kinds while running, "
                           "native/learn.c), on (streaming from 32 KiB), off (ordinary)"),
     "NCL_SPIN_US": Knob(_int_in(0, 10**7), 50, "busy-wait microseconds before yielding (2 when ranks outnumber CPUs)"),
-    "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000,
-                         "sched_yield microseconds before sleeping on a futex (none when ranks outnumber CPUs)"),
+    "NCL_YIELD_US": Knob(_int_in(0, 10**8), 2000, "sched_yield microseconds before sleeping on a futex"),
     "NCL_KERNEL_ISA": Knob(_lower_choice("generic", "avx2", "avx512"), "",
                            "force the reduction kernels: generic, avx2 or avx512 (read by C, checked by Python)"),
     "NCL_DEBUG": Knob(lambda t: _choice(t, ("WARN", "INFO", "TRACE")), "",
