@@ -35,6 +35,13 @@ static uint8_t* piece_of(const ncl_comm* c, uint8_t* slot, size_t j) { return sl
 
 static size_t rows_per_piece(const ncl_comm* c, size_t record) { return piece_bytes(c) / record; }
 
+/* The largest block of a [sender][receiver] matrix (a negative count reads as huge: the callers check). */
+static uint64_t largest_block(const ncl_comm* c, const int64_t* matrix) {
+    uint64_t largest = 0;
+    for (size_t i = 0; i < (size_t)c->nranks * (size_t)c->nranks; i++) largest = ncl_max(largest, (uint64_t)matrix[i]);
+    return largest;
+}
+
 static size_t ids_at(const ncl_moe_dispatch_args* a) { return ((size_t)a->row_bytes + 7) & ~(size_t)7; }
 static size_t record_bytes(const ncl_moe_dispatch_args* a) {
     return (ids_at(a) + 8 * (size_t)a->k + (size_t)a->weight_bytes * (size_t)a->k + 7) & ~(size_t)7;
@@ -159,8 +166,7 @@ static void pad_slots(ncl_comm* c, const ncl_moe_dispatch_args* a) {
 static int dispatch_steps(ncl_comm* c, ncl_moe_dispatch_args* a, int per, size_t fit, const ncl_fingerprint* fp) {
     NCL_CHECK(check_slots(c, a));
     int n = c->nranks;
-    uint64_t largest = 0;
-    for (size_t i = 0; i < (size_t)n * (size_t)n; i++) largest = ncl_max(largest, (uint64_t)a->matrix[i]);
+    uint64_t largest = largest_block(c, a->matrix);
     for (uint64_t from = 0;;) {
         for (int s = 0; s < n; s++) take_chunk(c, a, s, from, fit, (size_t)s * a->slots + from);
         from += fit;
@@ -274,14 +280,13 @@ static int sum_tokens(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, co
     return rc;
 }
 
-/* Every block fits a piece: one step, summed straight from the peers' slots.  Else as many steps
- * as the largest block needs, each rank's rows gathered into back (rank order), summed from there. */
-static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t fit, size_t largest) {
+/* One step (every block fits a piece): summed straight from the peers' slots.  More steps: each
+ * rank's rows gathered into back (rank order), summed from there. */
+static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t fit, size_t steps) {
     int n = c->nranks, me = c->rank;
     ncl_fingerprint fp = {.coll = NCL_COLL_MOE_COMBINE, .dtype = (uint8_t)a->dtype, .root = -1, .count = a->width,
                           .extra = a->slots};
     const uint8_t* blocks[NCL_MAX_RANKS];
-    size_t steps = largest <= fit ? 1 : (largest + fit - 1) / fit; /* (fit > 0 when largest > fit) */
     for (size_t step = 0, from = 0; step < steps; step++, from += fit) {
         pack_back(c, ncl_step_begin(c), a, row, from, fit);
         NCL_CHECK(ncl_step_sync(c, &fp));
@@ -289,14 +294,14 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, 
         for (int r = 0; r < n; r++) {
             size_t count = (size_t)a->matrix[(size_t)me * (size_t)n + (size_t)r];
             const uint8_t* piece = piece_of(c, ncl_step_peer_slot(c, r), (size_t)me);
-            if (largest <= fit)
+            if (steps == 1)
                 blocks[r] = piece;
             else if (from < count)
                 memcpy((uint8_t*)a->back + (at + from) * row, piece, ncl_min(count - from, fit) * row);
             at += count;
         }
     }
-    if (largest > fit)
+    if (steps > 1)
         for (size_t r = 0, at = 0; r < (size_t)n; at += (size_t)a->matrix[(size_t)me * (size_t)n + r], r++)
             blocks[r] = (const uint8_t*)a->back + at * row;
     return sum_tokens(c, a, row, blocks);
@@ -304,24 +309,19 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, 
 
 /* How the rows go back, decided alike on every rank from the matrix before any step: 1 in one
  * step, k > 1 in k steps (through back), 0 not at all (a row larger than a piece, or a bad count). */
-static size_t combine_steps(const ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t* fit,
-                            size_t* largest) {
-    size_t n = (size_t)c->nranks;
-    bool valid = true;
-    *fit = piece_bytes(c) / ncl_max(row, 1), *largest = 0;
-    for (size_t i = 0; i < n * n; i++) {
-        valid = valid && a->matrix[i] >= 0;
-        *largest = ncl_max(*largest, (size_t)a->matrix[i]);
-    }
-    if (!valid) return 0;
-    if (*largest <= *fit) return 1;
-    return *fit ? (*largest + *fit - 1) / *fit : 0;
+static size_t combine_steps(const ncl_comm* c, const ncl_moe_combine_args* a, size_t row, size_t* fit) {
+    for (size_t i = 0; i < (size_t)c->nranks * (size_t)c->nranks; i++)
+        if (a->matrix[i] < 0) return 0;
+    size_t largest = largest_block(c, a->matrix);
+    *fit = piece_bytes(c) / ncl_max(row, 1);
+    if (largest <= *fit) return 1;
+    return *fit ? (largest + *fit - 1) / *fit : 0;
 }
 
 int ncl_moe_combine_steps(ncl_comm* c, const ncl_moe_combine_args* a) {
-    size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1), fit, largest;
+    size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1), fit;
     if (!c || !a || !es || !a->matrix) return 0;
-    size_t steps = combine_steps(c, a, (size_t)a->width * es, &fit, &largest);
+    size_t steps = combine_steps(c, a, (size_t)a->width * es, &fit);
     return steps > (size_t)INT32_MAX ? INT32_MAX : (int)steps;
 }
 
@@ -330,17 +330,17 @@ int ncl_moe_combine(ncl_comm* c, ncl_moe_combine_args* a) {
     size_t es = (size_t)ncl_dtype_size(a ? a->dtype : -1);
     if (!a || !es || !a->matrix || (a->tokens && !a->y))
         return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL argument or unknown dtype");
-    size_t n = (size_t)c->nranks, row = (size_t)a->width * es, fit, largest, sent = 0, dispatched = 0;
+    size_t n = (size_t)c->nranks, row = (size_t)a->width * es, fit, sent = 0, dispatched = 0;
     for (size_t i = 0; i < n * n; i++) {
         if (i % n == (size_t)c->rank) sent += (size_t)a->matrix[i];
         if (i / n == (size_t)c->rank) dispatched += (size_t)a->matrix[i];
     }
     if (dispatched && !a->send_token) return ncl_error(NCL_ERR_ARGUMENT, "moe_combine: NULL send_token");
     /* every rank decides alike: one step, more steps into back (when given), or nothing */
-    size_t steps = combine_steps(c, a, row, &fit, &largest);
+    size_t steps = combine_steps(c, a, row, &fit);
     a->moved = steps == 1 || (steps > 1 && a->back);
     if (!a->moved) return NCL_OK;
     ncl_call_begin(c, NCL_COLL_MOE_COMBINE, a->dtype, sent * a->width, -1, -1);
-    ncl_call_path(c, largest <= fit ? "one_step" : "steps");
-    return ncl_call_end(c, combine_rows(c, a, row, fit, largest));
+    ncl_call_path(c, steps == 1 ? "one_step" : "steps");
+    return ncl_call_end(c, combine_rows(c, a, row, fit, steps));
 }
