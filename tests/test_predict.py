@@ -220,6 +220,8 @@ def test_the_trtllm_table_is_whole_and_keeps_the_calibration_ids():
     ("max_seqs", "256", "max_seqs must be an integer >= 1"),
     ("replicas", 0, "replicas must be an integer >= 1"),
     ("replicas", 2.5, "replicas must be an integer >= 1"),
+    ("pp", 0, "pp must be an integer >= 1"),
+    ("pp", True, "pp must be an integer >= 1"),
 ])
 def test_validate_refuses_a_bad_stack_field(tmp_path, field, value, message):
     import yaml
@@ -244,6 +246,34 @@ def test_replicas_add_throughput_and_share_the_requests():
     assert validate.predict(dict(one, concurrency=2, replicas=2, metric="tpot_ms")) == pytest.approx(single)
 
 
+def test_pipeline_stages_hold_a_share_of_the_layers_and_keep_every_chip_busy_only_when_batched():
+    topo, arch = load_topology("pcie-gen5-8card"), Arch.of(get_config("llama-3.1-8b"))
+    one, two = Server(topo, arch, Split(1), "bf16"), Server(topo, arch, Split(1), "bf16", pp=2)
+    assert two.nranks == 2
+    # by hand: 32 layers untied -> 16 layers and one of the two tables per chip, exactly half; KV half
+    assert two.weight_bytes() == pytest.approx(one.weight_bytes() / 2)
+    assert two.kv_bytes(8, 1000) == pytest.approx(one.kv_bytes(8, 1000) / 2)
+    # compute-bound (a 4096-token prefill): two chips share the FLOPs, the step takes about half
+    chunk = Keys.prefill([4096], [0], 0)
+    ratio = two.step(4096, 1, chunk).seconds / one.step(4096, 1, chunk).seconds
+    assert 0.45 < ratio < 0.6
+    # one sequence's decode cannot be split: each chip reads its half of the weights in turn, no faster
+    decode = Keys.decode([129], 0)
+    assert two.step(1, 1, decode).seconds >= one.step(1, 1, decode).seconds
+    assert two.step(1, 1, decode).seconds >= two.floor(1, 1, decode)
+    # a hand-off of 4096 hidden states (4096 x 4096 x 2 bytes) at the switch's line rate at least
+    assert two.handoff_seconds(4096) >= 4096 * 4096 * 2 / 63e9
+    # ... which travels while the stage computes the next micro-batch: with tp 1 nothing else communicates
+    assert two.step(4096, 1, chunk).comm == 0.0
+    # a lone prompt's two micro-batches: stage 1 runs the first, then both stages run, then stage 2 the
+    # second: three stage-times of a quarter of the work each, 3/4 of one chip's prefill
+    ttft = [model_predict.static_batch(s, 1, 4096, 2)["ttft_ms"] for s in (one, two)]
+    assert ttft[1] / ttft[0] == pytest.approx(0.75, abs=0.05)
+    # no more stages than layers
+    with pytest.raises(ValueError, match="pp must be an integer from 1 to the 32 layers"):
+        Server(topo, arch, Split(1), "bf16", pp=33)
+
+
 def test_admission_full_request_holds_prompt_plus_output_and_on_demand_the_mean():
     server = Server(load_topology("nvswitch-8gpu"), Arch.of(get_config("llama-3.1-405b")), Split(8), "fp8")
     full = model_predict.max_throughput(server, 128, 4096, admission="full_request")
@@ -265,10 +295,19 @@ def test_predict_prints_a_grid_and_json(capsys):
     assert rows[0]["chips"] == 8 and rows[0]["bound"] == "memory" and rows[0]["tpot_ms"] > 67.5
 
 
+def test_predict_sweeps_pipeline_stages(capsys):
+    assert cli.main(["predict", "--model", "llama-3.1-8b", "--tp", "2", "--pp", "1,2,33", "--batch", "8",
+                     "--json"]) == 0
+    rows = {r["pp"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[1]["chips"] == 2 and rows[2]["chips"] == 4 and rows[2]["status"] == "ok"
+    assert rows[33]["status"] == "refused" and "more stages than the 32 layers" in rows[33]["error"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "unknown: nope"),
     (["--model", "llama-3.1-8b", "--precision", "fp4x"], "--precision takes"),
     (["--model", "llama-3.1-8b", "--tp", "0"], "must be >= 1"),
+    (["--model", "llama-3.1-8b", "--pp", "0"], "--pp values must be >= 1"),
     (["--model", "llama-3.1-8b", "--batch", "big"], "or max"),
     (["--model", "llama-3.1-8b", "--topology", "nowhere"], "no topology"),
 ])

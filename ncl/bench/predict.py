@@ -17,7 +17,7 @@ from ncl.topology.arch import Arch, Split
 from ncl.topology.chip import WEIGHT_BYTES
 from ncl.topology.inference import Server
 
-COLUMNS = [("model", "model"), ("tp", "TP"), ("ep", "EP"), ("chips", "chips"), ("precision", "prec"),
+COLUMNS = [("model", "model"), ("tp", "TP"), ("ep", "EP"), ("pp", "PP"), ("chips", "chips"), ("precision", "prec"),
            ("batch", "batch"), ("input_len", "in"), ("output_len", "out"), ("ttft_ms", "TTFT ms"),
            ("tpot_ms", "TPOT ms"), ("output_tok_s", "out tok/s"), ("scaling_eff", "eff"), ("bound", "bound"),
            ("comm_share", "comm"), ("memory_share", "mem"), ("compute_share", "compute"), ("fits", "fits"),
@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="config names, comma-separated (ncl-bench params lists them)")
     p.add_argument("--tp", default="1", help="tensor-parallel sizes, comma-separated ('ep': equal to --ep)")
     p.add_argument("--ep", type=positive_ints("--ep"), help="expert-parallel sizes (MoE models; default: = TP)")
+    p.add_argument("--pp", type=positive_ints("--pp"), default=[1],
+                   help="pipeline stages, each on TP (x EP) chips (default 1)")
     p.add_argument("--precision", default="bf16", help=f"weights: {', '.join(WEIGHT_BYTES)} (comma-separated)")
     p.add_argument("--kv-precision", choices=("bf16", "fp8"), help="KV cache (default: fp8 with fp8 weights, else bf16)")
     p.add_argument("--input-len", type=positive_ints("--input-len"), default=[128], help="prompt tokens")
@@ -74,18 +76,20 @@ def splits_for(arch: Arch, tps, eps) -> List[Split]:
 
 
 def grid(topology, models, tps, eps, precisions, batches, lengths, kv_precision=None, overlap=False,
-         chunk_tokens=model_predict.CHUNK_TOKENS, compress=None) -> List[dict]:
-    """One row per model x split x precision x batch x (input, output) length pair; splits that cannot
-    shard a model and batches that do not fit come back refused, with why."""
+         chunk_tokens=model_predict.CHUNK_TOKENS, compress=None, pps=(1,)) -> List[dict]:
+    """One row per model x split x pipeline depth x precision x batch x (input, output) length pair; splits
+    that cannot shard a model and batches that do not fit come back refused, with why."""
     from ncl.models import get_config
     result = []
     for model in models:
         arch = Arch.of(get_config(model), model)
-        for split, precision in itertools.product(splits_for(arch, tps, eps), precisions):
-            why = split.problem(arch)
-            server = None if why else Server(topology, arch, split, precision, kv_precision, overlap, compress)
+        for split, pp, precision in itertools.product(splits_for(arch, tps, eps), pps, precisions):
+            why = split.problem(arch) or (f"pp {pp} is more stages than the {arch.n_layers} layers"
+                                          if pp > arch.n_layers else None)
+            server = None if why else Server(topology, arch, split, precision, kv_precision, overlap, compress, pp)
             for batch, (i, o) in itertools.product(batches, lengths):
-                row = dict(model=model, tp=split.tp, ep=split.ep, chips=split.world(arch), precision=precision,
+                row = dict(model=model, tp=split.tp, ep=split.ep, pp=pp, chips=split.world(arch) * pp,
+                           precision=precision,
                            kv_precision=server.kv_precision if server else None, input_len=i, output_len=o,
                            topology=topology.name, chip=server.chip.name if server else None, batch=batch,
                            requested_batch=batch, status="refused", error=why)
@@ -155,7 +159,7 @@ def table(result: List[dict], tablefmt: str = "simple") -> str:
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return v
     body = [[cell(r, k) for k, _ in COLUMNS] if r.get("status") == "ok" else
-            [cell(r, k) for k, _ in COLUMNS[:8]] + [f"refused: {r['error']}"] + [""] * (len(COLUMNS) - 9)
+            [cell(r, k) for k, _ in COLUMNS[:9]] + [f"refused: {r['error']}"] + [""] * (len(COLUMNS) - 10)
             for r in result]
     return tabulate(body, headers=[h for _, h in COLUMNS], disable_numparse=True, tablefmt=tablefmt)
 
@@ -238,7 +242,7 @@ def main(p: argparse.ArgumentParser, args) -> int:
     started = time.perf_counter()
     lengths = list(itertools.product(args.input_len, args.output_len))
     result = grid(topology, args.model, args.tp, args.ep, args.precision, args.batch, lengths, args.kv_precision,
-                  args.overlap, args.chunk_tokens, args.compress)
+                  args.overlap, args.chunk_tokens, args.compress, args.pp)
     if args.json:
         json.dump(result, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")

@@ -52,10 +52,9 @@ def load(path: str) -> dict:
             raise ValueError(f"{path}: points[{k}].metric must be one of {', '.join(METRICS)}, not {pt['metric']!r}")
         if not isinstance(pt["value"], (int, float)) or pt["value"] <= 0:
             raise ValueError(f"{path}: points[{k}].value must be a positive number, not {pt['value']!r}")
-        if "max_seqs" in pt and not (isinstance(pt["max_seqs"], int) and pt["max_seqs"] >= 1):
-            raise ValueError(f"{path}: points[{k}].max_seqs must be an integer >= 1, not {pt['max_seqs']!r}")
-        if "replicas" in pt and not (isinstance(pt["replicas"], int) and pt["replicas"] >= 1):
-            raise ValueError(f"{path}: points[{k}].replicas must be an integer >= 1, not {pt['replicas']!r}")
+        for field in ("max_seqs", "replicas", "pp"):
+            if field in pt and not (type(pt[field]) is int and pt[field] >= 1):
+                raise ValueError(f"{path}: points[{k}].{field} must be an integer >= 1, not {pt[field]!r}")
         if pt.get("admission", "on_demand") not in model_predict.ADMISSION:
             raise ValueError(f"{path}: points[{k}].admission must be one of {', '.join(model_predict.ADMISSION)}, "
                              f"not {pt['admission']!r}")
@@ -67,7 +66,7 @@ def server_for(pt: dict, chip=None) -> Server:
     topology = load_topology(pt["topology"])
     arch = Arch.of(get_config(pt["model"]), pt["model"])
     server = Server(topology, arch, Split(int(pt.get("tp", 1)), int(pt.get("ep", 1))), pt["precision"],
-                    pt.get("kv_precision"))  # unstated: fp8 with fp8 weights, else bf16 (Server)
+                    pt.get("kv_precision"), pp=pt.get("pp", 1))  # kv unstated: fp8 with fp8 weights, else bf16
     if chip is not None:
         server.chip = chip
     return server

@@ -14,6 +14,12 @@ collectives are arch.forward_collectives, priced by the topology's link model; w
 takes max(compute, communication), else their sum.  Everything is numpy-vectorised over the keys
 attended, so a whole decode (one step per output token) is one call.
 
+With `pp` pipeline stages a copy of the model spans tp x pp chips: each chip holds ceil(layers / pp) layers
+(the slowest stage's: it also runs the LM head) and the KV cache of every running sequence in them, and a
+step of all sequences is pp stage-times, each one micro-batch (1/pp of the tokens) through one stage: the
+weights are read once per micro-batch, and the activations a stage hands to the next travel while it
+computes the next micro-batch (only what they take beyond its compute shows).
+
 The floor of a step (`floor`) uses peak rates, no fixed costs and only the bytes no schedule can avoid:
 per chip the weights and KV cache it must read once and the FLOPs it must do, plus each collective's
 bytes over the chip's own links at line rate.  No prediction is faster.
@@ -90,6 +96,14 @@ def total_keys(keys) -> Keys:
     return sum(parts[1:], parts[0])
 
 
+def pipeline_stage(arch: Arch, pp: int) -> Arch:
+    """The layers one of pp pipeline stages holds: the largest share, sliding-window layers pro rata."""
+    if pp == 1:
+        return arch
+    layers = -(-arch.n_layers // pp)
+    return dataclasses.replace(arch, n_layers=layers, sliding_layers=round(arch.sliding_layers * layers / arch.n_layers))
+
+
 @dataclass
 class StepCost:
     compute: np.ndarray       # seconds in operators bound by compute
@@ -115,10 +129,13 @@ class Server:
     """
 
     def __init__(self, topology, arch: Arch, split: Split, precision: str = "bf16",
-                 kv_precision: Optional[str] = None, overlap: bool = False, compress: Optional[str] = None):
+                 kv_precision: Optional[str] = None, overlap: bool = False, compress: Optional[str] = None,
+                 pp: int = 1):
         why = split.problem(arch)
         if why:
             raise ValueError(f"{arch.name}: {why}")
+        if not (isinstance(pp, int) and 1 <= pp <= arch.n_layers):
+            raise ValueError(f"pp must be an integer from 1 to the {arch.n_layers} layers of {arch.name}, not {pp!r}")
         if precision not in WEIGHT_BYTES:
             raise ValueError(f"precision must be one of {', '.join(WEIGHT_BYTES)}, not {precision!r}")
         kv_precision = kv_precision or ("fp8" if precision == "fp8" else "bf16")
@@ -127,9 +144,11 @@ class Server:
         if compress is not None:
             from ..compress import check_format
             check_format(compress)
+        self.pp, self.model = pp, arch
+        arch = pipeline_stage(arch, pp)  # what one chip holds and runs: everything below prices that
         self.arch, self.split, self.precision, self.kv_precision, self.overlap = arch, split, precision, kv_precision, overlap
         self.compress = compress  # the activations' all-reduces block-scaled (ncl.compress), or None
-        self.nranks = split.world(arch)
+        self.nranks = split.world(arch) * pp
         self.topology = topology.scaled(self.nranks) if self.nranks > topology.num_chips else topology
         chip = next(c for c in self.topology.spec.chips if c.name == self.topology.spec.placement[0])
         if chip.type is None or not chip.type.compute_tflops:
@@ -140,6 +159,7 @@ class Server:
         self._priced: Dict[Tuple[str, int, int], float] = {}
         self._comm: Dict[Tuple[int, int], float] = {}
         self._link_j: Optional[float] = None
+        self._handoff: Optional[Tuple[float, float]] = None
         self._one_two = [dataclasses.replace(arch, n_layers=n, sliding_layers=0) for n in (1, 2)]
         self.links_gbps = self._injection_gbps(chip.name)
 
@@ -152,7 +172,7 @@ class Server:
         layer = attn * WEIGHT_BYTES[attention_precision(self.precision)] + mlp * WEIGHT_BYTES[self.precision]
         if a.moe:  # expert biases, and the router (replicated)
             layer += a.num_experts // s.ep * (2 * a.ffn_dim + a.dim) * we + a.dim * a.num_experts * we
-        tables = (1 if a.tied else 2) * math.ceil(a.vocab / s.tp) * a.dim * we
+        tables = (1 if a.tied or self.pp > 1 else 2) * math.ceil(a.vocab / s.tp) * a.dim * we  # pp: first or last stage
         return a.n_layers * (layer + 2 * a.dim * we) + tables
 
     def layer_params(self) -> Tuple[float, float]:
@@ -208,6 +228,27 @@ class Server:
     def step(self, tokens, sequences, keys) -> StepCost:
         """The cost of one step: `tokens` new tokens of `sequences` sequences (scalars, or arrays of steps);
         `keys`: a Keys, or a tuple of them priced as separate attention kernels (decodes, prompt chunks)."""
+        if self.pp == 1:
+            return self._stage_step(tokens, sequences, keys)
+        pp = self.pp  # pp stage-times of one micro-batch each
+        part = self._stage_step(np.ceil(np.asarray(tokens) / pp), np.ceil(np.asarray(sequences) / pp),
+                                tuple(Keys(*(getattr(k, f.name) / pp for f in dataclasses.fields(k)))
+                                      for k in attention_kernels(keys)))
+        handed = self.handoff_seconds(np.ceil(np.asarray(tokens) / pp))
+        shown = np.maximum(handed - part.chip, 0.0)  # the hand-off overlaps the next micro-batch's compute
+        return StepCost(part.compute * pp, part.memory * pp, part.overhead * pp, (part.comm + shown) * pp,
+                        self.overlap)
+
+    def handoff_seconds(self, tokens) -> np.ndarray:
+        """Seconds a stage's hidden states of `tokens` tokens take to the next stage (chip 0 to chip tp)."""
+        nbytes = np.asarray(tokens, dtype=np.float64) * self.arch.dim * ACT_BYTES
+        if self._handoff is None:  # a transfer's latency, and its time per byte beyond it
+            one, big = (self.topology.predict_transfers([(0, self.split.world(self.arch), n)]) for n in (1, 1 << 20))
+            self._handoff = (one, (big - one) / ((1 << 20) - 1))
+        latency, per_byte = self._handoff
+        return np.where(nbytes > 0, latency + (nbytes - 1) * per_byte, 0.0)
+
+    def _stage_step(self, tokens, sequences, keys) -> StepCost:
         a, s = self.arch, self.split
         dp = s.dp(a)
         t = np.asarray(tokens, dtype=np.float64) / dp   # tokens through this rank's attention

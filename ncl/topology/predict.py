@@ -68,9 +68,12 @@ def prefill(server: Server, batch: int, input_len: int, chunk_tokens: int = CHUN
         s = int(np.atleast_1d(seqs)[j] if np.ndim(seqs) else seqs)
         k = Keys(*(np.atleast_1d(getattr(keys, f))[j] for f in ("attended_full", "attended_window", "read_full",
                                                               "read_window")))
-        for name, v in _parts(server.step(int(tokens[j]), s, k)).items():
+        last = _parts(server.step(int(tokens[j]), s, k))
+        for name, v in last.items():
             parts[name] += v * repeat
         parts["floor"] += float(server.floor(int(tokens[j]), s, k)) * repeat
+    for name, v in last.items():  # pipeline stages: the last chunk's micro-batches drain through pp - 1 more stages
+        parts[name] += v * (server.pp - 1) / server.pp
     return parts
 
 
@@ -121,7 +124,7 @@ def max_throughput(server: Server, input_len: int, output_len: int, chunk_tokens
     steps = max(1, output_len - 1)
     prefill_per_running = input_len / steps          # prompt tokens per step per running request
     running = min(server.max_sequences(ADMISSION[admission](input_len, output_len)), max_seqs,
-                  int(chunk_tokens // (1 + prefill_per_running)))
+                  int(server.pp * chunk_tokens // (1 + prefill_per_running)))  # a token budget per micro-batch
     dp = server.split.dp(server.arch)
     running = running // dp * dp
     if running < 1:
