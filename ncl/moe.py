@@ -294,7 +294,8 @@ def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity
         raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
     _experts_per_rank(num_experts, group.size)
     _check_routing(topk_idx, num_experts, ids)
-    if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
+    shape = topk_idx.shape
+    if topk_weights.shape != shape or shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
                          f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
     if capacity_factor is None:
