@@ -294,7 +294,8 @@ def _checked(group: Group, x, topk_idx, topk_weights, num_experts: int, capacity
         raise ValueError(f"x must be (tokens, hidden), not {tuple(x.shape)}")
     _experts_per_rank(num_experts, group.size)
     _check_routing(topk_idx, num_experts, ids)
-    if topk_weights.shape != topk_idx.shape or topk_idx.shape[0] != x.shape[0]:
+    shape = topk_idx.shape
+    if topk_weights.shape != shape or shape[0] != x.shape[0]:
         raise ValueError(f"topk_idx {tuple(topk_idx.shape)} and topk_weights {tuple(topk_weights.shape)} must both "
                          f"be (tokens, k) with tokens = x.shape[0] = {x.shape[0]}")
     if capacity_factor is None:
@@ -417,12 +418,11 @@ class Buffer:
         if fp8:
             recv, recv_idx, recv_w, handle = self._dispatch(_fp8_rows(x), topk_idx, topk_weights, num_experts, layout)
             return (_fp8_received(recv, x.shape[1], dequantize), recv_idx, recv_w,
-                    handle._replace(hidden=x.shape[1], dropped=dropped))
+                    handle._replace(hidden=x.shape[1], dropped=dropped, recv_x=None))
         if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no autograd node (saves ~20 µs)
-            recv_x, recv_idx, recv_w, handle = self._dispatch(x, topk_idx, topk_weights, num_experts, layout)
-        else:
-            recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), self, num_experts,
-                                                               layout)
+            return self._dispatch(x, topk_idx, topk_weights, num_experts, layout, dropped)
+        recv_x, recv_idx, recv_w, handle = _Dispatch.apply(x, topk_idx, topk_weights.detach(), self, num_experts,
+                                                           layout)
         return recv_x, recv_idx, recv_w, handle._replace(recv_x=recv_x, dropped=dropped)
 
     def combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
@@ -441,17 +441,20 @@ class Buffer:
             return self._combine(expert_out, handle)
         return _Combine.apply(expert_out, handle)
 
-    def _dispatch(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout]):
+    def _dispatch(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout], dropped: int = 0):
+        """(recv_x, recv_idx, recv_w, handle), the handle holding recv_x and dropped (what dispatch returns
+        outside autograd: no _replace, a µs saved)."""
         if layout is None and self._in_one_step():  # one step: the counts, and the rows when they fit it
             d = moe_step.dispatch(self.group.group, x, topk_idx, topk_weights, num_experts)
             if d.moved:
                 return d.recv_x, d.recv_idx, d.recv_w, Handle(self, d.send_token, d.send_counts, d.recv_counts,
-                                                              x.shape[0], x.shape[1], rank_matrix=d.matrix)
-            return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, None, d)
-        return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, layout, None)
+                                                              x.shape[0], x.shape[1], dropped, d.recv_x,
+                                                              rank_matrix=d.matrix)
+            return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, None, d, dropped)
+        return self._dispatch_rows(x, topk_idx, topk_weights, num_experts, layout, None, dropped)
 
     def _dispatch_rows(self, x, topk_idx, topk_weights, num_experts: int, layout: Optional[Layout],
-                       counted: Optional[moe_step.Dispatched]):
+                       counted: Optional[moe_step.Dispatched], dropped: int):
         """The rows through all_to_allv, the counts taken from the layout, from the one step that counted
         them, or exchanged first."""
         group = self.group
@@ -486,7 +489,8 @@ class Buffer:
             recv_meta = _all_to_allv(group, torch.from_numpy(meta), r.send_counts, recv_counts, matrix=matrix)
             recv_idx = recv_meta[:, :k].long()
             recv_w = recv_meta[:, k:].to(topk_weights.dtype)
-        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], x.shape[1], rank_matrix=matrix)
+        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], x.shape[1], dropped, recv_x,
+                        rank_matrix=matrix)
         return recv_x, recv_idx, recv_w, handle
 
     def _combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
@@ -519,12 +523,12 @@ class Buffer:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={max_tokens_per_rank}")
         _check_fp8(x, fp8, dequantize)
         # no autograd: from detached tensors (as cheap as no_grad is dear, ~4 µs a call here)
-        recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(_fp8_rows(x) if fp8 else x.detach(), topk_idx,
-                                                                      topk_weights.detach(), num_experts,
-                                                                      max_tokens_per_rank)
+        recv_x, recv_idx, recv_w, handle = self._dispatch_low_latency(_fp8_rows(x) if fp8 else _detached(x), topk_idx,
+                                                                      _detached(topk_weights), num_experts,
+                                                                      max_tokens_per_rank, dropped)
         if fp8:
-            recv_x = _fp8_received(recv_x, x.shape[1], dequantize)
-        return recv_x, recv_idx, recv_w, handle._replace(hidden=x.shape[1], dropped=dropped)
+            return _fp8_received(recv_x, x.shape[1], dequantize), recv_idx, recv_w, handle._replace(hidden=x.shape[1])
+        return recv_x, recv_idx, recv_w, handle
 
     def low_latency_combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """combine for a handle of low_latency_dispatch: expert_out has the N*M rows it returned."""
@@ -532,9 +536,9 @@ class Buffer:
         rows = self.group.size * handle.slots
         if expert_out.dim() != 2 or expert_out.shape[0] != rows:
             raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
-        expert_out = expert_out.detach()  # no autograd (as in dispatch)
+        expert_out = _detached(expert_out)  # no autograd (as in dispatch)
         if self._in_one_step() and handle.rank_matrix is not None:
-            y = torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+            y = torch.empty(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
             if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
                                 handle.slots, self._back.empty if self._back is not None else None):
                 return y
@@ -553,18 +557,19 @@ class Buffer:
             self._slots[key] = tuple(self.group.group.empty(shape, dtype, like="torch") for _ in range(2))
         return self._slots[key]
 
-    def _dispatch_low_latency(self, x, topk_idx, topk_weights, num_experts: int, slots: int):
+    def _dispatch_low_latency(self, x, topk_idx, topk_weights, num_experts: int, slots: int, dropped: int):
         """One fixed-size exchange of a block per rank pair: `slots` rows, then their meta rows
         [k ids | k weights | flag (1: a real row)] in float64, written straight into the
         registered send slots (each destination's rows gathered into its block in one pass,
-        only the unused rows cleared) and read out of the received blocks in one copy each."""
+        only the unused rows cleared) and read out of the received blocks in one copy each.
+        (The handle holds dropped and x's width.)"""
         group = self.group
         n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
         if self._in_one_step():  # one call of the core, in as many steps as the largest block needs
             d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots)
             if d.moved:
-                handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, slots=slots,
-                                rank_matrix=d.matrix)
+                handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, dropped,
+                                slots=slots, rank_matrix=d.matrix)
                 return d.recv_x, d.recv_idx, d.recv_w, handle
             # they did not (a record larger than a piece of staging: only the counts moved): the fixed exchange
         idx = topk_idx.detach().numpy().astype(np.int64, copy=False)
@@ -592,9 +597,14 @@ class Buffer:
         recv_x.copy_(got[:, :payload].view(x.dtype).view(n, slots, hidden))
         recv_meta = got.numpy()[:, rows_bytes:].view(np.float64).reshape(n * slots, 2 * k + 1)
         recv_counts = np.count_nonzero(recv_meta[:, 2 * k].reshape(n, slots), axis=1).tolist()
-        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], hidden, slots=slots)
+        handle = Handle(self, send_token, r.send_counts, recv_counts, x.shape[0], hidden, dropped, slots=slots)
         return (recv_x.view(n * slots, hidden), torch.from_numpy(recv_meta[:, :k].astype(np.int64)),
                 _weights_tensor(recv_meta[:, k:2 * k].copy(), topk_weights), handle)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """t outside autograd (detach() costs half a µs; a tensor that needs no gradient is already)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _group(group) -> Group:

@@ -33,25 +33,26 @@ def _ptr(t: torch.Tensor):
 def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
              slots: int = 0) -> Dispatched:
     """One step: this rank's tokens to the ranks holding their experts (arguments checked by the
-    caller; slots: the low-latency mode's rows per source block, in as many steps as it takes,
-    0: packed by source, in one step or only the counts)."""
+    caller, which also keeps autograd away: only pointers are taken here; slots: the low-latency
+    mode's rows per source block, in as many steps as it takes, 0: packed by source, in one step
+    or only the counts)."""
     n, (tokens, k) = comm.size, topk_idx.shape
-    x, idx, w = x.detach().contiguous(), topk_idx.contiguous(), topk_weights.detach().contiguous()
-    send_counts, matrix = np.empty(n, np.uint64), np.empty((n, n), np.int64)
-    send_token = np.empty(max(tokens * min(k, n), 1), np.int64)
-    row_bytes = x.shape[1] * x.element_size()
+    x, idx, w = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
+    # one array for what the call writes: send_counts (n) | matrix (n * n) | send_token (what dispatch sends at most)
+    ints = np.empty(n + n * n + max(tokens * min(k, n), 1), np.int64)
+    at = ffi.from_buffer("int64_t[]", ints)
     args = ffi.new("ncl_moe_dispatch_args *")  # (fields one by one: a dict costs a µs more)
     args.x, args.topk_idx, args.weights = _ptr(x), _ptr(idx), _ptr(w)
-    args.tokens, args.row_bytes, args.k, args.num_experts, args.slots = tokens, row_bytes, k, num_experts, slots
+    args.tokens, args.row_bytes, args.k, args.num_experts, args.slots = (tokens, x.shape[1] * x.element_size(), k,
+                                                                         num_experts, slots)
     args.idx_bytes, args.weight_bytes = idx.element_size(), w.element_size()
-    args.send_counts = ffi.from_buffer("uint64_t[]", send_counts)
-    args.send_token = ffi.from_buffer("int64_t[]", send_token)
-    args.matrix = ffi.from_buffer("int64_t[]", matrix)
+    args.send_counts, args.matrix, args.send_token = ffi.cast("uint64_t *", at), at + n, at + n + n * n
     if slots:  # the outputs' size is known before: the call fills them (native/moe.c)
         recv_x, recv_idx, recv_w = _outputs(n * slots, x, k, w.dtype, args)
-    comm._moe("moe_dispatch", args, tokens * row_bytes)
-    counts, recv_counts = send_counts.tolist(), matrix[:, comm.rank].tolist()
-    token = torch.from_numpy(send_token[:sum(counts)])
+    comm._moe("moe_dispatch", args, tokens * args.row_bytes)
+    counted = ints[:n + n * n].tolist()
+    counts, recv_counts = counted[:n], counted[n + comm.rank::n]
+    matrix, token = ints[n:n + n * n].reshape(n, n), torch.from_numpy(ints[n + n * n:n + n * n + sum(counts)])
     if not args.moved:
         return Dispatched(False, token, counts, recv_counts, matrix)
     if not slots:
@@ -61,10 +62,11 @@ def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
 
 
 def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args):
-    """(recv_x, recv_idx, recv_w) of rows rows, args pointed at them."""
-    recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype)
-    recv_idx = torch.empty((rows, k), dtype=torch.int64)
-    recv_w = torch.empty((rows, k), dtype=weight_dtype)
+    """(recv_x, recv_idx, recv_w) of rows rows, args pointed at them (sizes as arguments, not a
+    tuple: torch parses them faster)."""
+    recv_x = torch.empty(rows, x.shape[1], dtype=x.dtype)
+    recv_idx = torch.empty(rows, k, dtype=torch.int64)
+    recv_w = torch.empty(rows, k, dtype=weight_dtype)
     args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast("int64_t *", recv_idx.data_ptr()), _ptr(recv_w)
     return recv_x, recv_idx, recv_w
 

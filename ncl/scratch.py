@@ -33,7 +33,8 @@ class OutputPool:
     def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0 or nbytes < POOL_MIN_BYTES:
-            return torch.empty(shape, dtype=dtype)
+            # (sizes as arguments: torch parses them faster than a tuple; a 0-d shape has none to pass)
+            return torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
         buf = self._take(nbytes)
         view = buf[:nbytes]  # torch holds this array; when it goes, the buffer comes back
         weakref.finalize(view, self._give_back, buf)
