@@ -6,9 +6,10 @@
  *
  * one-shot, per chunk of m elements: copy in (m), 1 step, every rank reduces all n copies
  *   (reads n*m): lowest latency, best for small messages.
- * two-shot, per chunk: copy in (m), 1 step, rank r reduces block r of all copies into its
- *   other slot (reads m), 1 step, everyone copies the n reduced blocks out (m): the
- *   reduce-scatter + all-gather that keeps per-rank traffic flat as n grows.
+ * two-shot, per chunk: copy in all blocks but its own (m - m/n), 1 step, rank r reduces block r
+ *   of all copies (its own straight from send) into its other slot (reads m), 1 step, everyone
+ *   copies the n reduced blocks out (m): the reduce-scatter + all-gather that keeps per-rank
+ *   traffic flat as n grows.
  * cma (unregistered buffers, process_vm_readv works, see cma.c): two-shot with one copy:
  *   rank r reads block r of every peer's send piece by piece into scratch memory and
  *   reduces it with its own into its recv (streaming stores), 1 step, reads every other
@@ -29,11 +30,13 @@ static void block_range(size_t m, int n, int b, size_t es, size_t* lo, size_t* h
     *hi = ncl_min(*lo + blk, m);
 }
 
-/* Reduce every rank's slot (from offset_bytes) into dst; `stream` when a peer reads dst next
- * and streaming stores pay (learn.c). */
-static int reduce_peers(ncl_comm* c, void* dst, size_t offset_bytes, size_t m, int dtype, int op, bool stream) {
+/* Reduce every rank's slot (from offset_bytes) into dst, this rank's own part read from `own`
+ * instead when given; `stream` when a peer reads dst next and streaming stores pay (learn.c). */
+static int reduce_peers(ncl_comm* c, void* dst, const void* own, size_t offset_bytes, size_t m, int dtype, int op,
+                        bool stream) {
     const void* srcs[NCL_MAX_RANKS];
     for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_step_peer_slot(c, r) + offset_bytes;
+    if (own) srcs[c->rank] = own;
     return ncl_reduce_stores(dst, srcs, c->nranks, m, dtype, op, stream);
 }
 
@@ -66,7 +69,7 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
             continue;
         }
         NCL_CHECK(ncl_step_sync(c, fp));
-        NCL_CHECK(reduce_peers(c, recv + off * es, 0, m, dtype, op, false));
+        NCL_CHECK(reduce_peers(c, recv + off * es, NULL, 0, m, dtype, op, false));
     }
     return NCL_OK;
 }
@@ -78,12 +81,16 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off), lo, hi;
-        ncl_copy_stores(ncl_step_begin(c), send + off * es, m * es, stream);
+        const uint8_t* piece = send + off * es;
+        /* stage every block but mine (peers reduce those): mine is reduced straight from send */
+        block_range(m, c->nranks, c->rank, es, &lo, &hi);
+        uint8_t* slot = ncl_step_begin(c);
+        ncl_copy_stores(slot, piece, lo * es, stream);
+        ncl_copy_stores(slot + hi * es, piece + hi * es, (m - hi) * es, stream);
         NCL_CHECK(ncl_step_sync(c, fp));
         /* reduce my block into my next slot */
-        block_range(m, c->nranks, c->rank, es, &lo, &hi);
         uint8_t* mine = ncl_step_begin(c);
-        NCL_CHECK(reduce_peers(c, mine + lo * es, lo * es, hi - lo, dtype, op, stream));
+        NCL_CHECK(reduce_peers(c, mine + lo * es, piece + lo * es, lo * es, hi - lo, dtype, op, stream));
         NCL_CHECK(ncl_step_sync(c, fp));
         if (root >= 0 && root != c->rank) continue;
         for (int r = 0; r < c->nranks; r++) { /* gather every rank's reduced block */
@@ -231,7 +238,7 @@ static int reduce_scatter_call(ncl_comm* c, const void* send_, void* recv_, size
         size_t off = i * k, m = ncl_min(k, count - off);
         ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_step_sync(c, &fp));
-        NCL_CHECK(reduce_peers(c, recv + off * es, (size_t)c->rank * m * es, m, dtype, op, false));
+        NCL_CHECK(reduce_peers(c, recv + off * es, NULL, (size_t)c->rank * m * es, m, dtype, op, false));
     }
     return NCL_OK;
 }
