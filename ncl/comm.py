@@ -367,10 +367,14 @@ class Communicator:
         compress="fp8" | "int8" | "mxfp4": block-scaled on the wire (ncl/compress.py, SUM and AVG)."""
         direct = self._all_reduce_direct
         if direct is not None and type(op) is ReduceOp and not async_op and compress is None:
-            send = plain(x, out is None)
-            recv = send if out is None else plain_output(out, x, send)
+            if out is None:
+                send = recv = plain(x, True)
+                result = x
+            else:
+                send = plain(x, False)
+                recv = plain_output(out, x, send)
+                result = out
             if recv is not None:  # the fast path: what the Call would carry, straight to the backend
-                result = x if out is None else out
                 if type(result) is not _NDARRAY:
                     bump_version(result)
                 ptr, code, count = send
