@@ -40,6 +40,6 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the group (idempotent); no run after it."""
 
-    # Optional: all_reduce_in_place(buf, count, dtype, op, algo), as run(Call.of("all_reduce", buf, buf,
+    # Optional: all_reduce(send, recv, count, dtype, op, algo), as run(Call.of("all_reduce", send, recv,
     # count, dtype, op, -1, algo)) but without the Call, for the Communicator's fast path (ncl/comm.py:
-    # an in-place all_reduce of a numpy array, taken only while no wrapper reads Calls).
+    # an all_reduce of a plain numpy array or torch tensor, taken only while no wrapper reads Calls).

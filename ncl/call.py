@@ -4,8 +4,8 @@ A public method checks its arguments once (every ValueError/TypeError before any
 communicates), then builds one Call and hands it to its backend (ncl/backend.py).  The wrappers
 around the backend (async Work, NCL_DEBUG tracing, emulation, the flight record's failure dump)
 read the same Call: nothing below the Communicator re-validates or asks C what Python knew.
-(One call skips it while no wrapper is on: an in-place all_reduce of a numpy array goes to the
-backend's all_reduce_in_place with the same fields, see ncl/comm.py.)
+(One call skips it while no wrapper is on: an all_reduce of a plain numpy array or torch tensor goes
+to the backend's all_reduce with the same fields, see ncl/comm.py.)
 
 Fields (-1 or None where the collective has no such thing):
     collective   "all_reduce", "reduce", ..., "send", "recv", "barrier": the C core's names

@@ -1,6 +1,6 @@
 """The shared-memory backend: the C core (native/) over one segment that every rank of the
 group maps.  `_runner` is the only place that turns a Call into lib.ncl_* arguments (and
-`_in_place_all_reduce` the Communicator's fast path, the one call it makes without a Call); a
+`_direct_all_reduce` the Communicator's fast path, the one call it makes without a Call); a
 status other than NCL_OK becomes the matching exception (ncl/_native.py), with the core's message.
 
 It owns the C communicator handle and its lifetime (destroyed on close or when garbage), the
@@ -61,16 +61,16 @@ def _runner(handle):
     return run
 
 
-def _in_place_all_reduce(handle):
-    """all_reduce_in_place(buf, count, dtype, op, algo) on this handle: the Communicator's fast path
-    for the commonest call, with what its Call would carry (buf: send and recv)."""
-    all_reduce = lib.ncl_all_reduce
+def _direct_all_reduce(handle):
+    """all_reduce(send, recv, count, dtype, op, algo) on this handle: the Communicator's fast path
+    for the commonest call, with what its Call would carry."""
+    ncl_all_reduce = lib.ncl_all_reduce
 
-    def all_reduce_in_place(buf, count: int, dtype: int, op: int, algo: int) -> None:
-        rc = all_reduce(handle, buf, buf, count, dtype, op, algo)
+    def all_reduce(send, recv, count: int, dtype: int, op: int, algo: int) -> None:
+        rc = ncl_all_reduce(handle, send, recv, count, dtype, op, algo)
         if rc:
             raise error(rc)
-    return all_reduce_in_place
+    return all_reduce
 
 
 def _all_to_allv(handle, c: Call) -> int:
@@ -138,7 +138,7 @@ class SharedMemoryBackend:
         self._newest = ffi.new("ncl_flight_entry[1]")
         self._destroy = weakref.finalize(self, lib.ncl_comm_destroy, handle)
         self.run = _runner(handle)
-        self.all_reduce_in_place = _in_place_all_reduce(handle)
+        self.all_reduce = _direct_all_reduce(handle)
 
     @classmethod
     def create(cls, name: str, label: str, rank: int, size: int, unique_id: str, options) -> "SharedMemoryBackend":

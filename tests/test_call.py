@@ -179,39 +179,122 @@ def test_the_calls_count_is_what_the_flight_recorder_saw():
         assert [(e["count"], e["bytes"]) for e in record] == [(c.count, c.nbytes) for c in backend.calls]
 
 
-class InPlace(Recording):
-    """A Recording backend that also offers the in-place all_reduce's fast path, and keeps what it got
-    there as (address, count, dtype, op, algo); `fail`: the exception it raises instead."""
+class Direct(Recording):
+    """A Recording backend that also offers all_reduce's fast path (the backend's all_reduce), and keeps
+    what it got there as (send address, recv address, count, dtype, op, algo), what a Call would carry;
+    `fail`: the exception it raises instead."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.in_place, self.fail, self.aborted = [], None, []
+        self.direct, self.fail, self.aborted = [], None, []
 
-    def all_reduce_in_place(self, buf, count, dtype, op, algo):
+    def all_reduce(self, send, recv, count, dtype, op, algo):
         if self.fail is not None:
             raise self.fail
-        self.in_place.append((_ptr(buf), count, dtype, int(op), algo))
+        self.direct.append((_ptr(send), _ptr(recv), count, dtype, int(op), algo))
 
     def abort(self, reason=None):
         self.aborted.append(reason)
 
 
-def test_an_in_place_numpy_all_reduce_skips_the_call_with_the_same_arguments():
-    backend = InPlace(rank=1, size=3)
+def _carried(call):
+    return (_ptr(call.send), _ptr(call.recv), call.count, call.dtype, int(call.op), call.algo)
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _tensor(a):
+    """A torch tensor sharing a's memory (bfloat16 included)."""
+    torch = _torch()
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _data(a) -> int:
+    return a.data_ptr() if hasattr(a, "data_ptr") else _address(a)
+
+
+def _same_calls(kinds, call):
+    """call(comm, x, out) on a Direct backend and on a Recording one (no fast path: Calls), x and out made
+    fresh by kinds() for each: what the fast path got and what the Calls carried, with addresses as
+    "x", "out" (or "x and out": the same memory), and the results."""
+    fast, slow = Direct(rank=1, size=3), Recording(rank=1, size=3)
+    got, carried = [], []
+    for backend, kept in ((fast, fast.direct), (slow, slow.calls)):
+        x, out = kinds()
+        got.append((x, out, call(Communicator(backend), x, out)))
+        names = {_data(out): "out"} if out is not None else {}
+        names[_data(x)] = "x and out" if _data(x) in names else "x"
+        carried.append([(names[send], names[recv], *rest) for send, recv, *rest in
+                        (entry if backend is fast else _carried(entry) for entry in kept)])
+    return carried[0], carried[1], got
+
+
+BF16 = ncl.dtypes.numpy_dtype("bfloat16")
+# what all_reduce's fast path takes: (label, the call), each on x, out made fresh for either backend
+FAST_CASES = [
+    ("numpy in place", lambda: (np.arange(6, dtype=np.float32).reshape(2, 3), None)),
+    ("numpy out=", lambda: (np.arange(6, dtype=np.float32), np.empty(6, np.float32))),
+    ("numpy out=x", lambda: (x := np.arange(6, dtype=np.int32), x)),
+    ("numpy out=x's own memory", lambda: (x := np.arange(6, dtype=np.int32), x.reshape(2, 3).reshape(6))),
+    ("numpy out= next to x", lambda: (b := np.arange(12, dtype=np.float32), b[:6], b[6:])[1:]),
+    ("numpy read-only x, out=", lambda: (_read_only(np.ones(4)), np.empty(4))),
+    ("numpy 0-d", lambda: (np.array(3, np.int64), None)),
+    ("numpy empty out=", lambda: (np.empty(0, np.float32), np.empty(0, np.float32))),
+    ("numpy bfloat16", lambda: (np.ones(5, BF16), None)),
+    ("numpy bfloat16 out=", lambda: (np.ones(5, BF16), np.empty(5, BF16))),
+    ("torch bfloat16", lambda: (_tensor(np.ones(5, BF16)), None)),
+    ("torch bfloat16 out=", lambda: (_tensor(np.ones(5, BF16)), _tensor(np.empty(5, BF16)))),
+    ("torch float32 out=x", lambda: (x := _tensor(np.ones(4, np.float32)), x)),
+    ("torch out= numpy", lambda: (_tensor(np.ones(4, np.float32)), np.empty(4, np.float32))),
+]
+
+
+@pytest.mark.parametrize("kinds", [k for _, k in FAST_CASES], ids=[label for label, _ in FAST_CASES])
+def test_the_fast_path_passes_what_the_call_would_carry(kinds):
+    """The backend's all_reduce gets exactly the fields of the Call the slow path would build, and the
+    call returns the same thing (x in place, else out)."""
+    def call(comm, x, out):
+        return comm.all_reduce(x, ncl.MAX) if out is None else comm.all_reduce(x, ncl.MAX, out=out)
+    fast, slow, got = _same_calls(kinds, call)
+    assert len(fast) == 1 and fast == slow
+    for x, out, result in got:
+        assert result is (x if out is None else out)
+
+
+def test_the_fast_path_bumps_a_written_tensors_version_as_the_call_path_does():
+    def call(comm, x, out):
+        before = x._version, out._version if out is not None else None
+        comm.all_reduce(x) if out is None else comm.all_reduce(x, out=out)
+        return x._version - before[0], out._version - before[1] if out is not None else None
+    for kinds in (lambda: (_tensor(np.ones(3, np.float32)), None),
+                  lambda: (_tensor(np.ones(3, np.float32)), _tensor(np.ones(3, np.float32)))):
+        fast, slow, ((*_, bumped), (*_, bumped_slow)) = _same_calls(kinds, call)
+        assert fast == slow and bumped == bumped_slow and 1 in bumped
+
+
+def test_everything_else_takes_the_call_path():
+    """Subclasses (np.recarray, a torch Parameter) as x or out: no fast path, the Call they took before;
+    a plain view of another dtype is a plain array."""
+    torch = _torch()
+    backend = Direct(rank=1, size=3)
     comm = Communicator(backend)
-    x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    assert comm.all_reduce(x) is x and comm.all_reduce(x, ncl.MAX) is x
-    assert backend.in_place == [(_address(x), 6, lib.NCL_FLOAT32, lib.NCL_SUM, lib.NCL_ALGO_AUTO),
-                                (_address(x), 6, lib.NCL_FLOAT32, lib.NCL_MAX, lib.NCL_ALGO_AUTO)]
-    assert backend.calls == []
-    # everything else still goes as a Call (or fails as before): out=, a subclass, a view of another dtype
-    out = np.empty_like(x)
-    comm.all_reduce(x, out=out)
+    x = np.arange(6, dtype=np.float32)
     comm.all_reduce(x.view(np.recarray))
-    comm.all_reduce(x.view(np.int32))
-    assert [(c.collective, c.dtype, _ptr(c.recv)) for c in backend.calls] == [
-        ("all_reduce", lib.NCL_FLOAT32, _address(out)), ("all_reduce", lib.NCL_FLOAT32, _address(x))]
-    assert backend.in_place[2:] == [(_address(x), 6, lib.NCL_INT32, lib.NCL_SUM, lib.NCL_ALGO_AUTO)]  # a plain view
+    comm.all_reduce(x, out=np.empty(6, np.float32).view(np.recarray))
+    comm.all_reduce(x.reshape(2, 3), out=np.empty((2, 3), np.float32).view(np.recarray))
+    comm.all_reduce(torch.nn.Parameter(torch.ones(2), requires_grad=False))
+    comm.all_reduce(torch.ones(2), out=torch.nn.Parameter(torch.ones(2), requires_grad=False))
+    assert backend.direct == [] and len(backend.calls) == 5
+    comm.all_reduce(x.view(np.int32))  # a plain view: fast
+    assert backend.direct == [(_address(x), _address(x), 6, lib.NCL_INT32, lib.NCL_SUM, lib.NCL_ALGO_AUTO)]
+
+
+def _swapped_bfloat16(x):
+    return np.ones(4, BF16.newbyteorder(">"))
 
 
 @pytest.mark.parametrize("bad, error, message", [
@@ -219,66 +302,126 @@ def test_an_in_place_numpy_all_reduce_skips_the_call_with_the_same_arguments():
     (lambda x: np.broadcast_to(x[:1], x.shape), ValueError, "C-contiguous"),  # (read-only and strided)
     (lambda x: x.astype(np.complex64), TypeError, "unsupported dtype complex64"),
     (lambda x: x.astype(">f4"), TypeError, "unsupported dtype >f4"),
+    (_swapped_bfloat16, TypeError, "unsupported dtype >V2"),  # (named bfloat16, but byte-swapped)
     (lambda x: [1.0, 2.0], TypeError, "must be a numpy array"),
 ])
 def test_the_fast_path_refuses_what_the_call_path_refuses(bad, error, message):
-    backend = InPlace(rank=1, size=3)
+    backend = Direct(rank=1, size=3)
     with pytest.raises(error, match=message):
         Communicator(backend).all_reduce(bad(np.ones((2, 4), np.float32)))
-    assert backend.in_place == [] and backend.calls == []
+    assert backend.direct == [] and backend.calls == []
+
+
+def _read_only(a):
+    a.setflags(write=False)
+    return a
+
+
+# (x, out) -> the error the Call path raises; x and out made from a float32 (2, 4) array
+BAD_OUTS = [
+    (lambda a: (a, a.astype(np.float64)), TypeError, "out has dtype float64 but must match the input's float32"),
+    (lambda a: (a, a.reshape(8)), ValueError, r"out has shape \(8,\) but must have shape \(2, 4\)"),
+    (lambda a: (a, _read_only(a.copy())), ValueError, "out is read-only"),
+    (lambda a: (a, np.empty((2, 8), np.float32)[:, ::2]), ValueError, "out must be C-contiguous"),
+    (lambda a: (a, [0.0] * 8), TypeError, "out must be a numpy array"),
+    (lambda a: (b := np.ones(12, np.float32), b[:8].reshape(2, 4), b[4:].reshape(2, 4))[1:], ValueError,
+     "out overlaps x, which all_reduce does not allow"),
+    (lambda a: (b := np.ones(12, np.float32), b[4:].reshape(2, 4), b[:8].reshape(2, 4))[1:], ValueError,
+     "out overlaps x"),
+    (lambda a: (a.reshape(8)[1:], a.reshape(8)[:7]), ValueError, "out overlaps x"),  # by one element
+    (lambda a: (_tensor(a), _tensor(a.astype(np.float64))), TypeError, "out has dtype torch.float64"),
+    (lambda a: (_tensor(a), _tensor(a)[:, ::2]), ValueError, "out must be a contiguous dense tensor"),
+    (lambda a: (_tensor(a).t(), None), ValueError, "x must be a contiguous dense tensor"),
+    (lambda a: (_tensor(a).to_sparse(), None), ValueError, "x must be a contiguous dense tensor"),
+    (lambda a: (_tensor(a).to_mkldnn(), None), RuntimeError, "Cannot access data pointer"),  # torch's own
+    (lambda a: (_tensor(a.astype(np.complex64)), None), TypeError, "x has unsupported dtype torch.complex64"),
+    (lambda a: (_tensor(a).to("meta"), None), ValueError, "x is on device meta"),
+    (lambda a: (_tensor(a.reshape(8)[1:]), _tensor(a.reshape(8)[:7])), ValueError, "out overlaps x"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", BAD_OUTS)
+def test_odd_outs_and_tensors_get_the_call_paths_errors(make, error, message):
+    backend = Direct(rank=1, size=3)
+    x, out = make(np.ones((2, 4), np.float32))
+    with pytest.raises(error, match=message):
+        Communicator(backend).all_reduce(x, out=out)
+    assert backend.direct == [] and backend.calls == []
 
 
 def test_a_read_only_array_is_refused_before_the_fast_path():
-    backend = InPlace(rank=1, size=3)
-    x = np.ones(4, np.float32)
-    x.setflags(write=False)
+    backend = Direct(rank=1, size=3)
+    x = _read_only(np.ones(4, np.float32))
     with pytest.raises(ValueError, match="x is read-only, but this call writes into it"):
         Communicator(backend).all_reduce(x)
-    assert backend.in_place == [] and backend.calls == []
+    assert backend.direct == [] and backend.calls == []
 
 
-def test_the_fast_path_steps_aside_while_anything_reads_calls(caplog):
-    x = np.ones(3, np.float32)
-    backend = InPlace()
+# what the off-switches are tried on: in place, out=, a torch tensor
+SWITCHED = {"numpy in place": lambda: (np.ones(3, np.float32), None),
+            "numpy out=": lambda: (np.ones(3, np.float32), np.empty(3, np.float32)),
+            "torch out=": lambda: (_tensor(np.ones(3, np.float32)), _tensor(np.empty(3, np.float32)))}
+
+
+@pytest.mark.parametrize("kinds", SWITCHED.values(), ids=SWITCHED.keys())
+def test_the_fast_path_steps_aside_while_anything_reads_calls(caplog, kinds):
+    x, out = kinds()
+    result = x if out is None else out
+
+    def all_reduce(comm, **kw):
+        return comm.all_reduce(x, **kw) if out is None else comm.all_reduce(x, out=out, **kw)
+    backend = Direct()
     comm = Communicator(backend)
-    comm.all_reduce(x)
+    all_reduce(comm)
     with comm.group():
-        work = comm.all_reduce(x)  # queued
-    assert isinstance(work, Work) and work.wait() is x
-    comm.all_reduce(x)  # the worker the group started keeps program order: Calls from here on
-    assert [c.collective for c in backend.calls] == ["all_reduce"] * 2 and len(backend.in_place) == 1
+        work = all_reduce(comm)  # queued
+    assert isinstance(work, Work) and work.wait() is result
+    all_reduce(comm)  # the worker the group started keeps program order: Calls from here on
+    assert [c.collective for c in backend.calls] == ["all_reduce"] * 2 and len(backend.direct) == 1
     comm = Communicator(backend)
-    comm.all_reduce(x, async_op=True).wait()
-    comm.all_reduce(x)
-    assert len(backend.calls) == 4 and len(backend.in_place) == 1
+    all_reduce(comm, async_op=True).wait()
+    all_reduce(comm)
+    assert len(backend.calls) == 4 and len(backend.direct) == 1
     comm.close()
     with pytest.raises(ncl.NclStateError, match="closed"):
-        comm.all_reduce(x)
+        all_reduce(comm)
     emulator = emulation.Emulator(load_topology("pcie-gen5-8card"), "account", 3, keep=8)
-    Communicator(backend, emulator=emulator).all_reduce(x)
+    all_reduce(Communicator(backend, emulator=emulator))
     assert emulator.totals["calls"] == 1
     with caplog.at_level(log.TRACE, logger="ncl"):
-        Communicator(backend).all_reduce(x)
+        all_reduce(Communicator(backend))
     assert "all_reduce 3 x float32 (12 B), sum done" in caplog.text
-    assert len(backend.calls) == 6 and len(backend.in_place) == 1
+    assert len(backend.calls) == 6 and len(backend.direct) == 1
 
 
-def test_the_fast_paths_failures_are_the_call_paths(caplog):
-    backend = InPlace(rank=1, size=3)
+@pytest.mark.parametrize("kinds", SWITCHED.values(), ids=SWITCHED.keys())
+def test_the_fast_paths_failures_are_the_call_paths(caplog, kinds):
+    x, out = kinds()
+    backend = Direct(rank=1, size=3)
     comm = Communicator(backend)
-    x = np.ones(3, np.float32)
+    kw = {} if out is None else {"out": out}
     backend.fail = ncl.NclPeerError("rank 2 died")
     with caplog.at_level(logging.WARNING, logger="ncl"), pytest.raises(ncl.NclPeerError, match="rank 2 died"):
-        comm.all_reduce(x)
+        comm.all_reduce(x, **kw)
     assert "all_reduce failed: NclPeerError: rank 2 died" in caplog.text and backend.aborted == []
     backend.fail = ValueError("the core refused it")
     with pytest.raises(ValueError, match="the core refused it"):
-        comm.all_reduce(x)
+        comm.all_reduce(x, **kw)
     assert backend.aborted == []  # the core's own error: nothing to tell the peers
     backend.fail = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
-        comm.all_reduce(x)
+        comm.all_reduce(x, **kw)
     assert backend.aborted == ["it failed with KeyboardInterrupt"]
     backend.fail = None
-    comm.all_reduce(x)  # the entry was left: the next call runs
-    assert len(backend.in_place) == 1
+    comm.all_reduce(x, **kw)  # the entry was left: the next call runs
+    assert len(backend.direct) == 1 and backend.calls == []
+
+
+@pytest.mark.parametrize("kinds", SWITCHED.values(), ids=SWITCHED.keys())
+def test_the_fast_path_takes_the_entry_lock(kinds):
+    x, out = kinds()
+    backend = Direct(rank=1, size=3)
+    comm = Communicator(backend)
+    with comm._entry, pytest.raises(ncl.NclStateError, match="another thread is inside a call"):
+        comm.all_reduce(x) if out is None else comm.all_reduce(x, out=out)
+    assert backend.direct == [] and backend.calls == []

@@ -709,6 +709,37 @@ def test_torch_tensors(pool_factory, size):
     _assert_sweep(pool_factory(size, SMALL_STAGING).run(_torch_sweep, "torch", timeout=180))
 
 
+def _fast_path_sweep(comm, tag):
+    """The all_reduce sweep, numpy and torch, in place and into out, on a fresh communicator (the pool's may
+    have a worker from an earlier test, which turns the fast path off), each call counted at the backend's
+    direct entry: every one took the fast path."""
+    fresh = comm.split(0)
+    direct, taken = fresh._backend.all_reduce, []
+
+    def counted(*args):
+        taken.append(args[2])
+        direct(*args)
+    fresh._backend.all_reduce = counted
+    fresh._refresh_fast_path()
+    dtypes, ops, counts = ("float32", "bfloat16", "int32"), ("SUM", "MAX", "AVG"), (0, 1, 7, 5000)
+    failures, digests = _all_reduce_sweep(fresh, tag, dtypes, ops, counts)
+    more, tensors = _all_reduce_sweep(fresh, tag + "-torch", ("float32", "bfloat16"), ops, counts, kind="torch")
+    fresh.close()
+    calls = 2 * len(ops) * len(counts) * (len(dtypes) + 2)
+    if len(taken) != calls:
+        failures.append(f"rank {comm.rank}: {len(taken)} of {calls} all_reduces took the fast path")
+    return failures + more, {**digests, **{("torch",) + case: d for case, d in tensors.items()}}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", (2, 3))
+def test_all_reduce_fast_path(pool_factory, size):
+    """Plain numpy arrays (bfloat16 through ml_dtypes) and torch tensors, in place and out=, through the
+    fast path (ncl/comm.py): the numpy reference, bitwise alike on every rank."""
+    pytest.importorskip("torch")
+    _assert_sweep(pool_factory(size, SMALL_STAGING).run(_fast_path_sweep, "fast", timeout=100))
+
+
 # ---- default staging, and the 1 GiB case ---------------------------------------------------------------------------
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("size", (2, 3))
