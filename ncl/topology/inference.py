@@ -134,7 +134,7 @@ class Server:
         why = split.problem(arch)
         if why:
             raise ValueError(f"{arch.name}: {why}")
-        if not (isinstance(pp, int) and 1 <= pp <= arch.n_layers):
+        if not (type(pp) is int and 1 <= pp <= arch.n_layers):
             raise ValueError(f"pp must be an integer from 1 to the {arch.n_layers} layers of {arch.name}, not {pp!r}")
         if precision not in WEIGHT_BYTES:
             raise ValueError(f"precision must be one of {', '.join(WEIGHT_BYTES)}, not {precision!r}")
@@ -144,7 +144,7 @@ class Server:
         if compress is not None:
             from ..compress import check_format
             check_format(compress)
-        self.pp, self.model = pp, arch
+        self.pp, self.model = pp, arch  # model: the whole model; self.arch (below): the stage one chip holds
         arch = pipeline_stage(arch, pp)  # what one chip holds and runs: everything below prices that
         self.arch, self.split, self.precision, self.kv_precision, self.overlap = arch, split, precision, kv_precision, overlap
         self.compress = compress  # the activations' all-reduces block-scaled (ncl.compress), or None
