@@ -231,10 +231,11 @@ class Server:
         if self.pp == 1:
             return self._stage_step(tokens, sequences, keys)
         pp = self.pp  # pp stage-times of one micro-batch each
-        part = self._stage_step(np.ceil(np.asarray(tokens) / pp), np.ceil(np.asarray(sequences) / pp),
+        micro = np.ceil(np.asarray(tokens) / pp)
+        part = self._stage_step(micro, np.ceil(np.asarray(sequences) / pp),
                                 tuple(Keys(*(getattr(k, f.name) / pp for f in dataclasses.fields(k)))
                                       for k in attention_kernels(keys)))
-        handed = self.handoff_seconds(np.ceil(np.asarray(tokens) / pp))
+        handed = self.handoff_seconds(micro)
         shown = np.maximum(handed - part.chip, 0.0)  # the hand-off overlaps the next micro-batch's compute
         return StepCost(part.compute * pp, part.memory * pp, part.overhead * pp, (part.comm + shown) * pp,
                         self.overlap)

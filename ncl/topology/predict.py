@@ -72,8 +72,9 @@ def prefill(server: Server, batch: int, input_len: int, chunk_tokens: int = CHUN
         for name, v in last.items():
             parts[name] += v * repeat
         parts["floor"] += float(server.floor(int(tokens[j]), s, k)) * repeat
-    for name, v in last.items():  # pipeline stages: the last chunk's micro-batches drain through pp - 1 more stages
-        parts[name] += v * (server.pp - 1) / server.pp
+    if server.pp > 1:  # pipeline stages: the last chunk's micro-batches drain through pp - 1 more stages
+        for name, v in last.items():
+            parts[name] += v * (server.pp - 1) / server.pp
     return parts
 
 
