@@ -189,3 +189,35 @@ def test_topology_columns_are_the_link_models_cost_of_the_swept_call(tmp_path):
         size = int(r["size"])
         assert r["target_algorithm"] == topo.best_algorithm("all_reduce", size, 3)
         assert float(r["emulated_us"]) == pytest.approx(topo.predict("all_reduce", size, 3) * 1e6, rel=1e-9)
+
+
+@pytest.mark.timeout(300)
+def test_compared_backends_take_turns_size_by_size(tmp_path):
+    """--compare runs the backends' ranks at once and gives them turns (ncl/perf/lockstep.py): every
+    size's rounds of every backend come before the next size, the first backend rotating by turn;
+    --interleave sweep keeps whole sweeps in turn (all of ncl's first round before gloo's)."""
+    base = ["all_reduce", "-b", "8", "-e", "64", "-f", "8", "-n", "2", *QUICK, "--compare", "gloo", "--repeat", "2"]
+    code, out, err = _perf(base + ["--json", "turns.json"], tmp_path, timeout=240)
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "turns.json").read_text())["rows"]
+    turns = [(r["size"], r["backend"], r["round"]) for r in rows if not r["in_place"]]  # one per turn
+    assert [t[0] for t in turns] == sorted(t[0] for t in turns) == [8] * 4 + [64] * 4
+    assert [t[1] for t in turns[:4]] == ["ncl", "gloo", "gloo", "ncl"]  # the first backend rotates
+    assert all(r.get("wrong", 0) == 0 for r in rows) and {t[2] for t in turns} == {0, 1}
+    code, out, err = _perf(base + ["--interleave", "sweep", "--json", "sweeps.json"], tmp_path, timeout=240)
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "sweeps.json").read_text())["rows"]
+    assert [(r["backend"], r["round"]) for r in rows[:5]] == [("ncl", 0)] * 4 + [("gloo", 0)]
+
+
+def test_a_rank_waiting_for_its_turn_stops_when_ncl_perf_closes_the_gate(tmp_path):
+    from ncl.perf import lockstep
+    os.mkfifo(tmp_path / "0")
+    held = os.open(tmp_path / "0", os.O_RDWR)  # as ncl-perf holds it
+    turns = lockstep.Turns(str(tmp_path), 0)
+    os.write(held, lockstep.GO * 2)
+    assert turns.next() and turns.next()
+    os.close(held)
+    assert not turns.next()  # the end of the pipe: no more turns, no hang
+    turns.close()
+    assert lockstep.order(["a", "b", "c"], 4) == ["b", "c", "a"]

@@ -14,7 +14,7 @@ import tempfile
 from typing import Dict, List, Optional
 
 from ..env import parse_bytes
-from . import report, specs
+from . import lockstep, report, specs
 from .runner import Progress, launch_argv, mpiexec, peers_parser, rank_counts, run_worker
 
 
@@ -51,8 +51,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=peers_parser("mpi", "gloo", "deepspeed"), default=[],
                    help="also run the sweep through mpi, gloo and/or deepspeed (its shm inference_all_reduce)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run every backend's sweep this many times, interleaved, and report the median time "
+                   help="measure every point this many times, interleaved, and report the median time "
                         "(this host's speed drifts by 2-4x over minutes: interleaving keeps ratios fair)")
+    p.add_argument("--interleave", choices=("size", "sweep"), default=None,
+                   help="size: all backends' ranks run at once and take turns size by size (rounds of a size "
+                        "back to back), so each size is compared within seconds; sweep: whole sweeps in turn "
+                        "(default: size with --compare, else sweep)")
     p.add_argument("--hosts", type=int, default=1,
                    help="ncl: split the ranks into this many emulated hosts that talk over MPI (ncl-run --hosts)")
     p.add_argument("--timeout", type=float, default=300.0, help="NCL_TIMEOUT of the ranks (seconds)")
@@ -96,6 +100,8 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
             p.error(f"--topology {cfg.topology} has {chips} chips, fewer than -n {max(cfg.nranks)}")
         if cfg.hosts > 1:
             p.error("--topology and --hosts: the emulated interconnect costs one host's communicator only")
+    if cfg.interleave is None:
+        cfg.interleave = "size" if cfg.compare else "sweep"
     if cfg.hosts < 1 or any(n % cfg.hosts for n in cfg.nranks):
         p.error(f"--hosts {cfg.hosts} must divide every -n {cfg.nranks}")
     if ("mpi" in cfg.compare or cfg.hosts > 1) and not mpiexec():
@@ -112,13 +118,28 @@ def _check(p: argparse.ArgumentParser, cfg) -> None:
         cfg.compare.remove("deepspeed")
 
 
-def _command(backend: str, n: int, cfg, rendezvous: str) -> List[str]:
+def _command(backend: str, n: int, cfg, rendezvous: str, **turns) -> List[str]:
+    """A backend's launcher; turns: the gate and rounds of --interleave size (ncl/perf/lockstep.py)."""
     settings = {k: getattr(cfg, k) for k in ("collective", "min_bytes", "max_bytes", "factor", "step", "dtype", "op",
                                               "root", "warmup", "iters", "min_time", "check", "registered")}
     settings["registered"] = bool(cfg.registered) and backend == "ncl"
     settings["memcpy"] = backend == "ncl"
+    settings.update(turns)
     return launch_argv(backend, n, "ncl.perf.worker", settings, rendezvous, cfg.hosts, cfg.timeout, cfg.topology,
                        cfg.emulate)
+
+
+def _env(backend: str, n: int, cfg, extra_env: Optional[dict] = None) -> dict:
+    env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
+    if backend == "deepspeed":  # its op segfaults unless told how many ranks share this host
+        env["LOCAL_SIZE"] = str(n)
+    return env
+
+
+def _record(row: dict, cfg, n: int, round_: int, rows: List[dict]) -> None:
+    row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n, round=round_)
+    report.add_bandwidths(row, cfg.collective)
+    rows.append(row)
 
 
 def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: int = 0,
@@ -126,9 +147,7 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
     """Run one sweep; print nccl-tests rows as sizes complete.  Returns the launcher's code."""
     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
         cmd = _command(backend, n, cfg, os.path.join(tmp, "rendezvous"))
-        env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
-        if backend == "deepspeed":  # its op segfaults unless told how many ranks share this host
-            env["LOCAL_SIZE"] = str(n)
+        env = _env(backend, n, cfg, extra_env)
         progress.write(report.header(cfg.collective, backend, n, cfg)
                        + (f"\n# round {round_ + 1} of {cfg.repeat}" if cfg.repeat > 1 else ""))
         pending = {}
@@ -136,9 +155,7 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
 
         def on_row(row):
             nonlocal pending
-            row.update(collective=cfg.collective, dtype=cfg.dtype, op=cfg.op, root=cfg.root % n, round=round_)
-            report.add_bandwidths(row, cfg.collective)
-            rows.append(row)
+            _record(row, cfg, n, round_, rows)
             mine.append(row)
             pending[row["in_place"]] = row
             if len(pending) == 2:
@@ -153,6 +170,36 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
         else:
             progress.write(f"# {backend} sweep on {n} ranks failed (exit code {code})\n")
         return code
+
+
+def run_turns(backends: List[str], n: int, cfg, rows: List[dict], progress) -> int:
+    """--interleave size: every backend's ranks at once, taking turns size by size (ncl/perf/lockstep.py);
+    prints each pair of rows as it comes, the backend and round before it.  The failed backends' count."""
+    turns = [(size, r) for size in specs.sweep_sizes(cfg) for r in range(cfg.repeat)]
+    for b in backends:
+        progress.write(report.header(cfg.collective, b, n, cfg))
+    progress.write(f"# turns: each size {cfg.repeat} time(s) per backend, the backends in turn "
+                   f"(the first rotating), a backend's ranks asleep while another runs")
+    pending: Dict[str, dict] = {}
+
+    def command(b: str, gate: str, scratch: str):
+        return (_command(b, n, cfg, os.path.join(scratch, "rendezvous"), gate=gate, rounds=cfg.repeat),
+                _env(b, n, cfg))
+
+    def on_row(b: str, turn: tuple, row: dict):
+        _record(row, cfg, n, turn[1], rows)
+        half = pending.setdefault(b, {})
+        half[row["in_place"]] = row
+        if len(half) == 2:
+            progress.write(f"# {b} round {turn[1] + 1}\n" + report.line(cfg.collective, half[False], half[True], cfg))
+            pending.pop(b)
+            progress.update(1)
+
+    codes = lockstep.run(backends, n, turns, command, on_row, progress.write)
+    for b, code in codes.items():
+        if code:
+            progress.write(f"# {b} on {n} ranks failed (exit code {code})")
+    return sum(1 for code in codes.values() if code)
 
 
 def sweep_times(collective: str, n: int, lo: str, hi: str, factor: int, quick: bool = True) -> Dict[int, float]:
@@ -188,10 +235,14 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     failed = 0
     try:
-        for round_ in range(cfg.repeat):
+        if cfg.interleave == "size":
             for n in cfg.nranks:
-                for backend in backends:
-                    failed += run_backend(backend, n, cfg, rows, progress, round_) != 0
+                failed += run_turns(backends, n, cfg, rows, progress)
+        else:
+            for round_ in range(cfg.repeat):
+                for n in cfg.nranks:
+                    for backend in backends:
+                        failed += run_backend(backend, n, cfg, rows, progress, round_) != 0
     finally:
         progress.close()
     summary = report.median_rows(rows) if cfg.repeat > 1 else rows

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import backends, specs
+from . import backends, lockstep, specs
 
 IN_PLACE_FORMS = {"all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"}
 MAX_ITERS = 1_000_000
@@ -158,14 +158,25 @@ def main(argv=None):
     args, cfg = worker_args("python -m ncl.perf.worker", "ncl-perf", argv)
     backend = backends.create(args.backend, registered=cfg.registered, rendezvous_file=args.rendezvous_file)
     spec = specs.SPECS[cfg.collective]
+    # --interleave size: each size `rounds` times in a row, each time when ncl-perf gives the turn
+    turns = lockstep.Turns(cfg.gate, backend.rank) if getattr(cfg, "gate", None) else None
+    rounds = getattr(cfg, "rounds", 1)
     try:
-        _settle(backend)
+        settled = False
         for size in specs.sweep_sizes(cfg):
-            for in_place in (False, True):
-                row = measure(backend, cfg, spec, size, in_place)
-                if backend.rank == 0:
-                    _emit(dict(row, backend=args.backend, nranks=backend.size))
+            for round_ in range(rounds):
+                if turns is not None and not turns.next():
+                    return
+                if not settled:  # just before the first timing: the settling is what it is for
+                    _settle(backend)
+                    settled = True
+                for in_place in (False, True):
+                    row = measure(backend, cfg, spec, size, in_place)
+                    if backend.rank == 0:
+                        _emit(dict(row, backend=args.backend, nranks=backend.size, round=round_))
     finally:
+        if turns is not None:
+            turns.close()
         backend.close()
 
 
