@@ -43,9 +43,19 @@ def routing(rank: int, tokens: int, cfg, dtype):
     return x, idx, top.softmax(-1)
 
 
-def play_experts(recv_x, recv_idx, recv_w):
-    """Every local expert is the identity: the row times the sum of its local weights."""
-    return recv_x * (recv_w * (recv_idx >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
+def play_experts(recv_x, recv_idx, recv_w, handle=None):
+    """Every local expert is the identity: the row times the sum of its local weights.  Only real
+    rows are worked on, as a user's experts would: a low-latency handle's blocks hold
+    handle.recv_counts[s] real rows at s * handle.slots, the rest zero padding left as it is (the
+    work must not grow with the padding: on an oversubscribed host a peer's expert work delays the
+    exchange a rank is timing)."""
+    slots = getattr(handle, "slots", 0)
+    if not slots:
+        return recv_x * (recv_w * (recv_idx >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
+    for s, count in enumerate(handle.recv_counts):  # in place: the padding is zero already
+        rows = slice(s * slots, s * slots + count)
+        recv_x[rows] *= (recv_w[rows] * (recv_idx[rows] >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
+    return recv_x
 
 
 class NclMoe:
@@ -134,7 +144,7 @@ def measure(backend, cfg, tokens: int, mode: str, ex, dtype) -> dict:
         t0 = time.perf_counter()
         recv_x, recv_idx, recv_w, handle = ex.dispatch(x, idx, w, cfg.experts)
         t1 = time.perf_counter()
-        out = play_experts(recv_x, recv_idx, recv_w)
+        out = play_experts(recv_x, recv_idx, recv_w, handle)
         t2 = time.perf_counter()
         y = ex.combine(out, handle)
         return y, t1 - t0, time.perf_counter() - t2, recv_x.shape[0]
