@@ -1,7 +1,9 @@
 /* reduce_kernels.c: element-wise reduction of n buffers, strictly left to right, with the
  * best instruction set this CPU has, chosen once at run time (never -march=native: the
  * build must run on any x86-64).  Every variant computes the same bits: same operations
- * in the same order per element, no FP contraction, vectorised across elements only.
+ * in the same order per element, no FP contraction, vectorised across elements only.  Where the
+ * CPU rounds float32 to bfloat16 itself (AVX512_BF16), bf16 SUM and AVG use that instruction, its
+ * one difference (subnormals flushed) rounded the integer way: the same bits again.
  * NCL_KERNEL_ISA=generic|avx2|avx512 (any case) forces a variant (capped at what the CPU has);
  * ncl/env.py refuses any other value before a communicator exists. */
 #include <stdlib.h>
@@ -46,10 +48,85 @@ static inline uint16_t float_to_bf16(float f) {
 #include "reduce_body.h"
 #undef KERNEL_ISA
 #pragma GCC pop_options
+
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define HAVE_AVX512_BF16 1
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+/* bf16 SUM and AVG rounded by the CPU's own round-to-nearest-even (VCVTNE2PS2BF16): the bits of
+ * float_to_bf16, NaN included, but for float32 subnormals, which the instruction flushes to zero;
+ * a step holding one (rare) rounds its subnormal lanes the integer way.  32 elements a step,
+ * sources in rank order, the tail by the avx512 kernel: the same bits as every other variant. */
+static inline __m512 bf16x16_load(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline __mmask16 f32x16_subnormal(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    return _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)) &
+           _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
+}
+
+static inline __m256i bf16x16_round_integer(__m512 x) { /* float_to_bf16 for numbers (no NaN here) */
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i biased = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(biased, 16));
+}
+
+static inline void bf16x32_store(uint16_t* dst, __m512 lo, __m512 hi) {
+    __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    __mmask16 sub_lo = f32x16_subnormal(lo), sub_hi = f32x16_subnormal(hi);
+    if (__builtin_expect((sub_lo | sub_hi) != 0, 0)) {
+        __m512i exact = _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_round_integer(lo)),
+                                           bf16x16_round_integer(hi), 1);
+        r = _mm512_mask_blend_epi16(((__mmask32)sub_hi << 16) | sub_lo, r, exact);
+    }
+    _mm512_storeu_si512((void*)dst, r);
+}
+
+static void bf16_sum_or_avg(uint16_t* dst, const void** srcs, int nsrc, size_t count, bool avg) {
+    size_t i = 0;
+    const __m512 divisor = _mm512_set1_ps((float)nsrc);
+    for (; i + 32 <= count; i += 32) {
+        __m512 lo = bf16x16_load((const uint16_t*)srcs[0] + i), hi = bf16x16_load((const uint16_t*)srcs[0] + i + 16);
+        for (int s = 1; s < nsrc; s++) {
+            lo = _mm512_add_ps(lo, bf16x16_load((const uint16_t*)srcs[s] + i));
+            hi = _mm512_add_ps(hi, bf16x16_load((const uint16_t*)srcs[s] + i + 16));
+        }
+        if (avg) lo = _mm512_div_ps(lo, divisor), hi = _mm512_div_ps(hi, divisor);
+        bf16x32_store(dst + i, lo, hi);
+    }
+    if (i == count) return;
+    const void** tail = malloc((size_t)nsrc * sizeof *tail); /* the last < 32 elements */
+    if (!tail) { /* (no room for 8 KiB of pointers: element by element, the same bits) */
+        for (; i < count; i++) {
+            float a = bf16_to_float(((const uint16_t*)srcs[0])[i]);
+            for (int s = 1; s < nsrc; s++) a = a + bf16_to_float(((const uint16_t*)srcs[s])[i]);
+            dst[i] = float_to_bf16(avg ? a / nsrc : a);
+        }
+        return;
+    }
+    for (int s = 0; s < nsrc; s++) tail[s] = (const uint16_t*)srcs[s] + i;
+    (avg ? bf16_avg_avx512 : bf16_sum_avx512)(dst + i, tail, nsrc, count - i);
+    free(tail);
+}
+
+static void bf16_sum_avx512bf16(void* dst, const void** srcs, int nsrc, size_t count) {
+    bf16_sum_or_avg(dst, srcs, nsrc, count, false);
+}
+
+static void bf16_avg_avx512bf16(void* dst, const void** srcs, int nsrc, size_t count) {
+    bf16_sum_or_avg(dst, srcs, nsrc, count, true);
+}
+#pragma GCC pop_options
+#endif
 #endif
 
 static const kernel_fn (*chosen)[NCL_NUM_OPS];
 static const char* chosen_name;
+static kernel_fn with_bf16_rounding[NCL_NUM_DTYPES][NCL_NUM_OPS]; /* avx512's, bf16 SUM and AVG replaced */
 
 static void choose(void) {
     const char* want = getenv("NCL_KERNEL_ISA");
@@ -64,6 +141,14 @@ static void choose(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         chosen = kernels_avx512;
         chosen_name = "avx512";
+#ifdef HAVE_AVX512_BF16
+        if (__builtin_cpu_supports("avx512bf16")) { /* the same bits, rounded by the CPU */
+            memcpy(with_bf16_rounding, kernels_avx512, sizeof with_bf16_rounding);
+            with_bf16_rounding[NCL_BFLOAT16][NCL_SUM] = bf16_sum_avx512bf16;
+            with_bf16_rounding[NCL_BFLOAT16][NCL_AVG] = bf16_avg_avx512bf16;
+            chosen = (const kernel_fn(*)[NCL_NUM_OPS])with_bf16_rounding;
+        }
+#endif
     } else if (cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
                __builtin_cpu_supports("fma")) {
         chosen = kernels_avx2;

@@ -174,3 +174,24 @@ def test_the_core_reads_the_isa_knob_in_any_case():
     out = subprocess.run([sys.executable, "-c", "import ncl; print(ncl.kernel_isa())"], capture_output=True, text=True,
                          env=dict(os.environ, NCL_KERNEL_ISA="GENERIC"), check=True).stdout.strip()
     assert out == "generic"
+
+
+@pytest.mark.parametrize("op", (lib.NCL_SUM, lib.NCL_AVG), ids=("sum", "avg"))
+def test_bfloat16_every_code_and_sums_that_round_to_subnormals(op):
+    """Every bfloat16 code against random ones and against its own near-negation (sums landing on float32
+    subnormals, which the CPU's bf16 rounding instruction would flush to zero: native/reduce_kernels.c rounds
+    those lanes the integer way; NaN and infinity codes in the first source only), with a third source once more,
+    lengths not a multiple of the 32-wide step."""
+    rng = np.random.default_rng(5)
+    codes = np.arange(1 << 16, dtype=np.uint16)
+    near = codes ^ np.uint16(0x8000) ^ rng.integers(0, 4, codes.size, dtype=np.uint16)
+    for b in (rng.integers(0, 1 << 16, codes.size, dtype=np.uint16), near):
+        b[(b & 0x7F80) == 0x7F80] = 0x3F80  # one NaN at most per element (which of two NaNs a sum keeps is open)
+        srcs = [codes.view(ml_dtypes.bfloat16), b.view(ml_dtypes.bfloat16)]
+        sums = srcs[0].astype(np.float32) + srcs[1].astype(np.float32)
+        if b is near:
+            assert np.count_nonzero(np.abs(sums[np.isfinite(sums)]) < np.finfo(np.float32).tiny) > 1000
+        for group in (srcs, srcs + [np.roll(srcs[1], 777)]):
+            group = [s[:65531] for s in group]
+            got, want = reduce_local(group, op), reference(group, op)
+            assert got.tobytes() == want.tobytes()
