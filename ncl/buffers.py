@@ -65,6 +65,7 @@ class Buffer:
 
 _new = object.__new__
 _from_buffer = ffi.from_buffer
+_BYTES = ffi.typeof("char[]")  # what from_buffer gives by default; named once, not parsed on every call
 
 
 def _buffer(obj, ptr, count: int, nbytes: int, dtype: int, shape, is_torch: bool) -> Buffer:
@@ -129,10 +130,8 @@ def plain(x: Any, writable: bool) -> Optional[Tuple[Any, int, int]]:
             code = _numpy_dtype_code(x.dtype)
             if code is None:
                 return None
-        if writable and not x.flags.writeable:
-            return None
-        try:
-            return ffi.from_buffer(x), code, x.size  # refuses arrays that are not C-contiguous
+        try:  # cffi refuses an array that is not C-contiguous, or read-only when writable (cheaper than x.flags)
+            return _from_buffer(_BYTES, x, writable), code, x.size
         except (ValueError, BufferError):
             return None
     torch = sys.modules.get("torch")
@@ -165,8 +164,8 @@ def plain_pair(x: Any, out: Any) -> Optional[Tuple[Any, Any, int, int]]:
         out_dtype = out.dtype
         if out_dtype is not dtype and _numpy_dtype_code(out_dtype) != code:
             return None
-        try:  # both C-contiguous, out writable (cffi refuses the others: cheaper than reading out.flags)
-            return _from_buffer(x), _from_buffer("char[]", out, True), code, x.size
+        try:  # (as in plain: x and out C-contiguous, out writable)
+            return _from_buffer(x), _from_buffer(_BYTES, out, True), code, x.size
         except (ValueError, BufferError):
             return None
     send = plain(x, False)
