@@ -157,6 +157,9 @@ int ncl_window_free(ncl_window* win);
 
 int ncl_barrier(ncl_comm* comm);
 int ncl_all_reduce(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int algo);
+/* ncl_all_reduce, first refusing (NCL_ERR_ARGUMENT, nothing moved) a recv that overlaps send
+ * other than as send itself; the entry of Python's fast path (args.c) */
+int ncl_all_reduce_checked(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int algo);
 int ncl_reduce(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int op, int root);
 int ncl_broadcast(ncl_comm* comm, const void* send, void* recv, size_t count, int dtype, int root);
 /* count is per rank: send holds count elements, recv holds nranks * count */

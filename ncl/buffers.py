@@ -64,6 +64,8 @@ class Buffer:
 
 
 _new = object.__new__
+_from_buffer = ffi.from_buffer
+_BYTES = ffi.typeof("char[]")  # what from_buffer gives by default; named once, not parsed on every call
 
 
 def _buffer(obj, ptr, count: int, nbytes: int, dtype: int, shape, is_torch: bool) -> Buffer:
@@ -128,10 +130,8 @@ def plain(x: Any, writable: bool) -> Optional[Tuple[Any, int, int]]:
             code = _numpy_dtype_code(x.dtype)
             if code is None:
                 return None
-        if writable and not x.flags.writeable:
-            return None
-        try:
-            return ffi.from_buffer(x), code, x.size  # refuses arrays that are not C-contiguous
+        try:  # cffi refuses an array that is not C-contiguous, or read-only when writable (cheaper than x.flags)
+            return _from_buffer(_BYTES, x, writable), code, x.size
         except (ValueError, BufferError):
             return None
     torch = sys.modules.get("torch")
@@ -147,20 +147,32 @@ def plain(x: Any, writable: bool) -> Optional[Tuple[Any, int, int]]:
     return ffi.cast("void *", x.data_ptr()), code, x.numel()
 
 
-def plain_output(out: Any, x: Any, send: Optional[Tuple[Any, int, int]]) -> Optional[Tuple[Any, int, int]]:
-    """plain(out) when out is a valid `out=` for x, whose plain(x) is `send`: its dtype, x's shape,
-    and no overlap with x unless it is x's own memory (in place), as output() and check_aliasing()
-    require; None for anything else (as_buffer, output and check_aliasing then say what is wrong)."""
-    if send is None:
-        return None
-    recv = plain(out, True)
+def plain_pair(x: Any, out: Any) -> Optional[Tuple[Any, Any, int, int]]:
+    """(send pointer, recv pointer, dtype code, count) of all_reduce(x, out=out) when plain() takes x
+    and out (out writable) and out has x's dtype and shape, as as_buffer and output require; None for
+    anything else (they then say what is wrong).  Whether out overlaps x other than as x itself is
+    left to the backend's all_reduce (the core's ncl_all_reduce_checked: two compares in C where the
+    pointer arithmetic cost 0.2 µs here), which refuses it before anything moves.  Two exact numpy
+    arrays, the commonest pair, are checked inline: ~0.6 µs, where plain() twice took 0.7."""
+    if type(x) is np.ndarray and type(out) is np.ndarray:
+        dtype = x.dtype
+        code = _NUMPY_DTYPES.get(dtype)
+        if code is None:
+            code = _numpy_dtype_code(dtype)
+        if code is None or out.shape != x.shape:
+            return None
+        out_dtype = out.dtype
+        if out_dtype is not dtype and _numpy_dtype_code(out_dtype) != code:
+            return None
+        try:  # (as in plain: x and out C-contiguous, out writable)
+            return _from_buffer(x), _from_buffer(_BYTES, out, True), code, x.size
+        except (ValueError, BufferError):
+            return None
+    send = plain(x, False)
+    recv = plain(out, True) if send is not None else None
     if recv is None or recv[1] != send[1] or out.shape != x.shape:
         return None
-    sp, rp = send[0], recv[0]
-    if rp == sp:  # in place
-        return recv
-    n = send[2] * ITEMSIZE[send[1]]
-    return recv if sp + n <= rp or rp + n <= sp else None
+    return send[0], recv[0], send[1], send[2]
 
 
 def bump_version(obj) -> None:

@@ -13,7 +13,8 @@ wrongly across ranks.  A call that writes a torch tensor bumps its autograd vers
 as torch's own in-place ops do.
 The commonest call, an all_reduce of a plain numpy array or torch tensor (in place or into out=),
 skips the Buffer and the Call while nothing reads Calls (`_refresh_fast_path`): the same checks,
-C entry and failures, in half the time.
+C entry and failures, in half the time (the overlap of out with x is tested by the core's entry,
+before anything moves).
 """
 import contextlib
 import math
@@ -25,7 +26,7 @@ import numpy as np
 from . import dtypes, elastic, emulation, env, log, tuning
 from ._native import ffi
 from .buffers import Buffer, ReduceOp, as_buffer, bump_version, check_aliasing, check_counts, check_op, check_rank, \
-    output, plain, plain_output, rows
+    output, plain, plain_pair, rows
 from .call import Call
 from .errors import NclError, NclMismatchError, NclPeerError, NclStateError, NclTimeoutError
 from .shm import SharedMemoryBackend
@@ -50,6 +51,17 @@ _IN_PLACE = "only out=x itself (in place)"
 _NDARRAY = np.ndarray  # (a global: the fast path's type test skips an attribute lookup)
 _OWN_BLOCK = "only x = this rank's block of out (in place)"
 _UINT8 = dtypes.CODES["uint8"]
+
+
+def _refused_out(x, out) -> None:
+    """all_reduce's fast path left the overlap of out with x to the backend, which refused the call
+    before anything moved: raise what the Call path's check says of it (nothing, if the refusal
+    was for another reason)."""
+    try:
+        check_aliasing(as_buffer(x, "x", writable=False), as_buffer(out, "out", writable=True), "all_reduce", 0,
+                       _IN_PLACE)
+    except ValueError as overlap:
+        raise overlap from None
 
 
 def _ptr(buf: Optional[Buffer]):
@@ -368,24 +380,27 @@ class Communicator:
         direct = self._all_reduce_direct
         if direct is not None and type(op) is ReduceOp and not async_op and compress is None:
             if out is None:
-                send = recv = plain(x, True)
-                result = x
+                fast = plain(x, True)
+                if fast is not None:
+                    send, code, count = fast
+                    recv, result = send, x
             else:
-                send = plain(x, False)
-                recv = plain_output(out, x, send)
-                result = out
-            if recv is not None:  # the fast path: what the Call would carry, straight to the backend
+                fast = plain_pair(x, out)
+                if fast is not None:
+                    send, recv, code, count = fast
+                    result = out
+            if fast is not None:  # the fast path: what the Call would carry, straight to the backend
                 if type(result) is not _NDARRAY:
                     bump_version(result)
-                ptr, code, count = send
                 entry = self._entry
                 if not entry.acquire(False):
                     raise self._busy()
                 try:
-                    direct(ptr, recv[0], count, code, op, self._forced_algo)
+                    direct(send, recv, count, code, op, self._forced_algo)
                 except BaseException as exc:
-                    self._raise_failure(Call.of("all_reduce", ptr, recv[0], count, code, op, -1, self._forced_algo),
-                                        exc)
+                    if out is not None and type(exc) is ValueError:
+                        _refused_out(x, out)
+                    self._raise_failure(Call.of("all_reduce", send, recv, count, code, op, -1, self._forced_algo), exc)
                 finally:
                     entry.release()
                 return result

@@ -63,11 +63,13 @@ def _runner(handle):
 
 def _direct_all_reduce(handle):
     """all_reduce(send, recv, count, dtype, op, algo) on this handle: the Communicator's fast path
-    for the commonest call, with what its Call would carry."""
-    ncl_all_reduce = lib.ncl_all_reduce
+    for the commonest call, with what its Call would carry.  It raises ValueError, nothing moved, for
+    a recv that overlaps send other than as send itself (in place): the one check the fast path
+    leaves to the core (ncl_all_reduce_checked)."""
+    ncl_all_reduce_checked = lib.ncl_all_reduce_checked
 
     def all_reduce(send, recv, count: int, dtype: int, op: int, algo: int) -> None:
-        rc = ncl_all_reduce(handle, send, recv, count, dtype, op, algo)
+        rc = ncl_all_reduce_checked(handle, send, recv, count, dtype, op, algo)
         if rc:
             raise error(rc)
     return all_reduce

@@ -261,6 +261,30 @@ def test_size_1_still_works_after_the_table(comm1):
     assert not _valid_all_reduce(comm1, "after table")
 
 
+def test_the_cores_all_reduce_entry_refuses_an_overlap_before_anything_moves(comm1):
+    """all_reduce's fast path leaves out's overlap with x to the core (ncl_all_reduce_checked): every
+    overlap but send itself is refused, nothing written and no call begun; in place, buffers that touch
+    without overlapping and empty ones run (one rank: a copy)."""
+    from ncl import flight
+    from ncl._native import ffi, lib, last_error
+    backend = comm1._backend
+
+    def run(b, send, recv, count):
+        p = ffi.from_buffer(b)
+        return lib.ncl_all_reduce_checked(backend.handle, p + 4 * send, p + 4 * recv, count, lib.NCL_FLOAT32,
+                                          lib.NCL_SUM, lib.NCL_ALGO_AUTO)
+    newest = flight.entries(backend)[-1]["seq"] if flight.entries(backend) else None
+    for send, recv in ((0, 1), (1, 0), (0, 7), (7, 0)):  # by 7 elements down to 1, either way
+        b = f32(16)
+        assert run(b, send, recv, 8) == lib.NCL_ERR_ARGUMENT and "overlaps" in last_error()
+        assert np.array_equal(b, f32(16)), (send, recv)
+    assert (flight.entries(backend)[-1]["seq"] if flight.entries(backend) else None) == newest
+    for send, recv, count in ((0, 8, 8), (8, 0, 8), (3, 3, 8), (0, 1, 0)):
+        b = f32(16)
+        assert run(b, send, recv, count) == lib.NCL_OK, (send, recv, count)
+        assert np.array_equal(b[recv:recv + count], f32(16)[send:send + count])
+
+
 def test_read_only_input_is_fine_out_of_place(comm1):
     """A read-only x is legal wherever ncl only reads it."""
     x = read_only(8)

@@ -182,7 +182,8 @@ def test_the_calls_count_is_what_the_flight_recorder_saw():
 class Direct(Recording):
     """A Recording backend that also offers all_reduce's fast path (the backend's all_reduce), and keeps
     what it got there as (send address, recv address, count, dtype, op, algo), what a Call would carry;
-    `fail`: the exception it raises instead."""
+    `fail`: the exception it raises instead.  Like the core's entry (ncl_all_reduce_checked), it refuses
+    a recv that overlaps send other than as send itself, keeping nothing."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -191,7 +192,10 @@ class Direct(Recording):
     def all_reduce(self, send, recv, count, dtype, op, algo):
         if self.fail is not None:
             raise self.fail
-        self.direct.append((_ptr(send), _ptr(recv), count, dtype, int(op), algo))
+        s, r, n = _ptr(send), _ptr(recv), count * lib.ncl_dtype_size(dtype)
+        if s != r and s < r + n and r < s + n:
+            raise ValueError("recv overlaps send")
+        self.direct.append((s, r, count, dtype, int(op), algo))
 
     def abort(self, reason=None):
         self.aborted.append(reason)
