@@ -85,7 +85,10 @@ def run(backends: List[str], n: int, turns: List[tuple], command: Callable[[str,
                     return {b: 1 for b in backends}
                 procs[b] = proc
             for i, turn in enumerate(turns):
-                for b in order([b for b in backends if b not in codes], i):
+                alive = [b for b in backends if b not in codes]
+                if not alive:  # every launcher ended early
+                    break
+                for b in order(alive, i):
                     gates.give(b)
                     got = 0
                     while got < 2:
