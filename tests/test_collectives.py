@@ -160,6 +160,54 @@ def test_learned_algorithms_and_stores_agree(pool_factory, size):
     assert not differ, f"store kinds disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
+DUELS = ((1, 7), (8, 14), (15, 21), (32, 38), (96, 102))  # native/learn.c: the calls of a class's first duels
+CHALLENGER_PLACES = (1, 2, 5)                   # I C, C I, I C
+
+
+def _duel_calls(comm, count, calls):
+    """`calls` in-place all_reduces of `count` float32 on a new communicator (its size classes
+    unlearned): (failures, the algorithm each call took)."""
+    sub = comm.split(0)
+    try:
+        want = reference_reduce(_datas(case_seed("duel", count), comm.size, (count,), "float32"), "SUM")
+        mine = rank_data(case_seed("duel", count), comm.rank, (count,), "float32")
+        failures, algos = [], []
+        for i in range(calls):
+            got = sub.all_reduce(mine.copy())
+            algos.append(sub.flight_record()[-1]["algorithm"])
+            if (bad := mismatch(f"duel call {i} ({algos[-1]}) rank={comm.rank}", got, want)):
+                failures.append(bad)
+        return failures, algos
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", (2, 3))
+def test_learned_choice_duels_on_the_first_calls(pool_factory, size):
+    """learn.c's duels on a fresh communicator, 256 KiB staged (one-shot is the model's choice
+    there at 2 and 3 ranks): every rank runs the same algorithm in every call; the first duel
+    (calls 1-6) runs another algorithm exactly at its challenger's places; outside duels the
+    algorithm changes only after a duel's verdict; every result is the numpy reference, bitwise."""
+    results = pool_factory(size).run(_duel_calls, 65_536, 110, timeout=100)
+    assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
+    algos = results[0][1]
+    assert all(a == algos for _, a in results), f"ranks ran different algorithms: {[a for _, a in results]}"
+    first = algos[DUELS[0][0]:DUELS[0][1]]
+    incumbent, challengers = {first[i] for i in (0, 3, 4)}, {first[i] for i in CHALLENGER_PLACES}
+    assert len(incumbent) == 1 and len(challengers) == 1 and incumbent != challengers, " ".join(algos)
+    # the call after a duel still runs the incumbent (a verdict holds from the next one on)
+    assert all(algos[hi] == algos[lo] for lo, hi in DUELS), " ".join(algos)
+    in_duel = {i for lo, hi in DUELS for i in range(lo, hi + 1)}
+    runs, run = [], []
+    for i, a in enumerate(algos):
+        if i in in_duel:
+            runs, run = runs + [run] if run else runs, []
+        else:
+            run.append(a)
+    assert all(len(set(r)) == 1 for r in runs + [run]), f"a plain call tried another algorithm: {algos}"
+
+
 # (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
 QUIET_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000, "float64": 0x7FF8000000000000,
              "float8_e4m3fn": 0x7F, "float8_e5m2": 0x7E}
