@@ -65,6 +65,7 @@ typedef struct {
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t step;  /* futex word: last step this rank posted */
     _Atomic uint32_t waiters;                        /* sleepers on `step` (wake only if > 0) */
     uint64_t digest[2];                              /* hash of fp[parity], on the line waiters poll */
+    _Atomic int32_t cpu;                             /* where this rank posted its last step (wait.c) */
     _Alignas(NCL_CACHE_LINE) _Atomic int32_t pid;
     _Atomic uint32_t aborted;                        /* NCL_ABORTED or NCL_CLOSED: gone from the group */
     uint64_t probe_addr;                             /* cma.c: a word peers try to read at setup */
@@ -242,6 +243,10 @@ void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters); /* after 
 int ncl_peer_alive(ncl_comm* c, int peer);
 bool ncl_pid_running(pid_t pid);  /* false once it died (a zombie counts as dead); true for pid <= 0 */
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap); /* why this rank left the group, NUL-terminated */
+/* Post step s of this rank (with the CPU it runs on), and wait for rank r's step s: as
+ * ncl_wait_word, without spinning while r last posted from this rank's own CPU. */
+void ncl_post_step(ncl_comm* c, uint32_t s);
+int ncl_wait_step(ncl_comm* c, int r, uint32_t s, double deadline, const char* what);
 /* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */
 int ncl_interrupted(const char* what);
 
