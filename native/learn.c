@@ -16,7 +16,7 @@
  * rank 0 times each call, and the challenger wins when the median of the pairs' ratios
  * challenger / incumbent is below SWITCH_MARGIN.  A challenger is another algorithm that could
  * run (one-shot, two-shot, cma where it works, direct on registered buffers; with its own best
- * stores) or the incumbent with the other kind of stores.  Three duels come on the class's first
+ * stores) or the incumbent with the other kind of stores.  Two duels come on the class's first
  * calls (a benchmark's first dozen calls of a size find the faster algorithm), then one in every
  * DUEL_EVERY calls, challengers in turn: a verdict is retried in whatever mode the host is in
  * later, and overturned there if it was wrong.  Every rank knows from its own count of the
@@ -44,10 +44,10 @@
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 /* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
- * follows each duel, see above) and their challengers: the likeliest rival, the same again (a
- * rematch if it won, a second look if not: one noisy duel decides nothing for long), the other stores. */
-static const uint32_t EARLY[] = {1, 1 + (DUEL_CALLS + 1), 1 + 2 * (DUEL_CALLS + 1)};
-static const int EARLY_RIVAL[] = {0, 0, 1};
+ * follows each duel, see above), both against the likeliest rival: a rematch if it won, a second
+ * look if not (one noisy duel decides nothing for long).  No more: at np=8 a row of ncl-perf has
+ * ~30 calls of a size, and every challenger's call may be 2x slower. */
+static const uint32_t EARLY[] = {1, 1 + (DUEL_CALLS + 1)};
 #define EARLY_DUELS (int)(sizeof EARLY / sizeof EARLY[0])
 
 static int size_class(size_t bytes) {
@@ -65,12 +65,12 @@ static int duel_of(uint32_t n, int* at) {
     return EARLY_DUELS + (int)((n - DUEL_EVERY / 2) / DUEL_EVERY);
 }
 
-/* Which of k rivals duel d takes: after the early duels, every other one the likeliest rival (the
- * choice that matters most, re-checked every 2 * DUEL_EVERY calls), the others each of the rest in turn. */
+/* Which of k rivals duel d takes: the likeliest in the early duels and in every other later one
+ * (the choice that matters most, re-checked every 2 * DUEL_EVERY calls), the rest in turn in
+ * between, the other stores first (at call DUEL_EVERY / 2). */
 static int rival_of(int d, int k) {
-    if (d < EARLY_DUELS) return EARLY_RIVAL[d] % k;
     int e = d - EARLY_DUELS;
-    return e % 2 == 0 || k == 1 ? 0 : 1 + (e / 2) % (k - 1);
+    return d < EARLY_DUELS || e % 2 == 1 || k == 1 ? 0 : 1 + (e / 2) % (k - 1);
 }
 
 /* Pairs I C, C I, I C: the challenger runs at places 1, 2 and 5. */
