@@ -106,8 +106,8 @@ typedef struct {
     _Atomic uint8_t streaming[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];
 } ncl_header;
 
-/* learn.c, rank 0: a duel's paired times (ns per byte of the pair's first call, then the ratios
- * challenger / incumbent of its complete pairs) */
+/* learn.c, rank 0: a duel's timed calls (ns per byte of the last one, and the ratios challenger /
+ * incumbent of neighbouring ones so far) */
 #define NCL_DUEL_PAIRS 3
 typedef struct {
     float first;

@@ -12,9 +12,10 @@
  * early verdict taken so stuck at 2x the right time, 2026-12), while two consecutive calls see
  * the same mode.  Per size class (a power of two from 32 KiB) and kind of buffer (staged,
  * registered), the choice in force (the incumbent) meets one challenger at a time in a duel of
- * NCL_DUEL_PAIRS pairs of consecutive calls, ordered I C, C I, I C so that a drift cancels;
- * rank 0 times each call, and the challenger wins when the median of the pairs' ratios
- * challenger / incumbent is below SWITCH_MARGIN.  A challenger is another algorithm that could
+ * eight consecutive calls in blocks of two, C C I I C C I I (see challenger_at); rank 0 times the
+ * second call of each block, and the challenger wins when the median of the NCL_DUEL_PAIRS ratios
+ * challenger / incumbent of neighbouring blocks is below SWITCH_MARGIN (ordered C/I, I/C, C/I: a
+ * drift cancels).  A challenger is another algorithm that could
  * run (one-shot, two-shot, cma where it works, direct on registered buffers; with its own best
  * stores) or the incumbent with the other kind of stores.  Two duels come on the class's first
  * calls (a benchmark's first dozen calls of a size find the faster algorithm), then one in every
@@ -39,8 +40,8 @@
 
 #define LEARN_MIN_BYTES (32u << 10)  /* copy.c's floor for streaming stores */
 #define SWITCH_MARGIN 0.9f           /* a challenger must be 10% faster: equal choices do not flap */
-#define DUEL_CALLS (2 * NCL_DUEL_PAIRS)
-#define DUEL_EVERY 64                /* after the early duels: 3 challenger calls in 64 */
+#define DUEL_CALLS 8                 /* blocks of two: C C I I C C I I */
+#define DUEL_EVERY 64                /* after the early duels: 4 challenger calls in 64 */
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 /* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
@@ -73,8 +74,12 @@ static int rival_of(int d, int k) {
     return d < EARLY_DUELS || e % 2 == 1 || k == 1 ? 0 : 1 + (e / 2) % (k - 1);
 }
 
-/* Pairs I C, C I, I C: the challenger runs at places 1, 2 and 5. */
-static bool challenger_at(int at) { return at == 1 || at == 2 || at == 5; }
+/* Blocks of two calls, C C I I C C I I.  The first call of a block pays for the switch (the
+ * caches and the ranks' skew it starts from are the other choice's: one-shot after two-shot ran
+ * 2x its steady time, 2026-12) and is not timed; the second is, and the ratios of neighbouring
+ * blocks' timed calls (places 1/3, 5/3, 5/7) decide. */
+static bool challenger_at(int at) { return at % 4 < 2; }
+static bool timed_at(int at) { return at % 2 == 1; }
 
 /* The challengers of the incumbent, in the order duels take them: two-shot (at np=2 the likeliest
  * winner from a few hundred KiB), the incumbent with the other stores, then the rest. */
@@ -152,13 +157,10 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     if (c->rank != 0 || l->at < 0) return;
     ncl_duel* d = &c->duels[l->table][l->cls];
     if (l->at == 0) d->pairs = 0;
-    if (status != NCL_OK || d->pairs >= NCL_DUEL_PAIRS) return;
+    if (status != NCL_OK || !timed_at(l->at) || d->pairs >= NCL_DUEL_PAIRS) return;
     float x = (float)((ncl_now() - l->t0) * 1e9 / (double)l->bytes);
-    if (l->at % 2 == 0) { /* the pair's first call */
-        d->first = x;
-        return;
-    }
-    d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
+    if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
+    d->first = x; /* the next ratio's other term */
     if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN)
         crown(c, l);
 }

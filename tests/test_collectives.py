@@ -149,7 +149,7 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 def test_learned_algorithms_and_stores_agree(pool_factory, size):
     """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
     settings; auto also runs duels of another algorithm or the other kind of stores against the
-    choice in force (calls 1-6, 8-13 and 32-37 of a size class, native/learn.c), so every
+    choice in force (calls 1-8, 10-17 and 32-39 of a size class, native/learn.c), so every
     rank must pick the same one.  Default staging, sizes from 80 KB (above the learning floor) to
     1.2 MB, 17 calls each per dtype and placement (34 per size class)."""
     counts = (20_001, 300_001) * 17
@@ -160,8 +160,8 @@ def test_learned_algorithms_and_stores_agree(pool_factory, size):
     assert not differ, f"store kinds disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
-DUELS = ((1, 7), (8, 14), (32, 38), (96, 102))  # native/learn.c: the calls of a class's first duels
-CHALLENGER_PLACES = (1, 2, 5)                   # I C, C I, I C
+DUELS = ((1, 9), (10, 18), (32, 40), (96, 104))  # native/learn.c: the calls of a class's first duels
+CHALLENGER_PLACES = (0, 1, 4, 5)                # C C I I C C I I
 
 
 def _duel_calls(comm, count, calls):
@@ -187,17 +187,18 @@ def _duel_calls(comm, count, calls):
 def test_learned_choice_duels_on_the_first_calls(pool_factory, size):
     """learn.c's duels on a fresh communicator, 256 KiB staged (one-shot is the model's choice
     there at 2 and 3 ranks): every rank runs the same algorithm in every call; the first duel
-    (calls 1-6) runs another algorithm exactly at its challenger's places; outside duels the
+    (calls 1-8) runs another algorithm exactly at its challenger's places; outside duels the
     algorithm changes only after a duel's verdict; every result is the numpy reference, bitwise."""
     results = pool_factory(size).run(_duel_calls, 65_536, 110, timeout=100)
     assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
     algos = results[0][1]
     assert all(a == algos for _, a in results), f"ranks ran different algorithms: {[a for _, a in results]}"
     first = algos[DUELS[0][0]:DUELS[0][1]]
-    incumbent, challengers = {first[i] for i in (0, 3, 4)}, {first[i] for i in CHALLENGER_PLACES}
+    incumbent = {a for i, a in enumerate(first) if i not in CHALLENGER_PLACES}
+    challengers = {first[i] for i in CHALLENGER_PLACES}
     assert len(incumbent) == 1 and len(challengers) == 1 and incumbent != challengers, " ".join(algos)
     # the call after a duel still runs the incumbent (a verdict holds from the next one on)
-    assert all(algos[hi] == algos[lo] for lo, hi in DUELS), " ".join(algos)
+    assert all(algos[hi] == algos[lo + 2] for lo, hi in DUELS), " ".join(algos)
     in_duel = {i for lo, hi in DUELS for i in range(lo, hi + 1)}
     runs, run = [], []
     for i, a in enumerate(algos):
