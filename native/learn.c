@@ -15,12 +15,12 @@
  * eight consecutive calls in blocks of two, C C I I C C I I (see challenger_at); rank 0 times the
  * second call of each block, and the challenger wins when the median of the NCL_DUEL_PAIRS ratios
  * challenger / incumbent of neighbouring blocks is below SWITCH_MARGIN (ordered C/I, I/C, C/I: a
- * drift cancels).  A challenger is another algorithm that could
- * run (one-shot, two-shot, cma where it works, direct on registered buffers; with its own best
- * stores) or the incumbent with the other kind of stores.  Two duels come on the class's first
- * calls (a benchmark's first dozen calls of a size find the faster algorithm), then one in every
- * DUEL_EVERY calls, challengers in turn: a verdict is retried in whatever mode the host is in
- * later, and overturned there if it was wrong.  Every rank knows from its own count of the
+ * drift cancels).  A challenger is another algorithm that could run (one-shot, two-shot, cma
+ * where it works, direct on registered buffers; with its own best stores) or the incumbent with
+ * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
+ * calls of a size find the faster algorithm), then one in every DUEL_EVERY calls, challengers in
+ * turn: a verdict is retried in whatever mode the host is in later, and overturned there if it
+ * was wrong.  Every rank knows from its own count of the
  * class's calls which calls duel and what runs in them: collectives run in the same order
  * everywhere, so the counts agree.
  *
