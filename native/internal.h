@@ -65,6 +65,7 @@ typedef struct {
     _Alignas(NCL_CACHE_LINE) _Atomic uint32_t step;  /* futex word: last step this rank posted */
     _Atomic uint32_t waiters;                        /* sleepers on `step` (wake only if > 0) */
     uint64_t digest[2];                              /* hash of fp[parity], on the line waiters poll */
+    _Atomic int32_t cpu;                             /* where this rank posted its last step (wait.c) */
     _Alignas(NCL_CACHE_LINE) _Atomic int32_t pid;
     _Atomic uint32_t aborted;                        /* NCL_ABORTED or NCL_CLOSED: gone from the group */
     uint64_t probe_addr;                             /* cma.c: a word peers try to read at setup */
@@ -105,6 +106,15 @@ typedef struct {
     _Atomic uint8_t streaming[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];
 } ncl_header;
 
+/* learn.c, rank 0: a duel's timed calls (ns per byte of the last one, and the ratios challenger /
+ * incumbent of neighbouring ones so far) */
+#define NCL_DUEL_PAIRS 3
+typedef struct {
+    float first;
+    float ratio[NCL_DUEL_PAIRS];
+    uint8_t pairs;
+} ncl_duel;
+
 struct ncl_comm {
     int rank, nranks;
     uint8_t* base;          /* the mapped segment */
@@ -127,13 +137,9 @@ struct ncl_comm {
     uint8_t* cma_scratch;   /* all_reduce through CMA: peers' pieces land here (malloc'd on first use) */
     size_t one_shot_max_bytes, direct_min_bytes; /* algorithm thresholds (ncl_options) */
     int streaming;          /* ncl_options.streaming: 0 learned, 1 streaming, 2 ordinary */
-    /* learn.c: all_reduce calls per size class and, on rank 0, ns per byte of each choice */
+    /* learn.c: all_reduce calls per size class and, on rank 0, the duel in progress in each */
     uint32_t algo_calls[2][NCL_LEARN_CLASSES];                 /* [registered] */
-    float algo_ns[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];
-    uint32_t store_calls[NCL_NUM_ALGOS][NCL_LEARN_CLASSES];    /* [algorithm] */
-    float store_ns[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];       /* [0] ordinary, [1] streaming stores */
-    uint8_t algo_seen[2][NCL_LEARN_CLASSES][NCL_NUM_ALGOS];    /* rank 0: samples behind each average */
-    uint8_t store_seen[NCL_NUM_ALGOS][NCL_LEARN_CLASSES][2];
+    ncl_duel duels[2][NCL_LEARN_CLASSES];
     ncl_window* windows;    /* registered memory of this communicator (list, under win_lock) */
     uint32_t nwindows;      /* windows ever created: the next one's number */
     pthread_mutex_t win_lock;
@@ -164,13 +170,17 @@ int ncl_reduce_stores(void* dst, const void** srcs, int nsrc, size_t count, int 
 /* learn.c: one all_reduce call's algorithm and stores, learned per size class while running */
 typedef struct {
     int algo, model;  /* the algorithm to run; the cost model's (or NCL_ALGO's) */
+    int incumbent;    /* the algorithm in force for this class (what runs outside duels) */
     bool forced;      /* NCL_ALGO: the algorithm is not learned */
     int table, cls;   /* [registered][size class]; cls < 0: below the floor, nothing learned */
     bool stream;      /* streaming stores for what peers read */
-    bool store_trial; /* this call tries the other kind of stores */
+    int at;           /* this call's place in a duel (0 .. 2 * NCL_DUEL_PAIRS - 1), -1: none */
+    int rival;        /* the duel's challenger: an algorithm, or NCL_OTHER_STORES */
+    bool challenger;  /* this call runs the challenger */
     size_t bytes;
     double t0;        /* rank 0: when the call began */
 } ncl_learned;
+#define NCL_OTHER_STORES (-1) /* a challenger: the incumbent algorithm with the other kind of stores */
 ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, size_t bytes);
 void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status); /* after the call: rank 0 learns */
 
@@ -233,6 +243,10 @@ void ncl_wake_word(_Atomic uint32_t* word, _Atomic uint32_t* waiters); /* after 
 int ncl_peer_alive(ncl_comm* c, int peer);
 bool ncl_pid_running(pid_t pid);  /* false once it died (a zombie counts as dead); true for pid <= 0 */
 void ncl_own_reason(ncl_comm* c, char* out, size_t cap); /* why this rank left the group, NUL-terminated */
+/* Post step s of this rank (with the CPU it runs on), and wait for rank r's step s: as
+ * ncl_wait_word, without spinning while r last posted from this rank's own CPU. */
+void ncl_post_step(ncl_comm* c, uint32_t s);
+int ncl_wait_step(ncl_comm* c, int r, uint32_t s, double deadline, const char* what);
 /* NCL_ERR_INTERRUPTED when the interrupt hook (main thread, at most every 50 ms) says stop. */
 int ncl_interrupted(const char* what);
 

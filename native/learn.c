@@ -7,12 +7,22 @@
  * (2026-12).  Two-shot beat one-shot by 1.3x at 1-4 MiB on a quiet host and lost by 1.3-1.5x
  * when other jobs held the cores (it waits twice as often).  So each communicator measures.
  *
- * Per size class (a power of two from 32 KiB), rank 0 keeps a moving average of the time per
- * byte of each algorithm that could run (staged: one-shot, two-shot, cma where it works;
- * registered buffers: direct too) and, per algorithm and class, of each kind of store, and
- * publishes the fastest in the header.  To keep the averages current every rank tries another
- * on the same calls (one of each kind in 32), found from its own count
- * of the class's calls: collectives run in the same order everywhere, so the counts agree.
+ * It measures by duels, never by times taken apart: the host changes its speed 2-3x within
+ * seconds, so averages of samples minutes apart compare the host's modes, not the choices (an
+ * early verdict taken so stuck at 2x the right time, 2026-12), while two consecutive calls see
+ * the same mode.  Per size class (a power of two from 32 KiB) and kind of buffer (staged,
+ * registered), the choice in force (the incumbent) meets one challenger at a time in a duel of
+ * eight consecutive calls in blocks of two, C C I I C C I I (see challenger_at); rank 0 times the
+ * second call of each block, and the challenger wins when the median of the NCL_DUEL_PAIRS ratios
+ * challenger / incumbent of neighbouring blocks is below SWITCH_MARGIN (ordered C/I, I/C, C/I: a
+ * drift cancels).  A challenger is another algorithm that could run (one-shot, two-shot, cma
+ * where it works, direct on registered buffers; with its own best stores) or the incumbent with
+ * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
+ * calls of a size find the faster algorithm), then one in every DUEL_EVERY calls, challengers in
+ * turn: a verdict is retried in whatever mode the host is in later, and overturned there if it
+ * was wrong.  Every rank knows from its own count of the
+ * class's calls which calls duel and what runs in them: collectives run in the same order
+ * everywhere, so the counts agree.
  *
  * A store kind read stale is harmless (it never changes a result), but ranks must agree on the
  * algorithm (it is in the fingerprint).  So rank 0 publishes a new one as one 64-bit word
@@ -20,13 +30,26 @@
  * `old`.  Rank 0 writes it at the end of a call whose last step is e, with effective = e + 1
  * and old = what a call starting at e took until then; every other rank has posted step e, so
  * it is past the start of this call and starts its next at e or later: before or after the
- * write it reads the same choice.  Rank 0 changes a word again only from step e + 1 on.
- * Below 32 KiB, or with NCL_ALGO / NCL_STREAMING set, the choice is fixed. */
+ * write it reads the same choice.  Rank 0 writes only at a duel's last call, and a call with no
+ * duel follows every duel, so the next duel starts at e + 1 or later: every rank sees the same
+ * incumbent, hence the same challengers, in all of its calls.
+ * Below 32 KiB, or with NCL_ALGO and NCL_STREAMING set, the choice is fixed. */
+#include <string.h>
+
 #include "internal.h"
 
 #define LEARN_MIN_BYTES (32u << 10)  /* copy.c's floor for streaming stores */
-#define SWITCH_MARGIN 0.8f           /* another choice must be 20% faster: single calls vary that much under load */
+#define SWITCH_MARGIN 0.9f           /* a challenger must be 10% faster: equal choices do not flap */
+#define DUEL_CALLS 8                 /* blocks of two: C C I I C C I I */
+#define DUEL_EVERY 64                /* after the early duels: 4 challenger calls in 64 */
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
+
+/* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
+ * follows each duel, see above), both against the likeliest rival: a rematch if it won, a second
+ * look if not (one noisy duel decides nothing for long).  No more: at np=8 a row of ncl-perf has
+ * ~30 calls of a size, and every challenger's call may be 2x slower. */
+static const uint32_t EARLY[] = {1, 1 + (DUEL_CALLS + 1)};
+#define EARLY_DUELS (int)(sizeof EARLY / sizeof EARLY[0])
 
 static int size_class(size_t bytes) {
     int k = 0;
@@ -34,21 +57,50 @@ static int size_class(size_t bytes) {
     return k;
 }
 
-/* Trial calls: the algorithm on the 16th of every 32 calls of a class and the store kind on the 32nd
- * (a benchmark's few dozen calls per size pay for at most two, each possibly 2x slower). */
-static bool trial(uint32_t calls, uint32_t at) { return calls % 32 == at; }
+/* The number of the duel that call n of a class belongs to, with its place in it in *at; -1 if none. */
+static int duel_of(uint32_t n, int* at) {
+    for (int d = 0; d < EARLY_DUELS; d++)
+        if (n - EARLY[d] < DUEL_CALLS) return *at = (int)(n - EARLY[d]), d;
+    if (n < DUEL_EVERY / 2 || (n - DUEL_EVERY / 2) % DUEL_EVERY >= DUEL_CALLS) return -1;
+    *at = (int)((n - DUEL_EVERY / 2) % DUEL_EVERY);
+    return EARLY_DUELS + (int)((n - DUEL_EVERY / 2) / DUEL_EVERY);
+}
 
-/* A moving average of ns per byte: a quarter of each sample, one preempted call counting at most
- * twice the average. */
-static void average(float* est, float x) { *est = *est == 0 ? x : *est + ((x < 2 * *est ? x : 2 * *est) - *est) * 0.25f; }
+/* Which of k rivals duel d takes: the likeliest in the early duels and in every other later one
+ * (the choice that matters most, re-checked every 2 * DUEL_EVERY calls), the rest in turn in
+ * between, the other stores first (at call DUEL_EVERY / 2). */
+static int rival_of(int d, int k) {
+    int e = d - EARLY_DUELS;
+    return d < EARLY_DUELS || e % 2 == 1 || k == 1 ? 0 : 1 + (e / 2) % (k - 1);
+}
 
-/* The index of the smallest estimate of two samples or more if it beats est[current] by the margin,
- * else current (one lucky call never decides). */
-static int fastest(const float* est, const uint8_t* seen, int n, int current) {
-    int best = current;
-    for (int i = 0; i < n; i++)
-        if (seen[i] >= 2 && (seen[best] < 2 || est[i] < SWITCH_MARGIN * est[best])) best = i;
-    return best;
+/* Blocks of two calls, C C I I C C I I.  The first call of a block pays for the switch (the
+ * caches and the ranks' skew it starts from are the other choice's: one-shot after two-shot ran
+ * 2x its steady time, 2026-12) and is not timed; the second is, and the ratios of neighbouring
+ * blocks' timed calls (places 1/3, 5/3, 5/7) decide. */
+static bool challenger_at(int at) { return at % 4 < 2; }
+static bool timed_at(int at) { return at % 2 == 1; }
+
+/* The challengers of the incumbent, in the order duels take them: two-shot (at np=2 the likeliest
+ * winner from a few hundred KiB), the incumbent with the other stores, then the rest. */
+static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registered, int* out) {
+    static const int order[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT, NCL_ALGO_DIRECT, NCL_ALGO_CMA};
+    int k = 0;
+    for (size_t i = 0; i < sizeof order / sizeof order[0] && !forced; i++) {
+        int a = order[i];
+        if (a != incumbent && (a != NCL_ALGO_DIRECT || registered) && (a != NCL_ALGO_CMA || c->cma)) out[k++] = a;
+    }
+    if (!c->streaming) { /* the other stores second */
+        int at = k < 1 ? k : 1;
+        memmove(out + at + 1, out + at, (size_t)(k - at) * sizeof *out);
+        out[at] = NCL_OTHER_STORES, k++;
+    }
+    return k;
+}
+
+static bool streams(const ncl_comm* c, int algo, int cls) {
+    uint8_t kind = atomic_load_explicit(&c->hdr->streaming[algo][cls], memory_order_relaxed);
+    return c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(algo);
 }
 
 static int choice_at(uint64_t word, uint32_t step) {
@@ -57,56 +109,58 @@ static int choice_at(uint64_t word, uint32_t step) {
 }
 
 ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, size_t bytes) {
-    ncl_learned l = {.algo = algo, .model = algo, .forced = forced, .cls = -1, .bytes = bytes};
+    ncl_learned l = {.algo = algo, .model = algo, .forced = forced, .cls = -1, .at = -1, .bytes = bytes};
     if (bytes < LEARN_MIN_BYTES) return l;
     l.cls = size_class(bytes);
+    l.table = registered;
+    uint32_t n = c->algo_calls[l.table][l.cls]++;
     if (!forced) { /* the model's choice until rank 0 publishes a faster one */
-        l.table = registered;
-        uint32_t n = c->algo_calls[l.table][l.cls]++;
         int published = choice_at(atomic_load(&c->hdr->algo_word[l.table][l.cls]), c->step);
-        int best = published ? published : algo;
-        l.algo = best;
-        if (trial(n, 15)) { /* another candidate, each in turn; direct (no copies at all) first */
-            static const int order[] = {NCL_ALGO_DIRECT, NCL_ALGO_ONE_SHOT, NCL_ALGO_TWO_SHOT, NCL_ALGO_CMA};
-            int cands[NCL_NUM_ALGOS], k = 0;
-            for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
-                int a = order[i];
-                if (a != best && (a != NCL_ALGO_DIRECT || registered) && (a != NCL_ALGO_CMA || c->cma)) cands[k++] = a;
-            }
-            l.algo = cands[(n / 32) % (uint32_t)k];
-        }
+        l.algo = published ? published : algo;
     }
-    uint8_t kind = atomic_load_explicit(&c->hdr->streaming[l.algo][l.cls], memory_order_relaxed);
-    bool best = c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(l.algo);
-    l.store_trial = !c->streaming && trial(c->store_calls[l.algo][l.cls]++, 31);
-    l.stream = best != l.store_trial;
+    l.incumbent = l.algo;
+    int rivals[NCL_NUM_ALGOS + 1], at, d = duel_of(n, &at), k = d < 0 ? 0 : rivals_of(c, l.algo, forced, registered, rivals);
+    if (k > 0) {
+        l.at = at, l.rival = rivals[rival_of(d, k)], l.challenger = challenger_at(at);
+        if (l.challenger && l.rival != NCL_OTHER_STORES) l.algo = l.rival;
+    }
+    l.stream = streams(c, l.algo, l.cls) != (l.challenger && l.rival == NCL_OTHER_STORES);
     if (c->rank == 0) l.t0 = ncl_now();
     return l;
 }
 
-void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
-    if (c->rank != 0 || l->cls < 0 || status != NCL_OK) return;
-    float x = (float)((ncl_now() - l->t0) * 1e9 / (double)l->bytes);
-    if (!c->streaming) {
-        float* est = c->store_ns[l->algo][l->cls];
-        uint8_t* seen = c->store_seen[l->algo][l->cls];
-        average(&est[l->stream], x);
-        seen[l->stream] += seen[l->stream] < 255;
-        _Atomic uint8_t* word = &c->hdr->streaming[l->algo][l->cls];
-        uint8_t now = atomic_load_explicit(word, memory_order_relaxed);
-        int was = now ? now == NCL_STORES_STREAMING : DEFAULT_STREAMING(l->algo);
-        int want = fastest(est, seen, 2, was);
-        if (want != was) atomic_store_explicit(word, want ? NCL_STORES_STREAMING : NCL_STORES_CACHED, memory_order_relaxed);
+static float median(float* x, int n) { /* n <= NCL_DUEL_PAIRS: insertion sort */
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && x[j] < x[j - 1]; j--) {
+            float t = x[j];
+            x[j] = x[j - 1], x[j - 1] = t;
+        }
+    return n % 2 ? x[n / 2] : (x[n / 2 - 1] + x[n / 2]) / 2;
+}
+
+/* The challenger won: it is the incumbent from the call after next on (see above). */
+static void crown(ncl_comm* c, const ncl_learned* l) {
+    if (l->rival == NCL_OTHER_STORES) { /* the incumbent's stores: read by every rank, stale is harmless */
+        bool now = streams(c, l->incumbent, l->cls);
+        atomic_store_explicit(&c->hdr->streaming[l->incumbent][l->cls],
+                              now ? NCL_STORES_CACHED : NCL_STORES_STREAMING, memory_order_relaxed);
+        return;
     }
-    if (l->forced || l->store_trial) return; /* an algorithm is timed with its best stores only */
-    float* est = c->algo_ns[l->table][l->cls];
-    uint8_t* seen = c->algo_seen[l->table][l->cls];
-    average(&est[l->algo], x);
-    seen[l->algo] += seen[l->algo] < 255;
     _Atomic uint64_t* word = &c->hdr->algo_word[l->table][l->cls];
     uint64_t w = atomic_load(word);
     if ((int32_t)(c->step - (uint32_t)(w >> 32)) < 0) return; /* the last change is not in force yet */
-    int now = choice_at(w, c->step), base = now ? now : l->model; /* 0: the model's choice */
-    int want = fastest(est, seen, NCL_NUM_ALGOS, base);
-    if (want != base) atomic_store(word, (uint64_t)(c->step + 1) << 32 | (uint64_t)now << 8 | (uint64_t)want);
+    int now = choice_at(w, c->step); /* 0: the model's choice */
+    atomic_store(word, (uint64_t)(c->step + 1) << 32 | (uint64_t)now << 8 | (uint64_t)l->rival);
+}
+
+void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
+    if (c->rank != 0 || l->at < 0) return;
+    ncl_duel* d = &c->duels[l->table][l->cls];
+    if (l->at == 0) d->pairs = 0;
+    if (status != NCL_OK || !timed_at(l->at) || d->pairs >= NCL_DUEL_PAIRS) return;
+    float x = (float)((ncl_now() - l->t0) * 1e9 / (double)l->bytes);
+    if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
+    d->first = x; /* the next ratio's other term */
+    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN)
+        crown(c, l);
 }

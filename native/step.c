@@ -127,7 +127,7 @@ static int wait_central(ncl_comm* c, uint32_t s, uint64_t mine, double deadline,
 static int wait_each(ncl_comm* c, uint32_t s, uint64_t mine, double deadline, const char* what) {
     for (int r = 0; r < c->nranks; r++) {
         if (r == c->rank) continue;
-        NCL_CHECK(ncl_wait_word(c, -1, &c->ranks[r].step, &c->ranks[r].waiters, s, deadline, what));
+        NCL_CHECK(ncl_wait_step(c, r, s, deadline, what));
     }
     return !c->verify_calls || digests_agree(c, s & 1, mine) ? NCL_OK : mismatch_error(c, s & 1);
 }
@@ -146,7 +146,7 @@ int ncl_step_sync_last(ncl_comm* c, const ncl_fingerprint* fp_in, const ncl_on_l
          * transfer on the critical path, so store only a changed digest (loops repeat calls). */
         if (me->digest[parity] != mine) me->digest[parity] = mine;
     }
-    ncl_post_word(&me->step, &me->waiters, s); /* publishes the above; timeouts and liveness read it */
+    ncl_post_step(c, s); /* publishes the above; timeouts and liveness read it */
     double deadline = ncl_now() + c->timeout_s;
     const char* what = ncl_coll_name(fp_in->coll);
     int rc = c->central_sync ? wait_central(c, s, mine, deadline, what, last) : wait_each(c, s, mine, deadline, what);

@@ -1,6 +1,7 @@
 /* wait.c: waiting for a peer's counter, fit for idle and oversubscribed hosts alike.
  *
- * Three phases: spin (cheapest wake-up, but steals the core a peer may need), then
+ * Three phases: spin (cheapest wake-up, but steals the core a peer may need: skipped when the
+ * host is oversubscribed, or when the peer posted its last step from this CPU), then
  * sched_yield (lets a runnable peer have the core), then sleep on a futex with the
  * counter as the futex word.  A poster wakes sleepers only when one is registered, so
  * the common path costs one atomic load.  Every phase checks the deadline and, about
@@ -185,13 +186,13 @@ static int check_peers(ncl_comm* c, int watch, double now, double deadline, doub
     return NCL_OK;
 }
 
-int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t target,
-                  double deadline, const char* what) {
+static int wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t target,
+                     double deadline, const char* what, bool spin) {
     if (reached(word, target)) return NCL_OK;
     double start = ncl_now(), now = start, next_check = start + LIVENESS_PERIOD_S;
-    /* Phase 1: spin, unless the host is oversubscribed: then the peer needs our core. */
+    /* Phase 1: spin, unless the peer needs our core. */
     double spin_until = start + c->spin_us * 1e-6;
-    for (unsigned i = 1; !c->oversubscribed; i++) {
+    for (unsigned i = 1; spin; i++) {
         cpu_relax();
         if (reached(word, target)) return NCL_OK;
         if ((i & 63) == 0) { /* a long NCL_SPIN_US still checks peers and interrupts */
@@ -217,4 +218,24 @@ int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32
         now = ncl_now();
         NCL_CHECK(check_peers(c, watch, now, deadline, &next_check, what));
     }
+}
+
+/* Spinning holds the core: with the host oversubscribed, or with the peer last seen on this CPU
+ * (other jobs hold the other one), the peer cannot run until we yield.  Two-shot waits twice a
+ * call, and so lost 2 x NCL_SPIN_US a call to one-shot whenever the ranks shared a core (2026-12). */
+int ncl_wait_word(ncl_comm* c, int watch, _Atomic uint32_t* word, _Atomic uint32_t* waiters, uint32_t target,
+                  double deadline, const char* what) {
+    return wait_word(c, watch, word, waiters, target, deadline, what, !c->oversubscribed);
+}
+
+void ncl_post_step(ncl_comm* c, uint32_t s) {
+    ncl_rank_ctrl* me = &c->ranks[c->rank];
+    atomic_store_explicit(&me->cpu, sched_getcpu(), memory_order_relaxed); /* the step's store publishes it */
+    ncl_post_word(&me->step, &me->waiters, s);
+}
+
+int ncl_wait_step(ncl_comm* c, int r, uint32_t s, double deadline, const char* what) {
+    ncl_rank_ctrl* peer = &c->ranks[r];
+    bool spin = !c->oversubscribed && atomic_load_explicit(&peer->cpu, memory_order_relaxed) != sched_getcpu();
+    return wait_word(c, -1, &peer->step, &peer->waiters, s, deadline, what, spin);
 }

@@ -148,16 +148,65 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 @pytest.mark.parametrize("size", (2, 3))
 def test_learned_algorithms_and_stores_agree(pool_factory, size):
     """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
-    settings; auto also tries another algorithm on the 16th call of every 32 of a size class and
-    the other kind of stores on the 32nd (native/learn.c), so every rank must pick the same one.
-    Default staging, sizes from 80 KB (above the learning floor) to 1.2 MB, 17 calls each per
-    dtype and placement (34 per size class)."""
+    settings; auto also runs duels of another algorithm or the other kind of stores against the
+    choice in force (calls 1-8, 10-17 and 32-39 of a size class, native/learn.c), so every
+    rank must pick the same one.  Default staging, sizes from 80 KB (above the learning floor) to
+    1.2 MB, 17 calls each per dtype and placement (34 per size class)."""
     counts = (20_001, 300_001) * 17
     by_kind = {kind: _assert_sweep(pool_factory(size, (("NCL_STREAMING", kind),)).run(
         _all_reduce_sweep, "stores", ["float32", "bfloat16"], ("SUM",), counts, timeout=240))
         for kind in ("on", "off", "auto")}
     differ = [k for k in by_kind["auto"] if len({d[k] for d in by_kind.values()}) > 1]
     assert not differ, f"store kinds disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
+
+
+DUELS = ((1, 9), (10, 18), (32, 40), (96, 104))  # native/learn.c: the calls of a class's first duels
+CHALLENGER_PLACES = (0, 1, 4, 5)                # C C I I C C I I
+
+
+def _duel_calls(comm, count, calls):
+    """`calls` in-place all_reduces of `count` float32 on a new communicator (its size classes
+    unlearned): (failures, the algorithm each call took)."""
+    sub = comm.split(0)
+    try:
+        want = reference_reduce(_datas(case_seed("duel", count), comm.size, (count,), "float32"), "SUM")
+        mine = rank_data(case_seed("duel", count), comm.rank, (count,), "float32")
+        failures, algos = [], []
+        for i in range(calls):
+            got = sub.all_reduce(mine.copy())
+            algos.append(sub.flight_record()[-1]["algorithm"])
+            if (bad := mismatch(f"duel call {i} ({algos[-1]}) rank={comm.rank}", got, want)):
+                failures.append(bad)
+        return failures, algos
+    finally:
+        sub.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", (2, 3))
+def test_learned_choice_duels_on_the_first_calls(pool_factory, size):
+    """learn.c's duels on a fresh communicator, 256 KiB staged (one-shot is the model's choice
+    there at 2 and 3 ranks): every rank runs the same algorithm in every call; the first duel
+    (calls 1-8) runs another algorithm exactly at its challenger's places; outside duels the
+    algorithm changes only after a duel's verdict; every result is the numpy reference, bitwise."""
+    results = pool_factory(size).run(_duel_calls, 65_536, 110, timeout=100)
+    assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
+    algos = results[0][1]
+    assert all(a == algos for _, a in results), f"ranks ran different algorithms: {[a for _, a in results]}"
+    first = algos[DUELS[0][0]:DUELS[0][1]]
+    incumbent = {a for i, a in enumerate(first) if i not in CHALLENGER_PLACES}
+    challengers = {first[i] for i in CHALLENGER_PLACES}
+    assert len(incumbent) == 1 and len(challengers) == 1 and incumbent != challengers, " ".join(algos)
+    # the call after a duel still runs the incumbent (a verdict holds from the next one on)
+    assert all(algos[hi] == algos[lo + 2] for lo, hi in DUELS), " ".join(algos)
+    in_duel = {i for lo, hi in DUELS for i in range(lo, hi + 1)}
+    runs, run = [], []
+    for i, a in enumerate(algos):
+        if i in in_duel:
+            runs, run = runs + [run] if run else runs, []
+        else:
+            run.append(a)
+    assert all(len(set(r)) == 1 for r in runs + [run]), f"a plain call tried another algorithm: {algos}"
 
 
 # (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
