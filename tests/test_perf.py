@@ -221,3 +221,16 @@ def test_a_rank_waiting_for_its_turn_stops_when_ncl_perf_closes_the_gate(tmp_pat
     assert not turns.next()  # the end of the pipe: no more turns, no hang
     turns.close()
     assert lockstep.order(["a", "b", "c"], 4) == ["b", "c", "a"]
+
+
+def test_turns_end_when_every_launcher_has_ended(tmp_path):
+    """Launchers that exit before their first turn lose their turns; ncl-perf reports their codes
+    instead of waiting (or failing) for rows that never come."""
+    from ncl.perf import lockstep
+    rows, lines = [], []
+
+    def command(backend, gate, scratch):
+        return [sys.executable, "-c", f"print('{backend} gives up'); raise SystemExit(3)"], dict(os.environ)
+
+    codes = lockstep.run(["a", "b"], 2, [(8, 0), (64, 0)], command, lambda b, t, r: rows.append(r), lines.append)
+    assert codes == {"a": 3, "b": 3} and not rows and sorted(lines) == ["a gives up", "b gives up"]
