@@ -44,17 +44,18 @@ def routing(rank: int, tokens: int, cfg, dtype):
 
 
 def play_experts(recv_x, recv_idx, recv_w, handle=None):
-    """Every local expert is the identity: the row times the sum of its local weights.  Only real
-    rows are worked on, as a user's experts would: a low-latency handle's blocks hold
-    handle.recv_counts[s] real rows at s * handle.slots, the rest zero padding left as it is (the
-    work must not grow with the padding: on an oversubscribed host a peer's expert work delays the
-    exchange a rank is timing)."""
+    """Every local expert is the identity: the row times the sum of its local weights.  A
+    low-latency handle's blocks (handle.slots rows each, the first handle.recv_counts[s] real, the
+    rest zero) are worked on up to the fullest block's count, in one operation, in place: as a
+    user's experts would skip the padding (its work must not grow with it: on an oversubscribed
+    host a peer's expert work delays the exchange a rank is timing)."""
     slots = getattr(handle, "slots", 0)
     if not slots:
         return recv_x * (recv_w * (recv_idx >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
-    for s, count in enumerate(handle.recv_counts):  # in place: the padding is zero already
-        rows = slice(s * slots, s * slots + count)
-        recv_x[rows] *= (recv_w[rows] * (recv_idx[rows] >= 0)).sum(1, keepdim=True).to(recv_x.dtype)
+    n, rows = len(handle.recv_counts), max(handle.recv_counts)
+    blocks = recv_x.view(n, slots, -1)[:, :rows]  # padding rows in there stay zero: their weights are 0
+    weights = (recv_w.view(n, slots, -1)[:, :rows] * (recv_idx.view(n, slots, -1)[:, :rows] >= 0)).sum(-1, True)
+    blocks.mul_(weights.to(recv_x.dtype))
     return recv_x
 
 
