@@ -57,7 +57,7 @@ static inline uint16_t float_to_bf16(float f) {
 /* bf16 SUM and AVG rounded by the CPU's own round-to-nearest-even (VCVTNE2PS2BF16): the bits of
  * float_to_bf16, NaN included, but for float32 subnormals, which the instruction flushes to zero;
  * a step holding one (rare) rounds its subnormal lanes the integer way.  32 elements a step,
- * sources in rank order, the tail by the avx512 kernel: the same bits as every other variant. */
+ * sources in rank order, the tail element by element: the same bits as every other variant. */
 static inline __m512 bf16x16_load(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -98,19 +98,11 @@ static void bf16_sum_or_avg(uint16_t* dst, const void** srcs, int nsrc, size_t c
         if (avg) lo = _mm512_div_ps(lo, divisor), hi = _mm512_div_ps(hi, divisor);
         bf16x32_store(dst + i, lo, hi);
     }
-    if (i == count) return;
-    const void** tail = malloc((size_t)nsrc * sizeof *tail); /* the last < 32 elements */
-    if (!tail) { /* (no room for 8 KiB of pointers: element by element, the same bits) */
-        for (; i < count; i++) {
-            float a = bf16_to_float(((const uint16_t*)srcs[0])[i]);
-            for (int s = 1; s < nsrc; s++) a = a + bf16_to_float(((const uint16_t*)srcs[s])[i]);
-            dst[i] = float_to_bf16(avg ? a / nsrc : a);
-        }
-        return;
+    for (; i < count; i++) { /* the last < 32 elements, one by one: the same operations */
+        float a = bf16_to_float(((const uint16_t*)srcs[0])[i]);
+        for (int s = 1; s < nsrc; s++) a = a + bf16_to_float(((const uint16_t*)srcs[s])[i]);
+        dst[i] = float_to_bf16(avg ? a / nsrc : a);
     }
-    for (int s = 0; s < nsrc; s++) tail[s] = (const uint16_t*)srcs[s] + i;
-    (avg ? bf16_avg_avx512 : bf16_sum_avx512)(dst + i, tail, nsrc, count - i);
-    free(tail);
 }
 
 static void bf16_sum_avx512bf16(void* dst, const void** srcs, int nsrc, size_t count) {

@@ -236,6 +236,7 @@ void ncl_post_step(ncl_comm* c, uint32_t s) {
 
 int ncl_wait_step(ncl_comm* c, int r, uint32_t s, double deadline, const char* what) {
     ncl_rank_ctrl* peer = &c->ranks[r];
+    if (reached(&peer->step, s)) return NCL_OK; /* the common case: no CPU to look up */
     bool spin = !c->oversubscribed && atomic_load_explicit(&peer->cpu, memory_order_relaxed) != sched_getcpu();
     return wait_word(c, -1, &peer->step, &peer->waiters, s, deadline, what, spin);
 }

@@ -9,6 +9,7 @@ and size so that none always runs first.  A backend whose launcher exits early l
 remaining turns; the others go on.
 """
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
@@ -69,7 +70,6 @@ def run(backends: List[str], n: int, turns: List[tuple], command: Callable[[str,
     size and round, passed back to on_row), command(backend, gate dir, scratch dir) gives (argv, env)
     of a backend's launcher, on_row(backend, turn, row) gets each JSON row rank 0 prints (two per
     turn), write the rest of their output.  The launchers' exit codes by backend."""
-    import json
     codes: Dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp, supervisor.Group() as group:
         gates = _Gates(tmp, backends, n)
