@@ -28,7 +28,7 @@ static int all_to_all_call(ncl_comm* c, const void* send_, void* recv_, size_t c
         ncl_call_path(c, "direct");
         NCL_CHECK(ncl_step_sync(c, &fp));
         for (size_t i = 0; i < n; i++) {
-            size_t j = ((size_t)c->rank + i) % n;
+            size_t j = (size_t)ncl_reader_turn(c, (int)i);
             memcpy(recv + j * count * es, ncl_reg_peer(&rs, (int)j) + (size_t)c->rank * count * es, count * es);
         }
         return ncl_step_sync(c, &fp);
@@ -37,7 +37,7 @@ static int all_to_all_call(ncl_comm* c, const void* send_, void* recv_, size_t c
     if (ncl_use_cma(c, count * es) && !overlap) {
         NCL_CHECK(ncl_cma_exchange(c, send, &fp));
         for (size_t i = 0; i < n; i++) {
-            size_t j = ((size_t)c->rank + i) % n, at = (size_t)c->rank * count * es;
+            size_t j = (size_t)ncl_reader_turn(c, (int)i), at = (size_t)c->rank * count * es;
             if (j == (size_t)c->rank)
                 memcpy(recv + j * count * es, send + at, count * es);
             else
@@ -51,8 +51,10 @@ static int all_to_all_call(ncl_comm* c, const void* send_, void* recv_, size_t c
         size_t off = i * k, m = ncl_min(k, count - off);
         ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
         NCL_CHECK(ncl_step_sync(c, &fp));
-        for (size_t j = 0; j < n; j++)
+        for (int i = 0; i < c->nranks; i++) {
+            size_t j = (size_t)ncl_reader_turn(c, i);
             memcpy(recv + (j * count + off) * es, ncl_step_peer_slot(c, (int)j) + (size_t)c->rank * m * es, m * es);
+        }
     }
     return NCL_OK;
 }
@@ -114,7 +116,7 @@ static int all_to_allv_single_copy(ncl_comm* c, const uint8_t* send, uint8_t* re
                                    size_t es, const ncl_fingerprint* fp) {
     int n = c->nranks;
     for (int i = 0; i < n; i++) {
-        int j = (c->rank + i) % n; /* start at a different peer on every rank: spread the reads */
+        int j = ncl_reader_turn(c, i);
         size_t before = 0, at = 0;
         const uint64_t* theirs = (const uint64_t*)ncl_step_peer_slot(c, j);
         for (int r = 0; r < c->rank; r++) at += theirs[r];

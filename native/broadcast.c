@@ -1,7 +1,7 @@
 /* broadcast.c: broadcast, all_gather and gather.
  *
  * broadcast, per slot-sized chunk: the root copies in, 1 step, every other rank copies
- *   the root's slot out.
+ *   the root's slot out, each from its own n-th of it round (ncl_reader_turn says why).
  * all_gather / gather, per chunk of each rank's piece: every rank copies its piece in,
  *   1 step, every rank (gather: the root) copies all n pieces out to their places.
  * With a registered source (window.c) and at least direct_min_bytes, both read the source
@@ -52,7 +52,7 @@ static int broadcast_call(ncl_comm* c, const void* send_, void* recv_, size_t co
         if (c->rank == root)
             copy(recv + off, send + off, m);
         else
-            ncl_copy_shared(recv + off, ncl_step_peer_slot(c, root), m); /* streaming: faster at 64 MiB */
+            ncl_copy_from_own_share(c, recv + off, ncl_step_peer_slot(c, root), m, true); /* streaming: 64 MiB */
     }
     return NCL_OK;
 }
@@ -71,7 +71,7 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
         ncl_call_path(c, "direct");
         NCL_CHECK(ncl_step_sync(c, fp));
         for (int i = 0; i < c->nranks && (root < 0 || root == c->rank); i++) {
-            int r = (c->rank + i) % c->nranks; /* own block first, then the next ranks: spread the readers */
+            int r = ncl_reader_turn(c, i);
             copy(recv + (size_t)r * bytes, ncl_reg_peer(&reg, r) + (in_place ? (size_t)r * bytes : 0), bytes);
         }
         return ncl_step_sync(c, fp);
@@ -79,7 +79,7 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
     if (ncl_use_cma(c, bytes) && (root >= 0 || c->nranks == 2)) { /* one reader per buffer */
         NCL_CHECK(ncl_cma_exchange(c, send, fp));
         for (int i = 0; i < c->nranks && receives; i++) {
-            int r = (c->rank + i) % c->nranks;
+            int r = ncl_reader_turn(c, i);
             if (r == c->rank)
                 copy(recv + (size_t)r * bytes, send, bytes);
             else
@@ -93,7 +93,10 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
         ncl_copy_shared(ncl_step_begin(c), send + off, m);
         NCL_CHECK(ncl_step_sync(c, fp));
         if (!receives) continue;
-        for (int r = 0; r < c->nranks; r++) memcpy(recv + (size_t)r * bytes + off, ncl_step_peer_slot(c, r), m);
+        for (int i = 0; i < c->nranks; i++) {
+            int r = ncl_reader_turn(c, i);
+            memcpy(recv + (size_t)r * bytes + off, ncl_step_peer_slot(c, r), m);
+        }
     }
     return NCL_OK;
 }

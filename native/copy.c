@@ -56,6 +56,14 @@ void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
     if (n) memcpy(dst_, src_, n);
 }
 
+void ncl_copy_from_own_share(const ncl_comm* c, void* dst_, const void* src_, size_t n, bool stream) {
+    uint8_t* dst = dst_;
+    const uint8_t* src = src_;
+    size_t start = n / (size_t)c->nranks * (size_t)c->rank / NCL_CACHE_LINE * NCL_CACHE_LINE;
+    ncl_copy_stores(dst + start, src + start, n - start, stream);
+    ncl_copy_stores(dst, src, start, stream);
+}
+
 int ncl_reduce_stores(void* dst_, const void** srcs, int nsrc, size_t count, int dtype, int op, bool stream) {
     size_t es = (size_t)ncl_dtype_size(dtype);
     if (!stream || count * es < NT_MIN_BYTES) return ncl_reduce_local(dst_, srcs, nsrc, count, dtype, op);
