@@ -79,8 +79,8 @@ typedef struct {
 static void reduce_into_own_slot(ncl_comm* c, uint32_t step, void* arg) {
     const last_reduce* a = arg;
     const void* srcs[NCL_MAX_RANKS];
-    for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_slot(c, r, step);
-    ncl_reduce_stores(ncl_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op, a->stream);
+    for (int r = 0; r < c->nranks; r++) srcs[r] = ncl_step_slot(c, r, step);
+    ncl_reduce_stores(ncl_step_slot(c, c->rank, step), srcs, c->nranks, a->m, a->dtype, a->op, a->stream);
 }
 
 static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t count, int dtype, int op, bool stream,
@@ -89,7 +89,7 @@ static int one_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off);
-        ncl_copy_stores(ncl_step_begin(c), send + off * es, m * es, stream);
+        ncl_copy_stores(ncl_step_begin(c, m * es), send + off * es, m * es, stream);
         if (c->central_sync) { /* oversubscribed: one rank reduces, the rest copy its result */
             last_reduce a = {m, dtype, op, stream};
             ncl_on_last last = {reduce_into_own_slot, &a};
@@ -113,13 +113,13 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
         const uint8_t* piece = send + off * es;
         /* stage every block but mine (peers reduce those): mine is reduced straight from send */
         block_range(m, c->nranks, c->rank, es, &lo, &hi);
-        uint8_t* slot = ncl_step_begin(c);
+        uint8_t* slot = ncl_step_begin(c, m * es);
         ncl_copy_stores(slot, piece, lo * es, stream);
         ncl_copy_stores(slot + hi * es, piece + hi * es, (m - hi) * es, stream);
         NCL_CHECK(ncl_step_sync(c, fp));
         /* reduce my block into my next slot (and recv) */
         bool receives = root < 0 || root == c->rank;
-        uint8_t* mine = ncl_step_begin(c);
+        uint8_t* mine = ncl_step_begin(c, m * es); /* my block at its place in the chunk */
         NCL_CHECK(reduce_my_block(c, mine + lo * es, receives ? recv + (off + lo) * es : NULL, piece + lo * es,
                                   lo * es, hi - lo, dtype, op, stream));
         NCL_CHECK(ncl_step_sync(c, fp));
@@ -159,7 +159,7 @@ static int cma_two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t 
     if (!c->cma_scratch && !(c->cma_scratch = aligned_alloc(NCL_PAGE, CMA_SCRATCH_BYTES)))
         return ncl_error(NCL_ERR_SYSTEM, "out of memory for the all_reduce scratch buffer");
     fp->extra |= NCL_EXTRA_CMA;
-    uint64_t* mine = (uint64_t*)ncl_step_begin(c);
+    uint64_t* mine = (uint64_t*)ncl_step_begin(c, 2 * sizeof(uint64_t));
     mine[0] = (uint64_t)(uintptr_t)send, mine[1] = (uint64_t)(uintptr_t)recv;
     NCL_CHECK(ncl_step_sync(c, fp));
     /* reduce-scatter: my block of everyone's send, in pieces that fit the scratch */
@@ -268,7 +268,7 @@ static int reduce_scatter_call(ncl_comm* c, const void* send_, void* recv_, size
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
+        ncl_pack_blocks(ncl_step_begin(c, n * m * es), send, n, count, off, m, es);
         NCL_CHECK(ncl_step_sync(c, &fp));
         NCL_CHECK(reduce_peers(c, recv + off * es, NULL, (size_t)c->rank * m * es, m, dtype, op, false));
     }

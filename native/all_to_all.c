@@ -49,7 +49,7 @@ static int all_to_all_call(ncl_comm* c, const void* send_, void* recv_, size_t c
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
+        ncl_pack_blocks(ncl_step_begin(c, n * m * es), send, n, count, off, m, es);
         NCL_CHECK(ncl_step_sync(c, &fp));
         for (int i = 0; i < c->nranks; i++) {
             size_t j = (size_t)ncl_reader_turn(c, i);
@@ -80,7 +80,7 @@ static int scatter_call(ncl_comm* c, const void* send_, void* recv_, size_t coun
     size_t nsteps = count ? ncl_div_up(count, k) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * k, m = ncl_min(k, count - off);
-        if (c->rank == root) ncl_pack_blocks(ncl_step_begin(c), send, n, count, off, m, es);
+        if (c->rank == root) ncl_pack_blocks(ncl_step_begin(c, n * m * es), send, n, count, off, m, es);
         NCL_CHECK(ncl_step_sync(c, &fp));
         memcpy(recv + off * es, ncl_step_peer_slot(c, root) + (size_t)c->rank * m * es, m * es);
     }
@@ -145,7 +145,7 @@ static int all_to_allv_staged(ncl_comm* c, const uint8_t* send, const uint64_t* 
                               const ncl_fingerprint* fp) {
     size_t n = (size_t)c->nranks, k = c->slot_bytes / es / n;
     for (size_t lo = 0; lo < max_count; lo += k) {
-        uint8_t* slot = ncl_step_begin(c);
+        uint8_t* slot = ncl_step_begin(c, n * k * es);
         size_t displ = 0;
         for (size_t j = 0; j < n; j++) {
             size_t m = send_counts[j] > lo ? ncl_min(k, send_counts[j] - lo) : 0;
@@ -170,7 +170,7 @@ static int all_to_allv_impl(ncl_comm* c, const uint8_t* send, const uint64_t* se
     uint64_t sent = 0, received = 0;
     for (size_t j = 0; j < n; j++) sent += send_counts[j], received += recv_counts[j];
     /* [send counts | recv counts | PUB_WORDS] */
-    uint64_t* counts = (uint64_t*)ncl_step_begin(c);
+    uint64_t* counts = (uint64_t*)ncl_step_begin(c, c->slot_bytes);
     memcpy(counts, send_counts, n * sizeof *counts);
     memcpy(counts + n, recv_counts, n * sizeof *counts);
     /* A registered sender is read in place at any size: one copy, and no more steps than staging

@@ -47,7 +47,7 @@ static int broadcast_call(ncl_comm* c, const void* send_, void* recv_, size_t co
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
-        if (c->rank == root) ncl_copy_shared(ncl_step_begin(c), send + off, m);
+        if (c->rank == root) ncl_copy_shared(ncl_step_begin(c, m), send + off, m);
         NCL_CHECK(ncl_step_sync(c, &fp));
         if (c->rank == root)
             copy(recv + off, send + off, m);
@@ -90,7 +90,7 @@ static int gather_impl(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t c
     size_t nsteps = bytes ? ncl_div_up(bytes, chunk) : 1;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, bytes - off);
-        ncl_copy_shared(ncl_step_begin(c), send + off, m);
+        ncl_copy_shared(ncl_step_begin(c, m), send + off, m);
         NCL_CHECK(ncl_step_sync(c, fp));
         if (!receives) continue;
         for (int i = 0; i < c->nranks; i++) {

@@ -76,7 +76,7 @@ bool ncl_use_cma(const ncl_comm* c, size_t bytes) { return c->cma && bytes >= c-
 int ncl_cma_exchange(ncl_comm* c, const void* mine, ncl_fingerprint* fp) {
     ncl_call_path(c, "cma");
     fp->extra |= NCL_EXTRA_CMA; /* ranks that would stage instead get a mismatch, not garbage */
-    *(uint64_t*)ncl_step_begin(c) = (uint64_t)(uintptr_t)mine;
+    *(uint64_t*)ncl_step_begin(c, sizeof(uint64_t)) = (uint64_t)(uintptr_t)mine;
     return ncl_step_sync(c, fp);
 }
 

@@ -66,6 +66,7 @@ typedef struct {
     _Atomic uint32_t waiters;                        /* sleepers on `step` (wake only if > 0) */
     uint64_t digest[2];                              /* hash of fp[parity], on the line waiters poll */
     _Atomic int32_t cpu;                             /* where this rank posted its last step (wait.c) */
+    uint64_t slot_off[2];                            /* where in its staging its step of each parity is */
     _Alignas(NCL_CACHE_LINE) _Atomic int32_t pid;
     _Atomic uint32_t aborted;                        /* NCL_ABORTED or NCL_CLOSED: gone from the group */
     uint64_t probe_addr;                             /* cma.c: a word peers try to read at setup */
@@ -125,6 +126,12 @@ struct ncl_comm {
     ncl_pair_ctrl* pairs;
     size_t slot_bytes, p2p_slot_bytes;
     uint32_t step;          /* last step this rank completed */
+    /* step.c: the staging ring, this rank's next free byte in the half it fills (ncl_step_begin) */
+    int ring_half;
+    size_t ring_pos;
+    uint32_t placed_step;   /* the step whose slot ncl_step_begin placed last, at placed_off */
+    size_t placed_off, placed_bytes;
+    bool ring_faulted;      /* this rank's staging is faulted in (the ring's first use) */
     uint32_t* p2p_sent;     /* [nranks] chunks sent to each peer */
     uint32_t* p2p_recvd;    /* [nranks] chunks received from each peer */
     double timeout_s;
@@ -231,7 +238,7 @@ int ncl_door_answer(int door, int fd, const char* key, int nranks, bool* admitte
 /* NCL_OK with *fd_out = rank 0's descriptor, or -1 when nobody listens (yet); an error if refused. */
 int ncl_door_knock(const char* key, const char* suffix, int rank, double deadline, int* fd_out);
 
-uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step);
+uint8_t* ncl_staging(ncl_comm* c, int rank); /* a rank's staging: two slots' worth, its ring (step.c) */
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk);
 
 /* wait.c: wait until *word - target >= 0 (wrap-safe), watching `peer` for death/abort. */
@@ -257,9 +264,10 @@ int ncl_interrupted(const char* what);
  * then ncl_step_sync() posts it and waits for every rank's same step, checking that all
  * fingerprints agree; after that every rank's slot of this step may be read until the
  * next-but-one step begins. */
-uint8_t* ncl_step_begin(ncl_comm* c);            /* my slot for the next step */
+uint8_t* ncl_step_begin(ncl_comm* c, size_t bytes); /* my slot for the next step: `bytes` from it */
 int ncl_step_sync(ncl_comm* c, const ncl_fingerprint* fp);
 uint8_t* ncl_step_peer_slot(ncl_comm* c, int rank);  /* a rank's slot of the current step */
+uint8_t* ncl_step_slot(ncl_comm* c, int rank, uint32_t step); /* ... of step `step` (the current one) */
 /* With central sync (oversubscribed hosts) the last rank to arrive at a step runs `run` once,
  * for everyone, before releasing them (it may write its own slot of step s); afterwards
  * ncl_step_last_rank() names it.  Without central sync `run` is not called: callers check

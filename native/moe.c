@@ -171,7 +171,7 @@ static int dispatch_steps(ncl_comm* c, ncl_moe_dispatch_args* a, int per, size_t
         for (int s = 0; s < n; s++) take_chunk(c, a, s, from, fit, (size_t)s * a->slots + from);
         from += fit;
         if (from >= largest) break;
-        pack_chunk(c, ncl_step_begin(c), a, per, from, fit, record_bytes(a));
+        pack_chunk(c, ncl_step_begin(c, c->slot_bytes), a, per, from, fit, record_bytes(a));
         NCL_CHECK(ncl_step_sync(c, fp));
     }
     pad_slots(c, a);
@@ -188,7 +188,7 @@ int ncl_moe_dispatch(ncl_comm* c, ncl_moe_dispatch_args* a) {
     bool fits = true; /* normal mode: else no record moves this step, anyone's: pack none */
     for (int j = 0; j < n; j++) sent += a->send_counts[j], fits = fits && a->send_counts[j] <= fit;
     ncl_call_begin(c, NCL_COLL_MOE_DISPATCH, NCL_UINT8, sent * record, -1, -1);
-    uint8_t* slot = ncl_step_begin(c);
+    uint8_t* slot = ncl_step_begin(c, c->slot_bytes);
     memcpy(slot, a->send_counts, (size_t)n * sizeof *a->send_counts);
     if (fits || steps) pack_chunk(c, slot, a, per, 0, fit, record);
     /* the record's size, the experts and the slots: ranks that disagree get a mismatch error */
@@ -288,7 +288,7 @@ static int combine_rows(ncl_comm* c, const ncl_moe_combine_args* a, size_t row, 
                           .extra = a->slots};
     const uint8_t* blocks[NCL_MAX_RANKS];
     for (size_t step = 0, from = 0; step < steps; step++, from += fit) {
-        pack_back(c, ncl_step_begin(c), a, row, from, fit);
+        pack_back(c, ncl_step_begin(c, c->slot_bytes), a, row, from, fit);
         NCL_CHECK(ncl_step_sync(c, &fp));
         size_t at = 0;
         for (int r = 0; r < n; r++) {

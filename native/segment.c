@@ -40,9 +40,7 @@ static void layout(ncl_header* h, int nranks, size_t slot, size_t pslot) {
     h->total_bytes = align_up(h->p2p_off + (nranks > 1 ? n * n * 2 * pslot : 0), NCL_PAGE);
 }
 
-uint8_t* ncl_slot(ncl_comm* c, int rank, uint32_t step) {
-    return c->base + c->staging_off + ((size_t)rank * 2 + (step & 1)) * c->slot_bytes;
-}
+uint8_t* ncl_staging(ncl_comm* c, int rank) { return c->base + c->staging_off + (size_t)rank * 2 * c->slot_bytes; }
 
 uint8_t* ncl_p2p_slot(ncl_comm* c, int src, int dst, uint32_t chunk) {
     size_t pair = (size_t)src * (size_t)c->nranks + (size_t)dst;
