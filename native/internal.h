@@ -108,12 +108,13 @@ typedef struct {
 } ncl_header;
 
 /* learn.c, rank 0: a duel's timed calls (ns per byte of the last one, and the ratios challenger /
- * incumbent of neighbouring ones so far) */
+ * incumbent of neighbouring ones so far), and each algorithm's last call with streaming stores */
 #define NCL_DUEL_PAIRS 3
 typedef struct {
     float first;
     float ratio[NCL_DUEL_PAIRS];
     uint8_t pairs;
+    float streamed[NCL_NUM_ALGOS]; /* ns per byte; 0: not measured yet */
 } ncl_duel;
 
 struct ncl_comm {

@@ -18,9 +18,10 @@
  * drift cancels).  A challenger is another algorithm that could run (one-shot, two-shot, cma
  * where it works, direct on registered buffers; with its own best stores) or the incumbent with
  * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
- * calls of a size find the faster algorithm), then one in every DUEL_EVERY calls, challengers in
- * turn: a verdict is retried in whatever mode the host is in later, and overturned there if it
- * was wrong.  Every rank knows from its own count of the
+ * calls of a size find the faster algorithm and stores), then one in every DUEL_EVERY calls,
+ * challengers in turn: a verdict is retried in whatever mode the host is in later, and overturned
+ * there if it was wrong.  Between duels rank 0 watches the stores (react): ordinary ones that have
+ * become much slower than streaming ones give way at once.  Every rank knows from its own count of the
  * class's calls which calls duel and what runs in them: collectives run in the same order
  * everywhere, so the counts agree.
  *
@@ -45,9 +46,9 @@
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 /* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
- * follows each duel, see above), both against the likeliest rival: a rematch if it won, a second
- * look if not (one noisy duel decides nothing for long).  No more: at np=8 a row of ncl-perf has
- * ~30 calls of a size, and every challenger's call may be 2x slower. */
+ * follows each duel, see above): the likeliest rival, then the other stores (see rival_of).  No
+ * more: at np=8 a row of ncl-perf has ~30 calls of a size, and every challenger's call may be 2x
+ * slower. */
 static const uint32_t EARLY[] = {1, 1 + (DUEL_CALLS + 1)};
 #define EARLY_DUELS (int)(sizeof EARLY / sizeof EARLY[0])
 
@@ -66,12 +67,17 @@ static int duel_of(uint32_t n, int* at) {
     return EARLY_DUELS + (int)((n - DUEL_EVERY / 2) / DUEL_EVERY);
 }
 
-/* Which of k rivals duel d takes: the likeliest in the early duels and in every other later one
- * (the choice that matters most, re-checked every 2 * DUEL_EVERY calls), the rest in turn in
- * between, the other stores first (at call DUEL_EVERY / 2). */
-static int rival_of(int d, int k) {
+/* Which of k rivals duel d takes (the other stores at index `stores`, -1 if they are not learned):
+ * the likeliest first; then the other stores, in the second early duel and in every other later one
+ * (a slow minute made ordinary stores 4-5x slower than streaming ones, a fast one 2-2.5x faster,
+ * 2026-12: the choice that matters most); in between the likeliest and the rest in turn. */
+static int rival_of(int d, int k, int stores) {
+    if (d == 0 || k == 1) return 0;
     int e = d - EARLY_DUELS;
-    return d < EARLY_DUELS || e % 2 == 1 || k == 1 ? 0 : 1 + (e / 2) % (k - 1);
+    if (stores >= 0 && (d == 1 || (e >= 0 && e % 2 == 0))) return stores;
+    if (d < EARLY_DUELS || (e / 2) % 2 == 0) return 0; /* (d == 1 with no stores to learn: a rematch) */
+    int rest = stores >= 0 ? 2 : 1;                     /* the other stores come second (rivals_of) */
+    return k > rest ? rest + (e / 4) % (k - rest) : 0;
 }
 
 /* Blocks of two calls, C C I I C C I I.  The first call of a block pays for the switch (the
@@ -121,7 +127,9 @@ ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, 
     l.incumbent = l.algo;
     int rivals[NCL_NUM_ALGOS + 1], at, d = duel_of(n, &at), k = d < 0 ? 0 : rivals_of(c, l.algo, forced, registered, rivals);
     if (k > 0) {
-        l.at = at, l.rival = rivals[rival_of(d, k)], l.challenger = challenger_at(at);
+        int stores = -1;
+        for (int i = 0; i < k; i++) stores = rivals[i] == NCL_OTHER_STORES ? i : stores;
+        l.at = at, l.rival = rivals[rival_of(d, k, stores)], l.challenger = challenger_at(at);
         if (l.challenger && l.rival != NCL_OTHER_STORES) l.algo = l.rival;
     }
     l.stream = streams(c, l.algo, l.cls) != (l.challenger && l.rival == NCL_OTHER_STORES);
@@ -153,12 +161,31 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
     atomic_store(word, (uint64_t)(c->step + 1) << 32 | (uint64_t)now << 8 | (uint64_t)l->rival);
 }
 
+/* Between duels: ordinary stores that have become REACT_MARGIN slower than this algorithm's last
+ * call with streaming ones give way to them at once.  Streaming costs about the same in both of
+ * the host's modes, ordinary stores 4-5x more in the slow one (2026-12), so a slow minute shows
+ * here on its first call instead of at the next duel; the way back, in a fast minute, is a duel's. */
+#define REACT_MARGIN 1.5f
+static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
+    if (l->stream) {
+        d->streamed[l->algo] = x;
+    } else if (!c->streaming && d->streamed[l->algo] > 0 && x > REACT_MARGIN * d->streamed[l->algo]) {
+        atomic_store_explicit(&c->hdr->streaming[l->algo][l->cls], NCL_STORES_STREAMING, memory_order_relaxed);
+    }
+}
+
 void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
-    if (c->rank != 0 || l->at < 0) return;
+    if (c->rank != 0 || l->cls < 0 || status != NCL_OK) return;
     ncl_duel* d = &c->duels[l->table][l->cls];
-    if (l->at == 0) d->pairs = 0;
-    if (status != NCL_OK || !timed_at(l->at) || d->pairs >= NCL_DUEL_PAIRS) return;
     float x = (float)((ncl_now() - l->t0) * 1e9 / (double)l->bytes);
+    if (l->at < 0) {
+        react(c, l, d, x);
+        return;
+    }
+    if (l->at == 0) d->pairs = 0;
+    if (!timed_at(l->at)) return;
+    if (l->stream) d->streamed[l->algo] = x;
+    if (d->pairs >= NCL_DUEL_PAIRS) return;
     if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
     d->first = x; /* the next ratio's other term */
     if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN)
