@@ -223,6 +223,35 @@ def test_a_rank_waiting_for_its_turn_stops_when_ncl_perf_closes_the_gate(tmp_pat
     assert lockstep.order(["a", "b", "c"], 4) == ["b", "c", "a"]
 
 
+def test_the_first_turn_waits_until_every_backend_is_ready(tmp_path):
+    """A backend that takes a while to set up (DeepSpeed builds its op) is ready before any backend's
+    first turn: no turn is timed beside another backend's start."""
+    from ncl.perf import lockstep
+    rows, lines = [], []
+    worker = ("import json, pathlib, sys, time\nfrom ncl.perf import lockstep\n"
+              "time.sleep(float(sys.argv[1])); print('setting up')\n"
+              "pathlib.Path(sys.argv[3], 'ready').write_text(repr(time.time())); lockstep.say_ready(0)\n"
+              "turns = lockstep.Turns(sys.argv[2], 0)\n"
+              "while turns.next():\n"
+              "    for _ in range(2): print(json.dumps({'at': time.time()}), flush=True)\n")
+    scratches = {}
+
+    def command(backend, gate, scratch):
+        scratches[backend] = scratch
+        return [sys.executable, "-c", worker, "1.5" if backend == "slow" else "0", gate, scratch], dict(os.environ)
+
+    def ready_at(backend):  # read while the scratch directory exists
+        return float(open(os.path.join(scratches[backend], "ready")).read())
+
+    def on_row(backend, turn, row):
+        rows.append((row["at"], ready_at("slow")))
+
+    codes = lockstep.run(["fast", "slow"], 1, [(8, 0), (64, 0)], command, on_row, lines.append)
+    assert codes == {"fast": 0, "slow": 0}, (codes, lines)
+    assert len(rows) == 8 and lines.count("setting up") == 2, (rows, lines)
+    assert all(at >= ready for at, ready in rows), rows  # fails without the wait
+
+
 def test_turns_end_when_every_launcher_has_ended(tmp_path):
     """Launchers that exit before their first turn lose their turns; ncl-perf reports their codes
     instead of waiting (or failing) for rows that never come."""

@@ -5,8 +5,10 @@ one of another compare sizes measured in different modes.  Here every backend's 
 once and each waits on a pipe of its own (a FIFO per rank, read in a blocking call: no CPU spent)
 until ncl-perf gives it its turn: for each size and round every backend in turn runs that one
 size (out of place, then in place) while the others sleep, the first backend rotating by round
-and size so that none always runs first.  A backend whose launcher exits early loses its
-remaining turns; the others go on.
+and size so that none always runs first.  The first turn waits until every backend says it is
+ready (its ranks started, its library loaded): DeepSpeed builds its op with g++ at first use, and
+the first backend's first turns ran beside that build (ncl 8 B at 6 µs in round 1, 2 in round 3).
+A backend whose launcher exits early loses its remaining turns; the others go on.
 """
 import contextlib
 import json
@@ -18,6 +20,13 @@ from typing import Callable, Dict, List
 from .. import supervisor
 
 GO = b"go\n"
+READY = {"ready": True}  # the line a backend's rank 0 prints once its ranks are set up
+
+
+def say_ready(rank: int) -> None:
+    """The worker's side of READY (rank 0 prints it, after a barrier of the backend's ranks)."""
+    if rank == 0:
+        print(json.dumps(READY), flush=True)
 
 
 class Turns:
@@ -64,6 +73,18 @@ class _Gates:
                 os.close(fd)
 
 
+def _await_ready(proc, write: Callable[[str], None]) -> bool:
+    """Read a launcher's output up to its READY line (the rest passed to write); False if it ended first."""
+    for text in proc.stdout:
+        try:
+            if json.loads(text) == READY:
+                return True
+        except json.JSONDecodeError:
+            pass
+        write(text.rstrip("\n"))
+    return False
+
+
 def run(backends: List[str], n: int, turns: List[tuple], command: Callable[[str, str, str], tuple],
         on_row: Callable[[str, tuple, dict], None], write: Callable[[str], None]) -> Dict[str, int]:
     """Run every backend's ranks at once and give them turns: `turns` lists what each turn runs (its
@@ -84,6 +105,9 @@ def run(backends: List[str], n: int, turns: List[tuple], command: Callable[[str,
                 if proc is None:  # a signal is stopping the group
                     return {b: 1 for b in backends}
                 procs[b] = proc
+            for b in backends:  # every backend set up before anyone's first turn
+                if not _await_ready(procs[b], write):
+                    codes[b] = procs[b].wait() or 1
             for i, turn in enumerate(turns):
                 alive = [b for b in backends if b not in codes]
                 if not alive:  # every launcher ended early

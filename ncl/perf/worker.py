@@ -162,6 +162,9 @@ def main(argv=None):
     turns = lockstep.Turns(cfg.gate, backend.rank) if getattr(cfg, "gate", None) else None
     rounds = getattr(cfg, "rounds", 1)
     try:
+        if turns is not None:
+            backend.barrier()
+            lockstep.say_ready(backend.rank)
         settled = False
         for size in specs.sweep_sizes(cfg):
             for round_ in range(rounds):
