@@ -142,10 +142,17 @@ def thresholds(nranks: int) -> Tuple[int, int, int]:
     def staged(s):  # what the core runs for s bytes without registered memory or CMA
         return predict_us("one_shot" if s < one_shot_max else "two_shot", s, nranks)
 
-    cma_min = _from_size_on(lambda s: predict_us("cma", s, nranks) < staged(s))
-    # direct reads in place what cma first copies through the kernel: never later than cma (a
+    cma_from = _from_size_on(lambda s: predict_us("cma", s, nranks) < staged(s))
+    # direct reads in place what cma first copies through the kernel: never later than cma would (a
     # calibration from another mode of the host said otherwise at np=2; learn.c corrects the rest)
-    direct_min = min(_from_size_on(lambda s: predict_us("direct", s, nranks) < staged(s)), cma_min)
+    direct_min = min(_from_size_on(lambda s: predict_us("direct", s, nranks) < staged(s)), cma_from)
+    # cma is never where all_reduce starts (learn.c still tries it): since the staging ring, two-shot
+    # with the stores learn.c picks beat it at 16 MiB in both of the host's modes (np=2 in place
+    # 1.3 against 1.8 ms fast, 1.5 against 5.4 slow; out of place 1.9-2.1 against 2.2-2.4 fast, 2.3
+    # against 2.4 slow; np=8 13-15 against 16-18 ms), and starting from cma hid that from the first
+    # duel in slow minutes, where two-shot's ordinary stores are 5x slower than its streaming ones
+    # (benchmarks/results/staging_ring.md)
+    cma_min = NEVER
     forced = env.get("NCL_ONE_SHOT_MAX_BYTES"), env.get("NCL_DIRECT_MIN_BYTES")
     return (one_shot_max if forced[0] is None else forced[0]), (direct_min if forced[1] is None else forced[1]), \
         cma_min
