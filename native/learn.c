@@ -108,8 +108,15 @@ static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registe
     return k;
 }
 
+static bool staged(int algo) { return algo == NCL_ALGO_ONE_SHOT || algo == NCL_ALGO_TWO_SHOT; }
+
+/* Streaming stores for `algo` in class cls?  One- and two-shot stage alike, and which stores suit
+ * them is the host's mode: one that has not learned its own takes what the other has. */
 static bool streams(const ncl_comm* c, int algo, int cls) {
     uint8_t kind = atomic_load_explicit(&c->hdr->streaming[algo][cls], memory_order_relaxed);
+    if (!kind && staged(algo))
+        kind = atomic_load_explicit(&c->hdr->streaming[NCL_ALGO_ONE_SHOT + NCL_ALGO_TWO_SHOT - algo][cls],
+                                    memory_order_relaxed);
     return c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(algo);
 }
 
