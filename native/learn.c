@@ -46,7 +46,7 @@
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 /* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
- * follows each duel, see above): the likeliest rival, then the other stores (see rival_of).  No
+ * follows each duel, see above): the other stores, then the likeliest rival (see rival_of).  No
  * more: at np=8 a row of ncl-perf has ~30 calls of a size, and every challenger's call may be 2x
  * slower. */
 static const uint32_t EARLY[] = {1, 1 + (DUEL_CALLS + 1)};
@@ -68,14 +68,15 @@ static int duel_of(uint32_t n, int* at) {
 }
 
 /* Which of k rivals duel d takes (the other stores at index `stores`, -1 if they are not learned):
- * the likeliest first; then the other stores, in the second early duel and in every other later one
- * (a slow minute made ordinary stores 4-5x slower than streaming ones, a fast one 2-2.5x faster,
- * 2026-12: the choice that matters most); in between the likeliest and the rest in turn. */
+ * the other stores first, in the first early duel and in every other later one (a slow minute made
+ * ordinary stores 4-5x slower than streaming ones, a fast one 2-2.5x faster, 2026-12: the choice
+ * that matters most, and the algorithms' duels compare them fairly only with the right stores);
+ * the likeliest in the second early duel; later ones the likeliest and the rest in turn. */
 static int rival_of(int d, int k, int stores) {
-    if (d == 0 || k == 1) return 0;
+    if (k == 1) return 0;
     int e = d - EARLY_DUELS;
-    if (stores >= 0 && (d == 1 || (e >= 0 && e % 2 == 0))) return stores;
-    if (d < EARLY_DUELS || (e / 2) % 2 == 0) return 0; /* (d == 1 with no stores to learn: a rematch) */
+    if (stores >= 0 && (d == 0 || (e >= 0 && e % 2 == 0))) return stores;
+    if (d < EARLY_DUELS || (e / 2) % 2 == 0) return 0; /* (d == 0 with no stores to learn: a rematch) */
     int rest = stores >= 0 ? 2 : 1;                     /* the other stores come second (rivals_of) */
     return k > rest ? rest + (e / 4) % (k - rest) : 0;
 }

@@ -187,13 +187,15 @@ def _duel_calls(comm, count, calls):
 def test_learned_choice_duels_on_the_first_calls(pool_factory, size):
     """learn.c's duels on a fresh communicator, 256 KiB staged (one-shot is the model's choice
     there at 2 and 3 ranks): every rank runs the same algorithm in every call; the first duel
-    (calls 1-8) runs another algorithm exactly at its challenger's places; outside duels the
+    (calls 1-8) tries the other stores, with the same algorithm throughout; the second (calls
+    10-17) runs another algorithm exactly at its challenger's places; outside duels the
     algorithm changes only after a duel's verdict; every result is the numpy reference, bitwise."""
     results = pool_factory(size).run(_duel_calls, 65_536, 110, timeout=100)
     assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
     algos = results[0][1]
     assert all(a == algos for _, a in results), f"ranks ran different algorithms: {[a for _, a in results]}"
-    first = algos[DUELS[0][0]:DUELS[0][1]]
+    assert len(set(algos[DUELS[0][0]:DUELS[0][1]])) == 1, " ".join(algos)  # a duel of stores
+    first = algos[DUELS[1][0]:DUELS[1][1]]
     incumbent = {a for i, a in enumerate(first) if i not in CHALLENGER_PLACES}
     challengers = {first[i] for i in CHALLENGER_PLACES}
     assert len(incumbent) == 1 and len(challengers) == 1 and incumbent != challengers, " ".join(algos)
