@@ -21,9 +21,9 @@
  * calls of a size find the faster algorithm and stores), then one in every DUEL_EVERY calls,
  * challengers in turn: a verdict is retried in whatever mode the host is in later, and overturned
  * there if it was wrong.  Between duels rank 0 watches the stores (react): ordinary ones that have
- * become much slower than streaming ones give way at once.  Every rank knows from its own count of the
- * class's calls which calls duel and what runs in them: collectives run in the same order
- * everywhere, so the counts agree.
+ * become much slower than streaming ones give way at once, and back when streaming ones slow down.
+ * Every rank knows from its own count of the class's calls which calls duel and what runs in
+ * them: collectives run in the same order everywhere, so the counts agree.
  *
  * A store kind read stale is harmless (it never changes a result), but ranks must agree on the
  * algorithm (it is in the fingerprint).  So rank 0 publishes a new one as one 64-bit word
@@ -173,17 +173,39 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
     atomic_store(word, (uint64_t)(c->step + 1) << 32 | (uint64_t)now << 8 | (uint64_t)l->rival);
 }
 
-/* Between duels: ordinary stores that have become REACT_MARGIN slower than this algorithm's last
- * call with streaming ones give way to them at once.  Streaming costs about the same in both of
- * the host's modes, ordinary stores 4-5x more in the slow one (2026-12), so a slow minute shows
- * here on its first call instead of at the next duel; the way back, in a fast minute, is a duel's. */
+/* Between duels, rank 0 follows the host's mode with the stores (which need no agreement: stale is
+ * harmless).  Ordinary stores cost 4-5x more in the slow mode than in the fast one, streaming ones
+ * about the same, a little less in the slow mode (2 MiB 175 against 242 us, 16 MiB 1.5 against
+ * 2.4 ms; 2026-12).  So ordinary stores that have become REACT_MARGIN slower than this
+ * algorithm's last streaming call give way at once, and streaming ones that have run REACT_BACK
+ * above their recent low for REACT_BACK_CALLS calls in a row try ordinary ones again (if those are
+ * slow, the first rule brings streaming back after one call).  The first two calls after a change
+ * pay for it (the lines sit where the other stores left them: 2-6x a steady call) and judge nothing. */
 #define REACT_MARGIN 1.5f
+#define REACT_BACK 1.3f
+#define REACT_BACK_CALLS 3
+#define LOW_DRIFT 1.01f /* the low forgets a minute-old mode in a few hundred calls */
+static void set_stores(ncl_comm* c, const ncl_learned* l, ncl_duel* d, uint8_t kind) {
+    atomic_store_explicit(&c->hdr->streaming[l->algo][l->cls], kind, memory_order_relaxed);
+    d->slower[l->algo] = 0, d->settling[l->algo] = 2;
+}
+
 static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
-    if (l->stream) {
-        d->streamed[l->algo] = x;
-    } else if (!c->streaming && d->streamed[l->algo] > 0 && x > REACT_MARGIN * d->streamed[l->algo]) {
-        atomic_store_explicit(&c->hdr->streaming[l->algo][l->cls], NCL_STORES_STREAMING, memory_order_relaxed);
+    int a = l->algo;
+    if (c->streaming) return; /* NCL_STREAMING fixes the stores */
+    if (d->settling[a] > 0) {
+        d->settling[a]--;
+        return;
     }
+    if (!l->stream) {
+        if (d->streamed[a] > 0 && x > REACT_MARGIN * d->streamed[a]) set_stores(c, l, d, NCL_STORES_STREAMING);
+        return;
+    }
+    d->streamed[a] = x;
+    float low = d->streamed_low[a] * LOW_DRIFT;
+    d->streamed_low[a] = low > 0 && low < x ? low : x;
+    d->slower[a] = x > REACT_BACK * d->streamed_low[a] ? d->slower[a] + 1 : 0;
+    if (d->slower[a] >= REACT_BACK_CALLS) set_stores(c, l, d, NCL_STORES_CACHED);
 }
 
 void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
