@@ -108,7 +108,7 @@ typedef struct {
 } ncl_header;
 
 /* learn.c, rank 0: a duel's timed calls (ns per byte of the last one, and the ratios challenger /
- * incumbent of neighbouring ones so far), and each algorithm's last call with streaming stores */
+ * incumbent of neighbouring ones so far), and what react() follows the stores by */
 #define NCL_DUEL_PAIRS 3
 typedef struct {
     float first;

@@ -76,7 +76,7 @@ static int rival_of(int d, int k, int stores) {
     if (k == 1) return 0;
     int e = d - EARLY_DUELS;
     if (stores >= 0 && (d == 0 || (e >= 0 && e % 2 == 0))) return stores;
-    if (d < EARLY_DUELS || (e / 2) % 2 == 0) return 0; /* (d == 0 with no stores to learn: a rematch) */
+    if (d < EARLY_DUELS || (e / 2) % 2 == 0) return 0; /* (no stores to learn: both early duels this) */
     int rest = stores >= 0 ? 2 : 1;                     /* the other stores come second (rivals_of) */
     return k > rest ? rest + (e / 4) % (k - rest) : 0;
 }
@@ -93,11 +93,11 @@ static bool timed_at(int at) { return at % 2 == 1; }
  * two-shot's 56, 16 MiB 1.8 against 2.2 ms, 2026-12; else two-shot, at np=2 the likeliest from a few
  * hundred KiB), the incumbent with the other stores, then the rest. */
 static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registered, int* out) {
-    static const int staged[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT, NCL_ALGO_DIRECT, NCL_ALGO_CMA};
-    static const int in_place[] = {NCL_ALGO_DIRECT, NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT, NCL_ALGO_CMA};
-    const int* order = registered ? in_place : staged;
+    static const int for_staged[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT, NCL_ALGO_DIRECT, NCL_ALGO_CMA};
+    static const int for_registered[] = {NCL_ALGO_DIRECT, NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT, NCL_ALGO_CMA};
+    const int* order = registered ? for_registered : for_staged;
     int k = 0;
-    for (size_t i = 0; i < sizeof staged / sizeof staged[0] && !forced; i++) {
+    for (size_t i = 0; i < sizeof for_staged / sizeof for_staged[0] && !forced; i++) {
         int a = order[i];
         if (a != incumbent && (a != NCL_ALGO_DIRECT || registered) && (a != NCL_ALGO_CMA || c->cma)) out[k++] = a;
     }
