@@ -392,6 +392,14 @@ def test_ctrl_c_while_a_row_is_printed_keeps_the_row(tmp_path, monkeypatch):
     assert written[-1].startswith("# interrupted: 2 of 3 points not run")
 
 
+def _cwd(pid: str) -> str:
+    """A process's working directory ('' once it has ended)."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
 @pytest.mark.timeout(240)
 def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
     """SIGINT after the first point: its ranks are stopped, the report is written with the point
@@ -417,9 +425,10 @@ def test_interrupted_sweep_keeps_what_it_measured(tmp_path):
         rows = json.load(f)["points"]
     assert [(r["tp"], r["status"]) for r in rows] == [(1, "ok"), (2, "interrupted"), (4, "interrupted")]
     assert "interrupted" in rest and (out / "summary.md").exists()
-    leftovers = subprocess.run(["pgrep", "-f", 'ncl.bench.worker.*"model": "llama-tiny"'], capture_output=True,
-                               text=True).stdout.split()
-    assert not leftovers, f"ranks left running: {leftovers}"
+    matching = subprocess.run(["pgrep", "-f", 'ncl.bench.worker.*"model": "llama-tiny"'], capture_output=True,
+                              text=True).stdout.split()
+    leftovers = [pid for pid in matching if _cwd(pid) == str(tmp_path)]  # this sweep's ranks: another suite's
+    assert not leftovers, f"ranks left running: {leftovers}"               # on the host are not ours
 
 
 @pytest.mark.timeout(240)
