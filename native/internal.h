@@ -134,7 +134,7 @@ struct ncl_comm {
     int ring_half;
     size_t ring_pos;
     uint32_t placed_step;   /* the step whose slot ncl_step_begin placed last, at placed_off */
-    size_t placed_off, placed_bytes;
+    size_t placed_off;
     bool ring_faulted;      /* this rank's staging is faulted in (the ring's first use) */
     uint32_t* p2p_sent;     /* [nranks] chunks sent to each peer */
     uint32_t* p2p_recvd;    /* [nranks] chunks received from each peer */

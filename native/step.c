@@ -37,13 +37,13 @@ static void fault_in(ncl_comm* c) {
 
 uint8_t* ncl_step_begin(ncl_comm* c, size_t bytes) {
     uint32_t s = c->step + 1;
-    if (c->placed_step != s || bytes > c->placed_bytes) { /* placed once per step: callers may ask again */
+    if (c->placed_step != s) { /* once per step (every collective asks once) */
         size_t want = ncl_div_up(ncl_max(bytes, 1), NCL_CACHE_LINE) * NCL_CACHE_LINE;
         if (bytes < RING_MIN_BYTES || c->ring_pos + want > c->slot_bytes)
             c->ring_half ^= 1, c->ring_pos = 0;
         else if (!c->ring_faulted)
             fault_in(c);
-        c->placed_step = s, c->placed_bytes = bytes;
+        c->placed_step = s;
         c->placed_off = (size_t)c->ring_half * c->slot_bytes + c->ring_pos;
         c->ring_pos += want;
     }
