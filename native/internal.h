@@ -116,7 +116,7 @@ typedef struct {
     uint8_t pairs;
     float streamed[NCL_NUM_ALGOS]; /* ns per byte; 0: not measured yet */
     float streamed_low[NCL_NUM_ALGOS]; /* ... the recent low (drifting up) */
-    uint8_t slower[NCL_NUM_ALGOS];     /* streaming calls in a row above that low (react) */
+    uint8_t slower[NCL_NUM_ALGOS];     /* calls in a row that ask react to change the stores */
     uint8_t settling[NCL_NUM_ALGOS];   /* calls after a change of stores not to judge by (react) */
 } ncl_duel;
 

@@ -40,9 +40,16 @@
 #include "internal.h"
 
 #define LEARN_MIN_BYTES (32u << 10)  /* copy.c's floor for streaming stores */
-#define SWITCH_MARGIN 0.9f           /* a challenger must be 10% faster: equal choices do not flap */
+/* A challenger must be 7% faster, so that equal choices do not flap.  Not 10%: the timed calls still
+ * carry part of the switch, which pulls every ratio towards 1 (two-shot right after one-shot ran at
+ * 136-152 us against 122-128 steady, 2 MiB bfloat16 at np=2): two-shot, 0.8x one-shot there, duelled
+ * at 0.87-0.91 six times in a row, and one-shot kept a 0.9 margin for ~1000 calls (2026-12). */
+#define SWITCH_MARGIN 0.93f
 #define DUEL_CALLS 8                 /* blocks of two: C C I I C C I I */
-#define DUEL_EVERY 64                /* after the early duels: 4 challenger calls in 64 */
+/* After the early duels, one duel in DUEL_EVERY calls: 4 challenger calls, often 2x slower, and the
+ * incumbent's next calls pay for the switch back.  In 64 calls that cost 10-14% of the steady time
+ * (2 MiB bfloat16 at np=2, ncl-perf's loop, 2026-12); react follows the host's modes in between. */
+#define DUEL_EVERY 128
 #define DEFAULT_STREAMING(algo) ((algo) == NCL_ALGO_DIRECT) /* before anything is measured */
 
 /* The early duels' first calls (call 0 pays for the buffers' first touch, and a call with no duel
@@ -176,12 +183,19 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
 /* Between duels, rank 0 follows the host's mode with the stores (which need no agreement: stale is
  * harmless).  Ordinary stores cost 4-5x more in the slow mode than in the fast one, streaming ones
  * about the same, a little less in the slow mode (2 MiB 175 against 242 us, 16 MiB 1.5 against
- * 2.4 ms; 2026-12).  So ordinary stores that have become REACT_MARGIN slower than this
- * algorithm's last streaming call give way at once, and streaming ones that have run REACT_BACK
- * above their recent low for REACT_BACK_CALLS calls in a row try ordinary ones again (if those are
- * slow, the first rule brings streaming back after one call).  The first two calls after a change
- * pay for it (the lines sit where the other stores left them: 2-6x a steady call) and judge nothing. */
+ * 2.4 ms; 2026-12).  So ordinary stores that have run REACT_MARGIN slower than this algorithm's
+ * last streaming call for REACT_CALLS calls in a row give way, and streaming ones that have run
+ * REACT_BACK above their recent low for REACT_BACK_CALLS calls in a row try ordinary ones again
+ * (if those are slow, the first rule brings streaming back after three calls).  Not at the first
+ * slow call: calls slowed by anything else gave ordinary stores up for the ~100 calls until the
+ * next stores duel, at 2x their time in the fast mode (2 MiB 260 against 125 us, 2026-12): a
+ * preemption slows one call, and after the ranks slept (ncl-perf running another library) the
+ * first call waits for the peers to wake and the next runs with cold caches (2 MiB: 9 ms, 0.5 ms,
+ * then 125 us).  The first
+ * two calls after a change pay for it (the lines sit where the other stores left them: 2-6x a
+ * steady call) and judge nothing. */
 #define REACT_MARGIN 1.5f
+#define REACT_CALLS 3
 #define REACT_BACK 1.3f
 #define REACT_BACK_CALLS 3
 #define LOW_DRIFT 1.01f /* the low forgets a minute-old mode in a few hundred calls */
@@ -198,7 +212,8 @@ static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
         return;
     }
     if (!l->stream) {
-        if (d->streamed[a] > 0 && x > REACT_MARGIN * d->streamed[a]) set_stores(c, l, d, NCL_STORES_STREAMING);
+        d->slower[a] = d->streamed[a] > 0 && x > REACT_MARGIN * d->streamed[a] ? d->slower[a] + 1 : 0;
+        if (d->slower[a] >= REACT_CALLS) set_stores(c, l, d, NCL_STORES_STREAMING);
         return;
     }
     d->streamed[a] = x;
@@ -222,6 +237,8 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     if (d->pairs >= NCL_DUEL_PAIRS) return;
     if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
     d->first = x; /* the next ratio's other term */
-    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN)
+    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN) {
         crown(c, l);
+        memset(d->slower, 0, sizeof d->slower); /* react counts afresh under the new choice */
+    }
 }

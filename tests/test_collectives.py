@@ -149,7 +149,7 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 def test_learned_algorithms_and_stores_agree(pool_factory, size):
     """NCL_STREAMING=on, =off and =auto give the reference, bitwise identical across ranks and
     settings; auto also runs duels of another algorithm or the other kind of stores against the
-    choice in force (calls 1-8, 10-17 and 32-39 of a size class, native/learn.c), so every
+    choice in force (calls 1-8, 10-17 and 64-71 of a size class, native/learn.c), so every
     rank must pick the same one.  Default staging, sizes from 80 KB (above the learning floor) to
     1.2 MB, 17 calls each per dtype and placement (34 per size class)."""
     counts = (20_001, 300_001) * 17
@@ -160,7 +160,7 @@ def test_learned_algorithms_and_stores_agree(pool_factory, size):
     assert not differ, f"store kinds disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
-DUELS = ((1, 9), (10, 18), (32, 40), (96, 104))  # native/learn.c: the calls of a class's first duels
+DUELS = ((1, 9), (10, 18), (64, 72), (192, 200))  # native/learn.c: the calls of a class's first duels
 CHALLENGER_PLACES = (0, 1, 4, 5)                # C C I I C C I I
 
 
@@ -185,12 +185,12 @@ def _duel_calls(comm, count, calls):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("size", (2, 3))
 def test_learned_choice_duels_on_the_first_calls(pool_factory, size):
-    """learn.c's duels on a fresh communicator, 256 KiB staged (one-shot is the model's choice
-    there at 2 and 3 ranks): every rank runs the same algorithm in every call; the first duel
+    """learn.c's duels on a fresh communicator, 256 KiB staged (whichever staged algorithm the
+    model starts from): every rank runs the same algorithm in every call; the first duel
     (calls 1-8) tries the other stores, with the same algorithm throughout; the second (calls
     10-17) runs another algorithm exactly at its challenger's places; outside duels the
     algorithm changes only after a duel's verdict; every result is the numpy reference, bitwise."""
-    results = pool_factory(size).run(_duel_calls, 65_536, 110, timeout=100)
+    results = pool_factory(size).run(_duel_calls, 65_536, 210, timeout=100)
     assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
     algos = results[0][1]
     assert all(a == algos for _, a in results), f"ranks ran different algorithms: {[a for _, a in results]}"
