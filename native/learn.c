@@ -43,7 +43,7 @@
 /* A challenger must be 7% faster, so that equal choices do not flap.  Not 10%: the timed calls still
  * carry part of the switch, which pulls every ratio towards 1 (two-shot right after one-shot ran at
  * 136-152 us against 122-128 steady, 2 MiB bfloat16 at np=2): two-shot, 0.8x one-shot there, duelled
- * at 0.87-0.91 six times in a row, and one-shot kept a 0.9 margin for ~1000 calls (2026-12). */
+ * at 0.90-0.93 five times in a row, and one-shot kept a 0.9 margin for ~1,100 calls (2026-12). */
 #define SWITCH_MARGIN 0.93f
 #define DUEL_CALLS 8                 /* blocks of two: C C I I C C I I */
 /* After the early duels, one duel in DUEL_EVERY calls: 4 challenger calls, often 2x slower, and the
@@ -191,9 +191,8 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
  * next stores duel, at 2x their time in the fast mode (2 MiB 260 against 125 us, 2026-12): a
  * preemption slows one call, and after the ranks slept (ncl-perf running another library) the
  * first call waits for the peers to wake and the next runs with cold caches (2 MiB: 9 ms, 0.5 ms,
- * then 125 us).  The first
- * two calls after a change pay for it (the lines sit where the other stores left them: 2-6x a
- * steady call) and judge nothing. */
+ * then 125 us).  The first two calls after a change pay for it (the lines sit where the other
+ * stores left them: 2-6x a steady call) and judge nothing. */
 #define REACT_MARGIN 1.5f
 #define REACT_CALLS 3
 #define REACT_BACK 1.3f

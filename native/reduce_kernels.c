@@ -56,8 +56,8 @@ static inline uint16_t float_to_bf16(float f) {
  * the lanes shifted up by 16 and the odd ones the lanes' upper halves, float32 as they stand.  Each
  * is summed in rank order, both are rounded at once (VCVTNE2PS2BF16) and put back in order by one
  * permutation.  The instruction flushes float32 subnormals, so a step holding one (rare) rounds
- * the integer way: float_to_bf16's bits, NaN included.  1 MiB from 2 sources, in cache: 39 us,
- * against 48 with widening loads (float32's bytes: 37); 256 KiB 10.3 against 12.1 (2026-12). */
+ * the integer way: float_to_bf16's bits, NaN included.  1 MiB from 2 sources, in cache: 39-42 us,
+ * against 48-49 with widening loads (float32's bytes: 37); 256 KiB 10.3-10.9 against 12.1-12.5 (2026-12). */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 #include <immintrin.h>
