@@ -41,6 +41,14 @@ REPORT_S = 2.0  # after a rank fails, the others get this long to notice (~0.1 s
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def own_modules_env(env: dict) -> dict:
+    """env for the `python -m ncl...` commands ncl starts itself (sweeps, benchmark points, their
+    ranks): PYTHONSAFEPATH (Python >= 3.11) keeps the working directory off sys.path, so that a
+    folder named ncl there (the parent of a clone, with an editable install) is not imported in
+    the package's place.  Never for a user's program: its own directory is on sys.path by design."""
+    return dict(env, PYTHONSAFEPATH="1")
+
+
 def _dies_with_launcher():
     """A Popen preexec_fn (or None off Linux): the rank gets SIGKILL when ncl-run dies, even by SIGKILL
     (PR_SET_PDEATHSIG).  It runs between fork and exec, so no other thread of ncl-run may be alive then

@@ -74,6 +74,18 @@ def test_sweep_prints_checks_and_writes_every_file(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "r.xlsx").stat().st_size > 0
 
 
+@pytest.mark.timeout(120)
+def test_a_folder_named_ncl_in_the_working_directory_is_not_imported(tmp_path):
+    """ncl-perf run from a directory that holds a folder named ncl (the parent of a clone): its
+    ranks (`python -m ...`) import the installed package, not the folder (with an editable install
+    the folder won and every rank failed: module 'ncl' has no attribute 'init')."""
+    (tmp_path / "ncl").mkdir()
+    as_console_script = "import sys; sys.path.pop(0); from ncl.perf.cli import main; sys.exit(main())"  # no cwd
+    proc = subprocess.run([sys.executable, "-c", as_console_script, "all_reduce", "-b", "8", "-e", "8", "-n", "2",
+                           *QUICK], cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0 and "Avg bus bandwidth" in proc.stdout, proc.stdout + proc.stderr
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(specs.SPECS))
 def test_every_collective_verifies_on_three_ranks(tmp_path, name):

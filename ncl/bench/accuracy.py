@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import supervisor
+from .. import launch, supervisor
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "kite.txt")
@@ -173,7 +173,7 @@ def run_tp(n: int, spec: dict, timeout: float = 600) -> List[dict]:
             json.dump(dict(spec, out=out), f)
         cmd = [sys.executable, "-m", "ncl.run", "-n", str(n), "--timeout", str(timeout), "--",
                sys.executable, "-m", "ncl.bench.accuracy", "--worker", spec_path]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))}
+        env = launch.own_modules_env({k: v for k, v in os.environ.items() if not k.startswith(("NCL_", "PMI_"))})
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve ranks on shared cores
         done = supervisor.run(cmd, timeout=timeout, grace_s=10.0, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, env=env)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import List, Optional
 
-from .. import supervisor
+from .. import launch, supervisor
 from . import metrics, report, sizing
 from .predict import positive_ints
 
@@ -211,7 +211,7 @@ def run_point(point: dict, timeout: float, log_path: str) -> dict:
     """Launch one point under ncl-run; the row (status ok), or the point with why it failed."""
     cmd = [sys.executable, "-m", "ncl.run", "-n", str(point["nranks"]), "--timeout", str(timeout), "--",
            sys.executable, "-m", "ncl.bench.worker", "--config", json.dumps(_worker_config(point))]
-    env = dict(os.environ)
+    env = launch.own_modules_env(os.environ)
     env.setdefault("NCL_TRACE_BUFFER", str(TRACE_BUFFER))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve each other on shared cores
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def run_collectives(args, progress: Progress) -> List[dict]:
             cmd = [sys.executable, "-m", "ncl.perf.cli", coll, "-b", "64K", "-e", "4M", "-f", "8", "-n", "2,8",
                    "-w", "2", "-i", "5", "--min-time", "0", "--json", path]
             done = supervisor.run(cmd, timeout=args.timeout, grace_s=KILL_GRACE_S, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
+                                  stderr=subprocess.PIPE, env=launch.own_modules_env(os.environ))
             if done.code != 0 or not os.path.exists(path):
                 why = f"timed out after {args.timeout:g} s" if done.code is None else f"exit code {done.code}"
                 progress.write(f"# ncl-perf {coll} failed ({why}): {done.stderr[-300:]}")

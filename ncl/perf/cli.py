@@ -13,6 +13,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
+from .. import launch
 from ..env import parse_bytes
 from . import lockstep, report, specs
 from .runner import Progress, launch_argv, mpiexec, peers_parser, rank_counts, run_worker
@@ -130,7 +131,7 @@ def _command(backend: str, n: int, cfg, rendezvous: str, **turns) -> List[str]:
 
 
 def _env(backend: str, n: int, cfg, extra_env: Optional[dict] = None) -> dict:
-    env = dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {}))
+    env = launch.own_modules_env(dict(os.environ, NCL_TIMEOUT=str(cfg.timeout), **(extra_env or {})))
     if backend == "deepspeed":  # its op segfaults unless told how many ranks share this host
         env["LOCAL_SIZE"] = str(n)
     return env
