@@ -16,6 +16,7 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
+from .. import launch
 from . import report, runner
 
 FIELDS = ["backend", "mode", "nranks", "tokens", "hidden", "experts", "topk", "dtype", "dispatch_us", "combine_us",
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
                     with tempfile.TemporaryDirectory(prefix="ncl-perf-") as tmp:
                         cmd = runner.launch_argv(backend, n, "ncl.perf.moe_worker", settings,
                                               os.path.join(tmp, "rendezvous"), timeout=cfg.timeout)
-                        code = runner.run_worker(cmd, dict(os.environ, NCL_TIMEOUT=str(cfg.timeout)), progress, on_row)
+                        env = launch.own_modules_env(dict(os.environ, NCL_TIMEOUT=str(cfg.timeout)))
+                        code = runner.run_worker(cmd, env, progress, on_row)
                     if code:
                         progress.write(f"# {backend} on {n} ranks failed (exit code {code})")
                     failed += code != 0
