@@ -20,8 +20,8 @@
  * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
  * calls of a size find the faster algorithm and stores), then one in every DUEL_EVERY calls,
  * challengers in turn: a verdict is retried in whatever mode the host is in later, and overturned
- * there if it was wrong.  Between duels rank 0 watches the stores (react): ordinary ones that have
- * become much slower than streaming ones give way at once, and back when streaming ones slow down.
+ * there if it was wrong.  Between duels rank 0 watches the stores (react): ordinary ones that stay
+ * much slower than streaming ones give way, and come back when streaming ones slow down.
  * Every rank knows from its own count of the class's calls which calls duel and what runs in
  * them: collectives run in the same order everywhere, so the counts agree.
  *
