@@ -14,7 +14,7 @@ as torch's own in-place ops do.
 The commonest call, an all_reduce of a plain numpy array or torch tensor (in place or into out=),
 skips the Buffer and the Call while nothing reads Calls (`_refresh_fast_path`): the same checks,
 C entry and failures, in half the time (the overlap of out with x is tested by the core's entry,
-before anything moves).
+before anything moves).  ncl.moe's one-step dispatch and combine (`_moe`) skip the Call the same way.
 """
 import contextlib
 import math
@@ -221,12 +221,13 @@ class Communicator:
 
     def _refresh_fast_path(self) -> None:
         """all_reduce's fast path (a plain numpy array or torch tensor, in place or out=: no Buffer, no
-        Call) is the backend's all_reduce while nothing stands between a call and the backend: no
-        wrapper reading Calls (tracing, emulation), no worker (queued calls keep their order), no group
-        block, the communicator open; None otherwise.  Called whenever one of those changes."""
-        direct = getattr(self._backend, "all_reduce", None)
+        Call) is the backend's all_reduce, and that of ncl.moe's one-step calls the backend's moe, while
+        nothing stands between a call and the backend: no wrapper reading Calls (tracing, emulation), no
+        worker (queued calls keep their order), no group block, the communicator open; None otherwise.
+        Called whenever one of those changes."""
         clear = self._run == self._backend.run and self._worker is None and not self._closed and not self._grouped
-        self._all_reduce_direct = direct if clear else None
+        self._all_reduce_direct = getattr(self._backend, "all_reduce", None) if clear else None
+        self._moe_direct = getattr(self._backend, "moe", None) if clear else None
 
     def _interrupted(self, exc: BaseException) -> None:
         """This rank's wait for its worker was interrupted (Ctrl-C): the group is aborted with the reason."""
@@ -572,7 +573,19 @@ class Communicator:
         struct ncl/moe.py filled and checked ("moe_dispatch" or "moe_combine"; nbytes: about what this
         rank sends, for the emulator): run as any call, after queued work, traced, costed, failing alike.
         A dispatch whose rows moved is taken (ncl_moe_take) by _moe_take, next."""
-        self._launch(Call.of(collective, args, ffi.NULL, nbytes, _UINT8), None, False, written=False)
+        direct = self._moe_direct
+        if direct is None:
+            self._launch(Call.of(collective, args, ffi.NULL, nbytes, _UINT8), None, False, written=False)
+            return
+        entry = self._entry  # the fast path (as all_reduce's): nothing reads Calls, nothing is queued
+        if not entry.acquire(False):
+            raise self._busy()
+        try:
+            direct(collective, args)
+        except BaseException as exc:
+            self._raise_failure(Call.of(collective, args, ffi.NULL, nbytes, _UINT8), exc)
+        finally:
+            entry.release()
 
     def _moe_take(self, args) -> None:
         """This rank's rows of the moe_dispatch that just ran, into the outputs args now points to."""

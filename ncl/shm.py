@@ -1,7 +1,8 @@
 """The shared-memory backend: the C core (native/) over one segment that every rank of the
 group maps.  `_runner` is the only place that turns a Call into lib.ncl_* arguments (and
-`_direct_all_reduce` the Communicator's fast path, the one call it makes without a Call); a
-status other than NCL_OK becomes the matching exception (ncl/_native.py), with the core's message.
+`_direct_all_reduce` and `_direct_moe` the Communicator's fast paths, the calls it makes without a
+Call); a status other than NCL_OK becomes the matching exception (ncl/_native.py), with the core's
+message.
 
 It owns the C communicator handle and its lifetime (destroyed on close or when garbage), the
 registered-memory windows and the names of its sub-groups' segments.  The core's flight
@@ -75,6 +76,18 @@ def _direct_all_reduce(handle):
     return all_reduce
 
 
+def _direct_moe(handle):
+    """moe(collective, args) on this handle: the Communicator's fast path for ncl/moe_step.py's
+    "moe_dispatch" and "moe_combine", with what their Call would carry (the argument struct)."""
+    calls = {"moe_dispatch": lib.ncl_moe_dispatch, "moe_combine": lib.ncl_moe_combine}
+
+    def moe(collective: str, args) -> None:
+        rc = calls[collective](handle, args)
+        if rc:
+            raise error(rc)
+    return moe
+
+
 def _all_to_allv(handle, c: Call) -> int:
     send, recv = ffi.new("uint64_t[]", c.send_counts), ffi.new("uint64_t[]", c.recv_counts)
     if c.matrix is None:
@@ -141,6 +154,7 @@ class SharedMemoryBackend:
         self._destroy = weakref.finalize(self, lib.ncl_comm_destroy, handle)
         self.run = _runner(handle)
         self.all_reduce = _direct_all_reduce(handle)
+        self.moe = _direct_moe(handle)
 
     @classmethod
     def create(cls, name: str, label: str, rank: int, size: int, unique_id: str, options) -> "SharedMemoryBackend":

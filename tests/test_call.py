@@ -429,3 +429,55 @@ def test_the_fast_path_takes_the_entry_lock(kinds):
     with comm._entry, pytest.raises(ncl.NclStateError, match="another thread is inside a call"):
         comm.all_reduce(x) if out is None else comm.all_reduce(x, out=out)
     assert backend.direct == [] and backend.calls == []
+
+
+class MoeDirect(Recording):
+    """A Recording backend that also offers ncl.moe's fast path (the backend's moe), keeping the
+    (collective, argument struct) it got there; `fail`: the exception it raises instead."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.direct, self.fail, self.aborted = [], None, []
+
+    def moe(self, collective, args):
+        if self.fail is not None:
+            raise self.fail
+        self.direct.append((collective, args))
+
+    def abort(self, reason=None):
+        self.aborted.append(reason)
+
+
+def test_moe_steps_take_the_fast_path_only_while_nothing_reads_calls(caplog):
+    args = ffi.new("ncl_moe_combine_args *")
+    backend = MoeDirect()
+    comm = Communicator(backend)
+    comm._moe("moe_combine", args, 24)
+    assert backend.direct == [("moe_combine", args)] and backend.calls == []
+    with comm.group():  # queued work (and after it the worker): Calls that carry the struct
+        comm.all_reduce(np.ones(3, np.float32))
+    comm._moe("moe_dispatch", args, 24)
+    with caplog.at_level(log.TRACE, logger="ncl"):
+        Communicator(backend)._moe("moe_combine", args, 24)
+    assert [(c.collective, c.send, c.count) for c in backend.calls[1:]] == [("moe_dispatch", args, 24),
+                                                                           ("moe_combine", args, 24)]
+    assert "moe_combine 24 x uint8" in caplog.text and len(backend.direct) == 1
+
+
+def test_the_moe_fast_paths_failures_are_the_call_paths(caplog):
+    args = ffi.new("ncl_moe_dispatch_args *")
+    backend = MoeDirect()
+    comm = Communicator(backend)
+    backend.fail = ncl.NclPeerError("rank 2 died")
+    with caplog.at_level(logging.WARNING, logger="ncl"), pytest.raises(ncl.NclPeerError, match="rank 2 died"):
+        comm._moe("moe_dispatch", args, 8)
+    assert "moe_dispatch failed: NclPeerError: rank 2 died" in caplog.text and backend.aborted == []
+    backend.fail = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        comm._moe("moe_dispatch", args, 8)
+    assert backend.aborted == ["it failed with KeyboardInterrupt"]
+    backend.fail = None
+    with comm._entry, pytest.raises(ncl.NclStateError, match="another thread is inside a call"):
+        comm._moe("moe_dispatch", args, 8)
+    comm._moe("moe_dispatch", args, 8)  # the entry was left: the next call runs
+    assert backend.direct == [("moe_dispatch", args)] and backend.calls == []
