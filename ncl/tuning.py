@@ -135,9 +135,17 @@ def _from_size_on(better) -> int:
     return hi
 
 
+# Two-shot within this of one-shot counts as no slower: ties go to the algorithm whose traffic per
+# rank stays flat as the ranks grow.  Without it a 1% tie at the largest size measured (np=4: 64 MiB,
+# 26.7 against 26.4 ms) kept one-shot up to 88 MB though two-shot was 0.58-0.85 of it from 8 KiB to
+# 32 MiB (ncl/calibration.json, 2026-12-05), since the crossing is found from the top.
+TIE = 0.03
+
+
 def thresholds(nranks: int) -> Tuple[int, int, int]:
     """(one_shot_max_bytes, direct_min_bytes, cma_min_bytes) for a communicator of nranks."""
-    one_shot_max = _from_size_on(lambda s: predict_us("two_shot", s, nranks) < predict_us("one_shot", s, nranks))
+    one_shot_max = _from_size_on(
+        lambda s: predict_us("two_shot", s, nranks) < predict_us("one_shot", s, nranks) * (1 + TIE))
 
     def staged(s):  # what the core runs for s bytes without registered memory or CMA
         return predict_us("one_shot" if s < one_shot_max else "two_shot", s, nranks)
