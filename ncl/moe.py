@@ -383,6 +383,14 @@ class Buffer:
         """Small batches go through ncl/moe_step.py (the same answer on every rank)."""
         return self._one_step and ONE_STEP
 
+    def _pooled(self):
+        """Where the one-step path's large outputs come from: the pool, when this Buffer keeps one."""
+        return self._outputs.empty if self._outputs is not None else None
+
+    def _output(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor for a result: from the pool when this Buffer keeps one (large ones reuse memory)."""
+        return self._outputs.empty(shape, dtype) if self._outputs is not None else torch.empty(shape, dtype=dtype)
+
     def _check_handle(self, handle: Handle, low_latency: bool) -> None:
         self._check_open()
         if handle.buffer is not self:
@@ -445,7 +453,7 @@ class Buffer:
         """(recv_x, recv_idx, recv_w, handle), the handle holding recv_x and dropped (what dispatch returns
         outside autograd: no _replace, a µs saved)."""
         if layout is None and self._in_one_step():  # one step: the counts, and the rows when they fit it
-            d = moe_step.dispatch(self.group.group, x, topk_idx, topk_weights, num_experts)
+            d = moe_step.dispatch(self.group.group, x, topk_idx, topk_weights, num_experts, pool=self._pooled())
             if d.moved:
                 return d.recv_x, d.recv_idx, d.recv_w, Handle(self, d.send_token, d.send_counts, d.recv_counts,
                                                               x.shape[0], x.shape[1], dropped, d.recv_x,
@@ -496,8 +504,7 @@ class Buffer:
     def _combine(self, expert_out: torch.Tensor, handle: Handle) -> torch.Tensor:
         """Rows back to their tokens' ranks, summed per token in rank order."""
         if self._in_one_step() and handle.rank_matrix is not None:
-            y = self._outputs.empty((handle.num_tokens, handle.hidden), expert_out.dtype) if self._outputs is not None \
-                else torch.empty((handle.num_tokens, handle.hidden), dtype=expert_out.dtype)
+            y = self._output((handle.num_tokens, handle.hidden), expert_out.dtype)
             if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
                                 back=self._back.empty if self._back is not None else None):
                 return y
@@ -538,7 +545,7 @@ class Buffer:
             raise ValueError(f"expert_out must have the {rows} rows dispatch returned, not {tuple(expert_out.shape)}")
         expert_out = _detached(expert_out)  # no autograd (as in dispatch)
         if self._in_one_step() and handle.rank_matrix is not None:
-            y = torch.empty(handle.num_tokens, handle.hidden, dtype=expert_out.dtype)
+            y = self._output((handle.num_tokens, handle.hidden), expert_out.dtype)
             if moe_step.combine(self.group.group, expert_out, handle.send_token, handle.rank_matrix, y,
                                 handle.slots, self._back.empty if self._back is not None else None):
                 return y
@@ -566,7 +573,7 @@ class Buffer:
         group = self.group
         n, per, k, hidden = group.size, num_experts // group.size, topk_idx.shape[1], x.shape[1]
         if self._in_one_step():  # one call of the core, in as many steps as the largest block needs
-            d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots)
+            d = moe_step.dispatch(group.group, x, topk_idx, topk_weights, num_experts, slots, self._pooled())
             if d.moved:
                 handle = Handle(self, d.send_token, d.send_counts, d.recv_counts, x.shape[0], hidden, dropped,
                                 slots=slots, rank_matrix=d.matrix)

@@ -165,12 +165,15 @@ def _round_trip(buffer, label, seed, low_latency, hidden=HIDDEN):
 
 @contextlib.contextmanager
 def _exchange_path(path: str):
-    """Force how the normal mode moves rows: "packed" (the default at these sizes), or "registered"
-    (rows from the registered send buffer, outputs from the pools)."""
+    """Force how the normal mode moves rows: "packed" (the default at these sizes), "registered"
+    (rows from the registered send buffer, outputs from the pools), or "pooled" (one step of the
+    core, as by default, its outputs from the pools as a large batch's are)."""
     saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
     if path == "registered":
         moe.ONE_STEP = False
         moe.PACKED_MAX_BYTES = moe.SEND_BUFFER_MIN_BYTES = scratch.POOL_MIN_BYTES = 0
+    if path == "pooled":
+        scratch.POOL_MIN_BYTES = 0
     try:
         yield
     finally:
@@ -180,15 +183,16 @@ def _exchange_path(path: str):
 def _both_modes_on_rank(comm, path):
     failures = []
     with _exchange_path(path), moe.Buffer(comm) as buffer:
-        for seed, low_latency in ((1, False), (2, True), (3, False), (3, True)):
-            label, recv_x, counts, y, slots = _round_trip(buffer, f"{path}, low_latency={low_latency}", seed,
-                                                          low_latency)
+        # every output checked after all the calls: a pooled one is not handed out again while it lives
+        trips = [(seed, _round_trip(buffer, f"{path}, low_latency={low_latency}", seed, low_latency))
+                 for seed, low_latency in ((1, False), (2, True), (3, False), (3, True))]
+        for seed, (label, recv_x, counts, y, slots) in trips:
             failures += _mismatches(label, recv_x, counts, y, seed, comm.rank, comm.size, slots)
     return failures
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("path", ["packed", "registered"])
+@pytest.mark.parametrize("path", ["packed", "registered", "pooled"])
 def test_buffer_normal_and_low_latency_modes_equal_numpy(pool_factory, path):
     failures = sum(pool_factory(3).run(_both_modes_on_rank, path), [])
     assert not failures, "\n".join(failures)
