@@ -4,8 +4,9 @@
  * memory, ordinary ones leave them dirty in the writer's cache for the reader: with the 2-vCPU
  * VM's vCPUs far apart streaming made a 1 MiB staged exchange 3-5x faster (2026-11), with them
  * close ordinary stores won by 1.2-1.5x while the direct path still wanted streaming 2-4x
- * (2026-12).  Two-shot beat one-shot by 1.3x at 1-4 MiB on a quiet host and lost by 1.3-1.5x
- * when other jobs held the cores (it waits twice as often).  So each communicator measures.
+ * (2026-12; in a later fast minute direct too ran faster with ordinary ones, see streams).
+ * Two-shot beat one-shot by 1.3x at 1-4 MiB on a quiet host and lost by 1.3-1.5x when other
+ * jobs held the cores (it waits twice as often).  So each communicator measures.
  *
  * It measures by duels, never by times taken apart: the host changes its speed 2-3x within
  * seconds, so averages of samples minutes apart compare the host's modes, not the choices (an
@@ -118,13 +119,17 @@ static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registe
 
 static bool staged(int algo) { return algo == NCL_ALGO_ONE_SHOT || algo == NCL_ALGO_TWO_SHOT; }
 
-/* Streaming stores for `algo` in class cls?  One- and two-shot stage alike, and which stores suit
- * them is the host's mode: one that has not learned its own takes what the other has. */
+/* Streaming stores for `algo` in class cls?  Which stores suit one-shot, two-shot and direct is
+ * mostly the host's mode, so one that has not learned its own takes what the staged ones have
+ * (one- and two-shot each other's, direct two-shot's, else one-shot's).  Direct challenging with
+ * its default (streaming) in the fast mode lost every duel on registered buffers though it was the
+ * faster with ordinary stores (np=2, 1 MiB out of place: direct 46 us ordinary, 59 streaming,
+ * against two-shot's 55 ordinary; 16 MiB 2.4-2.6 against 3.0 ms; 2026-12-06): it never ran. */
 static bool streams(const ncl_comm* c, int algo, int cls) {
+    static const int lenders[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT};
     uint8_t kind = atomic_load_explicit(&c->hdr->streaming[algo][cls], memory_order_relaxed);
-    if (!kind && staged(algo))
-        kind = atomic_load_explicit(&c->hdr->streaming[NCL_ALGO_ONE_SHOT + NCL_ALGO_TWO_SHOT - algo][cls],
-                                    memory_order_relaxed);
+    for (size_t i = 0; !kind && algo != NCL_ALGO_CMA && i < sizeof lenders / sizeof lenders[0]; i++)
+        if (lenders[i] != algo) kind = atomic_load_explicit(&c->hdr->streaming[lenders[i]][cls], memory_order_relaxed);
     return c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(algo);
 }
 
