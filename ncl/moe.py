@@ -388,8 +388,8 @@ class Buffer:
         return self._outputs.empty if self._outputs is not None else None
 
     def _output(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor for a result: from the pool when this Buffer keeps one (large ones reuse memory)."""
-        return self._outputs.empty(shape, dtype) if self._outputs is not None else torch.empty(shape, dtype=dtype)
+        """A tensor for the one-step path's result: a large one from the pool when this Buffer keeps one."""
+        return moe_step.output(shape, dtype, self._pooled())
 
     def _check_handle(self, handle: Handle, low_latency: bool) -> None:
         self._check_open()

@@ -6,12 +6,12 @@ fit one step, the normal dispatch has still exchanged the counts (the whole matr
 every rank), and ncl/moe.py moves the rows the ordinary way with it; the low-latency dispatch
 (whose outputs' size is known before) and combine take more steps of the same call instead.
 """
+import math
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from . import scratch
 from ._native import ffi
 from .buffers import torch_dtype_code
 
@@ -26,6 +26,12 @@ class Dispatched(NamedTuple):
     recv_idx: Optional[torch.Tensor] = None  # int64 ids, -1 where this rank lacks the expert
     recv_w: Optional[torch.Tensor] = None    # the routing weights, topk_weights' dtype
 
+
+# The one-step path's outputs come from the Buffer's pool (scratch.OutputPool) from here up: below it
+# malloc's free lists give one in ~1 µs against the pool's ~5 (a weakref finalizer and three views) and
+# seldom fault (16 tokens at 8 ranks, 737 KB a recv_x: ~1 fault a call), above it a fresh one faults in
+# page by page as it is filled (128 tokens, 5.9 MB: 135 faults a call; from the pool none).
+POOLED_MIN_BYTES = 1 << 20
 
 _DISPATCH_ARGS, _COMBINE_ARGS = ffi.typeof("ncl_moe_dispatch_args *"), ffi.typeof("ncl_moe_combine_args *")
 _VOID, _INT64, _UINT64 = ffi.typeof("void *"), ffi.typeof("int64_t *"), ffi.typeof("uint64_t *")
@@ -65,15 +71,18 @@ def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
     return Dispatched(True, token, counts, recv_counts, matrix, recv_x, recv_idx, recv_w)
 
 
+def output(shape: tuple, dtype: torch.dtype, pool: Optional[Callable[[tuple, torch.dtype], torch.Tensor]]):
+    """An output tensor: from pool(shape, dtype) when given and the tensor is large (POOLED_MIN_BYTES);
+    shape has at least one dimension."""
+    if pool is not None and math.prod(shape) * dtype.itemsize >= POOLED_MIN_BYTES:
+        return pool(shape, dtype)
+    return torch.empty(*shape, dtype=dtype)  # (sizes as arguments: torch parses them faster than a tuple)
+
+
 def _outputs(rows: int, x: torch.Tensor, k: int, weight_dtype: torch.dtype, args, pool):
     """(recv_x, recv_idx, recv_w) of rows rows, args pointed at them (sizes as arguments, not a
-    tuple: torch parses them faster).  A large recv_x comes from the pool: a fresh one is mapped
-    anew and faulted in page by page as the call fills it (a low-latency dispatch of 128 tokens at
-    8 ranks, 5.9 MB a rank: 135 page faults a call, none from the pool)."""
-    if pool is not None and rows * args.row_bytes >= scratch.POOL_MIN_BYTES:
-        recv_x = pool((rows, x.shape[1]), x.dtype)
-    else:
-        recv_x = torch.empty(rows, x.shape[1], dtype=x.dtype)
+    tuple: torch parses them faster), a large recv_x from the pool."""
+    recv_x = output((rows, x.shape[1]), x.dtype, pool)
     recv_idx = torch.empty(rows, k, dtype=torch.int64)
     recv_w = torch.empty(rows, k, dtype=weight_dtype)
     args.recv_x, args.recv_idx, args.recv_w = _ptr(recv_x), ffi.cast(_INT64, recv_idx.data_ptr()), _ptr(recv_w)
