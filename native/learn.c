@@ -125,11 +125,13 @@ static bool staged(int algo) { return algo == NCL_ALGO_ONE_SHOT || algo == NCL_A
  * its default (streaming) in the fast mode lost every duel on registered buffers though it was the
  * faster with ordinary stores (np=2, 1 MiB out of place: direct 46 us ordinary, 59 streaming,
  * against two-shot's 55 ordinary; 16 MiB 2.4-2.6 against 3.0 ms; 2026-12-06): it never ran. */
+static const int LENDERS[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT};
+#define NUM_LENDERS (sizeof LENDERS / sizeof LENDERS[0])
+
 static bool streams(const ncl_comm* c, int algo, int cls) {
-    static const int lenders[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT};
     uint8_t kind = atomic_load_explicit(&c->hdr->streaming[algo][cls], memory_order_relaxed);
-    for (size_t i = 0; !kind && algo != NCL_ALGO_CMA && i < sizeof lenders / sizeof lenders[0]; i++)
-        if (lenders[i] != algo) kind = atomic_load_explicit(&c->hdr->streaming[lenders[i]][cls], memory_order_relaxed);
+    for (size_t i = 0; !kind && algo != NCL_ALGO_CMA && i < NUM_LENDERS; i++)
+        if (LENDERS[i] != algo) kind = atomic_load_explicit(&c->hdr->streaming[LENDERS[i]][cls], memory_order_relaxed);
     return c->streaming ? c->streaming == 1 : kind ? kind == NCL_STORES_STREAMING : DEFAULT_STREAMING(algo);
 }
 
@@ -208,6 +210,16 @@ static void set_stores(ncl_comm* c, const ncl_learned* l, ncl_duel* d, uint8_t k
     d->slower[l->algo] = 0, d->settling[l->algo] = 2;
 }
 
+/* The streaming call ordinary stores are held to: this algorithm's last, or, when it never streamed
+ * (its stores were lent, see streams), its lender's (streaming stores cost about the same in both
+ * modes, so a slow minute still shows: direct crowned with lent ordinary stores in the fast mode had
+ * nothing to be held to when the slow one came, 2026-12-06). */
+static float streamed_ref(const ncl_duel* d, int algo) {
+    for (size_t i = 0; d->streamed[algo] <= 0 && algo != NCL_ALGO_CMA && i < NUM_LENDERS; i++)
+        if (LENDERS[i] != algo && d->streamed[LENDERS[i]] > 0) return d->streamed[LENDERS[i]];
+    return d->streamed[algo];
+}
+
 static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
     int a = l->algo;
     if (c->streaming) return; /* NCL_STREAMING fixes the stores */
@@ -216,7 +228,8 @@ static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
         return;
     }
     if (!l->stream) {
-        d->slower[a] = d->streamed[a] > 0 && x > REACT_MARGIN * d->streamed[a] ? d->slower[a] + 1 : 0;
+        float ref = streamed_ref(d, a);
+        d->slower[a] = ref > 0 && x > REACT_MARGIN * ref ? d->slower[a] + 1 : 0;
         if (d->slower[a] >= REACT_CALLS) set_stores(c, l, d, NCL_STORES_STREAMING);
         return;
     }
