@@ -117,8 +117,6 @@ static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registe
     return k;
 }
 
-static bool staged(int algo) { return algo == NCL_ALGO_ONE_SHOT || algo == NCL_ALGO_TWO_SHOT; }
-
 /* Streaming stores for `algo` in class cls?  Which stores suit one-shot, two-shot and direct is
  * mostly the host's mode, so one that has not learned its own takes what the staged ones have
  * (one- and two-shot each other's, direct two-shot's, else one-shot's).  Direct challenging with
