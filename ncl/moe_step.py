@@ -6,7 +6,6 @@ fit one step, the normal dispatch has still exchanged the counts (the whole matr
 every rank), and ncl/moe.py moves the rows the ordinary way with it; the low-latency dispatch
 (whose outputs' size is known before) and combine take more steps of the same call instead.
 """
-import math
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -26,12 +25,6 @@ class Dispatched(NamedTuple):
     recv_idx: Optional[torch.Tensor] = None  # int64 ids, -1 where this rank lacks the expert
     recv_w: Optional[torch.Tensor] = None    # the routing weights, topk_weights' dtype
 
-
-# The one-step path's outputs come from the Buffer's pool (scratch.OutputPool) from here up: below it
-# malloc's free lists give one in ~1 µs against the pool's ~5 (a weakref finalizer and three views) and
-# seldom fault (16 tokens at 8 ranks, 737 KB a recv_x: ~1 fault a call), above it a fresh one faults in
-# page by page as it is filled (128 tokens, 5.9 MB: 135 faults a call; from the pool none).
-POOLED_MIN_BYTES = 1 << 20
 
 _DISPATCH_ARGS, _COMBINE_ARGS = ffi.typeof("ncl_moe_dispatch_args *"), ffi.typeof("ncl_moe_combine_args *")
 _VOID, _INT64, _UINT64 = ffi.typeof("void *"), ffi.typeof("int64_t *"), ffi.typeof("uint64_t *")
@@ -72,9 +65,9 @@ def dispatch(comm, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.
 
 
 def output(shape: tuple, dtype: torch.dtype, pool: Optional[Callable[[tuple, torch.dtype], torch.Tensor]]):
-    """An output tensor: from pool(shape, dtype) when given and the tensor is large (POOLED_MIN_BYTES);
+    """An output tensor: from pool(shape, dtype) when given (scratch.OutputPool: a large one reuses memory);
     shape has at least one dimension."""
-    if pool is not None and math.prod(shape) * dtype.itemsize >= POOLED_MIN_BYTES:
+    if pool is not None:
         return pool(shape, dtype)
     return torch.empty(*shape, dtype=dtype)  # (sizes as arguments: torch parses them faster than a tuple)
 

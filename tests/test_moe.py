@@ -23,7 +23,7 @@ import torch
 
 import ncl
 from harness import SMALL_STAGING, ncl_run_argv, program_failures
-from ncl import moe, moe_step, scratch
+from ncl import moe, scratch
 
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_program.py")
 
@@ -168,18 +168,16 @@ def _exchange_path(path: str):
     """Force how the normal mode moves rows: "packed" (the default at these sizes), "registered"
     (rows from the registered send buffer, outputs from the pools), or "pooled" (one step of the
     core, as by default, its outputs from the pools as a large batch's are)."""
-    saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES, \
-        moe_step.POOLED_MIN_BYTES
+    saved = moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES
     if path == "registered":
         moe.ONE_STEP = False
         moe.PACKED_MAX_BYTES = moe.SEND_BUFFER_MIN_BYTES = scratch.POOL_MIN_BYTES = 0
     if path == "pooled":
-        scratch.POOL_MIN_BYTES = moe_step.POOLED_MIN_BYTES = 0
+        scratch.POOL_MIN_BYTES = 0
     try:
         yield
     finally:
-        moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES, \
-            moe_step.POOLED_MIN_BYTES = saved
+        moe.ONE_STEP, moe.PACKED_MAX_BYTES, moe.SEND_BUFFER_MIN_BYTES, scratch.POOL_MIN_BYTES = saved
 
 
 def _both_modes_on_rank(comm, path):
