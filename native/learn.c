@@ -16,7 +16,7 @@
  * eight consecutive calls in blocks of two, C C I I C C I I (see challenger_at); rank 0 times the
  * second call of each block, and the challenger wins when the median of the NCL_DUEL_PAIRS ratios
  * challenger / incumbent of neighbouring blocks is below SWITCH_MARGIN (ordered C/I, I/C, C/I: a
- * drift cancels).  A challenger is another algorithm that could run (one-shot, two-shot, cma
+ * drift cancels), and the last of them too (challenger_won: one slow call must not decide).  A challenger is another algorithm that could run (one-shot, two-shot, cma
  * where it works, direct on registered buffers; with its own best stores) or the incumbent with
  * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
  * calls of a size find the faster algorithm and stores), then one in every DUEL_EVERY calls,
@@ -170,6 +170,16 @@ static float median(float* x, int n) { /* n <= NCL_DUEL_PAIRS: insertion sort */
     return n % 2 ? x[n / 2] : (x[n / 2 - 1] + x[n / 2]) / 2;
 }
 
+/* The ratios are C1/I3, C5/I3, C5/I7 (timed calls at places 1, 3, 5, 7): the median cancels a
+ * drift, but the first two share I3, so one slow call there alone (a preemption, a peer late) made
+ * both low and crowned a challenger that was no faster (two-shot's I3 at 5.0 ms among 1.5 ms calls,
+ * 16 MiB at np=2: one-shot crowned, then 1.3x slower for the rest of the row, 2026-12-06).  So the
+ * last ratio, which does not use I3, must be below the margin too. */
+static bool challenger_won(float* ratio) {
+    bool last = ratio[NCL_DUEL_PAIRS - 1] < SWITCH_MARGIN; /* before median() sorts them */
+    return last && median(ratio, NCL_DUEL_PAIRS) < SWITCH_MARGIN;
+}
+
 /* The challenger won: it is the incumbent from the call after next on (see above). */
 static void crown(ncl_comm* c, const ncl_learned* l) {
     if (l->rival == NCL_OTHER_STORES) { /* the incumbent's stores: read by every rank, stale is harmless */
@@ -252,7 +262,7 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     if (d->pairs >= NCL_DUEL_PAIRS) return;
     if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
     d->first = x; /* the next ratio's other term */
-    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && median(d->ratio, d->pairs) < SWITCH_MARGIN) {
+    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && challenger_won(d->ratio)) {
         crown(c, l);
         memset(d->slower, 0, sizeof d->slower); /* react counts afresh under the new choice */
     }
