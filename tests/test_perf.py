@@ -222,6 +222,26 @@ def test_compared_backends_take_turns_size_by_size(tmp_path):
     assert [(r["backend"], r["round"]) for r in rows[:5]] == [("ncl", 0)] * 4 + [("gloo", 0)]
 
 
+
+@pytest.mark.timeout(240)
+def test_calibrate_gives_the_algorithms_turns_and_leaves_out_one_that_cannot_run(tmp_path):
+    """python -m ncl.perf.calibrate: every algorithm's ranks take turns size by size; with NCL_CMA=0
+    the cma ranks fail at their first call, and the rest still make a table that ncl.tuning loads
+    (cma absent: never chosen)."""
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "ncl.perf.calibrate", "-n", "2", "-e", "2K", "--repeat", "2",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=200,
+                          env=dict(os.environ, NCL_CMA="0"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cma on 2 ranks stopped" in proc.stdout and "median µs of 2 turns" in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    assert sorted(data["all_reduce"]) == ["direct", "one_shot", "two_shot"]
+    assert all([s for s, _ in data["measured_us"][a]["2"]] == [8, 32, 128, 512, 2048] for a in data["all_reduce"])
+    code = ("import sys; from ncl import tuning; t = tuning.calibration(sys.argv[1]); "
+            "print(sorted(a for a, by_n in t.items() if 2 in by_n))")
+    listed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "['direct', 'one_shot', 'two_shot']", listed.stdout + listed.stderr
+
 def test_a_rank_waiting_for_its_turn_stops_when_ncl_perf_closes_the_gate(tmp_path):
     from ncl.perf import lockstep
     os.mkfifo(tmp_path / "0")

@@ -2,10 +2,16 @@
 
     python -m ncl.perf.calibrate [-n 2,4,8] [--out FILE]
 
-For every rank count and algorithm (one_shot and two_shot through staging, direct on
-registered buffers) it runs ncl-perf sweeps with the algorithm forced (NCL_ALGO), interleaved
-over --repeat rounds (this host's speed drifts 2-4x over minutes), fits time = latency + bytes
-x per_byte to each point's median (see `fit`), and writes the table that ncl.tuning loads: by
+For every rank count it starts one ncl-perf sweep per algorithm (one_shot, two_shot and cma
+through staging, direct on registered buffers), each forced by NCL_ALGO in ranks of its own, and
+gives them turns size by size, --repeat rounds of each size in a row, the first rotating
+(ncl-perf --interleave size's machinery, ncl/perf/lockstep.py): this host's speed flips 2-4x
+within seconds, and whole sweeps run one after another compared sizes measured in different
+modes (two calibrations made so, a day apart, put one-shot's limit at 4 ranks at 4.3 KB and at
+"never", and direct's at 2 ranks at "never" and 4.5 MB, 2026-12).  An algorithm this host
+cannot run (cma without process_vm_readv) is left out of the table, which ncl.tuning reads as
+never chosen.  It fits time = latency + bytes x per_byte to each point's median (see `fit`),
+and writes the table that ncl.tuning loads: by
 default into this user's cache for this host (ncl.tuning.user_cache_path()), which every later
 communicator on the host uses unless NCL_TUNING_FILE names another file.  `--out
 ncl/calibration.json` replaces the shipped default instead.
@@ -17,8 +23,10 @@ import statistics
 import sys
 from typing import Dict, List, Tuple
 
+from tabulate import tabulate
+
 from .. import tuning
-from . import cli, report, runner
+from . import cli, lockstep, report, runner, specs
 
 ALGORITHMS = tuple(tuning.ALGORITHMS)
 SMALL = 1024
@@ -37,6 +45,40 @@ def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
     return float(latency), float(per_byte)
 
 
+def _sweep(n: int, args, algo: str = ""):
+    """ncl-perf's settings for one algorithm's sweep on n ranks (registered buffers for direct)."""
+    return cli.parser().parse_args(["all_reduce", "-b", args.minbytes, "-e", args.maxbytes, "-f", "4", "-n", str(n),
+                                    "-c", "0", "--repeat", str(args.repeat), "-R", "1" if algo == "direct" else "0"])
+
+
+def _sizes(args, n: int) -> List[int]:
+    return specs.sweep_sizes(_sweep(n, args))
+
+
+def _times(n: int, args, progress) -> Dict[str, Dict[int, List[float]]]:
+    """{algorithm: {size: out-of-place µs of each round}} on n ranks, the algorithms taking turns."""
+    times: Dict[str, Dict[int, List[float]]] = {a: {} for a in ALGORITHMS}
+    turns = [(size, r) for size in _sizes(args, n) for r in range(args.repeat)]
+
+    def command(algo: str, gate: str, scratch: str):
+        return cli.turn_launcher("ncl", n, _sweep(n, args, algo), gate, scratch, {"NCL_ALGO": algo})
+
+    def on_row(algo: str, turn: tuple, row: dict):
+        if row["in_place"]:
+            progress.update(1)
+        elif "time_us" in row:
+            times[algo].setdefault(row["size"], []).append(row["time_us"])
+
+    for algo, code in lockstep.run(list(ALGORITHMS), n, turns, command, on_row, progress.write).items():
+        if code:
+            progress.write(f"# {algo} on {n} ranks stopped (exit code {code}): its sizes after that are left out")
+    body = [[size] + [statistics.median(times[a][size]) if size in times[a] else None for a in ALGORITHMS]
+            for size in _sizes(args, n)]
+    progress.write(f"# all_reduce on {n} ranks, out of place, float32: median µs of {args.repeat} turns\n"
+                   + tabulate(body, ["size (B)"] + list(ALGORITHMS), floatfmt=".1f", missingval="-"))
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ncl.perf.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("-n", "--nranks", type=runner.rank_counts, default=[2, 4, 8])
@@ -46,25 +88,16 @@ def main(argv=None) -> int:
                    "$XDG_CACHE_HOME/ncl/tuning-<host fingerprint>.json (~/.cache/ncl/... without XDG_CACHE_HOME)")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the fit uses each point's median")
     args = p.parse_args(argv)
-    table: Dict[str, Dict[str, List[float]]] = {a: {} for a in ALGORITHMS}
+    table: Dict[str, Dict[str, List[float]]] = {}
     measured: Dict[str, Dict[str, list]] = {}
-    progress = runner.Progress(len(ALGORITHMS) * len(args.nranks) * args.repeat)
+    progress = runner.Progress(len(ALGORITHMS) * len(args.nranks) * len(_sizes(args, 2)) * args.repeat)
     for n in args.nranks:
-        times: Dict[str, Dict[int, List[float]]] = {a: {} for a in ALGORITHMS}
-        for _ in range(args.repeat):  # interleaved, so that a slow minute hits every algorithm alike
-            for algo in ALGORITHMS:
-                cfg = cli.parser().parse_args(["all_reduce", "-b", args.minbytes, "-e", args.maxbytes, "-f", "4",
-                                               "-n", str(n), "-c", "0", "-R", "1" if algo == "direct" else "0"])
-                rows: List[dict] = []
-                if cli.run_backend("ncl", n, cfg, rows, progress, extra_env={"NCL_ALGO": algo}) != 0:
-                    return 1
-                for r in rows:
-                    if not r["in_place"] and "time_us" in r:
-                        times[algo].setdefault(r["size"], []).append(r["time_us"])
-        for algo in ALGORITHMS:
-            points = [(size, statistics.median(ts)) for size, ts in sorted(times[algo].items())]
+        for algo, by_size in _times(n, args, progress).items():
+            if not by_size:
+                continue
+            points = [(size, statistics.median(ts)) for size, ts in sorted(by_size.items())]
             latency, per_byte = fit(points)
-            table[algo][str(n)] = [round(latency, 3), round(per_byte, 5)]
+            table.setdefault(algo, {})[str(n)] = [round(latency, 3), round(per_byte, 5)]
             measured.setdefault(algo, {})[str(n)] = points
             worst = max(abs(latency + per_byte * s / 1e3 - t) / t for s, t in points)
             progress.write(f"# {algo} np={n}: {latency:.2f} us + {per_byte:.4f} ns/B (worst point off by {worst:.0%})")

@@ -173,6 +173,13 @@ def run_backend(backend: str, n: int, cfg, rows: List[dict], progress, round_: i
         return code
 
 
+def turn_launcher(backend: str, n: int, cfg, gate: str, scratch: str, extra_env: Optional[dict] = None):
+    """(argv, env) of a backend's launcher that runs cfg's sweep a size at a time, when lockstep.run
+    gives it the turn (gate: its pipes; scratch: a directory of its own)."""
+    return (_command(backend, n, cfg, os.path.join(scratch, "rendezvous"), gate=gate, rounds=cfg.repeat),
+            _env(backend, n, cfg, extra_env))
+
+
 def run_turns(backends: List[str], n: int, cfg, rows: List[dict], progress) -> int:
     """--interleave size: every backend's ranks at once, taking turns size by size (ncl/perf/lockstep.py);
     prints each pair of rows as it comes, the backend and round before it.  The failed backends' count."""
@@ -184,8 +191,7 @@ def run_turns(backends: List[str], n: int, cfg, rows: List[dict], progress) -> i
     pending: Dict[str, dict] = {}
 
     def command(b: str, gate: str, scratch: str):
-        return (_command(b, n, cfg, os.path.join(scratch, "rendezvous"), gate=gate, rounds=cfg.repeat),
-                _env(b, n, cfg))
+        return turn_launcher(b, n, cfg, gate, scratch)
 
     def on_row(b: str, turn: tuple, row: dict):
         _record(row, cfg, n, turn[1], rows)
