@@ -16,10 +16,11 @@
  * eight consecutive calls in blocks of two, C C I I C C I I (see challenger_at); rank 0 times the
  * second call of each block, and the challenger wins when the median of the NCL_DUEL_PAIRS ratios
  * challenger / incumbent of neighbouring blocks is below SWITCH_MARGIN (ordered C/I, I/C, C/I: a
- * drift cancels), and the last of them too (challenger_won: one slow call must not decide).  A challenger is another algorithm that could run (one-shot, two-shot, cma
- * where it works, direct on registered buffers; with its own best stores) or the incumbent with
- * the other kind of stores.  Two duels come on the class's first calls (a benchmark's first dozen
- * calls of a size find the faster algorithm and stores), then one in every DUEL_EVERY calls,
+ * drift cancels), and the last of them too (challenger_won: one slow call must not decide).  A
+ * challenger is another algorithm that could run (one-shot, two-shot, cma where it works, direct on
+ * registered buffers; with its own best stores) or the incumbent with the other kind of stores.
+ * Two duels come on the class's first calls (a benchmark's first dozen calls of a size find the
+ * faster algorithm and stores), then one in every DUEL_EVERY calls,
  * challengers in turn: a verdict is retried in whatever mode the host is in later, and overturned
  * there if it was wrong.  Between duels rank 0 watches the stores (react): ordinary ones that stay
  * much slower than streaming ones give way, and come back when streaming ones slow down.

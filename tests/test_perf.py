@@ -222,7 +222,6 @@ def test_compared_backends_take_turns_size_by_size(tmp_path):
     assert [(r["backend"], r["round"]) for r in rows[:5]] == [("ncl", 0)] * 4 + [("gloo", 0)]
 
 
-
 @pytest.mark.timeout(240)
 def test_calibrate_gives_the_algorithms_turns_and_leaves_out_one_that_cannot_run(tmp_path):
     """python -m ncl.perf.calibrate: every algorithm's ranks take turns size by size; with NCL_CMA=0
@@ -241,6 +240,7 @@ def test_calibrate_gives_the_algorithms_turns_and_leaves_out_one_that_cannot_run
             "print(sorted(a for a, by_n in t.items() if 2 in by_n))")
     listed = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
     assert listed.stdout.strip() == "['direct', 'one_shot', 'two_shot']", listed.stdout + listed.stderr
+
 
 def test_a_rank_waiting_for_its_turn_stops_when_ncl_perf_closes_the_gate(tmp_path):
     from ncl.perf import lockstep
