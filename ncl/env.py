@@ -55,7 +55,8 @@ class Knob(NamedTuple):
 
 KNOBS: Dict[str, Knob] = {
     "NCL_BUFFSIZE": Knob(parse_bytes, 4 << 20, "staging bytes per rank for collectives (a ring of two slots' "
-                                                "worth); longer messages are pipelined"),
+                                                "worth); longer messages are pipelined, a slot at a time (registered "
+                                                "direct all_reduce: half a slot)"),
     "NCL_P2P_BUFFSIZE": Knob(parse_bytes, 256 << 10, "staging bytes per ordered pair of ranks for send/recv"),
     "NCL_TIMEOUT": Knob(float, 600.0, "seconds any wait may last before NclTimeoutError"),
     "NCL_ALGO": Knob(_lower_choice("one_shot", "two_shot", "direct", "cma"), "",
