@@ -7,7 +7,7 @@ through staging, direct on registered buffers), each forced by NCL_ALGO in ranks
 gives them turns size by size, --repeat rounds of each size in a row, the first rotating
 (ncl-perf --interleave size's machinery, ncl/perf/lockstep.py): this host's speed flips 2-4x
 within seconds, and whole sweeps run one after another compared sizes measured in different
-modes (two calibrations made so, a day apart, put one-shot's limit at 4 ranks at 4.3 KB and at
+modes (two calibrations made so, hours apart, put one-shot's limit at 4 ranks at 4.3 KB and at
 "never", and direct's at 2 ranks at "never" and 4.5 MB, 2026-12).  An algorithm this host
 cannot run (cma without process_vm_readv) is left out of the table, which ncl.tuning reads as
 never chosen.  It fits time = latency + bytes x per_byte to each point's median (see `fit`),
