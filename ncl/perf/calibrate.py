@@ -51,14 +51,16 @@ def _sweep(n: int, args, algo: str = ""):
                                     "-c", "0", "--repeat", str(args.repeat), "-R", "1" if algo == "direct" else "0"])
 
 
-def _sizes(args, n: int) -> List[int]:
-    return specs.sweep_sizes(_sweep(n, args))
+def _sizes(args) -> List[int]:
+    """The sizes every sweep measures (the same at every rank count)."""
+    return specs.sweep_sizes(_sweep(2, args))
 
 
 def _times(n: int, args, progress) -> Dict[str, Dict[int, List[float]]]:
     """{algorithm: {size: out-of-place µs of each round}} on n ranks, the algorithms taking turns."""
     times: Dict[str, Dict[int, List[float]]] = {a: {} for a in ALGORITHMS}
-    turns = [(size, r) for size in _sizes(args, n) for r in range(args.repeat)]
+    sizes = _sizes(args)
+    turns = [(size, r) for size in sizes for r in range(args.repeat)]
 
     def command(algo: str, gate: str, scratch: str):
         return cli.turn_launcher("ncl", n, _sweep(n, args, algo), gate, scratch, {"NCL_ALGO": algo})
@@ -73,7 +75,7 @@ def _times(n: int, args, progress) -> Dict[str, Dict[int, List[float]]]:
         if code:
             progress.write(f"# {algo} on {n} ranks stopped (exit code {code}): its sizes after that are left out")
     body = [[size] + [statistics.median(times[a][size]) if size in times[a] else None for a in ALGORITHMS]
-            for size in _sizes(args, n)]
+            for size in sizes]
     progress.write(f"# all_reduce on {n} ranks, out of place, float32: median µs of {args.repeat} turns\n"
                    + tabulate(body, ["size (B)"] + list(ALGORITHMS), floatfmt=".1f", missingval="-"))
     return times
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     table: Dict[str, Dict[str, List[float]]] = {}
     measured: Dict[str, Dict[str, list]] = {}
-    progress = runner.Progress(len(ALGORITHMS) * len(args.nranks) * len(_sizes(args, 2)) * args.repeat)
+    progress = runner.Progress(len(ALGORITHMS) * len(args.nranks) * len(_sizes(args)) * args.repeat)
     for n in args.nranks:
         for algo, by_size in _times(n, args, progress).items():
             if not by_size:
