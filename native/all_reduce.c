@@ -10,7 +10,8 @@
  * two-shot, per chunk: copy in all blocks but its own (m - m/n), 1 step, rank r reduces block r
  *   of all copies (its own straight from send) into its other slot and its recv (reads m), 1 step,
  *   everyone copies the other n-1 reduced blocks out (m - m/n): the reduce-scatter + all-gather
- *   that keeps per-rank traffic flat as n grows.
+ *   that keeps per-rank traffic flat as n grows (the copies out stream when the ranks oversubscribe
+ *   the CPUs and the outputs outgrow the cache: copy.c, ncl_output_stream_min_bytes).
  * cma (unregistered buffers, process_vm_readv works, see cma.c): two-shot with one copy:
  *   rank r reads block r of every peer's send piece by piece into scratch memory and
  *   reduces it with its own into its recv (streaming stores), 1 step, reads every other
@@ -109,6 +110,7 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
                     bool stream, const ncl_fingerprint* fp) {
     size_t es = (size_t)ncl_dtype_size(dtype), chunk = c->slot_bytes / es;
     size_t nsteps = count ? ncl_div_up(count, chunk) : 1;
+    bool out_streams = count * es >= c->out_stream_min_bytes;
     for (size_t i = 0; i < nsteps; i++) {
         size_t off = i * chunk, m = ncl_min(chunk, count - off), lo, hi;
         const uint8_t* piece = send + off * es;
@@ -128,7 +130,7 @@ static int two_shot(ncl_comm* c, const uint8_t* send, uint8_t* recv, size_t coun
         for (int i = 1; i < c->nranks; i++) { /* gather the other ranks' reduced blocks */
             int r = ncl_reader_turn(c, i);
             block_range(m, c->nranks, r, es, &lo, &hi);
-            memcpy(recv + (off + lo) * es, ncl_step_peer_slot(c, r) + lo * es, (hi - lo) * es);
+            ncl_copy_stores(recv + (off + lo) * es, ncl_step_peer_slot(c, r) + lo * es, (hi - lo) * es, out_streams);
         }
     }
     return NCL_OK;

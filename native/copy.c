@@ -1,4 +1,4 @@
-/* copy.c: writing data that another rank will read.
+/* copy.c: writing data that another rank will read (and, at the end, into a rank's own output).
  *
  * On this kind of host the costly part of a shared-memory exchange is not the copy but the
  * hand-over of freshly written cache lines from the writer's core to the reader's: measured
@@ -54,6 +54,19 @@ void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
     }
 #endif
     if (n) memcpy(dst_, src_, n);
+}
+
+/* Copies into this rank's own output (which no peer reads) stream when the ranks oversubscribe the
+ * CPUs and their outputs together reach a quarter of the largest cache (each rank also touches its
+ * send and two staging slots): a rank's output lines are then out of cache by the time it copies
+ * into them (its CPU-mates ran while it waited), and an ordinary store reads each line from memory
+ * before writing it.  Two-shot's gather, float32, out of place, the same processes alternating, the
+ * ratio streaming / ordinary (2026-12-06, 32 MiB L3): 8 ranks on 2 CPUs 1 MiB 0.71-1.16 (median of
+ * four runs 0.85), 2 MiB 0.81-0.92, 16 MiB 0.68-0.85, 64 MiB 0.77-0.86; 4 ranks 2 MiB 0.80-0.86,
+ * 4 MiB 0.74-0.91; below the line 8 ranks 256 KiB 0.96-1.23, 4 ranks 1 MiB 0.91-1.09; 2 ranks (not
+ * oversubscribed: each keeps its cache) 1-2 MiB 1.36-1.47, 16-64 MiB 0.98-1.07. */
+size_t ncl_output_stream_min_bytes(const ncl_comm* c) {
+    return c->oversubscribed ? ncl_div_up(c->cache_bytes / 4, (size_t)c->nranks) : SIZE_MAX;
 }
 
 void ncl_copy_from_own_share(const ncl_comm* c, void* dst_, const void* src_, size_t n, bool stream) {

@@ -59,6 +59,8 @@ int ncl_comm_get_info(const ncl_comm* c, ncl_comm_info* out) {
     if (!c || !out) return ncl_error(NCL_ERR_ARGUMENT, "ncl_comm_get_info needs a communicator and an output");
     *out = (ncl_comm_info){.segment_bytes = c->map_bytes, .slot_bytes = c->slot_bytes,
                            .p2p_slot_bytes = c->p2p_slot_bytes, .cpus = c->cpus,
-                           .oversubscribed = c->oversubscribed, .central_sync = c->central_sync, .cma = c->cma};
+                           .oversubscribed = c->oversubscribed, .central_sync = c->central_sync, .cma = c->cma,
+                           .cache_bytes = c->cache_bytes,
+                           .out_stream_min_bytes = c->out_stream_min_bytes};
     return NCL_OK;
 }

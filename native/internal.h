@@ -157,6 +157,8 @@ struct ncl_comm {
     int broken;             /* a group error happened: refuse further use */
     bool verify_calls;      /* compare fingerprint digests at every step (ncl_options) */
     int cpus;
+    size_t cache_bytes;     /* the largest CPU cache (sysfs) */
+    size_t out_stream_min_bytes; /* outputs copied from staging stream from here up (copy.c) */
     ncl_flight_entry* flight; /* flight recorder: a ring of flight_cap calls (flight.c) */
     uint32_t flight_cap;
     uint64_t calls;         /* calls begun on this communicator */
@@ -176,6 +178,7 @@ typedef struct {
 void ncl_copy_shared(void* dst, const void* src, size_t n);
 int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
 void ncl_copy_stores(void* dst, const void* src, size_t n, bool stream);
+size_t ncl_output_stream_min_bytes(const ncl_comm* c);
 int ncl_reduce_stores(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op, bool stream);
 /* Copy n bytes that every rank copies at once, from this rank's n-th share of them round to it
  * (see ncl_reader_turn) */

@@ -71,6 +71,8 @@ typedef struct {
     int32_t oversubscribed;  /* more ranks than cpus: no spinning */
     int32_t central_sync;    /* steps meet at one shared word (rank 0's choice) */
     int32_t cma;             /* every rank can read every other's memory with process_vm_readv */
+    uint64_t cache_bytes;    /* the largest CPU cache (sysfs) */
+    uint64_t out_stream_min_bytes; /* outputs copied from staging stream from here up (SIZE_MAX: never) */
 } ncl_comm_info;
 
 /* One call in a communicator's flight recorder (the last N calls of this rank). */

@@ -158,6 +158,31 @@ int ncl_shm_receive(const char* key, const char* suffix, int rank, const char* n
     return NCL_OK;
 }
 
+/* The largest CPU cache (sysfs: cpu0's highest level; on this 2-vCPU host the L3, 32 MiB, shared by
+ * both), or 32 MiB where sysfs does not say.  (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) says 320 MiB here.) */
+static size_t last_level_cache_bytes(void) {
+    size_t best = 0;
+    int best_level = 0;
+    for (int i = 0; i < 8; i++) {
+        char path[80], text[32];
+        int level = 0;
+        unsigned long long size = 0;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", i);
+        FILE* f = fopen(path, "r");
+        if (!f) break;
+        bool ok = fscanf(f, "%d", &level) == 1;
+        fclose(f);
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+        if (!ok || !(f = fopen(path, "r"))) continue;
+        char unit = 0;
+        ok = fgets(text, sizeof text, f) && sscanf(text, "%llu%c", &size, &unit) >= 1;
+        fclose(f);
+        size *= unit == 'K' ? 1ull << 10 : unit == 'M' ? 1ull << 20 : unit == 'G' ? 1ull << 30 : 1;
+        if (ok && size && level >= best_level) best = (size_t)size, best_level = level;
+    }
+    return best ? best : (size_t)32 << 20;
+}
+
 static int count_cpus(void) {
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
@@ -298,9 +323,11 @@ int ncl_comm_create(const char* name, const char* key, int rank, int nranks, con
     c->spin_us = opts->spin_us;
     c->yield_us = opts->yield_us;
     c->cpus = count_cpus();
+    c->cache_bytes = last_level_cache_bytes();
     /* Ranks outside this group count too (a sub-communicator, an emulated host): they need
      * the same CPUs, so a spinning waiter would steal theirs. */
     c->oversubscribed = (int)ncl_max((size_t)nranks, opts->host_ranks) > c->cpus;
+    c->out_stream_min_bytes = ncl_output_stream_min_bytes(c);
     c->one_shot_max_bytes = opts->one_shot_max_bytes;
     c->direct_min_bytes = opts->direct_min_bytes;
     c->cma_min_bytes = opts->cma_min_bytes;

@@ -230,9 +230,11 @@ class SharedMemoryBackend:
                "unavailable: the kernel refused process_vm_readv between the ranks (ptrace scope?)")
         forced = f", forced {env.get('NCL_ALGO')}" if tuning.forced_all_reduce_algorithm() else ""
         cma_from = at(o.cma_all_reduce_min_bytes) if info.cma else "never"
+        out_streams = at(info.out_stream_min_bytes)  # copy.c: oversubscribed, past a quarter of the cache
         return (f"ready: segment {log.size_text(info.segment_bytes)} (staging 2 x {log.size_text(info.slot_bytes)}"
                 f" per rank, send/recv 2 x {log.size_text(info.p2p_slot_bytes)} per pair); {self.size} ranks on "
-                f"{info.cpus} CPUs: {waiting}; single-copy reads: {cma}; all_reduce: one_shot up to "
+                f"{info.cpus} CPUs: {waiting}; outputs stream from {out_streams} ({log.size_text(info.cache_bytes)} "
+                f"cache); single-copy reads: {cma}; all_reduce: one_shot up to "
                 f"{at(o.one_shot_max_bytes, 'any size')}, cma from {cma_from}, "
                 f"registered direct from {at(o.direct_min_bytes)}{forced}; "
                 f"timeout {o.timeout_s:g} s; flight recorder {o.flight_entries} calls; "

@@ -144,6 +144,19 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
     assert not differ, f"algorithms disagree bitwise in {len(differ)} cases, e.g. {differ[:5]}"
 
 
+@pytest.mark.timeout(150)
+def test_two_shot_streams_its_output_when_oversubscribed(pool_factory):
+    """Two-shot's copies into recv stream (native/copy.c, ncl_output_stream_min_bytes) when the ranks
+    oversubscribe the CPUs (NCL_LOCAL_WORLD_SIZE=64 makes them so on any machine) and their outputs
+    pass a quarter of the cache: 3 ranks x 8 MiB of float32 and 4 MiB of bfloat16 (enough for a
+    cache up to 96 MiB), a count whose last staging chunk is 52 bytes short of a slot (its last
+    block ends inside a cache line, and still streams), in place and out of place: the numpy
+    reference, bitwise alike on every rank (a streamed copy 4 bytes short fails it)."""
+    env = (("NCL_ALGO", "two_shot"), ("NCL_LOCAL_WORLD_SIZE", "64"))
+    _assert_sweep(pool_factory(3, env).run(_all_reduce_sweep, "streamed out", ["float32", "bfloat16"], ("SUM",),
+                                           (2_097_139,), timeout=120))
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("size", (2, 3))
 def test_learned_algorithms_and_stores_agree(pool_factory, size):
