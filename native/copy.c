@@ -61,10 +61,13 @@ void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
  * send and two staging slots): a rank's output lines are then out of cache by the time it copies
  * into them (its CPU-mates ran while it waited), and an ordinary store reads each line from memory
  * before writing it.  Two-shot's gather, float32, out of place, the same processes alternating, the
- * ratio streaming / ordinary (2026-12-06, 32 MiB L3): 8 ranks on 2 CPUs 1 MiB 0.71-1.16 (median of
- * four runs 0.85), 2 MiB 0.81-0.92, 16 MiB 0.68-0.85, 64 MiB 0.77-0.86; 4 ranks 2 MiB 0.80-0.86,
- * 4 MiB 0.74-0.91; below the line 8 ranks 256 KiB 0.96-1.23, 4 ranks 1 MiB 0.91-1.09; 2 ranks (not
- * oversubscribed: each keeps its cache) 1-2 MiB 1.36-1.47, 16-64 MiB 0.98-1.07. */
+ * ratio streaming / ordinary (2026-12-06, 32 MiB L3; fast minutes of the host, then slow ones): 8
+ * ranks on 2 CPUs 1 MiB 0.64-1.16 (median of 8 runs 0.80) / 0.85, 2 MiB 0.77-0.95 / 0.64, 16 MiB
+ * 0.68-0.85 / 0.98, 64 MiB 0.77-0.86 / 0.67; 4 ranks 2 MiB 0.78-0.86 / 0.83-1.69 (median of 3
+ * 1.24: the line is about here), 4 MiB 0.74-0.91 / 0.36-0.38, 16 MiB 0.74-0.93 / 0.40-0.61;
+ * 3 ranks 4 MiB 0.78-0.84, 16 MiB 0.50-0.81; below the line 8 ranks 256 KiB 0.96-1.23, 4 ranks
+ * 1 MiB 0.82-1.09, 3 ranks 1 MiB 0.92-1.18; 2 ranks (not oversubscribed: each keeps its cache)
+ * 1-2 MiB 1.36-1.47, 16-64 MiB 0.98-1.07. */
 size_t ncl_output_stream_min_bytes(const ncl_comm* c) {
     return c->oversubscribed ? ncl_div_up(c->cache_bytes / 4, (size_t)c->nranks) : SIZE_MAX;
 }
