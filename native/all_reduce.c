@@ -241,6 +241,7 @@ static int all_reduce_call(ncl_comm* c, const void* send, void* recv, size_t cou
     ncl_learned how = ncl_learn_pick(c, algo, forced, registered, bytes);
     algo = how.algo;
     ncl_call_path(c, ncl_algo_name(algo));
+    ncl_call_stores(c, how.stream);
     ncl_fingerprint fp = {.coll = NCL_COLL_ALL_REDUCE, .dtype = (uint8_t)dtype, .op = (uint8_t)op, .root = -1,
                           .count = count, .extra = (uint64_t)algo};
     if (algo == NCL_ALGO_DIRECT) ncl_fp_registered(&fp, &rs, &rr);

@@ -27,6 +27,10 @@ void ncl_call_path(ncl_comm* c, const char* algorithm) {
     if (c->current) c->current->algorithm = algorithm;
 }
 
+void ncl_call_stores(ncl_comm* c, bool streaming) {
+    if (c->current) c->current->stores = streaming ? 1 : 2;
+}
+
 int ncl_call_end(ncl_comm* c, int status) {
     ncl_flight_entry* e = c->current;
     if (e) {

@@ -110,12 +110,14 @@ typedef struct {
 /* learn.c, rank 0: a duel's timed calls (ns per byte of the last one, and the ratios challenger /
  * incumbent of neighbouring ones so far), and what react() follows the stores by */
 #define NCL_DUEL_PAIRS 3
+#define NCL_RECENT 8 /* streaming calls react() keeps per algorithm */
 typedef struct {
     float first;
     float ratio[NCL_DUEL_PAIRS];
     uint8_t pairs;
-    float streamed[NCL_NUM_ALGOS]; /* ns per byte; 0: not measured yet */
-    float streamed_low[NCL_NUM_ALGOS]; /* ... the recent low (drifting up) */
+    float streamed[NCL_NUM_ALGOS][NCL_RECENT]; /* ns per byte of the last streaming calls (a ring) */
+    uint8_t streamed_n[NCL_NUM_ALGOS];         /* calls in the ring (up to NCL_RECENT) */
+    uint8_t streamed_at[NCL_NUM_ALGOS];        /* where the next goes */
     uint8_t slower[NCL_NUM_ALGOS];     /* calls in a row that ask react to change the stores */
     uint8_t settling[NCL_NUM_ALGOS];   /* calls after a change of stores not to judge by (react) */
 } ncl_duel;
@@ -298,6 +300,7 @@ int ncl_fail(ncl_comm* c, int status);
 void ncl_call_begin(ncl_comm* c, int coll, int dtype, size_t count, int op, int root);
 int ncl_call_end(ncl_comm* c, int status);
 void ncl_call_path(ncl_comm* c, const char* algorithm);   /* name the path the current call took */
+void ncl_call_stores(ncl_comm* c, bool streaming);        /* ... and the stores all_reduce wrote with */
 void ncl_wake_waiters(ncl_comm* c);            /* mark broken + aborted, pass status on */
 
 /* The i-th rank (0 <= i < n) whose data this rank reads when every rank reads every rank's:

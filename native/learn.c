@@ -162,7 +162,7 @@ ncl_learned ncl_learn_pick(ncl_comm* c, int algo, bool forced, bool registered, 
     return l;
 }
 
-static float median(float* x, int n) { /* n <= NCL_DUEL_PAIRS: insertion sort */
+static float median(float* x, int n) { /* n <= NCL_RECENT: insertion sort */
     for (int i = 1; i < n; i++)
         for (int j = i; j > 0 && x[j] < x[j - 1]; j--) {
             float t = x[j];
@@ -200,9 +200,13 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
  * harmless).  Ordinary stores cost 4-5x more in the slow mode than in the fast one, streaming ones
  * about the same, a little less in the slow mode (2 MiB 175 against 242 us, 16 MiB 1.5 against
  * 2.4 ms; 2026-12).  So ordinary stores that have run REACT_MARGIN slower than this algorithm's
- * last streaming call for REACT_CALLS calls in a row give way, and streaming ones that have run
- * REACT_BACK above their recent low for REACT_BACK_CALLS calls in a row try ordinary ones again
- * (if those are slow, the first rule brings streaming back after three calls).  Not at the first
+ * typical streaming call (the median of its last NCL_RECENT) for REACT_CALLS calls in a row give
+ * way, and streaming ones that have run REACT_BACK above their typical call for REACT_BACK_CALLS
+ * calls in a row try ordinary ones again (if those are slow, the first rule brings streaming back
+ * after three calls).  The median, not the recent low: the fastest call of a wide spread (16 MiB
+ * at np=2, slow minutes: the low 0.6-0.7 of the typical call) let any three typical calls in a
+ * row send the stores to ordinary ones every ten calls, five of them at 3-4x (out of place 5.3 ms
+ * against MPICH's 4.1, where streaming alone ran 2.2; 2026-12-06).  Not at the first
  * slow call: calls slowed by anything else gave ordinary stores up for the ~100 calls until the
  * next stores duel, at 2x their time in the fast mode (2 MiB 260 against 125 us, 2026-12): a
  * preemption slows one call, and after the ranks slept (ncl-perf running another library) the
@@ -213,20 +217,33 @@ static void crown(ncl_comm* c, const ncl_learned* l) {
 #define REACT_CALLS 3
 #define REACT_BACK 1.3f
 #define REACT_BACK_CALLS 3
-#define LOW_DRIFT 1.01f /* the low forgets a minute-old mode in a few hundred calls */
 static void set_stores(ncl_comm* c, const ncl_learned* l, ncl_duel* d, uint8_t kind) {
     atomic_store_explicit(&c->hdr->streaming[l->algo][l->cls], kind, memory_order_relaxed);
     d->slower[l->algo] = 0, d->settling[l->algo] = 2;
 }
 
-/* The streaming call ordinary stores are held to: this algorithm's last, or, when it never streamed
- * (its stores were lent, see streams), its lender's (streaming stores cost about the same in both
- * modes, so a slow minute still shows: direct crowned with lent ordinary stores in the fast mode had
- * nothing to be held to when the slow one came, 2026-12-06). */
+/* The median of an algorithm's last streaming calls (ns per byte), 0 before the first. */
+static float typical_streamed(const ncl_duel* d, int algo) {
+    float x[NCL_RECENT];
+    memcpy(x, d->streamed[algo], sizeof x);
+    return d->streamed_n[algo] ? median(x, d->streamed_n[algo]) : 0.0f;
+}
+
+static void remember_streamed(ncl_duel* d, int algo, float x) {
+    d->streamed[algo][d->streamed_at[algo]] = x;
+    d->streamed_at[algo] = (uint8_t)((d->streamed_at[algo] + 1) % NCL_RECENT);
+    if (d->streamed_n[algo] < NCL_RECENT) d->streamed_n[algo]++;
+}
+
+/* The streaming call ordinary stores are held to: this algorithm's typical one, or, when it never
+ * streamed (its stores were lent, see streams), its lender's (streaming stores cost about the same in
+ * both modes, so a slow minute still shows: direct crowned with lent ordinary stores in the fast mode
+ * had nothing to be held to when the slow one came, 2026-12-06).  Not the last streaming call: the
+ * last before a change to ordinary stores is, by the rule that made it, a slow one. */
 static float streamed_ref(const ncl_duel* d, int algo) {
-    for (size_t i = 0; d->streamed[algo] <= 0 && algo != NCL_ALGO_CMA && i < NUM_LENDERS; i++)
-        if (LENDERS[i] != algo && d->streamed[LENDERS[i]] > 0) return d->streamed[LENDERS[i]];
-    return d->streamed[algo];
+    for (size_t i = 0; !d->streamed_n[algo] && algo != NCL_ALGO_CMA && i < NUM_LENDERS; i++)
+        if (LENDERS[i] != algo && d->streamed_n[LENDERS[i]]) return typical_streamed(d, LENDERS[i]);
+    return typical_streamed(d, algo);
 }
 
 static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
@@ -239,13 +256,17 @@ static void react(ncl_comm* c, const ncl_learned* l, ncl_duel* d, float x) {
     if (!l->stream) {
         float ref = streamed_ref(d, a);
         d->slower[a] = ref > 0 && x > REACT_MARGIN * ref ? d->slower[a] + 1 : 0;
-        if (d->slower[a] >= REACT_CALLS) set_stores(c, l, d, NCL_STORES_STREAMING);
+        if (d->slower[a] >= REACT_CALLS) {
+            set_stores(c, l, d, NCL_STORES_STREAMING);
+            /* streaming stores come back at the host's level now: a step of the host sent them away,
+             * and held to their calls before it they would flap again (tests/test_collectives.py) */
+            d->streamed_n[a] = d->streamed_at[a] = 0;
+        }
         return;
     }
-    d->streamed[a] = x;
-    float low = d->streamed_low[a] * LOW_DRIFT;
-    d->streamed_low[a] = low > 0 && low < x ? low : x;
-    d->slower[a] = x > REACT_BACK * d->streamed_low[a] ? d->slower[a] + 1 : 0;
+    float typical = typical_streamed(d, a); /* before this call joins it */
+    remember_streamed(d, a, x);
+    d->slower[a] = typical > 0 && x > REACT_BACK * typical ? d->slower[a] + 1 : 0;
     if (d->slower[a] >= REACT_BACK_CALLS) set_stores(c, l, d, NCL_STORES_CACHED);
 }
 
@@ -259,7 +280,7 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     }
     if (l->at == 0) d->pairs = 0;
     if (!timed_at(l->at)) return;
-    if (l->stream) d->streamed[l->algo] = x;
+    if (l->stream) remember_streamed(d, l->algo, x);
     if (d->pairs >= NCL_DUEL_PAIRS) return;
     if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
     d->first = x; /* the next ratio's other term */

@@ -84,7 +84,7 @@ typedef struct {
     uint32_t first_step;     /* the communicator's step counter when the call began */
     uint32_t steps;          /* steps it completed: where a stuck call stopped */
     int32_t status;          /* -1 while running, else its ncl_status */
-    int32_t reserved;
+    int32_t stores;          /* all_reduce: 1 streaming stores, 2 ordinary ones (learn.c); 0 other calls */
     double t_begin, t_end;   /* CLOCK_MONOTONIC seconds (one clock for every process of a host); t_end 0: running */
     const char* algorithm;   /* the path taken: "one_shot", "two_shot", "direct", "cma", "staged", "p2p" */
 } ncl_flight_entry;

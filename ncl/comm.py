@@ -337,7 +337,8 @@ class Communicator:
     # ---- flight recorder ------------------------------------------------------------------------
     def flight_record(self) -> list:
         """This rank's last calls on this communicator (NCL_TRACE_BUFFER of them), oldest first:
-        collective, sizes, algorithm taken, state, steps done, duration.  Across hosts: the
+        collective, sizes, algorithm taken (and all_reduce's stores: "streaming" or "ordinary"),
+        state, steps done, duration.  Across hosts: the
         intra-host steps of each collective."""
         from . import flight
         recorder = self._backend.recorder

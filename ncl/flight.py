@@ -20,6 +20,9 @@ from . import dtypes, log
 from ._native import ffi, lib
 
 
+_STORES = {1: "streaming", 2: "ordinary"}  # ncl_flight_entry.stores (0: not an all_reduce)
+
+
 def _name(fn, code: int) -> Optional[str]:
     return ffi.string(fn(code)).decode() if code >= 0 else None
 
@@ -43,6 +46,7 @@ def entries(group, emulator=None) -> List[Dict[str, Any]]:
             "op": _name(lib.ncl_op_name, e.op),
             ("peer" if coll in ("send", "recv") else "root"): e.root if e.root >= 0 else None,
             "algorithm": ffi.string(e.algorithm).decode() if e.algorithm else None,
+            "stores": _STORES.get(e.stores),  # all_reduce's, as learn.c chose them
             "state": "running" if e.status < 0 else "done" if e.status == 0 else "failed",
             "status": _name(lib.ncl_status_name, e.status),
             "first_step": e.first_step, "steps": e.steps,

@@ -177,9 +177,10 @@ DUELS = ((1, 9), (10, 18), (64, 72), (192, 200))  # native/learn.c: the calls of
 CHALLENGER_PLACES = (0, 1, 4, 5)                # C C I I C C I I
 
 
-def _duel_calls(comm, count, calls, late=None):
+def _duel_calls(comm, count, calls, late=None, key="algorithm"):
     """`calls` in-place all_reduces of `count` float32 on a new communicator (its size classes
-    unlearned), rank 1 entering call i late[i] seconds late: (failures, the algorithm each call took)."""
+    unlearned), rank 1 entering call i late[i] seconds late: (failures, the algorithm each call took,
+    or with key="stores" the stores it wrote with)."""
     sub = comm.split(0)
     try:
         want = reference_reduce(_datas(case_seed("duel", count), comm.size, (count,), "float32"), "SUM")
@@ -189,7 +190,7 @@ def _duel_calls(comm, count, calls, late=None):
             if late and i in late and comm.rank == 1:
                 time.sleep(late[i])
             got = sub.all_reduce(mine.copy())
-            algos.append(sub.flight_record()[-1]["algorithm"])
+            algos.append(sub.flight_record()[-1][key])
             if (bad := mismatch(f"duel call {i} ({algos[-1]}) rank={comm.rank}", got, want)):
                 failures.append(bad)
         return failures, algos
@@ -240,6 +241,31 @@ def test_one_slow_call_does_not_decide_a_duel(pool_factory):
     incumbent, challenger = algos[lo + 3], algos[lo]
     assert incumbent != challenger, " ".join(algos)  # a duel of algorithms
     assert set(algos[hi:]) == {incumbent}, " ".join(algos)
+
+
+@pytest.mark.timeout(120)
+def test_stores_follow_a_step_not_a_spread(pool_factory):
+    """learn.c's react() between duels, rank 0's record of 64 calls at 256 KiB with rank 1 late by D
+    (30 ms) or more, so that rank 0's times are the lateness: the first duel crowns streaming stores
+    (its incumbent calls 5D late), the second keeps two-shot (its challenger calls 5D late).  Then a
+    spread that does not move (calls 18-45: every fifth call on time, the rest D late) must leave
+    the stores alone: judged by the recent low (the fastest call), runs of three D-late calls sent
+    them to ordinary ones, and nothing brought them back (fails on the code before the median,
+    2026-12-06).  Then a step (calls 46-63 all 3D late) is a change to follow: ordinary stores are
+    tried, and, as slow, give way to streaming ones again, which stay (held to their calls before
+    the step, they went to ordinary ones again)."""
+    d = 0.03  # (beside two CPU hogs a call waited up to ~3 ms more than its lateness)
+    late = {i: d for i in range(64)}
+    late.update({i: 5 * d for i in (3, 4, 7, 8, 10, 11, 14, 15)})  # duel 1: incumbent; duel 2: challenger
+    late.update({i: 0.0 for i in range(18, 46, 5)})
+    late.update({i: 3 * d for i in range(46, 64)})
+    results = pool_factory(2).run(_duel_calls, 65_536, 64, late, "stores", timeout=100)
+    assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
+    stores = results[0][1]
+    assert stores[1] == "streaming" and stores[3] == "ordinary", stores  # the first duel: streaming challenges
+    assert set(stores[18:46]) == {"streaming"}, " ".join(f"{i}:{s}" for i, s in enumerate(stores))
+    changes = [i for i in range(47, 64) if stores[i] != stores[i - 1]]
+    assert len(changes) == 2 and stores[-1] == "streaming", " ".join(f"{i}:{s}" for i, s in enumerate(stores))
 
 
 # (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
