@@ -147,7 +147,7 @@ def test_all_reduce_algorithms_agree(pool_factory, size, dtype):
 @pytest.mark.timeout(150)
 def test_two_shot_streams_its_output_when_oversubscribed(pool_factory):
     """Two-shot's copies into recv stream (native/copy.c, ncl_output_stream_min_bytes) when the ranks
-    oversubscribe the CPUs (NCL_LOCAL_WORLD_SIZE=64 makes them so on any machine) and their outputs
+    oversubscribe the CPUs (NCL_LOCAL_WORLD_SIZE=64 makes them so below 64 CPUs) and their outputs
     pass a quarter of the cache: 3 ranks x 8 MiB of float32 and 4 MiB of bfloat16 (enough for a
     cache up to 96 MiB), a count whose last staging chunk is 52 bytes short of a slot (its last
     block ends inside a cache line, and still streams), in place and out of place: the numpy
