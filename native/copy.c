@@ -56,6 +56,31 @@ void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
     if (n) memcpy(dst_, src_, n);
 }
 
+/* Zeroing memory that is not read again soon: streaming stores from NT_MIN_BYTES (as ncl_copy_stores). */
+void ncl_zero_streaming(void* dst_, size_t n) {
+#ifdef HAVE_STREAMING
+    if (n >= NT_MIN_BYTES) {
+        uint8_t* dst = dst_;
+        size_t head = (16 - ((uintptr_t)dst & 15)) & 15; /* movntdq needs 16-byte aligned targets */
+        memset(dst, 0, head);
+        dst += head, n -= head;
+        size_t body = n & ~(size_t)63;
+        __m128i z = _mm_setzero_si128();
+        for (size_t i = 0; i < body; i += 64) {
+            __m128i* t = (__m128i*)(dst + i);
+            _mm_stream_si128(t, z);
+            _mm_stream_si128(t + 1, z);
+            _mm_stream_si128(t + 2, z);
+            _mm_stream_si128(t + 3, z);
+        }
+        memset(dst + body, 0, n - body);
+        _mm_sfence(); /* ordered before the call returns the tensor */
+        return;
+    }
+#endif
+    if (n) memset(dst_, 0, n);
+}
+
 /* Copies into this rank's own output (which no peer reads) stream when the ranks oversubscribe the
  * CPUs and their outputs together reach a quarter of the largest cache (each rank also touches its
  * send and two staging slots): a rank's output lines are then out of cache by the time it copies

@@ -377,6 +377,37 @@ def test_low_latency_rows_larger_than_a_piece_of_staging_move_the_other_way(pool
     assert not failures, "\n".join(failures)
 
 
+def _low_latency_padding_over_used_memory(comm):
+    """Failures of a low-latency dispatch of 1 token a rank into memory the pool took back from a full one
+    (2 blocks of 64 rows of 8 KiB: recv_x is 1 MiB, pooled): the padding, 63 rows (504 KiB) a block, is
+    zeroed with streaming stores (native/moe.c pad_slots), and must read zero, ids -1, weights 0."""
+    me, failures, hidden, slots = comm.rank, [], 2048, 64
+    g = torch.Generator().manual_seed(me)
+    with moe.Buffer(comm) as buffer:
+        for tokens in (slots, 1):  # every block full of rows, then one row a block in the same memory
+            x = torch.rand(tokens, hidden, generator=g) + 1  # no zero anywhere
+            idx = torch.tensor([[0, 2]] * tokens)  # expert 0 on rank 0, expert 2 on rank 1
+            w = torch.full((tokens, 2), 0.5)
+            recv_x, recv_idx, recv_w, handle = buffer.low_latency_dispatch(x, idx, w, slots, num_experts=4)
+            sent = comm.all_gather(x).view(comm.size, tokens, hidden)  # every rank's rows
+            ids = torch.tensor([[0, -1] if me == 0 else [-1, 2]] * tokens)  # the experts this rank holds
+            for source in range(comm.size):
+                block = slice(source * slots, source * slots + tokens)
+                pad = slice(source * slots + tokens, (source + 1) * slots)
+                if not (torch.equal(recv_x[block], sent[source]) and torch.equal(recv_idx[block], ids) and
+                        not recv_x[pad].any() and (recv_idx[pad] == -1).all() and not recv_w[pad].any()):
+                    failures.append(f"{tokens} tokens, rank {me}: the block from rank {source} is wrong")
+            if tokens == slots:
+                del recv_x, recv_idx, recv_w, handle  # the 1 MiB goes back to the pool
+    return failures
+
+
+@pytest.mark.timeout(120)
+def test_low_latency_padding_reads_zero_in_reused_memory(pool_factory):
+    failures = sum(pool_factory(2).run(_low_latency_padding_over_used_memory), [])
+    assert not failures, "\n".join(failures)
+
+
 # ---- fp8 dispatch (DeepEP's convention), on pools of 2 and 3 ranks: the codes and scales numpy's, bit for bit;
 # combine in bfloat16 within fp8's bound of the bfloat16 dispatch's
 FP8_CASE, FP8_HIDDEN = Case((4, 0, 7), 6, 2), 200  # rank 1 sends nothing; rows of two blocks, the second short
