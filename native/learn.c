@@ -123,7 +123,11 @@ static int rivals_of(const ncl_comm* c, int incumbent, bool forced, bool registe
  * (one- and two-shot each other's, direct two-shot's, else one-shot's).  Direct challenging with
  * its default (streaming) in the fast mode lost every duel on registered buffers though it was the
  * faster with ordinary stores (np=2, 1 MiB out of place: direct 46 us ordinary, 59 streaming,
- * against two-shot's 55 ordinary; 16 MiB 2.4-2.6 against 3.0 ms; 2026-12-06): it never ran. */
+ * against two-shot's 55 ordinary; 16 MiB 2.4-2.6 against 3.0 ms; 2026-12-06): it never ran.  Stores
+ * that held a duel count as learned too, not only those that won one: two-shot's ordinary stores,
+ * its default, kept in a fast minute, left direct to challenge with streaming ones, lose or tie, and
+ * the row to stay on two-shot (1 MiB out of place: 56 us against direct's 46 with ordinary stores
+ * once it ran; 2026-12-06). */
 static const int LENDERS[] = {NCL_ALGO_TWO_SHOT, NCL_ALGO_ONE_SHOT};
 #define NUM_LENDERS (sizeof LENDERS / sizeof LENDERS[0])
 
@@ -284,8 +288,12 @@ void ncl_learn_from(ncl_comm* c, const ncl_learned* l, int status) {
     if (d->pairs >= NCL_DUEL_PAIRS) return;
     if (l->at > 1) d->ratio[d->pairs++] = l->challenger ? x / d->first : d->first / x;
     d->first = x; /* the next ratio's other term */
-    if (l->at == DUEL_CALLS - 1 && d->pairs == NCL_DUEL_PAIRS && challenger_won(d->ratio)) {
+    if (l->at != DUEL_CALLS - 1 || d->pairs != NCL_DUEL_PAIRS) return;
+    if (challenger_won(d->ratio)) {
         crown(c, l);
         memset(d->slower, 0, sizeof d->slower); /* react counts afresh under the new choice */
+    } else if (l->rival == NCL_OTHER_STORES) { /* the incumbent's stores held: learned, so lent (streams) */
+        atomic_store_explicit(&c->hdr->streaming[l->incumbent][l->cls],
+                              l->stream ? NCL_STORES_STREAMING : NCL_STORES_CACHED, memory_order_relaxed);
     }
 }

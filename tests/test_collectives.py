@@ -177,20 +177,27 @@ DUELS = ((1, 9), (10, 18), (64, 72), (192, 200))  # native/learn.c: the calls of
 CHALLENGER_PLACES = (0, 1, 4, 5)                # C C I I C C I I
 
 
-def _duel_calls(comm, count, calls, late=None, key="algorithm"):
+def _duel_calls(comm, count, calls, late=None, key="algorithm", registered=False):
     """`calls` in-place all_reduces of `count` float32 on a new communicator (its size classes
     unlearned), rank 1 entering call i late[i] seconds late: (failures, the algorithm each call took,
-    or with key="stores" the stores it wrote with)."""
+    or with key="stores" the stores it wrote with, with key=None its flight record entry), on a
+    registered buffer (comm.empty) if asked."""
     sub = comm.split(0)
     try:
         want = reference_reduce(_datas(case_seed("duel", count), comm.size, (count,), "float32"), "SUM")
         mine = rank_data(case_seed("duel", count), comm.rank, (count,), "float32")
+        buf = sub.empty(count, np.float32) if registered else None
         failures, algos = [], []
         for i in range(calls):
             if late and i in late and comm.rank == 1:
                 time.sleep(late[i])
-            got = sub.all_reduce(mine.copy())
-            algos.append(sub.flight_record()[-1][key])
+            if registered:
+                buf[...] = mine
+                got = sub.all_reduce(buf)
+            else:
+                got = sub.all_reduce(mine.copy())
+            entry = sub.flight_record()[-1]
+            algos.append(entry[key] if key else entry)
             if (bad := mismatch(f"duel call {i} ({algos[-1]}) rank={comm.rank}", got, want)):
                 failures.append(bad)
         return failures, algos
@@ -266,6 +273,24 @@ def test_stores_follow_a_step_not_a_spread(pool_factory):
     assert set(stores[18:46]) == {"streaming"}, " ".join(f"{i}:{s}" for i, s in enumerate(stores))
     changes = [i for i in range(47, 64) if stores[i] != stores[i - 1]]
     assert len(changes) == 2 and stores[-1] == "streaming", " ".join(f"{i}:{s}" for i, s in enumerate(stores))
+
+
+@pytest.mark.timeout(120)
+def test_direct_challenges_with_the_stores_two_shot_kept(pool_factory):
+    """Registered buffers at 2 ranks, 256 KiB: the model starts on two-shot with its default, ordinary
+    stores; the first duel's streaming challenger is made to lose (rank 1 late by 5D at its timed calls,
+    D at the rest), so ordinary stores hold; then the second duel's challenger, direct, which has no
+    stores of its own yet, must run with those (learn.c, streams): it challenged with its default,
+    streaming ones, which in a fast minute lose or tie though direct is the faster with ordinary ones
+    (fails on the code before, 2026-12-06)."""
+    d = 0.02
+    late = {i: d for i in range(18)}
+    late.update({i: 5 * d for i in (2, 6)})  # duel 1 (calls 1-8): the challenger's timed calls
+    results = pool_factory(2).run(_duel_calls, 65_536, 18, late, None, True, timeout=100)
+    assert not [f for failures, _ in results for f in failures], report([f for fs, _ in results for f in fs])
+    calls = [(e["algorithm"], e["stores"]) for e in results[0][1]]
+    assert calls[2] == ("two_shot", "streaming") and calls[4] == ("two_shot", "ordinary"), calls
+    assert [calls[i] for i in (10, 11, 14, 15)] == [("direct", "ordinary")] * 4, calls
 
 
 # (fp8: e4m3fn's one NaN; e5m2's payload is two bits, and the core stores every NaN canonical, as ml_dtypes does)
