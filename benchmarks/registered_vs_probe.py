@@ -3,7 +3,7 @@
     python benchmarks/registered_vs_probe.py --sizes 1M,16M,64M --repeat 3 [--out results/registered_vs_probe.txt]
 
 Compiles probe_all_reduce.c (cc -O3 -march=native), then runs, in interleaved rounds, the probe
-and `ncl-perf all_reduce -R 1` (out of place, both buffers registered) on the same sizes, and
+and `ncl-perf all_reduce -R 1 --min-time 0.2` (out of place, both buffers registered) on the same sizes, and
 prints each one's median busbw and their ratio (issue 24's target: ncl >= 80% of the probe).
 This host's speed drifts by 2-4x over minutes, so only the ratio within one run means anything.
 """
@@ -21,6 +21,9 @@ from tabulate import tabulate
 from ncl.env import parse_bytes
 
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_all_reduce.c")
+# Each side's measurement lasts as long: the probe's MIN_SECONDS.  ncl-perf's own default (0.05 s) is
+# 28 calls at 16 MiB, of which the first 7 were still learn.c's early duels (calls 10-17 of a size).
+PROBE_MIN_SECONDS = 0.2
 
 
 def build(where: str) -> str:
@@ -43,6 +46,7 @@ def ncl_busbw(sizes, where: str) -> dict:
     for size in sizes:
         path = os.path.join(where, "ncl.json")
         subprocess.run(["ncl-perf", "all_reduce", "-R", "1", "-b", str(size), "-e", str(size), "-n", "2", "-c", "0",
+                        "--min-time", str(PROBE_MIN_SECONDS),
                         "--json", path], check=True, capture_output=True, timeout=600)
         with open(path) as f:
             rows = json.load(f)["rows"]
