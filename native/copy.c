@@ -56,10 +56,10 @@ void ncl_copy_stores(void* dst_, const void* src_, size_t n, bool stream) {
     if (n) memcpy(dst_, src_, n);
 }
 
-/* Zeroing memory that is not read again soon: streaming stores from NT_MIN_BYTES (as ncl_copy_stores). */
-void ncl_zero_streaming(void* dst_, size_t n) {
+/* memset; with stream, streaming stores from NT_MIN_BYTES (for memory nobody reads again soon). */
+void ncl_zero_stores(void* dst_, size_t n, bool stream) {
 #ifdef HAVE_STREAMING
-    if (n >= NT_MIN_BYTES) {
+    if (stream && n >= NT_MIN_BYTES) {
         uint8_t* dst = dst_;
         size_t head = (16 - ((uintptr_t)dst & 15)) & 15; /* movntdq needs 16-byte aligned targets */
         memset(dst, 0, head);

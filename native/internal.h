@@ -180,7 +180,7 @@ typedef struct {
 void ncl_copy_shared(void* dst, const void* src, size_t n);
 int ncl_reduce_shared(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op);
 void ncl_copy_stores(void* dst, const void* src, size_t n, bool stream);
-void ncl_zero_streaming(void* dst, size_t n);
+void ncl_zero_stores(void* dst, size_t n, bool stream); /* memset, streaming as ncl_copy_stores */
 size_t ncl_output_stream_min_bytes(const ncl_comm* c);
 int ncl_reduce_stores(void* dst, const void** srcs, int nsrc, size_t count, int dtype, int op, bool stream);
 /* Copy n bytes that every rank copies at once, from this rank's n-th share of them round to it

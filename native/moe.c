@@ -151,17 +151,22 @@ static int check_slots(ncl_comm* c, const ncl_moe_dispatch_args* a) {
     return NCL_OK;
 }
 
-/* The padding rows of recv_x are zeroed with streaming stores (the blocks of 32 KiB and more: copy.c):
- * nobody reads them back soon, and an ordinary store first reads each line from memory.  8 ranks
- * on 2 CPUs, 128 tokens (~58% of recv_x padding, 3.4 MB a rank), dispatch + combine wall, 5 rounds
- * alternating in the same processes (2026-12-06): 6.6-7.0 ms against 7.0-7.6 with memset (4 ranks:
- * 2.1-2.2 against 2.2-2.5 ms); at 16 tokens (52 KB a block) alike. */
+/* The padding rows of recv_x are zeroed with streaming stores by copy.c's rule for a rank's own
+ * output (oversubscribed, and the ranks' padding together a quarter of the largest cache): nobody
+ * reads them back soon, and an ordinary store first reads each line from memory.  8 ranks on 2 CPUs,
+ * 128 tokens (~58% of recv_x padding, 3.4 MB a rank), dispatch + combine wall, rounds alternating in
+ * the same processes (2026-12-06): 6.6-7.0 ms against 7.0-7.6 with memset, 6.8-8.5 against 7.2-9.1
+ * in a slower hour; 16 tokens (426 KB a rank, under the line) alike within the host's noise; 4 ranks,
+ * 128 tokens (0.9 MB a rank, under it) 2.1-2.2 against 2.2-2.5 ms, a gain the rule leaves. */
 static void pad_slots(ncl_comm* c, const ncl_moe_dispatch_args* a) {
-    size_t k = (size_t)a->k, wb = (size_t)a->weight_bytes;
+    size_t k = (size_t)a->k, wb = (size_t)a->weight_bytes, padding = 0;
+    for (int s = 0; s < c->nranks; s++)
+        padding += a->slots - (size_t)a->matrix[(size_t)s * (size_t)c->nranks + (size_t)c->rank];
+    bool stream = padding * a->row_bytes >= ncl_output_stream_min_bytes(c);
     for (int s = 0; s < c->nranks; s++) {
         size_t count = (size_t)a->matrix[(size_t)s * (size_t)c->nranks + (size_t)c->rank];
         size_t row = (size_t)s * a->slots + count, pad = a->slots - count;
-        ncl_zero_streaming((uint8_t*)a->recv_x + row * a->row_bytes, pad * a->row_bytes);
+        ncl_zero_stores((uint8_t*)a->recv_x + row * a->row_bytes, pad * a->row_bytes, stream);
         for (size_t i = 0; i < pad * k; i++) a->recv_idx[row * k + i] = -1;
         memset((uint8_t*)a->recv_w + row * k * wb, 0, pad * k * wb);
     }

@@ -379,9 +379,9 @@ def test_low_latency_rows_larger_than_a_piece_of_staging_move_the_other_way(pool
 
 def _low_latency_padding_over_used_memory(comm):
     """Failures of a low-latency dispatch of 1 token a rank into memory the pool took back from a full one
-    (2 blocks of 64 rows of 8 KiB: recv_x is 1 MiB, pooled): the padding, 63 rows (504 KiB) a block, is
-    zeroed with streaming stores (native/moe.c pad_slots), and must read zero, ids -1, weights 0."""
-    me, failures, hidden, slots = comm.rank, [], 2048, 64
+    (2 blocks of 128 rows of 32 KiB: recv_x is 8 MiB, pooled): the padding, 127 rows a block, 8.3 MB a
+    rank, must read zero, ids -1, weights 0 (native/moe.c pad_slots)."""
+    me, failures, hidden, slots = comm.rank, [], 8192, 128
     g = torch.Generator().manual_seed(me)
     with moe.Buffer(comm) as buffer:
         for tokens in (slots, 1):  # every block full of rows, then one row a block in the same memory
@@ -398,13 +398,18 @@ def _low_latency_padding_over_used_memory(comm):
                         not recv_x[pad].any() and (recv_idx[pad] == -1).all() and not recv_w[pad].any()):
                     failures.append(f"{tokens} tokens, rank {me}: the block from rank {source} is wrong")
             if tokens == slots:
-                del recv_x, recv_idx, recv_w, handle  # the 1 MiB goes back to the pool
+                del recv_x, recv_idx, recv_w, handle  # the 8 MiB go back to the pool
     return failures
 
 
 @pytest.mark.timeout(120)
-def test_low_latency_padding_reads_zero_in_reused_memory(pool_factory):
-    failures = sum(pool_factory(2).run(_low_latency_padding_over_used_memory), [])
+@pytest.mark.parametrize("oversubscribed", (False, True))
+def test_low_latency_padding_reads_zero_in_reused_memory(pool_factory, oversubscribed):
+    """Zeroed with ordinary stores, and with streaming ones (copy.c's rule for a rank's own output:
+    NCL_LOCAL_WORLD_SIZE=64 makes 2 ranks oversubscribed below 64 CPUs, and 8.3 MB of padding is over
+    the line where the largest cache is under 66 MB)."""
+    env = (("NCL_LOCAL_WORLD_SIZE", "64"),) if oversubscribed else ()
+    failures = sum(pool_factory(2, env).run(_low_latency_padding_over_used_memory), [])
     assert not failures, "\n".join(failures)
 
 
