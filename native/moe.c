@@ -162,7 +162,7 @@ static void pad_slots(ncl_comm* c, const ncl_moe_dispatch_args* a) {
     size_t k = (size_t)a->k, wb = (size_t)a->weight_bytes, padding = 0;
     for (int s = 0; s < c->nranks; s++)
         padding += a->slots - (size_t)a->matrix[(size_t)s * (size_t)c->nranks + (size_t)c->rank];
-    bool stream = padding * a->row_bytes >= ncl_output_stream_min_bytes(c);
+    bool stream = padding * a->row_bytes >= c->out_stream_min_bytes;
     for (int s = 0; s < c->nranks; s++) {
         size_t count = (size_t)a->matrix[(size_t)s * (size_t)c->nranks + (size_t)c->rank];
         size_t row = (size_t)s * a->slots + count, pad = a->slots - count;
